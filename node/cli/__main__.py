@@ -1,0 +1,3 @@
+from sealkv.node.cli.main import main
+
+main()

@@ -1,0 +1,112 @@
+"""The local cluster record (`<data-dir>/cluster.json`) and its node processes.
+
+`sealkv cluster up` writes the record; `cluster down` and the endpoint default read it. Only
+processes listed in the record, whose command line still names their data directory, are
+ever signalled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+DEFAULT_DIR = ".sealkv"
+RECORD = "cluster.json"
+
+
+@dataclass
+class LocalNode:
+    name: str
+    raft: str
+    grpc: str
+    data_dir: str
+    log_file: str
+    pid: int = 0
+
+
+@dataclass
+class LocalCluster:
+    data_dir: str
+    secret_file: str
+    nodes: list[LocalNode] = field(default_factory=list)
+    kek_file: Optional[str] = None
+    plugins: list[str] = field(default_factory=list)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [n.grpc for n in self.nodes]
+
+    def save(self) -> None:
+        path = os.path.join(self.data_dir, RECORD)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, data_dir: str) -> Optional["LocalCluster"]:
+        try:
+            with open(os.path.join(data_dir, RECORD)) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            return None
+        raw["nodes"] = [LocalNode(**n) for n in raw["nodes"]]
+        return cls(**raw)
+
+
+def free_port() -> int:
+    """Returns a port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_secret(path: str, nbytes: int = 32) -> None:
+    """Creates `path` (mode 0600, exclusive) holding a fresh random secret."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(nbytes) + "\n")
+
+
+def is_our_process(node: LocalNode) -> bool:
+    """Whether node.pid is alive and is the sealkv node of node.data_dir."""
+    if node.pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{node.pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"start" in argv and os.fsencode(node.data_dir) in argv
+
+
+def spawn(node: LocalNode, args: list[str]) -> int:
+    """Starts one node in the background, its output going to node.log_file; returns the pid."""
+    os.makedirs(node.data_dir, mode=0o700, exist_ok=True)
+    log = open(node.log_file, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "sealkv.node.cli", "node", "start",
+                             *args], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
+    log.close()
+    return proc.pid
+
+
+def stop_process(node: LocalNode, timeout: float = 10.0) -> str:
+    """Stops one recorded node by PID (SIGTERM, then SIGKILL); says what happened."""
+    if not is_our_process(node):
+        return "not running"
+    os.kill(node.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_our_process(node):
+            return "stopped"
+        time.sleep(0.05)
+    os.kill(node.pid, signal.SIGKILL)
+    return "killed after no exit within {:.0f}s".format(timeout)

@@ -1,0 +1,64 @@
+"""`sealkv node start`: run one node in the foreground."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from sealkv.node.cli.main import EXIT_USAGE, CliError
+
+
+@click.group()
+def node():
+    """Run a node."""
+
+
+@node.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="A TOML file; flags override its keys.")
+@click.option("--name", help="This member's name (unique in the cluster).")
+@click.option("--data-dir", help="Where the journal, dumps and sidecar live.")
+@click.option("--raft", help="Raft HOST:PORT to bind (exactly this address).")
+@click.option("--grpc", help="gRPC HOST:PORT to serve clients and peers on.")
+@click.option("--learner", is_flag=True, default=None, help="Join as a learner (no raft port).")
+@click.option("--initial-cluster", help="NAME=RAFT/GRPC,... of the members to start with.")
+@click.option("--secret-file", help="The cluster secret (0600 file); required with peers.")
+@click.option("--plugins", "plugins_", help="Comma-separated plugins to enable, in order.")
+@click.option("--encryption", is_flag=True, default=None,
+              help="Enable the encryption plugin (same as adding it to --plugins).")
+@click.option("--kek-file", help="The key-encryption key file of the encryption plugin.")
+@click.option("--request-timeout", type=float, help="Seconds a request may wait (default 5).")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, secret_file,
+          plugins_, encryption, kek_file, request_timeout, log_level):
+    """Runs one node in the foreground until SIGTERM or SIGINT."""
+    from sealkv.node.config import ConfigError, build_config, load_toml
+    from sealkv.node.node import run
+
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pysyncobj").setLevel(logging.WARNING if log_level != "DEBUG" else "DEBUG")
+    values = load_toml(config_file) if config_file else {}
+    flags = {"name": name, "data_dir": data_dir, "raft": raft, "grpc": grpc,
+             "learner": learner, "initial_cluster": initial_cluster,
+             "secret_file": secret_file, "request_timeout": request_timeout}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if plugins_ is not None:
+        values["plugins"] = [p.strip() for p in plugins_.split(",") if p.strip()]
+    plugin_list = list(values.get("plugins", []))
+    if encryption and "encryption" not in plugin_list:
+        plugin_list.insert(0, "encryption")
+    values["plugins"] = plugin_list
+    if kek_file:
+        values.setdefault("plugin_options", {}).setdefault("encryption", {})["kek_file"] = kek_file
+    try:
+        config = build_config(values)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    sys.exit(run(config))
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(node)

@@ -1,0 +1,182 @@
+"""Node configuration: flags or a TOML file, validated with errors that say what to change.
+
+TOML layout (every key optional except name, grpc and one of raft / learner):
+
+    name = "n1"
+    data_dir = "/var/lib/sealkv/n1"
+    raft = "127.0.0.1:7001"          # omit and set learner = true for a learner
+    grpc = "127.0.0.1:9001"
+    secret_file = "/etc/sealkv/secret"
+    initial_cluster = "n1=127.0.0.1:7001/127.0.0.1:9001,n2=...,n3=..."
+    plugins = ["encryption"]
+    request_timeout = 5.0
+    [raft_settings]                  # RaftSettings fields
+    log_compaction_min_entries = 50000
+    [plugin_options.encryption]      # handed to the plugin as PluginContext.options
+    kek_file = "/etc/sealkv/kek"
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from sealkv.node import commands as cmd
+from sealkv.node.replication import RaftSettings
+from sealkv.node.state_machine import MemberRecord
+
+MAX_KEY_BYTES = 4096
+MAX_VALUE_BYTES = 1024 * 1024
+MAX_RANGE_LIMIT = 10000
+MAX_NAME_BYTES = 64
+SECRET_MIN_BYTES = 16
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what to change."""
+
+
+@dataclass
+class NodeConfig:
+    """Everything one node process needs to start."""
+
+    name: str
+    grpc: str
+    data_dir: str
+    raft: Optional[str] = None
+    learner: bool = False
+    initial_cluster: list[MemberRecord] = field(default_factory=list)
+    secret_file: Optional[str] = None
+    plugins: list[str] = field(default_factory=list)
+    plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    request_timeout: float = 5.0
+    raft_settings: RaftSettings = field(default_factory=RaftSettings)
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the setting to change."""
+        check_name(self.name, "name")
+        check_address(self.grpc, "grpc")
+        if self.learner and self.raft:
+            raise ConfigError("a learner has no raft address: drop --raft or --learner")
+        if not self.learner and not self.raft:
+            raise ConfigError("--raft HOST:PORT is required (or --learner for a learner)")
+        if self.raft:
+            check_address(self.raft, "raft")
+        if self.learner and not self.initial_cluster:
+            raise ConfigError("a learner needs --initial-cluster listing the voters to follow")
+        if self.initial_cluster and not self.learner:
+            mine = [m for m in self.initial_cluster if m.name == self.name]
+            if not mine or mine[0].raft_address != self.raft:
+                raise ConfigError(f"--initial-cluster must list this node as "
+                                  f"{self.name}={self.raft}/{self.grpc}")
+        if self.request_timeout <= 0:
+            raise ConfigError("request_timeout must be positive")
+        try:
+            self.raft_settings.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    @property
+    def partners(self) -> list[str]:
+        return [m.raft_address for m in self.initial_cluster
+                if m.role == cmd.ROLE_VOTER and m.raft_address != self.raft]
+
+    def read_secret(self) -> Optional[str]:
+        """Returns the cluster secret, or None; refuses files others can read."""
+        if not self.secret_file:
+            return None
+        try:
+            fd = os.open(self.secret_file, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise ConfigError(f"cannot open secret file {self.secret_file}: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"secret file {self.secret_file} is not a regular file")
+            if st.st_mode & 0o077:
+                raise ConfigError(f"secret file {self.secret_file} is readable by group or others:"
+                                  f" run chmod 600 {self.secret_file}")
+            secret = os.read(fd, 4096).decode("utf-8", "replace").strip()
+        finally:
+            os.close(fd)
+        if len(secret) < SECRET_MIN_BYTES:
+            raise ConfigError(f"secret file {self.secret_file} holds fewer than "
+                              f"{SECRET_MIN_BYTES} characters")
+        return secret
+
+
+def check_name(name: str, what: str = "name") -> None:
+    """Raises ConfigError unless `name` is a short, printable member name."""
+    if not name or len(name.encode()) > MAX_NAME_BYTES or not name.replace("-", "").replace(
+            "_", "").replace(".", "").isalnum():
+        raise ConfigError(f"{what} must be 1-{MAX_NAME_BYTES} letters, digits, '-', '_' or '.'")
+
+
+def check_address(address: str, what: str) -> None:
+    """Raises ConfigError unless `address` is HOST:PORT with a port in 1-65535."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what} address {address!r} must be HOST:PORT")
+
+
+def parse_initial_cluster(text: str) -> list[MemberRecord]:
+    """Parses "name=RAFT/GRPC,..." (a learner: "name=learner/GRPC") into member records."""
+    members: list[MemberRecord] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, eq, addrs = item.partition("=")
+        raft, slash, grpc = addrs.partition("/")
+        if not eq or not slash:
+            raise ConfigError(f"initial cluster entry {item!r} must be NAME=RAFT_HOST:PORT/"
+                              "GRPC_HOST:PORT")
+        check_name(name, "member name")
+        check_address(grpc, f"member {name} grpc")
+        if raft == "learner":
+            members.append(MemberRecord(name, "", grpc, cmd.ROLE_LEARNER))
+            continue
+        check_address(raft, f"member {name} raft")
+        members.append(MemberRecord(name, raft, grpc, cmd.ROLE_VOTER))
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise ConfigError("initial cluster names a member twice")
+    return members
+
+
+def format_initial_cluster(members: list[MemberRecord]) -> str:
+    """The inverse of `parse_initial_cluster`."""
+    return ",".join(f"{m.name}={m.raft_address or 'learner'}/{m.grpc_address}" for m in members)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Reads a node TOML file into keyword arguments for `build_config`."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+
+
+def build_config(values: dict[str, Any]) -> NodeConfig:
+    """Builds and validates a NodeConfig from merged TOML and flag values."""
+    values = dict(values)
+    known = {f.name for f in dataclasses.fields(NodeConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+    if isinstance(values.get("initial_cluster"), str):
+        values["initial_cluster"] = parse_initial_cluster(values["initial_cluster"])
+    settings = values.get("raft_settings") or {}
+    if isinstance(settings, dict):
+        fields = {f.name for f in dataclasses.fields(RaftSettings)}
+        bad = set(settings) - fields
+        if bad:
+            raise ConfigError(f"unknown raft_settings keys: {', '.join(sorted(bad))}")
+        values["raft_settings"] = RaftSettings(**settings)
+    for required in ("name", "grpc", "data_dir"):
+        if not values.get(required):
+            raise ConfigError(f"{required} is required")
+    config = NodeConfig(**values)
+    config.validate()
+    return config

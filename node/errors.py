@@ -1,0 +1,129 @@
+"""The one error table of sealkv: domain errors, their gRPC status codes, and back.
+
+Servers raise a `SealkvError` subclass; `abort_with(context, error)` answers the RPC with the
+error's status code, its message, and the known leader's address in trailing metadata
+(`sealkv-leader`) when the request must go to the leader. Clients call `from_rpc_error` to
+turn a `grpc.RpcError` back into the same typed exception.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import grpc
+
+LEADER_METADATA_KEY = "sealkv-leader"
+
+
+class SealkvError(Exception):
+    """Base of every sealkv error that reaches a client. `code` is its gRPC status code."""
+
+    code = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, *, leader: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.leader = leader
+
+
+class InvalidArgument(SealkvError):
+    """The request is malformed or breaks a documented limit; nothing was changed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(SealkvError):
+    """A named member or resource does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(SealkvError):
+    """The resource to create exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(SealkvError):
+    """The cluster is not in a state that allows the request (for example: not the leader)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NotLeader(FailedPrecondition):
+    """The request must be sent to the leader, whose gRPC address is in `leader` if known."""
+
+
+class Unavailable(SealkvError):
+    """No leader, no quorum, a full queue, or the node is stopping: retry later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Aborted(SealkvError):
+    """The proposal was discarded by a leader change and was certainly not applied: retry."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class OutcomeUnknown(SealkvError):
+    """The deadline passed before the outcome was known: the write may or may not apply."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ResourceExhausted(SealkvError):
+    """The node's proposal queue is full: retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class IntegrityError(SealkvError):
+    """A stored value failed authentication or decoding. Never reported as "not found"."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class PermissionDenied(SealkvError):
+    """The caller may not perform the request."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Internal(SealkvError):
+    """A bug or an unexpected failure in the node."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Unavailable,
+                Aborted, OutcomeUnknown, ResourceExhausted, IntegrityError, PermissionDenied,
+                Internal)
+}
+
+
+def abort_with(context: grpc.ServicerContext, error: SealkvError) -> None:
+    """Ends the RPC with `error`'s status and message (and the leader in metadata)."""
+    if error.leader:
+        context.set_trailing_metadata(((LEADER_METADATA_KEY, error.leader),))
+    context.abort(error.code, error.message)
+
+
+def from_rpc_error(error: grpc.RpcError) -> SealkvError:
+    """Returns the typed exception for a failed RPC (connection failures are `Unavailable`)."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    message = error.details() if hasattr(error, "details") else str(error)
+    leader = None
+    try:
+        for key, value in error.trailing_metadata() or ():
+            if key == LEADER_METADATA_KEY:
+                leader = value
+    except Exception:  # trailing metadata is unavailable on some local failures
+        pass
+    if code == grpc.StatusCode.FAILED_PRECONDITION and leader:
+        return NotLeader(message or "not the leader", leader=leader)
+    cls = _BY_CODE.get(code, SealkvError)
+    result = cls(message or code.name, leader=leader)
+    result.code = code
+    return result

@@ -1,0 +1,121 @@
+"""The narrow node handle that plugins receive.
+
+It exposes what an admin or storage plugin needs and nothing else: identity, status, the
+membership snapshot, proposing replicated commands, waiting for the applied index, a pool of
+gRPC channels to peers, and member-add checks (the capability fence). Methods are safe to call
+from gRPC worker threads; none may be called from the pysyncobj tick thread (apply handlers).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import grpc
+
+from sealkv.node import errors
+from sealkv.node.replication import MembershipSnapshot
+from sealkv.node.state_machine import MemberRecord
+
+MemberCheck = Callable[[MemberRecord, float], None]
+
+
+class NodeHandle:
+    """What a plugin may use of its node."""
+
+    def __init__(self, node: Any):
+        self._node = node
+        self._channels: dict[str, grpc.Channel] = {}
+        self._channels_lock = threading.Lock()
+        self._member_checks: list[MemberCheck] = []
+
+    @property
+    def name(self) -> str:
+        return self._node.config.name
+
+    @property
+    def raft_id(self) -> str:
+        """The node's stable raft id: its raft address, or "learner:<name>" for a learner."""
+        return self._node.raft_id
+
+    @property
+    def data_dir(self) -> str:
+        return self._node.config.data_dir
+
+    @property
+    def grpc_address(self) -> str:
+        return self._node.config.grpc
+
+    @property
+    def request_timeout(self) -> float:
+        return self._node.config.request_timeout
+
+    def status(self) -> dict:
+        """Returns the node's status as a dict (the fields of Cluster.Status)."""
+        return self._node.status()
+
+    def membership_snapshot(self) -> MembershipSnapshot:
+        """Returns the membership, taken under the membership lock."""
+        return self._node.adapter.membership_snapshot()
+
+    @property
+    def membership_lock(self) -> threading.RLock:
+        """The lock every membership change holds; hold it to keep membership still."""
+        return self._node.adapter.membership_lock
+
+    def is_leader(self) -> bool:
+        return self._node.adapter.is_leader
+
+    def require_leader(self) -> None:
+        """Raises `NotLeader` (with the leader's gRPC address when known) on a non-leader."""
+        self._node.require_leader()
+
+    def confirm_leadership(self, timeout: float) -> None:
+        """Confirms leadership through a quorum (a committed barrier), not just local state."""
+        self.require_leader()
+        self._node.adapter.barrier(timeout)
+        self.require_leader()
+
+    def propose(self, command: bytes, timeout: float) -> Any:
+        """Replicates `command` (opcode byte + body) and returns its local apply result."""
+        return self._node.adapter.propose(command, timeout)
+
+    def applied_index(self) -> int:
+        return self._node.state_machine.applied_index
+
+    def wait_applied(self, index: int, timeout: float) -> None:
+        """Waits until this node has applied `index`; raises `OutcomeUnknown` on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._node.state_machine.applied_index < index:
+            if time.monotonic() >= deadline:
+                raise errors.OutcomeUnknown(f"index {index} not applied within {timeout:.1f}s")
+            time.sleep(0.005)
+
+    def channel(self, grpc_address: str) -> grpc.Channel:
+        """Returns a pooled insecure channel to a peer's gRPC address."""
+        with self._channels_lock:
+            ch = self._channels.get(grpc_address)
+            if ch is None:
+                ch = self._channels[grpc_address] = grpc.insecure_channel(grpc_address)
+            return ch
+
+    def add_member_check(self, check: MemberCheck) -> None:
+        """Registers check(member, timeout), run on the leader before a member is added.
+
+        A check raises a `SealkvError` (e.g. `FailedPrecondition`) to refuse the member; it
+        runs under the membership lock.
+        """
+        self._member_checks.append(check)
+
+    def run_member_checks(self, member: MemberRecord, timeout: float) -> None:
+        for check in list(self._member_checks):
+            check(member, timeout)
+
+    def close(self) -> None:
+        with self._channels_lock:
+            for ch in self._channels.values():
+                ch.close()
+            self._channels.clear()
+
+    def leader_grpc_address(self) -> Optional[str]:
+        return self._node.leader_grpc_address()

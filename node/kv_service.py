@@ -1,0 +1,155 @@
+"""The KV gRPC service: validation, proposals and reads."""
+from __future__ import annotations
+
+from typing import Optional
+
+from sealkv.node import commands as cmd
+from sealkv.node import errors
+from sealkv.node.config import MAX_KEY_BYTES, MAX_RANGE_LIMIT, MAX_VALUE_BYTES
+from sealkv.node.rpc import deadline, rpc_method
+from sealkv.node.storage.base import Entry
+from sealkv.v1 import kv_pb2, kv_pb2_grpc
+
+
+def check_key(key: bytes, what: str = "key") -> None:
+    """Raises InvalidArgument unless 1 <= len(key) <= MAX_KEY_BYTES."""
+    if not key:
+        raise errors.InvalidArgument(f"{what} must not be empty")
+    if len(key) > MAX_KEY_BYTES:
+        raise errors.InvalidArgument(f"{what} is {len(key)} bytes; the limit is {MAX_KEY_BYTES}")
+
+
+def check_value(value: bytes) -> None:
+    """Raises InvalidArgument when the value exceeds MAX_VALUE_BYTES."""
+    if len(value) > MAX_VALUE_BYTES:
+        raise errors.InvalidArgument(
+            f"value is {len(value)} bytes; the limit is {MAX_VALUE_BYTES}")
+
+
+def prefix_end(prefix: bytes) -> Optional[bytes]:
+    """Returns the smallest key greater than every key starting with `prefix` (None: no end)."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return None
+    return trimmed[:-1] + bytes((trimmed[-1] + 1,))
+
+
+def to_kv(key: bytes, entry: Entry, keys_only: bool = False) -> kv_pb2.KeyValue:
+    return kv_pb2.KeyValue(key=key, value=b"" if keys_only else entry.value,
+                           create_revision=entry.create_revision,
+                           mod_revision=entry.mod_revision, version=entry.version)
+
+
+class KVService(kv_pb2_grpc.KVServicer):
+    """Serves Put, Get, Delete, Range and CompareAndSwap for one node."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def _header(self, revision: int) -> kv_pb2.ResponseHeader:
+        return kv_pb2.ResponseHeader(member_id=self.node.config.name, revision=revision,
+                                     raft_term=self.node.adapter.raft_state()["term"])
+
+    def _write(self, command, context):
+        timeout = deadline(context, self.node.config.request_timeout)
+        self.node.admit_write(timeout)
+        return self.node.adapter.propose(cmd.encode(command), timeout)
+
+    def _read_point(self, consistency: int, context) -> None:
+        if consistency == kv_pb2.LINEARIZABLE:
+            self.node.adapter.barrier(deadline(context, self.node.config.request_timeout))
+        elif consistency != kv_pb2.SERIALIZABLE:
+            raise errors.InvalidArgument(f"unknown consistency {consistency}")
+
+    @rpc_method
+    def Put(self, request, context):
+        check_key(request.key)
+        check_value(request.value)
+        result = self._write(cmd.Put(request.key, request.value), context)
+        response = kv_pb2.PutResponse(header=self._header(result.revision))
+        if request.prev_kv and result.prev is not None:
+            response.prev_kv.CopyFrom(to_kv(request.key,
+                                            self.node.state_machine.reveal(request.key, result.prev)))
+        return response
+
+    @rpc_method
+    def Get(self, request, context):
+        check_key(request.key)
+        self._read_point(request.consistency, context)
+        entry, revision = self.node.state_machine.get(request.key)
+        response = kv_pb2.GetResponse(header=self._header(revision), found=entry is not None)
+        if entry is not None:
+            response.kv.CopyFrom(to_kv(request.key, entry))
+        return response
+
+    @rpc_method
+    def Delete(self, request, context):
+        check_key(request.key)
+        timeout = deadline(context, self.node.config.request_timeout)
+        result = self.node.adapter.propose(cmd.encode(cmd.Delete(request.key)), timeout)
+        response = kv_pb2.DeleteResponse(header=self._header(result.revision),
+                                         deleted=1 if result.prev is not None else 0)
+        if request.prev_kv and result.prev is not None:
+            response.prev_kv.CopyFrom(to_kv(request.key,
+                                            self.node.state_machine.reveal(request.key, result.prev)))
+        return response
+
+    @rpc_method
+    def Range(self, request, context):
+        start, end = self._range_bounds(request)
+        if request.limit < 0:
+            raise errors.InvalidArgument("limit must not be negative")
+        if request.limit > MAX_RANGE_LIMIT:
+            raise errors.InvalidArgument(f"limit is {request.limit}; the maximum is "
+                                         f"{MAX_RANGE_LIMIT}")
+        limit = request.limit or MAX_RANGE_LIMIT
+        self._read_point(request.consistency, context)
+        pairs, total, revision = self.node.state_machine.range(start, end, limit,
+                                                               request.keys_only)
+        return kv_pb2.RangeResponse(header=self._header(revision), count=total,
+                                    more=total > len(pairs),
+                                    kvs=[to_kv(k, e, request.keys_only) for k, e in pairs])
+
+    @staticmethod
+    def _range_bounds(request) -> tuple[bytes, Optional[bytes]]:
+        if request.prefix:
+            if request.range_end:
+                raise errors.InvalidArgument("set either prefix or range_end, not both")
+            if len(request.key) > MAX_KEY_BYTES:
+                check_key(request.key)
+            return request.key, prefix_end(request.key)
+        if request.range_end == b"\0":
+            return request.key, None
+        check_key(request.key)
+        if not request.range_end:
+            return request.key, request.key + b"\0"
+        if request.range_end <= request.key:
+            raise errors.InvalidArgument("range_end must be greater than key")
+        return request.key, request.range_end
+
+    @rpc_method
+    def CompareAndSwap(self, request, context):
+        check_key(request.key)
+        check_value(request.value)
+        which = request.WhichOneof("expected")
+        if which is None:
+            raise errors.InvalidArgument("set expected_mod_revision or must_not_exist")
+        if which == "must_not_exist":
+            if not request.must_not_exist:
+                raise errors.InvalidArgument("must_not_exist, when set, must be true")
+            command = cmd.CompareAndSwap(request.key, request.value, cmd.CAS_MUST_NOT_EXIST, 0)
+        else:
+            if request.expected_mod_revision <= 0:
+                raise errors.InvalidArgument("expected_mod_revision must be positive")
+            command = cmd.CompareAndSwap(request.key, request.value, cmd.CAS_BY_REVISION,
+                                         request.expected_mod_revision)
+        result = self._write(command, context)
+        response = kv_pb2.CompareAndSwapResponse(header=self._header(result.revision),
+                                                 succeeded=result.succeeded)
+        if result.current is not None:
+            # On success `current` is the entry as written (plaintext); on failure it is the
+            # stored entry, which may be an envelope.
+            current = result.current if result.succeeded else \
+                self.node.state_machine.reveal(request.key, result.current)
+            response.kv.CopyFrom(to_kv(request.key, current))
+        return response

@@ -1,0 +1,78 @@
+"""Loads plugins from entry points: enabled by name and in order, nothing else imported.
+
+Each enabled name is looked up in both groups; it must exist in at least one. A plugin that
+fails to import, or whose `api_version` differs from `sealkv.plugins.api.API_VERSION`, stops
+start-up with one error naming the entry point and its distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Optional
+
+from sealkv.plugins.api import API_VERSION
+
+STORAGE_GROUP = "sealkv.storage_layers"
+ADMIN_GROUP = "sealkv.admin_services"
+GROUPS = (STORAGE_GROUP, ADMIN_GROUP)
+
+
+class PluginError(RuntimeError):
+    """An enabled plugin is missing or cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class InstalledPlugin:
+    """One entry point of a sealkv plugin group."""
+
+    group: str
+    name: str
+    value: str
+    distribution: str
+    version: str
+
+    @property
+    def kind(self) -> str:
+        return "storage" if self.group == STORAGE_GROUP else "admin"
+
+
+def installed() -> list[InstalledPlugin]:
+    """Lists every installed plugin entry point, without importing any of them."""
+    found = []
+    for group in GROUPS:
+        for ep in metadata.entry_points(group=group):
+            dist = ep.dist
+            found.append(InstalledPlugin(group, ep.name, ep.value,
+                                         dist.metadata["Name"] if dist else "?",
+                                         dist.version if dist else "?"))
+    return sorted(found, key=lambda p: (p.group, p.name))
+
+
+def _entry_point(group: str, name: str) -> Optional[metadata.EntryPoint]:
+    matches = [ep for ep in metadata.entry_points(group=group) if ep.name == name]
+    return matches[0] if matches else None
+
+
+def load(names: list[str], group: str) -> list[tuple[str, Any]]:
+    """Imports the enabled plugins of `group`, in order; returns (name, class) pairs."""
+    unknown = [n for n in names if all(_entry_point(g, n) is None for g in GROUPS)]
+    if unknown:
+        available = ", ".join(sorted({p.name for p in installed()})) or "none"
+        raise PluginError(f"plugin {unknown[0]!r} is not installed (installed: {available})")
+    loaded = []
+    for name in names:
+        ep = _entry_point(group, name)
+        if ep is None:
+            continue
+        dist = f"{ep.dist.metadata['Name']} {ep.dist.version}" if ep.dist else "unknown distribution"
+        try:
+            cls = ep.load()
+        except Exception as exc:
+            raise PluginError(f"plugin {name!r} ({ep.value}, from {dist}) failed to load: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        version = getattr(cls, "api_version", None)
+        if version != API_VERSION:
+            raise PluginError(f"plugin {name!r} ({ep.value}, from {dist}) targets plugin API "
+                              f"{version}, this sealkv provides {API_VERSION}")
+        loaded.append((name, cls))
+    return loaded

@@ -1,0 +1,124 @@
+"""The public plugin API of sealkv: base classes for storage layers and admin services.
+
+Plugins are found through entry points (`sealkv.storage_layers`, `sealkv.admin_services`),
+enabled by name and in order, and checked against `API_VERSION` when loaded: a plugin whose
+`api_version` differs is refused with an error naming it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from sealkv.node.storage.base import Storage
+
+API_VERSION = 1
+
+
+class ApplyHalt(Exception):
+    """Raised by a replicated command handler when an entry cannot be applied.
+
+    The node then halts: it logs one line, stops serving and exits non-zero, without advancing
+    its applied index, rather than diverge from the other replicas.
+    """
+
+
+class StartupRefused(Exception):
+    """Raised by a plugin to refuse start-up; the message must tell the operator what to do."""
+
+
+@dataclass
+class PluginContext:
+    """What the node tells a plugin when it builds it.
+
+    `options` holds the plugin's own settings from the node's configuration (flags or the
+    TOML table `[plugins.<name>]`).
+    """
+
+    node_name: str
+    raft_id: str
+    data_dir: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+CommandHandler = Callable[[int, bytes], Any]
+
+
+class StorageLayerPlugin:
+    """Base class of a storage layer plugin (entry point group `sealkv.storage_layers`).
+
+    A storage layer wraps the node's storage stack and may own replicated state and replicated
+    command opcodes. The node builds it once, before Raft starts.
+    """
+
+    api_version: int = API_VERSION
+    name: str = ""
+
+    def __init__(self, context: PluginContext):
+        self.context = context
+
+    def wrap(self, inner: Storage) -> Storage:
+        """Returns the layer that wraps `inner` (called once, before Raft starts)."""
+        return inner
+
+    def command_handlers(self) -> Mapping[int, CommandHandler]:
+        """Returns opcode -> handler(index, body) for this plugin's replicated commands.
+
+        Handlers run inside replicated apply, on the pysyncobj tick thread, with the state
+        lock held. They must be deterministic (no clock, randomness or network), fast, and
+        never wait. A handler raises `ApplyHalt` when the entry cannot be applied. Opcodes
+        0x03-0x0F are reserved for the built-in encryption plugin.
+        """
+        return {}
+
+    def snapshot_state(self) -> bytes:
+        """Returns this plugin's replicated state, for a Raft snapshot (tick thread, lock held)."""
+        return b""
+
+    def restore_state(self, data: bytes) -> None:
+        """Replaces this plugin's replicated state with `data` from a snapshot."""
+
+    def admit_write(self, timeout: float) -> None:
+        """Called on a gRPC thread before a client write is proposed.
+
+        May wait up to `timeout` seconds; raises a `sealkv.node.errors.SealkvError` (for
+        example `Unavailable`, which clients retry) to refuse the write.
+        """
+
+    def start(self, node: Any) -> None:
+        """Called once the node has replayed its log and before it serves clients.
+
+        `node` is the narrow node handle (`sealkv.node.handle.NodeHandle`). Raise
+        `StartupRefused` to stop start-up.
+        """
+
+    def stop(self) -> None:
+        """Called once at shutdown."""
+
+
+class AdminPlugin:
+    """Base class of an admin service plugin (entry point group `sealkv.admin_services`).
+
+    The node builds it with the narrow node handle (`sealkv.node.handle.NodeHandle`: status,
+    `membership_snapshot()`, propose, a pool of gRPC channels to peers, the capability
+    fan-out) and calls `add_services(server)` once before the gRPC server starts. Handlers run
+    on gRPC worker threads; they may block on the handle with deadlines but never on the
+    pysyncobj tick thread.
+    """
+
+    api_version: int = API_VERSION
+    name: str = ""
+
+    def __init__(self, node: Any):
+        self.node = node
+
+    def add_services(self, server: Any) -> list[str]:
+        """Adds gRPC services to `server`; returns their full names (for reflection)."""
+        return []
+
+    @classmethod
+    def cli_commands(cls) -> list[Any]:
+        """Returns click commands to add to the `sealkv` CLI (imported only when enabled)."""
+        return []
+
+    def stop(self) -> None:
+        """Called once at shutdown."""
