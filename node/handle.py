@@ -111,6 +111,13 @@ class NodeHandle:
         for check in list(self._member_checks):
             check(member, timeout)
 
+    def storage_layer(self, name: str) -> Optional[Any]:
+        """Returns the enabled storage layer plugin named `name`, or None."""
+        for plugin in self._node.storage_plugins:
+            if plugin.name == name:
+                return plugin
+        return None
+
     def close(self) -> None:
         with self._channels_lock:
             for ch in self._channels.values():

@@ -95,6 +95,12 @@ class Node:
         """Starts Raft, replays the log, starts plugins and serves gRPC; returns the port."""
         os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
         self._lock_data_dir()
+        self._refuse_orphaned_sidecar()
+        try:
+            for plugin in self.storage_plugins:
+                plugin.prepare_start()
+        except StartupRefused as exc:
+            raise StartupError(str(exc)) from exc
         self.adapter.start()
         if not self.adapter.wait_replayed(60):
             raise StartupError("the local raft log did not replay within 60s")
@@ -151,6 +157,12 @@ class Node:
         self.adapter.stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
+
+    def _refuse_orphaned_sidecar(self) -> None:
+        sidecar = os.path.join(self.config.data_dir, "encryption", "keys.json")
+        if os.path.exists(sidecar) and "encryption" not in [p.name for p in self.storage_plugins]:
+            raise StartupError(f"{sidecar} exists but encryption is not enabled: this node holds "
+                               "encrypted data; start it with --encryption --kek-file PATH")
 
     def _lock_data_dir(self) -> None:
         path = os.path.join(self.config.data_dir, "LOCK")

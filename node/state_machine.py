@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Mapping, Optional, Sequence
 
 from sealkv.node import commands as cmd
+from sealkv.node.errors import IntegrityError
 from sealkv.node.storage.base import VALUE_CLEARTEXT, Entry, Storage, base_store
 from sealkv.plugins.api import ApplyHalt, CommandHandler
 
@@ -135,7 +136,7 @@ class StateMachine:
     def get(self, key: bytes) -> tuple[Optional[Entry], int]:
         """Returns (the decoded entry or None, the applied index it reflects)."""
         with self.lock:
-            return self.storage.get(key), self.applied_index
+            return _cleartext(self.storage.get(key)), self.applied_index
 
     def range(self, start: bytes, end: Optional[bytes], limit: int,
               keys_only: bool) -> tuple[list[tuple[bytes, Entry]], int, int]:
@@ -147,7 +148,7 @@ class StateMachine:
             for key, entry in source:
                 if len(pairs) >= limit:
                     break
-                pairs.append((key, entry))
+                pairs.append((key, entry if keys_only else _cleartext(entry)))
             return pairs, total, self.applied_index
 
     def reveal(self, key: bytes, entry: Optional[Entry]) -> Optional[Entry]:
@@ -162,7 +163,7 @@ class StateMachine:
         with self.lock:
             for layer in reversed(layers):
                 entry = layer.decode_entry(key, entry)
-        return entry
+        return _cleartext(entry)
 
     def member_directory(self) -> tuple[dict[str, MemberRecord], int]:
         """Returns a copy of the member directory and its configuration version."""
@@ -228,6 +229,14 @@ class StateMachine:
             self.applied_index = header["applied_index"]
             for name, state in self.plugin_states.items():
                 state.restore_state(bytes.fromhex(header["plugins"].get(name, "")))
+
+
+def _cleartext(entry: Optional[Entry]) -> Optional[Entry]:
+    """Returns `entry` if the storage stack decoded it to cleartext, else raises."""
+    if entry is not None and entry.state != VALUE_CLEARTEXT:
+        raise IntegrityError("a stored value is encrypted but no storage layer decoded it: "
+                             "enable the encryption plugin on this node")
+    return entry
 
 
 def _read_records(src: BinaryIO) -> Iterable[tuple[bytes, Entry]]:

@@ -77,6 +77,14 @@ class StorageLayerPlugin:
     def restore_state(self, data: bytes) -> None:
         """Replaces this plugin's replicated state with `data` from a snapshot."""
 
+    def prepare_start(self) -> None:
+        """Called once on the start-up thread, before Raft starts or replays anything.
+
+        The place for node-local preparation that replay depends on (the encryption plugin
+        loads its KEK and makes its new nonce epochs durable here). Raise `StartupRefused`
+        to stop start-up.
+        """
+
     def admit_write(self, timeout: float) -> None:
         """Called on a gRPC thread before a client write is proposed.
 

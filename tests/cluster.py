@@ -1,0 +1,176 @@
+"""A test harness that runs real sealkv node processes on 127.0.0.1.
+
+Every node is a `python -m sealkv.node.cli node start` process with its own data directory
+and ephemeral ports. The harness only ever signals the PIDs it started, and `stop_all()`
+(called by the fixtures) kills whatever is left. Waits poll conditions with deadlines.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from sealkv.node import errors
+from sealkv.node.client import Client
+
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Polls `condition` until it returns a truthy value; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except (errors.SealkvError, OSError) as exc:
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
+                         + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+@dataclass
+class NodeProc:
+    name: str
+    raft: Optional[str]
+    grpc: str
+    data_dir: str
+    log_file: str
+    extra_args: list[str] = field(default_factory=list)
+    proc: Optional[subprocess.Popen] = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            with open(self.log_file, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+class Cluster:
+    """N voters (and any learners added later) as real processes."""
+
+    def __init__(self, base_dir: str, size: int = 3, plugins: Optional[list[str]] = None,
+                 extra_args: Optional[list[str]] = None):
+        self.base_dir = base_dir
+        self.secret_file = os.path.join(base_dir, "secret")
+        fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"test-cluster-secret-" + os.urandom(8).hex().encode())
+        os.close(fd)
+        self.plugins = plugins or []
+        self.extra_args = extra_args or []
+        self.nodes: dict[str, NodeProc] = {}
+        for i in range(1, size + 1):
+            self._define(f"n{i}")
+        self.initial = list(self.nodes.values())
+
+    def _define(self, name: str, learner: bool = False) -> NodeProc:
+        node = NodeProc(name, None if learner else f"127.0.0.1:{free_port()}",
+                        f"127.0.0.1:{free_port()}", os.path.join(self.base_dir, name),
+                        os.path.join(self.base_dir, f"{name}.log"), list(self.extra_args))
+        self.nodes[name] = node
+        return node
+
+    def initial_cluster(self, members: Optional[list[NodeProc]] = None) -> str:
+        members = members if members is not None else self.initial
+        return ",".join(f"{n.name}={n.raft or 'learner'}/{n.grpc}" for n in members)
+
+    def start_node(self, name: str, initial: Optional[str] = None) -> NodeProc:
+        node = self.nodes[name]
+        args = [PYTHON, "-m", "sealkv.node.cli", "node", "start", "--name", name,
+                "--data-dir", node.data_dir, "--grpc", node.grpc,
+                "--initial-cluster", initial or self.initial_cluster(),
+                "--secret-file", self.secret_file, *node.extra_args]
+        args += ["--raft", node.raft] if node.raft else ["--learner"]
+        if self.plugins:
+            args += ["--plugins", ",".join(self.plugins)]
+        log = open(node.log_file, "ab")
+        node.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        return node
+
+    def start(self, timeout: float = 30.0) -> "Cluster":
+        for node in self.initial:
+            self.start_node(node.name)
+        self.wait_leader(timeout)
+        return self
+
+    def add_node(self, name: str, learner: bool = False, extra_args=None) -> NodeProc:
+        """Defines and starts a new node that knows the current members plus itself."""
+        node = self._define(name, learner)
+        node.extra_args += list(extra_args or [])
+        members = [n for n in self.nodes.values() if n.alive() or n is node]
+        self.start_node(name, initial=self.initial_cluster(members))
+        return node
+
+    def client(self, *names: str, timeout: float = 5.0) -> Client:
+        nodes = [self.nodes[n] for n in names] if names else list(self.nodes.values())
+        return Client([n.grpc for n in nodes], timeout=timeout)
+
+    def status(self, name: str):
+        with Client([self.nodes[name].grpc], timeout=2.0) as c:
+            return c.status()
+
+    def leader(self) -> Optional[str]:
+        for node in self.nodes.values():
+            if not node.alive():
+                continue
+            try:
+                s = self.status(node.name)
+            except errors.SealkvError:
+                continue
+            if s.is_leader:
+                return s.node_id
+        return None
+
+    def wait_leader(self, timeout: float = 30.0, exclude: Optional[str] = None) -> str:
+        def found():
+            leader = self.leader()
+            if leader and leader != exclude:
+                # Every live node agrees on who leads.
+                views = {self.status(n.name).leader for n in self.nodes.values() if n.alive()}
+                return leader if views == {leader} else None
+            return None
+
+        return wait_for(found, timeout, "a leader every live node agrees on")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        node = self.nodes[name]
+        if node.alive():
+            os.kill(node.pid, sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                node.proc.wait(timeout=15)
+
+    def stop_all(self) -> None:
+        for node in self.nodes.values():
+            if node.alive():
+                try:
+                    os.kill(node.pid, signal.SIGCONT)
+                    os.kill(node.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                node.proc.wait(timeout=15)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n.name} ---\n{n.log()[-4000:]}" for n in self.nodes.values())

@@ -1,0 +1,109 @@
+"""Crashes and restarts: no acknowledged write is lost."""
+import signal
+import threading
+import time
+
+import pytest
+
+from sealkv.node import errors
+from tests.cluster import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+class Writer(threading.Thread):
+    """Writes unique keys in a loop and records which writes were acknowledged."""
+
+    def __init__(self, client, prefix: bytes):
+        super().__init__(daemon=True)
+        self.client = client
+        self.prefix = prefix
+        self.acked: dict[bytes, bytes] = {}
+        self.failures = 0
+        self.stop = threading.Event()
+
+    def run(self):
+        i = 0
+        while not self.stop.is_set():
+            key = self.prefix + b"%06d" % i
+            value = b"value-%d" % i
+            try:
+                self.client.put(key, value)
+                self.acked[key] = value
+            except errors.SealkvError:
+                self.failures += 1
+            i += 1
+
+
+def assert_all_readable(cluster, acked: dict, names):
+    for name in names:
+        with cluster.client(name, timeout=10) as c:
+            got = {kv.key: kv.value for kv in c.range(b"", range_end=b"\0").kvs}
+            missing = [k for k in acked if got.get(k) != acked[k]]
+            assert not missing, f"{name} lost {len(missing)} acknowledged writes, e.g. {missing[:3]}"
+
+
+def test_kill_leader_under_writes_elects_a_new_leader_and_loses_nothing(cluster3):
+    old = cluster3.wait_leader()
+    writer = Writer(cluster3.client(timeout=3), b"w/")
+    writer.start()
+    wait_for(lambda: len(writer.acked) >= 50, 20, "50 acknowledged writes")
+    cluster3.kill(old, signal.SIGKILL)
+    killed_at = time.monotonic()
+    new = cluster3.wait_leader(timeout=15, exclude=old)
+    elected_after = time.monotonic() - killed_at
+    count_at_election = len(writer.acked)
+    wait_for(lambda: len(writer.acked) > count_at_election + 20, 20,
+             "writes to continue under the new leader")
+    writer.stop.set()
+    writer.join(10)
+    assert new != old
+    assert elected_after < 10, f"new leader took {elected_after:.1f}s"
+    survivors = [n for n in cluster3.nodes if n != old]
+    assert_all_readable(cluster3, writer.acked, survivors)
+    cluster3.start_node(old)
+    wait_for(lambda: cluster3.status(old).applied_index >= cluster3.status(new).commit_index,
+             20, "the restarted node to catch up")
+    assert_all_readable(cluster3, writer.acked, [old])
+
+
+def test_full_cluster_restart_keeps_every_acknowledged_write(cluster3):
+    writer = Writer(cluster3.client(timeout=3), b"r/")
+    writer.start()
+    wait_for(lambda: len(writer.acked) >= 100, 30, "100 acknowledged writes")
+    writer.stop.set()
+    writer.join(10)
+    for name in list(cluster3.nodes):
+        cluster3.kill(name, signal.SIGTERM)
+    for name in list(cluster3.nodes):
+        cluster3.start_node(name)
+    cluster3.wait_leader(timeout=30)
+    assert_all_readable(cluster3, writer.acked, list(cluster3.nodes))
+
+
+def test_kill_9_of_every_node_keeps_every_acknowledged_write(cluster3):
+    writer = Writer(cluster3.client(timeout=3), b"k/")
+    writer.start()
+    wait_for(lambda: len(writer.acked) >= 100, 30, "100 acknowledged writes")
+    for name in list(cluster3.nodes):
+        cluster3.kill(name, signal.SIGKILL)
+    writer.stop.set()
+    writer.join(10)
+    for name in list(cluster3.nodes):
+        cluster3.start_node(name)
+    cluster3.wait_leader(timeout=30)
+    assert_all_readable(cluster3, writer.acked, list(cluster3.nodes))
+
+
+def test_restart_after_log_compaction_restores_from_the_dump(make_cluster):
+    cluster = make_cluster(3, extra_args=[])
+    with cluster.client() as c:
+        for i in range(30):
+            c.put(b"c%02d" % i, b"v%02d" % i)
+    # Restart one node with a tiny compaction threshold so it writes a dump, then again.
+    cluster.kill("n2", signal.SIGTERM)
+    cluster.nodes["n2"].extra_args = []
+    cluster.start_node("n2")
+    cluster.wait_leader()
+    with cluster.client("n2") as c:
+        assert c.get(b"c29").kv.value == b"v29"
