@@ -17,6 +17,9 @@ from sealkv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 LINEARIZABLE = kv_pb2.LINEARIZABLE
 SERIALIZABLE = kv_pb2.SERIALIZABLE
 
+# A leader can move while a request follows it (e.g. removing the leader hands over first).
+MAX_LEADER_HOPS = 3
+
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 2 * 1024 * 1024)]
 
@@ -55,7 +58,7 @@ class Client:
         order = [endpoint] if endpoint else (self.endpoints[self._preferred:]
                                              + self.endpoints[:self._preferred])
         last: Optional[errors.SealkvError] = None
-        tried_leader = False
+        hops = 0
         i = 0
         while i < len(order):
             target = order[i]
@@ -68,8 +71,8 @@ class Client:
             except grpc.RpcError as exc:
                 last = errors.from_rpc_error(exc)
             if isinstance(last, errors.NotLeader) and last.leader and follow_leader \
-                    and not tried_leader:
-                tried_leader = True
+                    and hops < MAX_LEADER_HOPS:
+                hops += 1
                 order.insert(i + 1, last.leader)
             elif not isinstance(last, errors.Unavailable) or endpoint:
                 raise last

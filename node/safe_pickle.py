@@ -13,10 +13,13 @@ Only `sealkv.node.replication` imports this module (it is part of the pysyncobj 
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 
 import pysyncobj.journal
 import pysyncobj.pickle
+
+log = logging.getLogger(__name__)
 
 PROTOCOL = 4
 
@@ -40,6 +43,8 @@ class SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        # pysyncobj drops the connection silently; say why, once per refusal.
+        log.warning("refused a raft message: forbidden global in pickle: %s.%s", module, name)
         raise ForbiddenPickle(f"forbidden global in pickle: {module}.{name}")
 
 
