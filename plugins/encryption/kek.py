@@ -1,0 +1,200 @@
+"""Key-encryption key (KEK) providers: the node-local keys that wrap and unwrap data keys.
+
+A provider wraps a 32-byte data key (DEK) with AES-256-GCM under its KEK, a fresh random 12-byte
+nonce and no AAD, giving the 60-byte blob `nonce(12) | ciphertext(32) | tag(16)`
+(ENCRYPTION.md §1). sealkv never writes a KEK to the data directory and never logs it.
+
+Providers are plugins of the entry point group `sealkv.kek_providers`; `load_kek_provider`
+imports only the one it is asked for.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import stat
+from importlib.metadata import entry_points
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sealkv.plugins.api import StartupRefused
+
+ENTRY_POINT_GROUP = "sealkv.kek_providers"
+KEK_SIZE = 32
+DEK_SIZE = 32
+WRAP_NONCE_SIZE = 12
+WRAPPED_SIZE = WRAP_NONCE_SIZE + DEK_SIZE + 16  # 60
+
+# Built-in providers, used when the installed metadata predates their entry points (a source
+# checkout that has not been reinstalled). Entry points always win.
+_BUILTIN = {
+    "file": "sealkv.plugins.encryption.kek:FileKEK",
+    "env": "sealkv.plugins.encryption.kek:EnvKEK",
+}
+
+
+class UnwrapError(ValueError):
+    """A wrapped key blob has the wrong size or does not authenticate under this KEK."""
+
+
+class KEKProvider:
+    """The interface of a KEK provider.
+
+    Contract: `wrap` and `unwrap` are thread-safe and do no network I/O for local providers;
+    they may be called from the tick thread (at apply) and from gRPC threads (pre-checks).
+    `unwrap` raises `UnwrapError` for a blob it cannot open and never returns partial bytes.
+    `status()` returns a JSON-ready dict that holds no secret material.
+    """
+
+    name: str = ""
+
+    def __init__(self, kek: bytes):
+        if len(kek) != KEK_SIZE:
+            raise ValueError(f"a KEK must be {KEK_SIZE} bytes")
+        self.__aead = AESGCM(bytes(kek))
+
+    def wrap(self, dek: bytes) -> bytes:
+        """Returns the 60-byte wrapped form of the 32-byte `dek`, with a fresh random nonce."""
+        if len(dek) != DEK_SIZE:
+            raise ValueError(f"a data key must be {DEK_SIZE} bytes")
+        nonce = os.urandom(WRAP_NONCE_SIZE)
+        return nonce + self.__aead.encrypt(nonce, bytes(dek), None)
+
+    def unwrap(self, blob: bytes) -> bytes:
+        """Returns the data key inside the 60-byte `blob`; raises `UnwrapError` otherwise."""
+        if not isinstance(blob, (bytes, bytearray)) or len(blob) != WRAPPED_SIZE:
+            raise UnwrapError(f"a wrapped key must be exactly {WRAPPED_SIZE} bytes")
+        blob = bytes(blob)
+        try:
+            return self.__aead.decrypt(blob[:WRAP_NONCE_SIZE], blob[WRAP_NONCE_SIZE:], None)
+        except InvalidTag:
+            raise UnwrapError("the wrapped key does not authenticate under this KEK") from None
+
+    def status(self) -> dict[str, Any]:
+        """Returns what an operator may see about this provider (no secrets)."""
+        return {"provider": self.name, "loaded": True}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} provider={self.name!r}>"
+
+
+class FileKEK(KEKProvider):
+    """A KEK read from a file of exactly 32 raw bytes, readable by its owner only.
+
+    The file is opened read-only and non-blocking (so a FIFO cannot hang start-up), and the
+    opened descriptor is checked with `fstat` (so the checked file is the one read): it must be
+    a regular file of 32 bytes without group or other permission bits. Any failure raises
+    `StartupRefused` with a message naming the file and the fix.
+    """
+
+    name = "file"
+
+    def __init__(self, path: str):
+        if not path:
+            raise StartupRefused("encryption is enabled but no KEK file is configured: "
+                                 "set the encryption option kek_file to a 32-byte key file")
+        self.path = os.path.abspath(os.fspath(path))
+        super().__init__(_read_kek_file(self.path))
+
+    def status(self) -> dict[str, Any]:
+        return {"provider": self.name, "path": self.path, "loaded": True}
+
+
+def _read_kek_file(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise StartupRefused(f"KEK file {path} does not exist: create it with 32 random bytes "
+                             f"(head -c 32 /dev/urandom > {path} && chmod 600 {path})") from None
+    except OSError as error:
+        raise StartupRefused(f"cannot open KEK file {path}: {error.strerror}; make it readable "
+                             f"by the sealkv user (chmod 600 {path})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StartupRefused(f"KEK file {path} is not a regular file: point kek_file at a "
+                                 "regular file holding exactly 32 raw bytes")
+        if info.st_mode & 0o077:
+            raise StartupRefused(
+                f"KEK file {path} has mode {stat.S_IMODE(info.st_mode):04o}, readable by group "
+                f"or others: run chmod 600 {path}")
+        if info.st_size != KEK_SIZE:
+            raise StartupRefused(f"KEK file {path} is {info.st_size} bytes, not {KEK_SIZE}: "
+                                 f"it must hold exactly {KEK_SIZE} raw bytes (not hex or base64)")
+        data = b""
+        while len(data) <= KEK_SIZE:
+            chunk = os.read(fd, KEK_SIZE + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+        if len(data) != KEK_SIZE:
+            raise StartupRefused(f"KEK file {path} changed while being read: it must hold "
+                                 f"exactly {KEK_SIZE} raw bytes")
+        return data
+    finally:
+        os.close(fd)
+
+
+class EnvKEK(KEKProvider):
+    """A KEK read from an environment variable as 64 hex characters; for tests only.
+
+    Environment variables leak into child processes and crash reports: production nodes use
+    `FileKEK`. There is no default variable name.
+    """
+
+    name = "env"
+
+    def __init__(self, var: str):
+        if not var:
+            raise StartupRefused("the env KEK provider needs the option var naming the "
+                                 "environment variable that holds the KEK")
+        self.var = var
+        text = os.environ.get(var)
+        if text is None:
+            raise StartupRefused(f"environment variable {var} is not set: set it to 64 hex "
+                                 "characters (32 bytes)")
+        try:
+            kek = bytes.fromhex(text.strip())
+        except ValueError:
+            kek = b""
+        if len(kek) != KEK_SIZE or len(text.strip()) != 2 * KEK_SIZE:
+            raise StartupRefused(f"environment variable {var} must hold exactly 64 hex "
+                                 "characters (32 bytes)")
+        super().__init__(kek)
+
+    def status(self) -> dict[str, Any]:
+        return {"provider": self.name, "var": self.var, "loaded": True}
+
+
+def load_kek_provider(name: str, **options: Any) -> KEKProvider:
+    """Imports only the provider registered as `name` and builds it with `options`.
+
+    Raises `StartupRefused` naming the provider when it is unknown, fails to import, does not
+    accept the options, or refuses its key material.
+    """
+    target = None
+    for point in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        target = point
+        break
+    try:
+        if target is not None:
+            factory = target.load()
+        elif name in _BUILTIN:
+            module_name, _, attr = _BUILTIN[name].partition(":")
+            factory = getattr(importlib.import_module(module_name), attr)
+        else:
+            known = sorted({p.name for p in entry_points(group=ENTRY_POINT_GROUP)} | set(_BUILTIN))
+            raise StartupRefused(f"unknown KEK provider {name!r}: use one of {', '.join(known)}")
+    except StartupRefused:
+        raise
+    except Exception as error:
+        raise StartupRefused(f"KEK provider {name!r} failed to load: {error}") from error
+    try:
+        provider = factory(**options)
+    except TypeError as error:
+        raise StartupRefused(f"KEK provider {name!r} rejected its options "
+                             f"({', '.join(sorted(options)) or 'none'}): {error}") from None
+    if not isinstance(provider, KEKProvider):
+        raise StartupRefused(f"KEK provider {name!r} is not a KEKProvider")
+    return provider

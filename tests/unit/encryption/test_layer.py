@@ -1,0 +1,252 @@
+"""Tests of the envelope storage layer and the encryption plugin's shell."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+
+import pytest
+
+from sealkv.node.errors import IntegrityError, Unavailable
+from sealkv.node.storage.base import VALUE_CLEARTEXT, VALUE_ENCRYPTED, Entry
+from sealkv.plugins.api import ApplyHalt, PluginContext, StartupRefused
+from sealkv.plugins.encryption import commands as c
+from sealkv.plugins.encryption.commands import RegisterCommand, WriterRow
+from sealkv.plugins.encryption.keystore import KeyConflict, KeyStore
+from sealkv.plugins.encryption.layer import (
+    EncryptionLayerPlugin, refuse_if_sidecar_without_encryption,
+)
+from sealkv.plugins.encryption.nonce import full_node_id
+from sealkv.plugins.encryption.sidecar import read_sidecar
+
+
+class DictStore:
+    """A minimal in-memory `Storage`; for tests only."""
+
+    def __init__(self):
+        self.data: dict[bytes, Entry] = {}
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, entry):
+        self.data[key] = entry
+
+    def delete(self, key):
+        return self.data.pop(key, None) is not None
+
+    def scan(self, start, end):
+        for key in sorted(self.data):
+            if key >= start and (end is None or key < end):
+                yield key, self.data[key]
+
+    def count(self, start, end):
+        return sum(1 for _ in self.scan(start, end))
+
+    def dump(self):
+        return iter(sorted(self.data.items()))
+
+    def restore(self, records):
+        self.data = dict(records)
+
+
+@pytest.fixture
+def kek_file(tmp_path):
+    path = tmp_path / "kek.bin"
+    path.write_bytes(os.urandom(32))
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+def make_plugin(tmp_path, kek_file, raft_id="node-a", data="data-a"):
+    context = PluginContext(node_name=raft_id, raft_id=raft_id,
+                            data_dir=str(tmp_path / data), options={"kek_file": kek_file})
+    plugin = EncryptionLayerPlugin(context)
+    plugin.prepare_start()
+    return plugin
+
+
+def apply(plugin, index, command):
+    data = c.encode_command(command)
+    return plugin.command_handlers()[data[0]](index, data[1:])
+
+
+def encrypted_cluster(tmp_path, kek_file, members=("node-a", "node-b")):
+    plugin = make_plugin(tmp_path, kek_file)
+    store = DictStore()
+    layer = plugin.wrap(store)
+    apply(plugin, 3, plugin.bootstrap_command(list(members)))
+    apply(plugin, 4, plugin.cutover_command(1))
+    return plugin, layer, store
+
+
+def entry(value, revision=10):
+    return Entry(value=value, create_revision=revision, mod_revision=revision, version=1)
+
+
+def test_cleartext_before_cutover(tmp_path, kek_file):
+    plugin = make_plugin(tmp_path, kek_file)
+    store = DictStore()
+    layer = plugin.wrap(store)
+    layer.put(b"k", entry(b"plain"))
+    assert store.data[b"k"].value == b"plain" and store.data[b"k"].header == VALUE_CLEARTEXT
+    assert layer.get(b"k").value == b"plain"
+
+
+def test_values_are_sealed_after_cutover_and_read_back(tmp_path, kek_file):
+    plugin, layer, store = encrypted_cluster(tmp_path, kek_file)
+    assert plugin.state.storage_cutover_index == 4
+    layer.put(b"user/1", entry(b"secret value", revision=11))
+    stored = store.data[b"user/1"]
+    assert stored.header == VALUE_ENCRYPTED and b"secret value" not in stored.value
+    assert len(stored.value) == len(b"secret value") + 34
+    assert stored.value[:6] == b"\x01\x00" + (1).to_bytes(4, "big")
+    nonce = stored.value[6:18]
+    assert nonce[:2] == (full_node_id("node-a") & 0xFFFF).to_bytes(2, "big")
+    assert nonce[2:4] == b"\x00\x01" and nonce[4:] == (1).to_bytes(8, "big")
+    got = layer.get(b"user/1")
+    assert got.value == b"secret value" and got.header == VALUE_CLEARTEXT
+    assert [(k, e.value) for k, e in layer.scan(b"", None)] == [(b"user/1", b"secret value")]
+    assert layer.delete(b"user/1") and layer.get(b"user/1") is None
+
+
+def test_tampering_swapping_and_reserved_states_are_integrity_errors(tmp_path, kek_file):
+    _, layer, store = encrypted_cluster(tmp_path, kek_file)
+    layer.put(b"a", entry(b"value a", 11))
+    layer.put(b"b", entry(b"value b", 11))
+    a, b = store.data[b"a"], store.data[b"b"]
+    store.data[b"a"], store.data[b"b"] = b, a
+    for key in (b"a", b"b"):
+        with pytest.raises(IntegrityError):
+            layer.get(key)
+    with pytest.raises(IntegrityError):
+        list(layer.scan(b"", None))
+    flipped = bytearray(a.value)
+    flipped[-1] ^= 1
+    store.data[b"a"] = dataclasses.replace(a, value=bytes(flipped))
+    with pytest.raises(IntegrityError):
+        layer.get(b"a")
+    store.data[b"a"] = dataclasses.replace(a, mod_revision=12)  # moved to another version
+    with pytest.raises(IntegrityError):
+        layer.get(b"a")
+    for state in (0x02, 0x03):
+        store.data[b"a"] = dataclasses.replace(a, header=state)
+        with pytest.raises(IntegrityError, match="reserved"):
+            layer.get(b"a")
+
+
+def test_rebadge_guard(tmp_path, kek_file):
+    _, layer, store = encrypted_cluster(tmp_path, kek_file)
+    layer.put(b"k", entry(b"x" * 40, 11))
+    sealed = store.data[b"k"]
+    store.data[b"k"] = dataclasses.replace(sealed, header=VALUE_CLEARTEXT)  # bit cleared
+    with pytest.raises(IntegrityError, match="cleared"):
+        layer.get(b"k")
+    # A legitimate cleartext value that merely looks like an envelope is returned as is.
+    lookalike = b"\x01\x00\x00\x00\x00\x01" + os.urandom(40)
+    store.data[b"k"] = entry(lookalike, 11)
+    assert layer.get(b"k").value == lookalike
+
+
+def test_sidecar_written_at_apply_and_epoch_bumped_on_restart(tmp_path, kek_file):
+    plugin, layer, _ = encrypted_cluster(tmp_path, kek_file)
+    sidecar = read_sidecar(plugin.context.data_dir)
+    assert sidecar.storage_envelope_cutover_index == 4 and sidecar.raft_applied_index == 4
+    assert {k: v.local_epoch for k, v in sidecar.keys.items()} == {1: 1, 2: 1}
+    restarted = make_plugin(tmp_path, kek_file)
+    assert restarted.local_epoch(1) == 2
+    assert read_sidecar(plugin.context.data_dir).keys[1].local_epoch == 2
+    assert restarted.nonce_factory(1).next()[2:4] == b"\x00\x02"
+
+
+def test_restart_replay_register_and_start_checks(tmp_path, kek_file):
+    plugin, _, _ = encrypted_cluster(tmp_path, kek_file)
+    snapshot = plugin.snapshot_state()
+    restarted = make_plugin(tmp_path, kek_file)
+    restarted.restore_state(snapshot)
+    restarted.check_start_state()
+    pending = restarted.pending_registrations()
+    assert [cmd.row.local_epoch for cmd in pending] == [2, 2]
+    with pytest.raises(Unavailable):
+        restarted.admit_write(0)
+    for index, command in enumerate(pending, start=5):
+        apply(restarted, index, command)
+    restarted.admit_write(0)
+    assert restarted.pending_registrations() == []
+
+
+def test_start_refuses_an_epoch_behind_the_registry(tmp_path, kek_file):
+    plugin, _, _ = encrypted_cluster(tmp_path, kek_file)
+    me = plugin.full_node_id
+    apply(plugin, 5, RegisterCommand(WriterRow(1, me, 9)))  # registry is ahead of this disk
+    snapshot = plugin.snapshot_state()
+    restarted = make_plugin(tmp_path, kek_file)
+    restarted.restore_state(snapshot)
+    with pytest.raises(StartupRefused, match="old copy"):
+        restarted.check_start_state()
+
+
+def test_admit_write_waits_for_own_registration(tmp_path, kek_file):
+    plugin = make_plugin(tmp_path, kek_file)
+    plugin.admit_write(0)  # not bootstrapped: nothing is sealed, nothing to wait for
+    apply(plugin, 3, plugin.bootstrap_command(["node-b"]))  # this node has no row yet
+    with pytest.raises(Unavailable, match="retry"):
+        plugin.admit_write(0)
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(plugin.admit_write(30)))
+    waiter.start()
+    apply(plugin, 5, RegisterCommand(WriterRow(1, plugin.full_node_id, 1)))
+    waiter.join(30)
+    assert outcome == [None]
+
+
+def test_late_joiner_gets_keys_from_snapshot(tmp_path, kek_file):
+    plugin, layer, store = encrypted_cluster(tmp_path, kek_file)
+    layer.put(b"k", entry(b"value", 11))
+    joiner = make_plugin(tmp_path, kek_file, raft_id="node-b", data="data-b")
+    joiner_layer = joiner.wrap(DictStore())
+    joiner.restore_state(plugin.snapshot_state())
+    joiner_layer.restore(store.dump())
+    assert joiner_layer.get(b"k").value == b"value"
+    # node-b has a bootstrap row at epoch 1, so it must not reuse epoch 1 for this key.
+    assert read_sidecar(joiner.context.data_dir).keys[1].local_epoch == 2
+    stranger = make_plugin(tmp_path, kek_file, raft_id="node-c", data="data-c")
+    stranger.restore_state(plugin.snapshot_state())
+    assert stranger.local_epoch(1) == 1 and stranger.pending_registrations()
+    joiner_layer.put(b"j", entry(b"mine", 12))
+    assert joiner_layer.get(b"j").value == b"mine"
+
+
+def test_malformed_commands_halt(tmp_path, kek_file):
+    plugin = make_plugin(tmp_path, kek_file)
+    handlers = plugin.command_handlers()
+    for opcode in (0x03, 0x04, 0x05):
+        with pytest.raises(ApplyHalt):
+            handlers[opcode](1, b"\x01\x02")
+    with pytest.raises(ApplyHalt):
+        plugin.restore_state(b"\x01garbage")
+
+
+def test_prepare_start_refusals(tmp_path, kek_file):
+    context = PluginContext(node_name="a", raft_id="a", data_dir=str(tmp_path / "d"))
+    with pytest.raises(StartupRefused, match="kek_file"):
+        EncryptionLayerPlugin(context).prepare_start()
+    encrypted_cluster(tmp_path, kek_file)
+    other = tmp_path / "other.bin"
+    other.write_bytes(os.urandom(32))
+    os.chmod(other, 0o600)
+    with pytest.raises(StartupRefused, match="cannot unwrap"):
+        make_plugin(tmp_path, str(other))
+    with pytest.raises(StartupRefused, match="not enabled"):
+        refuse_if_sidecar_without_encryption(str(tmp_path / "data-a"))
+
+
+def test_keystore_refuses_overwrite_and_hides_bytes():
+    store = KeyStore()
+    store.install(1, 1, b"\x05" * 32)
+    store.install(1, 1, b"\x05" * 32)
+    with pytest.raises(KeyConflict):
+        store.install(1, 1, b"\x06" * 32)
+    with pytest.raises(KeyConflict):
+        store.install(1, 2, b"\x05" * 32)
+    assert "05" not in repr(store) and store.get_for(1, 2) is None
