@@ -104,7 +104,8 @@ class NodeConfig:
             os.close(fd)
         if len(secret) < SECRET_MIN_BYTES:
             raise ConfigError(f"secret file {self.secret_file} holds fewer than "
-                              f"{SECRET_MIN_BYTES} characters")
+                              f"{SECRET_MIN_BYTES} characters: write a longer random secret, "
+                              f"e.g. `head -c 32 /dev/urandom | base64 > {self.secret_file}`")
         return secret
 
 

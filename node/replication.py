@@ -248,6 +248,20 @@ class ReplicationAdapter:
             return result
         raise _failure(reason)
 
+    def propose_async(self, command: bytes,
+                      on_done: Callable[[object, Optional[errors.SealkvError]], None]) -> None:
+        """Submits `command` without waiting; `on_done(result, error)` is called once.
+
+        For pipelining callers (the raw-engine benchmark). `on_done` runs on the tick thread
+        and must be short; `error` is the exception `propose` would raise. pysyncobj can
+        orphan a callback (a follower installing a snapshot), so callers must also keep a
+        deadline of their own.
+        """
+        def on_result(result, reason):
+            on_done(result, None if reason == FAIL_REASON.SUCCESS else _failure(reason))
+
+        self._obj.apply_command(command, callback=on_result)
+
     def _require_leader(self, deadline: float) -> None:
         if self._halted:
             raise errors.Unavailable("node halted")
@@ -430,7 +444,8 @@ class ReplicationAdapter:
             self.sm.read_snapshot(src)
         last = (bytes.fromhex(meta["last"][0]), meta["last"][1], meta["last"][2])
         previous = (bytes.fromhex(meta["previous"][0]), meta["previous"][1], meta["previous"][2])
-        return last, previous, meta["cluster"]
+        # pysyncobj compares these with its own TCPNode to drop itself: strings never match.
+        return last, previous, [TCPNode(address) for address in meta["cluster"]]
 
 
 def _copy_dict(d: dict) -> dict:

@@ -188,6 +188,10 @@ class StateMachine:
             for name in sorted(self.members):
                 m = self.members[name]
                 h.update(repr((m.name, m.raft_address, m.grpc_address, m.role)).encode())
+            h.update(b"config_version %d" % self.config_version)
+            for name in sorted(self.plugin_states):
+                state = self.plugin_states[name].snapshot_state()
+                h.update(name.encode() + _U32.pack(len(state)) + state)
             return h.hexdigest(), count, self.applied_index
 
     # -- snapshots --------------------------------------------------------------------

@@ -83,7 +83,35 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class SealkvGroup(click.Group):
+    """The top-level group: admin plugins' commands are imported only when asked for."""
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None:
+            command = _plugin_commands().get(name)
+        return command
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(_plugin_commands()))
+
+
+def _plugin_commands() -> dict:
+    """Loads the CLI commands of installed admin plugins (only when not a built-in name)."""
+    from sealkv.node import plugin_loader
+
+    names = [p.name for p in plugin_loader.installed() if p.group == plugin_loader.ADMIN_GROUP]
+    commands = {}
+    try:
+        for _, cls in plugin_loader.load(names, plugin_loader.ADMIN_GROUP):
+            for command in cls.cli_commands():
+                commands.setdefault(command.name, command)
+    except plugin_loader.PluginError as exc:
+        click.echo(f"Warning: {exc}", err=True)
+    return commands
+
+
+@click.group(cls=SealkvGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--endpoints", envvar=None, help="Comma-separated gRPC endpoints (host:port).")
 @click.option("-w", "--write-out", type=click.Choice(["simple", "table", "json"]),
               default="simple", show_default=True, help="Output format.")
@@ -310,6 +338,7 @@ def endpoint_health(c: Ctx, cluster):
         data.append({"endpoint": target, "health": ok, "took": took, "error": message})
     emit(c.write_out, ["endpoint", "health", "took", "error"], rows, data)
     if bad:
+        click.echo(f"Error: {bad} of {len(rows)} endpoints unhealthy", err=True)
         sys.exit(EXIT_UNREACHABLE)
 
 
@@ -341,25 +370,14 @@ def plugins_list(c: Ctx):
           for r in rows])
 
 
+def register_commands() -> click.Group:
+    """Adds the command groups that live in their own modules; returns the CLI (idempotent)."""
+    from sealkv.node.cli import cluster_cmd, node_cmd
+
+    for module in (cluster_cmd, node_cmd):
+        module.register(cli)
+    return cli
+
+
 def main() -> None:
-    from sealkv.node.cli import cluster_cmd, node_cmd  # noqa: F401  (registers commands)
-
-    cluster_cmd.register(cli)
-    node_cmd.register(cli)
-    _register_plugin_commands()
-    cli(prog_name="sealkv")
-
-
-def _register_plugin_commands() -> None:
-    """Adds the CLI commands of installed admin plugins (only theirs is imported)."""
-    from sealkv.node import plugin_loader
-
-    names = [p.name for p in plugin_loader.installed() if p.group == plugin_loader.ADMIN_GROUP]
-    try:
-        for _, cls in plugin_loader.load(names, plugin_loader.ADMIN_GROUP):
-            for command in cls.cli_commands():
-                if command.name not in cli.commands:
-                    cli.add_command(command)
-    except plugin_loader.PluginError as exc:
-        logging.getLogger(__name__).warning("%s", exc)
-
+    register_commands()(prog_name="sealkv")

@@ -1,0 +1,155 @@
+"""The replication adapter without a Raft process: secrets, halts and its dump format."""
+import pytest
+from pysyncobj.node import TCPNode
+
+from sealkv.node import commands as cmd
+from sealkv.node import errors
+from sealkv.node.replication import RaftSettings, ReplicationAdapter
+from sealkv.node.state_machine import MemberRecord, StateMachine
+from sealkv.node.storage.base import Entry
+from sealkv.node.storage.memory import MemoryStore
+
+SELF = "127.0.0.1:7001"
+PEERS = ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+N1 = MemberRecord("n1", SELF, "127.0.0.1:9001", cmd.ROLE_VOTER)
+
+
+class FakeRaft:
+    """Stands in for the SyncObj in apply tests, for tests only: just the applied index."""
+
+    def __init__(self, last_applied: int):
+        self.raftLastApplied = last_applied
+
+
+class HaltRecorder:
+    """Records halt reasons instead of exiting the process, for tests only."""
+
+    def __init__(self):
+        self.reasons: list[str] = []
+
+    def __call__(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def adapter(tmp_path, sm=None, halt=None, partners=(), secret=None, last_applied=0):
+    a = ReplicationAdapter(sm or StateMachine(MemoryStore(), [N1]), raft_address=SELF,
+                           partners=list(partners), data_dir=str(tmp_path), secret=secret,
+                           halt=halt)
+    a._obj = FakeRaft(last_applied)
+    return a
+
+
+# -- secrets ------------------------------------------------------------------------------
+
+
+def test_partners_without_secret_are_refused(tmp_path):
+    for secret in (None, ""):
+        with pytest.raises(ValueError, match="needs a cluster secret \\(--secret-file\\)"):
+            ReplicationAdapter(StateMachine(MemoryStore()), raft_address=SELF, partners=PEERS,
+                               data_dir=str(tmp_path), secret=secret)
+
+
+def test_learner_following_voters_needs_a_secret_too(tmp_path):
+    with pytest.raises(ValueError, match="secret"):
+        ReplicationAdapter(StateMachine(MemoryStore()), raft_address=None, partners=PEERS,
+                           data_dir=str(tmp_path), secret=None)
+
+
+def test_single_node_needs_no_secret_and_own_address_is_not_a_partner(tmp_path):
+    a = ReplicationAdapter(StateMachine(MemoryStore()), raft_address=SELF, partners=[SELF],
+                           data_dir=str(tmp_path), secret=None)
+    assert a.partners == []
+    b = ReplicationAdapter(StateMachine(MemoryStore()), raft_address=SELF, partners=PEERS,
+                           data_dir=str(tmp_path), secret="0123456789abcdef")
+    assert b.partners == PEERS[1:]
+
+
+def test_invalid_settings_are_refused_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="raft.max_timeout"):
+        ReplicationAdapter(StateMachine(MemoryStore()), raft_address=SELF, partners=[],
+                           data_dir=str(tmp_path), secret=None,
+                           settings=RaftSettings(raft_max_timeout=0.1))
+
+
+# -- apply and halt -----------------------------------------------------------------------
+
+
+def test_apply_uses_the_next_log_index(tmp_path):
+    a = adapter(tmp_path, last_applied=41)
+    result = a._apply(cmd.encode(cmd.Put(b"k", b"v")))
+    assert result.revision == 42
+    assert a.sm.get(b"k") == (Entry(b"v", 42, 42, 1), 42)
+
+
+def test_apply_halt_calls_halt_instead_of_raising(tmp_path):
+    halt = HaltRecorder()
+    a = adapter(tmp_path, halt=halt, last_applied=9)
+    a.sm.apply(9, cmd.encode(cmd.Put(b"k", b"v")))
+    assert a._apply(b"\x7e\x01garbage") is None  # returns: never raises into pysyncobj
+    assert len(halt.reasons) == 1
+    assert "entry 10" in halt.reasons[0] and "unknown opcode 0x7e" in halt.reasons[0]
+    assert a.halted
+    assert a.sm.applied_index == 9
+    assert a.sm.get(b"k")[0] == Entry(b"v", 9, 9, 1)
+
+
+def test_unexpected_exception_from_the_state_machine_also_halts(tmp_path):
+    class ExplodingStateMachine(StateMachine):
+        """A state machine that breaks its contract by raising, for tests only."""
+
+        def apply(self, index, command):
+            raise RuntimeError("bug")
+
+    halt = HaltRecorder()
+    a = adapter(tmp_path, sm=ExplodingStateMachine(MemoryStore()), halt=halt, last_applied=2)
+    a._apply(b"\x01")
+    assert halt.reasons == ["entry 3: unexpected RuntimeError: bug"]
+
+
+def test_a_halted_adapter_refuses_proposals(tmp_path):
+    a = adapter(tmp_path, halt=HaltRecorder())
+    a._apply(b"")
+    with pytest.raises(errors.Unavailable, match="halted"):
+        a.propose(cmd.encode(cmd.Put(b"k", b"v")), timeout=0.1)
+
+
+# -- dump files ---------------------------------------------------------------------------
+
+
+def filled_state_machine():
+    sm = StateMachine(MemoryStore(), [N1])
+    sm.apply(1, cmd.encode(cmd.Put(b"a", b"1")))
+    sm.apply(2, cmd.encode(cmd.Put(b"b", b"\x00\xff")))
+    sm.apply(3, cmd.encode(cmd.MemberSet("n2", PEERS[1], "127.0.0.1:9002", cmd.ROLE_VOTER)))
+    return sm
+
+
+def test_dump_round_trip_restores_state_and_log_position(tmp_path):
+    source = adapter(tmp_path, sm=filled_state_machine())
+    last, previous = (b"\x00(3)", 3, 1), (b"\x00(2)", 2, 1)
+    path = str(tmp_path / "raft.dump")
+    source._write_dump(path, (last, previous, {TCPNode(p) for p in PEERS}))
+
+    target = adapter(tmp_path)
+    got_last, got_previous, cluster = target._read_dump(path)
+    assert (got_last, got_previous) == (last, previous)
+    assert sorted(getattr(n, "address", n) for n in cluster) == PEERS
+    assert target.sm.digest() == source.sm.digest()
+    assert target.sm.member_directory() == source.sm.member_directory()
+
+
+def test_read_dump_refuses_a_foreign_file(tmp_path):
+    path = tmp_path / "raft.dump"
+    path.write_bytes(b"\x1f\x8bnot ours")
+    with pytest.raises(ValueError, match="not a sealkv dump"):
+        adapter(tmp_path)._read_dump(str(path))
+
+
+def test_dump_cluster_entries_compare_equal_to_pysyncobj_nodes(tmp_path):
+    source = adapter(tmp_path, sm=filled_state_machine())
+    path = str(tmp_path / "raft.dump")
+    source._write_dump(path, ((b"x", 3, 1), (b"y", 2, 1), {TCPNode(p) for p in PEERS}))
+    _, _, cluster = adapter(tmp_path)._read_dump(path)
+    self_node = TCPNode(SELF)
+    # Exactly the filter pysyncobj applies when it loads a dump.
+    assert [n for n in cluster if n != self_node] == [TCPNode(p) for p in PEERS[1:]]

@@ -1,0 +1,338 @@
+"""The pure state machine: KV semantics, revisions, members, halts and snapshots."""
+import io
+
+import pytest
+
+from sealkv.node import commands as cmd
+from sealkv.node.state_machine import MemberRecord, StateMachine
+from sealkv.node.storage.base import Entry, StorageLayer
+from sealkv.node.storage.memory import MemoryStore
+from sealkv.plugins.api import ApplyHalt
+
+N1 = MemberRecord("n1", "127.0.0.1:7001", "127.0.0.1:9001", cmd.ROLE_VOTER)
+N2 = MemberRecord("n2", "127.0.0.1:7002", "127.0.0.1:9002", cmd.ROLE_VOTER)
+
+
+class CounterState:
+    """A tiny plugin state for tests only: counts applies of opcode 0x40."""
+
+    def __init__(self):
+        self.count = 0
+
+    def handler(self, index, body):
+        self.count += 1
+        return ("counted", index, body)
+
+    def snapshot_state(self) -> bytes:
+        return self.count.to_bytes(4, "big")
+
+    def restore_state(self, data: bytes) -> None:
+        self.count = int.from_bytes(data, "big") if data else 0
+
+
+def make(members=(N1,), plugin=None):
+    handlers = {0x40: plugin.handler} if plugin else None
+    states = {"counter": plugin} if plugin else None
+    return StateMachine(MemoryStore(), members, handlers, states)
+
+
+def put(sm, index, key, value):
+    return sm.apply(index, cmd.encode(cmd.Put(key, value)))
+
+
+def cas(sm, index, key, value, expected=0, must_not_exist=False):
+    mode = cmd.CAS_MUST_NOT_EXIST if must_not_exist else cmd.CAS_BY_REVISION
+    return sm.apply(index, cmd.encode(cmd.CompareAndSwap(key, value, mode, expected)))
+
+
+# -- put / get / delete -------------------------------------------------------------------
+
+
+def test_put_then_get_uses_log_index_as_revision():
+    sm = make()
+    result = put(sm, 5, b"a", b"1")
+    assert result.revision == 5 and result.prev is None and result.succeeded
+    entry, applied = sm.get(b"a")
+    assert entry == Entry(b"1", 5, 5, 1)
+    assert applied == 5
+
+
+def test_overwrite_keeps_create_revision_and_counts_versions():
+    sm = make()
+    put(sm, 3, b"a", b"1")
+    put(sm, 4, b"other", b"x")
+    result = put(sm, 9, b"a", b"2")
+    assert result.prev == Entry(b"1", 3, 3, 1)
+    entry, _ = sm.get(b"a")
+    assert (entry.value, entry.create_revision, entry.mod_revision, entry.version) == (b"2", 3, 9, 2)
+    put(sm, 10, b"a", b"3")
+    assert sm.get(b"a")[0].version == 3
+
+
+def test_get_missing_key():
+    sm = make()
+    put(sm, 1, b"a", b"1")
+    assert sm.get(b"b") == (None, 1)
+
+
+def test_delete_existing_and_missing():
+    sm = make()
+    put(sm, 1, b"a", b"1")
+    result = sm.apply(2, cmd.encode(cmd.Delete(b"a")))
+    assert result.succeeded and result.prev == Entry(b"1", 1, 1, 1)
+    assert sm.get(b"a") == (None, 2)
+    missing = sm.apply(3, cmd.encode(cmd.Delete(b"a")))
+    assert not missing.succeeded and missing.prev is None
+    assert sm.applied_index == 3
+
+
+def test_recreate_after_delete_starts_a_new_lifetime():
+    sm = make()
+    put(sm, 1, b"a", b"1")
+    put(sm, 2, b"a", b"2")
+    sm.apply(3, cmd.encode(cmd.Delete(b"a")))
+    put(sm, 4, b"a", b"3")
+    assert sm.get(b"a")[0] == Entry(b"3", 4, 4, 1)
+
+
+def test_barrier_changes_nothing_but_applied_index():
+    sm = make()
+    put(sm, 1, b"a", b"1")
+    before = sm.digest()[0]
+    assert sm.apply(2, cmd.encode(cmd.Barrier())).revision == 2
+    assert sm.applied_index == 2
+    assert sm.digest()[0] == before
+
+
+# -- compare and swap ---------------------------------------------------------------------
+
+
+def test_cas_by_revision_succeeds_on_current_mod_revision():
+    sm = make()
+    put(sm, 4, b"a", b"1")
+    result = cas(sm, 7, b"a", b"2", expected=4)
+    assert result.succeeded
+    assert result.current == Entry(b"2", 4, 7, 2)
+    assert sm.get(b"a")[0] == Entry(b"2", 4, 7, 2)
+
+
+@pytest.mark.parametrize("expected", [3, 5, 0])
+def test_cas_by_stale_revision_fails_and_changes_nothing(expected):
+    sm = make()
+    put(sm, 4, b"a", b"1")
+    before = sm.digest()[0]
+    result = cas(sm, 7, b"a", b"2", expected=expected)
+    assert not result.succeeded
+    assert result.current == Entry(b"1", 4, 4, 1)
+    assert sm.get(b"a")[0] == Entry(b"1", 4, 4, 1)
+    assert sm.digest()[0] == before
+
+
+def test_cas_by_revision_on_missing_key_fails():
+    sm = make()
+    result = cas(sm, 2, b"a", b"1", expected=1)
+    assert not result.succeeded and result.current is None
+    assert sm.get(b"a")[0] is None
+
+
+def test_cas_must_not_exist():
+    sm = make()
+    created = cas(sm, 2, b"a", b"1", must_not_exist=True)
+    assert created.succeeded and created.current == Entry(b"1", 2, 2, 1)
+    again = cas(sm, 3, b"a", b"2", must_not_exist=True)
+    assert not again.succeeded and again.current == Entry(b"1", 2, 2, 1)
+    assert sm.get(b"a")[0].value == b"1"
+
+
+# -- range --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def filled():
+    sm = make()
+    for i, key in enumerate([b"a", b"b", b"ba", b"bb", b"c", b"d"], start=1):
+        put(sm, i, key, key.upper())
+    return sm
+
+
+def test_range_bounds_are_half_open(filled):
+    pairs, total, applied = filled.range(b"b", b"c", 100, False)
+    assert [k for k, _ in pairs] == [b"b", b"ba", b"bb"]
+    assert [e.value for _, e in pairs] == [b"B", b"BA", b"BB"]
+    assert total == 3 and applied == 6
+
+
+def test_range_without_end_runs_to_the_last_key(filled):
+    pairs, total, _ = filled.range(b"bb", None, 100, False)
+    assert [k for k, _ in pairs] == [b"bb", b"c", b"d"] and total == 3
+
+
+def test_range_limit_truncates_but_count_is_total(filled):
+    pairs, total, _ = filled.range(b"", None, 2, False)
+    assert [k for k, _ in pairs] == [b"a", b"b"]
+    assert total == 6
+
+
+def test_range_keys_only_and_empty(filled):
+    pairs, total, _ = filled.range(b"b", b"c", 100, True)
+    assert [k for k, _ in pairs] == [b"b", b"ba", b"bb"] and total == 3
+    assert filled.range(b"x", b"z", 100, False)[:2] == ([], 0)
+
+
+# -- member directory ---------------------------------------------------------------------
+
+
+def test_member_set_and_remove_bump_config_version():
+    sm = make()
+    directory, version = sm.member_directory()
+    assert directory == {"n1": N1} and version == 0
+    sm.apply(4, cmd.encode(cmd.MemberSet(N2.name, N2.raft_address, N2.grpc_address, N2.role)))
+    directory, version = sm.member_directory()
+    assert directory == {"n1": N1, "n2": N2} and version == 4
+    result = sm.apply(6, cmd.encode(cmd.MemberRemove("n1")))
+    assert result.succeeded
+    directory, version = sm.member_directory()
+    assert directory == {"n2": N2} and version == 6
+    missing = sm.apply(7, cmd.encode(cmd.MemberRemove("nobody")))
+    assert not missing.succeeded
+
+
+def test_member_directory_is_a_copy():
+    sm = make()
+    directory, _ = sm.member_directory()
+    directory.clear()
+    assert sm.member_directory()[0] == {"n1": N1}
+
+
+# -- halts --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("garbage", [
+    b"", b"\x01", b"\x7e\x01", b"\x01\x09\x00\x01kv", b"\x02\x01\x00\x05ab", b"\x11\x01\x00",
+], ids=["empty", "short", "unknown-opcode", "bad-version", "truncated", "trailing"])
+def test_garbage_halts_without_changing_state(garbage):
+    sm = make()
+    put(sm, 1, b"a", b"1")
+    before = sm.digest()
+    with pytest.raises(ApplyHalt, match="entry 2"):
+        sm.apply(2, garbage)
+    assert sm.applied_index == 1
+    assert sm.digest() == before
+    assert sm.get(b"a")[0] == Entry(b"1", 1, 1, 1)
+
+
+def test_failing_store_write_halts_and_keeps_applied_index():
+    class BrokenLayer(StorageLayer):
+        """A layer whose writes fail, for tests only."""
+
+        def put(self, key, entry):
+            raise OSError("disk on fire")
+
+    sm = StateMachine(BrokenLayer(MemoryStore()), [N1])
+    with pytest.raises(ApplyHalt, match="OSError"):
+        put(sm, 1, b"a", b"1")
+    assert sm.applied_index == 0
+
+
+def test_plugin_handler_receives_index_and_body():
+    plugin = CounterState()
+    sm = make(plugin=plugin)
+    assert sm.apply(3, b"\x40payload") == ("counted", 3, b"payload")
+    assert plugin.count == 1 and sm.applied_index == 3
+
+
+def test_plugin_handler_halt_propagates_unchanged():
+    def refuse(index, body):
+        raise ApplyHalt("plugin says no")
+
+    sm = StateMachine(MemoryStore(), [N1], {0x41: refuse})
+    with pytest.raises(ApplyHalt, match="plugin says no"):
+        sm.apply(1, b"\x41")
+    assert sm.applied_index == 0
+
+
+@pytest.mark.parametrize("opcode", sorted(cmd.CORE_OPCODES))
+def test_plugin_opcode_clash_with_core_is_refused(opcode):
+    with pytest.raises(ValueError, match="clash"):
+        StateMachine(MemoryStore(), [N1], {opcode: lambda i, b: None})
+
+
+# -- snapshots and digests ----------------------------------------------------------------
+
+
+def build_state(plugin=None):
+    sm = make(plugin=plugin)
+    put(sm, 1, b"a", b"1")
+    put(sm, 2, b"b\x00\xff", b"\x00binary\xff")
+    put(sm, 3, b"a", b"1b")
+    put(sm, 4, b"empty", b"")
+    sm.apply(5, cmd.encode(cmd.MemberSet(N2.name, N2.raft_address, N2.grpc_address, N2.role)))
+    if plugin:
+        sm.apply(6, b"\x40x")
+        sm.apply(7, b"\x40y")
+    return sm
+
+
+def test_snapshot_round_trip_restores_everything():
+    source_plugin = CounterState()
+    source = build_state(source_plugin)
+    buf = io.BytesIO()
+    source.write_snapshot(buf)
+
+    target_plugin = CounterState()
+    target = make(members=(), plugin=target_plugin)
+    put(target, 1, b"stale", b"must disappear")
+    buf.seek(0)
+    target.read_snapshot(buf)
+
+    assert target.digest() == source.digest()
+    assert target.get(b"stale")[0] is None
+    assert target.get(b"a")[0] == Entry(b"1b", 1, 3, 2)
+    assert target.get(b"b\x00\xff")[0] == Entry(b"\x00binary\xff", 2, 2, 1)
+    assert target.get(b"empty")[0] == Entry(b"", 4, 4, 1)
+    assert target.member_directory() == ({"n1": N1, "n2": N2}, 5)
+    assert target.applied_index == 7
+    assert target_plugin.count == 2
+
+
+def test_snapshot_of_empty_state_round_trips():
+    source = StateMachine(MemoryStore())
+    buf = io.BytesIO()
+    source.write_snapshot(buf)
+    target = build_state()
+    target.read_snapshot(io.BytesIO(buf.getvalue()))
+    assert target.range(b"", None, 100, False)[:2] == ([], 0)
+    assert target.member_directory() == ({}, 0)
+    assert target.applied_index == 0
+
+
+def test_read_snapshot_refuses_foreign_and_truncated_data():
+    sm = build_state()
+    buf = io.BytesIO()
+    sm.write_snapshot(buf)
+    target = make()
+    with pytest.raises(ValueError, match="not a sealkv snapshot"):
+        target.read_snapshot(io.BytesIO(b"NOTASNAP" + buf.getvalue()[8:]))
+    with pytest.raises(ValueError, match="truncated"):
+        target.read_snapshot(io.BytesIO(buf.getvalue()[:-5]))
+
+
+def test_digest_equal_for_equal_states_and_sensitive_to_values():
+    a, b = build_state(), build_state()
+    assert a.digest() == b.digest()
+    digest, count, applied = a.digest()
+    assert count == 3 and applied == 5
+    put(a, 6, b"a", b"X")
+    put(b, 6, b"a", b"Y")
+    assert a.digest()[0] != b.digest()[0]
+
+
+def test_digest_sensitive_to_revisions_and_members():
+    a, b = build_state(), build_state()
+    put(a, 6, b"z", b"1")
+    put(b, 7, b"z", b"1")  # same value, different revision
+    assert a.digest()[0] != b.digest()[0]
+    c, d = build_state(), build_state()
+    d.apply(6, cmd.encode(cmd.MemberRemove("n2")))
+    c.apply(6, cmd.encode(cmd.Barrier()))
+    assert c.digest()[0] != d.digest()[0]
