@@ -53,8 +53,13 @@ class Client:
         return ch
 
     def call(self, stub_cls, method: str, request, *, endpoint: Optional[str] = None,
-             timeout: Optional[float] = None, follow_leader: bool = True):
-        """Calls `method` on the first endpoint that answers; returns the response."""
+             timeout: Optional[float] = None, follow_leader: bool = True,
+             idempotent: bool = False):
+        """Calls `method` on the first endpoint that answers; returns the response.
+
+        The next endpoint is tried when nothing was submitted (`Unavailable`), and for an
+        `idempotent` request (a read) also when the outcome is unknown.
+        """
         order = [endpoint] if endpoint else (self.endpoints[self._preferred:]
                                              + self.endpoints[:self._preferred])
         last: Optional[errors.SealkvError] = None
@@ -74,7 +79,8 @@ class Client:
                     and hops < MAX_LEADER_HOPS:
                 hops += 1
                 order.insert(i + 1, last.leader)
-            elif not isinstance(last, errors.Unavailable) or endpoint:
+            elif endpoint or not (isinstance(last, errors.Unavailable) or (
+                    idempotent and isinstance(last, errors.OutcomeUnknown))):
                 raise last
             i += 1
         raise last
@@ -88,7 +94,8 @@ class Client:
         return self._kv("Put", kv_pb2.PutRequest(key=key, value=value, prev_kv=prev_kv), **kw)
 
     def get(self, key: bytes, consistency: int = LINEARIZABLE, **kw) -> kv_pb2.GetResponse:
-        return self._kv("Get", kv_pb2.GetRequest(key=key, consistency=consistency), **kw)
+        return self._kv("Get", kv_pb2.GetRequest(key=key, consistency=consistency),
+                        idempotent=True, **kw)
 
     def delete(self, key: bytes, prev_kv: bool = False, **kw) -> kv_pb2.DeleteResponse:
         return self._kv("Delete", kv_pb2.DeleteRequest(key=key, prev_kv=prev_kv), **kw)
@@ -98,7 +105,7 @@ class Client:
               **kw) -> kv_pb2.RangeResponse:
         return self._kv("Range", kv_pb2.RangeRequest(
             key=key, range_end=range_end, prefix=prefix, limit=limit, keys_only=keys_only,
-            consistency=consistency), **kw)
+            consistency=consistency), idempotent=True, **kw)
 
     def compare_and_swap(self, key: bytes, value: bytes, *,
                          expected_mod_revision: Optional[int] = None,
@@ -116,10 +123,11 @@ class Client:
         return self.call(cluster_pb2_grpc.ClusterStub, method, request, **kw)
 
     def status(self, **kw) -> cluster_pb2.StatusResponse:
-        return self._cluster("Status", cluster_pb2.StatusRequest(), **kw)
+        return self._cluster("Status", cluster_pb2.StatusRequest(), idempotent=True, **kw)
 
     def member_list(self, **kw) -> cluster_pb2.MemberListResponse:
-        return self._cluster("MemberList", cluster_pb2.MemberListRequest(), **kw)
+        return self._cluster("MemberList", cluster_pb2.MemberListRequest(), idempotent=True,
+                             **kw)
 
     def member_add(self, name: str, raft_address: str, grpc_address: str,
                    learner: bool = False, **kw) -> cluster_pb2.MemberAddResponse:
@@ -135,7 +143,7 @@ class Client:
                              cluster_pb2.TransferLeadershipRequest(target=target), **kw)
 
     def digest(self, **kw) -> cluster_pb2.DigestResponse:
-        return self._cluster("Digest", cluster_pb2.DigestRequest(), **kw)
+        return self._cluster("Digest", cluster_pb2.DigestRequest(), idempotent=True, **kw)
 
 
 def health(endpoint: str, timeout: float = 2.0) -> bool:

@@ -12,6 +12,9 @@ from typing import Optional
 import grpc
 
 LEADER_METADATA_KEY = "sealkv-leader"
+# Set on every error a sealkv server answers with, so a client can tell "the node said
+# UNAVAILABLE: nothing was submitted" from "the connection broke: the outcome is unknown".
+SERVER_METADATA_KEY = "sealkv-error"
 
 
 class SealkvError(Exception):
@@ -103,24 +106,45 @@ _BY_CODE = {
 }
 
 
+def _never_sent(details: str) -> bool:
+    # gRPC's wording when no connection could be established (the request never left).
+    details = (details or "").lower()
+    return "failed to connect" in details or "connection refused" in details \
+        or "dns resolution failed" in details or "name resolution" in details
+
+
 def abort_with(context: grpc.ServicerContext, error: SealkvError) -> None:
     """Ends the RPC with `error`'s status and message (and the leader in metadata)."""
+    metadata = [(SERVER_METADATA_KEY, error.code.name.lower())]
     if error.leader:
-        context.set_trailing_metadata(((LEADER_METADATA_KEY, error.leader),))
+        metadata.append((LEADER_METADATA_KEY, error.leader))
+    context.set_trailing_metadata(tuple(metadata))
     context.abort(error.code, error.message)
 
 
 def from_rpc_error(error: grpc.RpcError) -> SealkvError:
-    """Returns the typed exception for a failed RPC (connection failures are `Unavailable`)."""
+    """Returns the typed exception for a failed RPC.
+
+    UNAVAILABLE means "nothing was submitted" only when the node said so or the connection
+    could not be made; a connection that broke while the request was in flight is
+    `OutcomeUnknown`, since the node may have applied it.
+    """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = error.details() if hasattr(error, "details") else str(error)
     leader = None
+    from_server = False
     try:
         for key, value in error.trailing_metadata() or ():
             if key == LEADER_METADATA_KEY:
                 leader = value
+            elif key == SERVER_METADATA_KEY:
+                from_server = True
     except Exception:  # trailing metadata is unavailable on some local failures
         pass
+    if code == grpc.StatusCode.UNAVAILABLE and not from_server and not _never_sent(message):
+        return OutcomeUnknown(f"connection lost, outcome unknown: {message}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not from_server:
+        return OutcomeUnknown(f"deadline exceeded, outcome unknown: {message}")
     if code == grpc.StatusCode.FAILED_PRECONDITION and leader:
         return NotLeader(message or "not the leader", leader=leader)
     cls = _BY_CODE.get(code, SealkvError)
