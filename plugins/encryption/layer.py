@@ -213,10 +213,22 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
             daemon=True)
         self._register_thread.start()
 
-    def check_start_state(self) -> None:
-        """The §8 start-up checks that need the replayed state (see `start`)."""
+    def check_start_state(self, catch_up_timeout: Optional[float] = None) -> None:
+        """The §8 start-up checks that need the replayed state (see `start`).
+
+        A follower replays only what it knew was committed (pysyncobj persists the commit
+        index on the leader only), so the key changes its sidecar records may arrive from the
+        leader after start: wait for them, bounded by `catch_up_timeout` (option
+        `catch_up_timeout`, default 60 s), before calling the disk rolled back.
+        """
         before = self._sidecar_at_start or Sidecar()
         path = sidecar_path(self.context.data_dir)
+        if catch_up_timeout is None:
+            catch_up_timeout = float(self.context.options.get("catch_up_timeout", 60.0))
+        deadline = time.monotonic() + catch_up_timeout
+        while self.state.key_change_index < before.raft_applied_index \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
         with self._cond:
             state = self.state
             if before.raft_applied_index > state.key_change_index:
@@ -373,6 +385,17 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
             write_sidecar(self.context.data_dir, sidecar)
         except (OSError, SidecarError) as error:
             raise ApplyHalt(f"cannot write the encryption sidecar: {error}") from error
+
+    def resync_sidecar(self) -> int:
+        """Rewrites this node's sidecar from the replicated state and this process's epochs.
+
+        Called by the admin's ResyncSidecar on a gRPC thread (a node that lost its sidecar).
+        Returns the key-change index the sidecar now reflects; raises `ApplyHalt` (carrying
+        the reason) when the sidecar cannot be written.
+        """
+        with self._cond:
+            self._persist()
+            return self.state.key_change_index
 
     def snapshot_state(self) -> bytes:
         """Returns the replicated encryption state for a Raft snapshot."""

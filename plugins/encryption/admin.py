@@ -1,0 +1,482 @@
+"""The encryption admin service (`sealkv.v1.EncryptionAdmin`, ENCRYPTION.md §7).
+
+`EncryptionAdminPlugin` (entry point `encryption` of `sealkv.admin_services`) serves the
+capability probe and the sidecar view on every node, and the leader-only mutators: bootstrap,
+DEK rotation, writer registration and the storage envelope cutover. Mutators are serialized by
+one admin lock, confirm leadership through a quorum, and pre-check every command before it is
+proposed, so nothing that would halt a replica is ever proposed. Bootstrap and the cutover run
+the capability fan-out (`sealkv.plugins.fanout`) first and act while holding the membership
+lock at the probed configuration version, so no member can join between check and action.
+Once the storage envelope is active, a member-add check (the capability fence) refuses any new
+member that does not pass the same probe.
+
+No RPC ever returns key bytes, wrapped or not; nothing here logs a key or a value.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+import grpc
+
+from sealkv.node import __version__
+from sealkv.node import commands as node_cmd
+from sealkv.node import errors
+from sealkv.node.rpc import deadline, rpc_method
+from sealkv.node.state_machine import MemberRecord
+from sealkv.plugins.api import AdminPlugin, ApplyHalt
+from sealkv.plugins.fanout import (
+    CapabilityVerdict, FanOutResult, ProbeAnswer, fan_out, probe_member,
+)
+from sealkv.v1 import encryption_admin_pb2 as pb
+from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
+
+from . import commands, envelope
+from .commands import RegisterCommand, WriterRow
+from .nonce import MAX_EPOCH, full_node_id
+from .sidecar import SidecarError, read_sidecar, sidecar_dir, sidecar_path
+from .state import (
+    PURPOSE_NAMES, PURPOSE_RAFT, PURPOSE_STORAGE, AlreadyActive, EncryptionState, Outcome,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncryptionAdmin"].full_name
+BUILD_VERSION = f"sealkv {__version__}; envelope v{envelope.VERSION}; storage envelope"
+FANOUT_DEADLINE = 5.0
+MUTATOR_TIMEOUT = 15.0
+# Time kept back from a request's deadline for what follows the fan-out (propose, apply).
+PROPOSE_RESERVE = 1.0
+CHECKED_ROUNDS = 3
+
+
+def raft_id_of(member: MemberRecord) -> str:
+    """Returns a member's stable raft id: its raft address, or "learner:<name>" for a learner
+    (the convention of `NodeHandle.raft_id`)."""
+    if member.role == node_cmd.ROLE_LEARNER or not member.raft_address:
+        return f"learner:{member.name}"
+    return member.raft_address
+
+
+def expected_node_id(member: MemberRecord) -> int:
+    """Returns the full node id `member` must answer GetCapability with."""
+    return full_node_id(raft_id_of(member))
+
+
+def probe_capability(member: MemberRecord, channel: grpc.Channel, timeout: float) -> ProbeAnswer:
+    """Asks one member's EncryptionAdmin.GetCapability (the fan-out probe)."""
+    response = pb_grpc.EncryptionAdminStub(channel).GetCapability(pb.GetCapabilityRequest(),
+                                                                  timeout=timeout)
+    details = {"build_version": response.build_version,
+               "local_epoch": str(response.local_epoch), "node_name": response.node_name}
+    if response.local_epoch > MAX_EPOCH:
+        return ProbeAnswer(response.full_node_id, False,
+                           f"reported epoch {response.local_epoch} is above 0xFFFF", details)
+    return ProbeAnswer(response.full_node_id, response.encryption_capable, response.reason,
+                       details)
+
+
+def capability_rows(result: FanOutResult) -> list[pb.CapabilityRow]:
+    """Returns the `capability_summary` rows of a fan-out."""
+    return [_row(v) for v in result.verdicts]
+
+
+def _row(v: CapabilityVerdict) -> pb.CapabilityRow:
+    epoch = v.details.get("local_epoch", "0")
+    return pb.CapabilityRow(
+        member=v.member, grpc_address=v.address, role=v.role, ok=v.ok, reason=v.reason,
+        expected_node_id=v.expected_id or 0, responder_node_id=v.responder_id,
+        build_version=v.details.get("build_version", ""),
+        local_epoch=int(epoch) if epoch.isdigit() and int(epoch) <= MAX_EPOCH else 0)
+
+
+class EncryptionAdminPlugin(AdminPlugin):
+    """The built-in encryption admin plugin (see the module docstring).
+
+    Built by the node with its `NodeHandle` after the storage layers started; registers the
+    capability fence with `handle.add_member_check`. Handlers run on gRPC worker threads.
+    """
+
+    name = "encryption"
+
+    def __init__(self, node: Any):
+        super().__init__(node)
+        self.handle = node
+        self.admin_lock = threading.Lock()
+        node.add_member_check(self.check_new_member)
+
+    def add_services(self, server: Any) -> list[str]:
+        """Adds `sealkv.v1.EncryptionAdmin`; returns its full name."""
+        pb_grpc.add_EncryptionAdminServicer_to_server(EncryptionAdminService(self), server)
+        return [SERVICE_NAME]
+
+    @classmethod
+    def cli_commands(cls) -> list[Any]:
+        """Returns the `encryption` command group of the CLI."""
+        from .cli import encryption
+
+        return [encryption]
+
+    # ---- shared ----------------------------------------------------------------------------
+
+    @property
+    def layer(self) -> Optional[Any]:
+        """The encryption storage layer plugin, or None when it is not enabled here."""
+        return self.handle.storage_layer("encryption")
+
+    def require_layer(self) -> Any:
+        layer = self.layer
+        if layer is None:
+            raise errors.FailedPrecondition(
+                "the encryption storage layer is not enabled on this node: start it with "
+                "--encryption --kek-file PATH")
+        return layer
+
+    @staticmethod
+    def state_of(layer: Any) -> EncryptionState:
+        """Returns a consistent copy of the replicated encryption state."""
+        return EncryptionState.from_bytes(layer.snapshot_state())
+
+    @contextlib.contextmanager
+    def exclusive(self, end: float) -> Iterator[None]:
+        """Holds the admin lock (mutators are serialized) until `end`, else Unavailable."""
+        if not self.admin_lock.acquire(timeout=max(0.0, end - time.monotonic())):
+            raise errors.Unavailable("another encryption admin operation is in progress: retry")
+        try:
+            yield
+        finally:
+            self.admin_lock.release()
+
+    # ---- capability --------------------------------------------------------------------------
+
+    def capability(self) -> pb.GetCapabilityResponse:
+        """Returns this node's honest capability (ENCRYPTION.md §7)."""
+        response = pb.GetCapabilityResponse(build_version=BUILD_VERSION,
+                                            node_name=self.handle.name)
+        response.sidecar_present = os.path.exists(sidecar_path(self.handle.data_dir))
+        layer = self.layer
+        if layer is None:
+            response.reason = "the encryption storage layer is not enabled on this node"
+            return response
+        response.full_node_id = layer.full_node_id
+        state = self.state_of(layer)
+        epoch = layer.local_epoch(state.active_storage_id) if state.bootstrapped else None
+        response.local_epoch = min(epoch or 0, MAX_EPOCH)
+        response.reason = self._incapable_reason(layer, state, epoch)
+        response.encryption_capable = not response.reason
+        return response
+
+    def _incapable_reason(self, layer: Any, state: EncryptionState,
+                          epoch: Optional[int]) -> str:
+        if layer.kek is None:
+            return "no KEK is loaded"
+        for key_id, key in sorted(state.keys.items()):
+            try:
+                dek = layer.kek.unwrap(key.wrapped)
+            except Exception:
+                return f"the KEK cannot unwrap {PURPOSE_NAMES[key.purpose]} key {key_id}"
+            held = layer.keystore.get_for(key_id, key.purpose)
+            if held is None or not hmac.compare_digest(held, dek):
+                return f"{PURPOSE_NAMES[key.purpose]} key {key_id} is not loaded on this node"
+        if state.bootstrapped:
+            if epoch is None:
+                return f"no durable nonce epoch for storage key {state.active_storage_id}"
+            if epoch >= MAX_EPOCH:
+                return (f"the nonce epoch of storage key {state.active_storage_id} is "
+                        "exhausted: rotate the key")
+        problem = _sidecar_unwritable(self.handle.data_dir)
+        if problem:
+            return problem
+        return ""
+
+    def check_new_member(self, member: MemberRecord, timeout: float) -> None:
+        """The capability fence: a member-add check run on the leader under the membership lock.
+
+        Refuses (FAILED_PRECONDITION, naming the member) a member whose node_id16 collides with
+        another node's writer rows, and, once the storage envelope is active, a member that does
+        not pass the capability probe at its gRPC address.
+        """
+        layer = self.layer
+        if layer is None:
+            return
+        state = self.state_of(layer)
+        if not state.bootstrapped:
+            return
+        new_id = expected_node_id(member)
+        for (dek_id, node16), record in sorted(state.registry.items()):
+            if node16 == new_id & 0xFFFF and record.full_node_id != new_id:
+                raise errors.FailedPrecondition(
+                    f"member {member.name} cannot be added: its node_id16 0x{node16:04x} is "
+                    f"already used by another node under key {dek_id}; give it another raft id")
+        if not state.storage_envelope_active:
+            return
+        verdict = probe_member(self.handle, member, probe_capability, new_id,
+                               max(0.1, min(FANOUT_DEADLINE, timeout / 2)))
+        if not verdict.ok:
+            raise errors.FailedPrecondition(
+                f"member {member.name} ({member.grpc_address or 'no gRPC address'}) cannot be "
+                f"added: the storage envelope is active and it failed the capability probe: "
+                f"{verdict.reason}")
+
+    # ---- the checked action --------------------------------------------------------------------
+
+    def run_checked(self, end: float, what: str, action) -> tuple[FanOutResult, Any]:
+        """Runs the fan-out, then `action(snapshot)` under the membership lock at the probed
+        configuration version (re-probing, bounded, when the membership changed)."""
+        for _ in range(CHECKED_ROUNDS):
+            budget = min(FANOUT_DEADLINE, end - time.monotonic() - PROPOSE_RESERVE)
+            if budget <= 0.1:
+                raise errors.Unavailable(f"{what}: the request deadline is too short for the "
+                                         "capability check; retry with a longer deadline")
+            result = fan_out(self.handle, probe_capability, expected_node_id, deadline=budget)
+            if not result.ok:
+                raise errors.FailedPrecondition(f"{what} refused: {result.summary()}")
+            lock = self.handle.membership_lock
+            if not lock.acquire(timeout=max(0.0, end - time.monotonic())):
+                raise errors.Unavailable(f"{what}: the membership lock is busy: retry")
+            try:
+                snapshot = self.handle.membership_snapshot()
+                if snapshot.config_version != result.config_version:
+                    continue
+                return result, action(snapshot)
+            finally:
+                lock.release()
+        raise errors.FailedPrecondition(f"{what} refused: the membership kept changing; retry")
+
+    def propose(self, command: Any, end: float) -> Any:
+        """Proposes an encryption command and waits until it is applied here."""
+        result = self.handle.propose(commands.encode_command(command),
+                                     max(0.1, end - time.monotonic()))
+        if getattr(result, "index", 0):
+            self.handle.wait_applied(result.index, max(0.1, end - time.monotonic()))
+        return result
+
+
+class EncryptionAdminService(pb_grpc.EncryptionAdminServicer):
+    """The gRPC servicer of `sealkv.v1.EncryptionAdmin` (see the proto for each RPC)."""
+
+    def __init__(self, plugin: EncryptionAdminPlugin):
+        self.plugin = plugin
+        self.handle = plugin.handle
+
+    def _end(self, context) -> float:
+        return time.monotonic() + deadline(context, MUTATOR_TIMEOUT)
+
+    # ---- read-only, any node ------------------------------------------------------------------
+
+    @rpc_method
+    def GetCapability(self, request, context):
+        return self.plugin.capability()
+
+    @rpc_method
+    def GetSidecarState(self, request, context):
+        try:
+            sidecar = read_sidecar(self.handle.data_dir)
+        except SidecarError as exc:
+            raise errors.FailedPrecondition(f"the sidecar is invalid: {exc}; rewrite it with "
+                                            "ResyncSidecar") from None
+        response = pb.GetSidecarStateResponse(node_name=self.handle.name)
+        if sidecar is None:
+            return response
+        response.present = True
+        response.version = sidecar.version
+        response.raft_applied_index = sidecar.raft_applied_index
+        response.storage_envelope_active = sidecar.storage_envelope_active
+        response.storage_envelope_cutover_index = sidecar.storage_envelope_cutover_index
+        response.raft_envelope_cutover_index = sidecar.raft_envelope_cutover_index
+        response.active_storage_key_id = sidecar.active.get("storage", 0)
+        response.active_raft_key_id = sidecar.active.get("raft", 0)
+        response.keys.extend(_key_infos(sidecar))
+        return response
+
+    # ---- leader-only mutators -----------------------------------------------------------------
+
+    @rpc_method
+    def BootstrapEncryption(self, request, context):
+        end = self._end(context)
+        plugin = self.plugin
+        with plugin.exclusive(end):
+            layer = plugin.require_layer()
+            self.handle.confirm_leadership(max(0.1, end - time.monotonic()))
+            state = plugin.state_of(layer)
+            if state.bootstrapped:
+                raise errors.FailedPrecondition(
+                    f"encryption is already bootstrapped (storage key {state.active_storage_id}, "
+                    f"raft key {state.active_raft_id}): rotate keys with RotateDEK instead")
+
+            def bootstrap(snapshot):
+                command = layer.bootstrap_command([raft_id_of(m) for m in snapshot.members])
+                return command, plugin.propose(command, end)
+
+            result, (command, applied) = plugin.run_checked(end, "bootstrap", bootstrap)
+            if applied.outcome is not Outcome.APPLIED:
+                raise errors.FailedPrecondition("bootstrap did not apply: another bootstrap "
+                                                "raced it; check GetSidecarState")
+            log.info("encryption bootstrapped at index %d (storage key %d, raft key %d)",
+                     applied.index, command.storage_id, command.raft_id)
+            return pb.BootstrapEncryptionResponse(
+                storage_key_id=command.storage_id, raft_key_id=command.raft_id,
+                index=applied.index, capability_summary=capability_rows(result))
+
+    @rpc_method
+    def RotateDEK(self, request, context):
+        if request.purpose not in (pb.STORAGE, pb.RAFT):
+            raise errors.InvalidArgument("purpose must be STORAGE or RAFT")
+        purpose = PURPOSE_STORAGE if request.purpose == pb.STORAGE else PURPOSE_RAFT
+        end = self._end(context)
+        plugin = self.plugin
+        with plugin.exclusive(end):
+            layer = plugin.require_layer()
+            self.handle.confirm_leadership(max(0.1, end - time.monotonic()))
+            if not plugin.state_of(layer).bootstrapped:
+                raise errors.FailedPrecondition("encryption is not bootstrapped: run "
+                                                "BootstrapEncryption first")
+            command = layer.rotation_command(purpose)  # trial unwrap, fresh id, registry rules
+            applied = plugin.propose(command, end)
+            if applied.outcome is not Outcome.APPLIED:
+                raise errors.FailedPrecondition(f"rotation did not apply ({applied.outcome.value})"
+                                                ": retry")
+            log.info("rotated the %s key: key %d active from index %d", PURPOSE_NAMES[purpose],
+                     command.dek_id, applied.index)
+            return pb.RotateDEKResponse(key_id=command.dek_id, purpose=request.purpose,
+                                        index=applied.index)
+
+    @rpc_method
+    def RegisterEncryptionWriter(self, request, context):
+        if request.local_epoch > MAX_EPOCH:
+            raise errors.InvalidArgument(f"local_epoch {request.local_epoch} is above 0xFFFF")
+        end = self._end(context)
+        plugin = self.plugin
+        with plugin.exclusive(end):
+            layer = plugin.require_layer()
+            self.handle.confirm_leadership(max(0.1, end - time.monotonic()))
+            state = plugin.state_of(layer)
+            if not state.bootstrapped:
+                raise errors.FailedPrecondition("encryption is not bootstrapped: run "
+                                                "BootstrapEncryption first")
+            if request.dek_id:
+                if request.dek_id not in state.keys:
+                    raise errors.NotFound(f"no key {request.dek_id}")
+                dek_ids = [request.dek_id]
+            else:
+                dek_ids = sorted({state.active_storage_id, state.active_raft_id} - {0})
+            rows = []
+            for dek_id in dek_ids:
+                epoch = layer.local_epoch(dek_id)
+                if epoch is None:
+                    raise errors.FailedPrecondition(f"this node has no nonce epoch for key "
+                                                    f"{dek_id}")
+                if request.local_epoch and request.local_epoch != epoch:
+                    raise errors.FailedPrecondition(
+                        f"this node's epoch for key {dek_id} is {epoch}, not "
+                        f"{request.local_epoch}: epochs are filled in server-side")
+                rows.append(WriterRow(dek_id, layer.full_node_id, epoch))
+            out = []
+            for row in rows:
+                command = RegisterCommand(row)
+                case = plugin.state_of(layer).check_register(command)
+                index, outcome = 0, "already registered"
+                if case != "noop":
+                    applied = plugin.propose(command, end)
+                    index = applied.index
+                    outcome = ("registered" if applied.outcome is Outcome.APPLIED
+                               else "already registered")
+                out.append(pb.WriterRegistration(dek_id=row.dek_id, full_node_id=row.full_node_id,
+                                                 local_epoch=row.local_epoch, outcome=outcome,
+                                                 index=index))
+            return pb.RegisterEncryptionWriterResponse(registrations=out)
+
+    @rpc_method
+    def EnableStorageEnvelope(self, request, context):
+        end = self._end(context)
+        plugin = self.plugin
+        with plugin.exclusive(end):
+            layer = plugin.require_layer()
+            self.handle.confirm_leadership(max(0.1, end - time.monotonic()))
+            state = plugin.state_of(layer)
+            if not state.bootstrapped:
+                raise errors.FailedPrecondition(
+                    "encryption is not bootstrapped: run BootstrapEncryption first (the cutover "
+                    "never bootstraps implicitly)")
+            if state.storage_envelope_active:
+                return _already_active(state)
+
+            def cut_over(_snapshot):
+                try:
+                    command = layer.cutover_command(PURPOSE_STORAGE)
+                except AlreadyActive:
+                    return None, None
+                return command, plugin.propose(command, end)
+
+            result, (command, applied) = plugin.run_checked(end, "storage envelope cutover",
+                                                            cut_over)
+            state = plugin.state_of(layer)
+            if command is None or applied.outcome is Outcome.ALREADY_ACTIVE:
+                return _already_active(state)
+            if (applied.outcome is not Outcome.APPLIED or not state.storage_envelope_active
+                    or state.active_storage_id != command.dek_id):
+                raise errors.FailedPrecondition(
+                    "a key rotation raced the storage envelope cutover; nothing was enabled: "
+                    "retry")
+            log.info("storage envelope active from index %d (key %d)",
+                     state.storage_cutover_index, command.dek_id)
+            return pb.EnableStorageEnvelopeResponse(
+                cutover_index=state.storage_cutover_index, was_already_active=False,
+                capability_summary=capability_rows(result), storage_key_id=command.dek_id)
+
+    def EnableRaftEnvelope(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      "EnableRaftEnvelope is not implemented yet: the raft envelope cutover is a "
+                      "later issue; only the storage envelope (EnableStorageEnvelope) exists")
+
+    # ---- node-local ---------------------------------------------------------------------------
+
+    @rpc_method
+    def ResyncSidecar(self, request, context):
+        end = self._end(context)
+        plugin = self.plugin
+        with plugin.exclusive(end):
+            layer = plugin.require_layer()
+            try:
+                index = layer.resync_sidecar()
+            except ApplyHalt as exc:
+                raise errors.FailedPrecondition(str(exc)) from None
+            sidecar = read_sidecar(self.handle.data_dir)
+            log.info("sidecar rewritten from the replicated state (key changes up to %d)", index)
+            return pb.ResyncSidecarResponse(raft_applied_index=index,
+                                            keys=_key_infos(sidecar) if sidecar else [],
+                                            node_name=self.handle.name)
+
+
+def _already_active(state: EncryptionState) -> pb.EnableStorageEnvelopeResponse:
+    return pb.EnableStorageEnvelopeResponse(cutover_index=state.storage_cutover_index,
+                                            was_already_active=True,
+                                            storage_key_id=state.active_storage_id)
+
+
+def _key_infos(sidecar) -> list[pb.SidecarKeyInfo]:
+    return [pb.SidecarKeyInfo(key_id=key_id, purpose=key.purpose, created=key.created,
+                              local_epoch=key.local_epoch)
+            for key_id, key in sorted(sidecar.keys.items())]
+
+
+def _sidecar_unwritable(data_dir: str) -> str:
+    """Returns why the sidecar directory cannot be written, or "" (a real create + unlink)."""
+    directory = sidecar_dir(data_dir)
+    probe = os.path.join(directory, f".capability-probe-{os.getpid()}-{threading.get_ident()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"the sidecar directory {directory} is not writable ({exc.strerror})"
+    try:
+        read_sidecar(data_dir)
+    except SidecarError as exc:
+        return f"the sidecar is invalid: {exc}"
+    return ""

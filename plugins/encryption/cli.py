@@ -1,0 +1,153 @@
+"""`sealkv encryption ...`: the CLI of the encryption admin service.
+
+Added to the `sealkv` CLI by `EncryptionAdminPlugin.cli_commands()`. Mutators may be sent to
+any endpoint: the client follows the leader named in a follower's answer. Every command honours
+`-w json|table|simple`; exit codes are the CLI's (0 ok, 1 failed, 2 usage, 3 unreachable).
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from sealkv.node import errors
+from sealkv.node.cli.main import EXIT_UNREACHABLE, Ctx, pass_ctx
+from sealkv.node.cli.output import emit, emit_json
+from sealkv.v1 import encryption_admin_pb2 as pb
+from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
+
+STUB = pb_grpc.EncryptionAdminStub
+SUMMARY_HEADERS = ["member", "grpc", "role", "ok", "reason", "epoch"]
+
+
+def _call(c: Ctx, method: str, request, **kw):
+    kw.setdefault("timeout", c.timeout * 3)
+    return c.run(c.client.call, STUB, method, request, **kw)
+
+
+def _summary(rows) -> tuple[list, list]:
+    table = [[r.member or "?", r.grpc_address or "-", r.role, "yes" if r.ok else "no", r.reason,
+              r.local_epoch] for r in rows]
+    data = [{"member": r.member, "grpc_address": r.grpc_address, "role": r.role, "ok": r.ok,
+             "reason": r.reason, "expected_node_id": r.expected_node_id,
+             "responder_node_id": r.responder_node_id, "build_version": r.build_version,
+             "local_epoch": r.local_epoch} for r in rows]
+    return table, data
+
+
+@click.group()
+def encryption():
+    """Encryption at rest: status, bootstrap, storage envelope cutover, key rotation."""
+
+
+STATUS_HEADERS = ["endpoint", "name", "capable", "epoch", "active storage", "active raft",
+                  "envelope", "cutover", "keys", "reason"]
+
+
+@encryption.command()
+@click.option("--cluster", is_flag=True, help="Every member, not just the given endpoints.")
+@pass_ctx
+def status(c: Ctx, cluster):
+    """Shows each node's capability, epoch, active keys, envelope state and wrapped key ids."""
+    targets = c.endpoints
+    if cluster:
+        r = c.run(c.client.member_list)
+        targets = [m.grpc_address for m in r.members if m.grpc_address]
+    rows, data, failed = [], [], []
+    for target in targets:
+        try:
+            cap = c.client.call(STUB, "GetCapability", pb.GetCapabilityRequest(),
+                                endpoint=target, follow_leader=False)
+            side = c.client.call(STUB, "GetSidecarState", pb.GetSidecarStateRequest(),
+                                 endpoint=target, follow_leader=False)
+        except errors.SealkvError as exc:
+            failed.append(target)
+            click.echo(f"Error: {target}: {exc.message}", err=True)
+            continue
+        key_ids = [k.key_id for k in side.keys]
+        envelope = "active" if side.storage_envelope_active else "off"
+        rows.append([target, cap.node_name, "yes" if cap.encryption_capable else "no",
+                     cap.local_epoch, side.active_storage_key_id or "-",
+                     side.active_raft_key_id or "-", envelope,
+                     side.storage_envelope_cutover_index or "-",
+                     ",".join(map(str, key_ids)) or "-", cap.reason or "-"])
+        data.append({
+            "endpoint": target, "name": cap.node_name, "capable": cap.encryption_capable,
+            "reason": cap.reason, "build_version": cap.build_version,
+            "full_node_id": cap.full_node_id, "local_epoch": cap.local_epoch,
+            "sidecar_present": side.present,
+            "active_storage_key_id": side.active_storage_key_id,
+            "active_raft_key_id": side.active_raft_key_id,
+            "storage_envelope_active": side.storage_envelope_active,
+            "storage_envelope_cutover_index": side.storage_envelope_cutover_index,
+            "raft_envelope_cutover_index": side.raft_envelope_cutover_index,
+            "keys": [{"key_id": k.key_id, "purpose": k.purpose, "created": k.created,
+                      "local_epoch": k.local_epoch} for k in side.keys],
+        })
+    emit(c.write_out, STATUS_HEADERS, rows, data)
+    if failed:
+        sys.exit(EXIT_UNREACHABLE)
+
+
+@encryption.command()
+@pass_ctx
+def bootstrap(c: Ctx):
+    """Generates the first data keys on the leader (after every member passes the probe)."""
+    r = _call(c, "BootstrapEncryption", pb.BootstrapEncryptionRequest())
+    table, data = _summary(r.capability_summary)
+    if c.write_out == "json":
+        emit_json({"storage_key_id": r.storage_key_id, "raft_key_id": r.raft_key_id,
+                   "index": r.index, "capability_summary": data})
+        return
+    emit(c.write_out, SUMMARY_HEADERS, table, data)
+    click.echo(f"bootstrapped at index {r.index}: storage key {r.storage_key_id}, "
+               f"raft key {r.raft_key_id}")
+
+
+@encryption.command(name="enable-storage-envelope")
+@pass_ctx
+def enable_storage_envelope(c: Ctx):
+    """Switches the cluster to envelope storage, once every member proves it is capable."""
+    r = _call(c, "EnableStorageEnvelope", pb.EnableStorageEnvelopeRequest())
+    table, data = _summary(r.capability_summary)
+    if c.write_out == "json":
+        emit_json({"cutover_index": r.cutover_index, "was_already_active": r.was_already_active,
+                   "storage_key_id": r.storage_key_id, "capability_summary": data})
+        return
+    if r.was_already_active:
+        click.echo(f"storage envelope was already active since index {r.cutover_index}")
+        return
+    emit(c.write_out, SUMMARY_HEADERS, table, data)
+    click.echo(f"storage envelope active from index {r.cutover_index} "
+               f"(storage key {r.storage_key_id})")
+
+
+@encryption.command(name="rotate-dek")
+@click.option("--purpose", type=click.Choice(["storage", "raft"]), required=True)
+@pass_ctx
+def rotate_dek(c: Ctx, purpose):
+    """Adds a fresh data key for PURPOSE and makes it active (old keys stay for reading)."""
+    value = pb.STORAGE if purpose == "storage" else pb.RAFT
+    r = _call(c, "RotateDEK", pb.RotateDEKRequest(purpose=value))
+    if c.write_out == "json":
+        emit_json({"key_id": r.key_id, "purpose": purpose, "index": r.index})
+    else:
+        click.echo(f"{purpose} key {r.key_id} active from index {r.index}")
+
+
+@encryption.command(name="resync-sidecar")
+@pass_ctx
+def resync_sidecar(c: Ctx):
+    """Rewrites the sidecar of the (first) endpoint from the replicated state."""
+    target = c.endpoints[0]
+    r = _call(c, "ResyncSidecar", pb.ResyncSidecarRequest(), endpoint=target,
+              follow_leader=False)
+    if c.write_out == "json":
+        emit_json({"endpoint": target, "name": r.node_name,
+                   "raft_applied_index": r.raft_applied_index,
+                   "keys": [{"key_id": k.key_id, "purpose": k.purpose, "created": k.created,
+                             "local_epoch": k.local_epoch} for k in r.keys]})
+    else:
+        click.echo(f"{r.node_name}: sidecar rewritten (key changes up to index "
+                   f"{r.raft_applied_index}; keys "
+                   f"{','.join(str(k.key_id) for k in r.keys) or 'none'})")
