@@ -86,11 +86,20 @@ class Cluster:
         self.initial = list(self.nodes.values())
 
     def _define(self, name: str, learner: bool = False) -> NodeProc:
-        node = NodeProc(name, None if learner else f"127.0.0.1:{free_port()}",
-                        f"127.0.0.1:{free_port()}", os.path.join(self.base_dir, name),
+        raft, grpc_address = self.addresses(name)
+        node = NodeProc(name, None if learner else raft, grpc_address,
+                        os.path.join(self.base_dir, name),
                         os.path.join(self.base_dir, f"{name}.log"), list(self.extra_args))
         self.nodes[name] = node
         return node
+
+    def addresses(self, name: str) -> tuple[str, str]:
+        """Returns (raft, grpc) addresses for a new node: ephemeral ports on 127.0.0.1."""
+        return f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+
+    def launch_prefix(self, node: NodeProc) -> list[str]:
+        """Returns what runs before the node's command line (a network namespace, say)."""
+        return []
 
     def initial_cluster(self, members: Optional[list[NodeProc]] = None) -> str:
         members = members if members is not None else self.initial
@@ -106,7 +115,8 @@ class Cluster:
         if self.plugins:
             args += ["--plugins", ",".join(self.plugins)]
         log = open(node.log_file, "ab")
-        node.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        node.proc = subprocess.Popen(self.launch_prefix(node) + args, stdout=log, stderr=log,
+                                     stdin=subprocess.DEVNULL)
         log.close()
         return node
 
