@@ -372,9 +372,9 @@ def plugins_list(c: Ctx):
 
 def register_commands() -> click.Group:
     """Adds the command groups that live in their own modules; returns the CLI (idempotent)."""
-    from sealkv.node.cli import cluster_cmd, node_cmd
+    from sealkv.node.cli import bench_cmd, cluster_cmd, node_cmd
 
-    for module in (cluster_cmd, node_cmd):
+    for module in (bench_cmd, cluster_cmd, node_cmd):
         module.register(cli)
     return cli
 

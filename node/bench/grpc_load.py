@@ -1,0 +1,163 @@
+"""Closed-loop gRPC load: C clients spread over worker processes.
+
+Each client is a thread that sends one request, waits for the answer and sends the next. The
+clients of one worker process share one gRPC channel per endpoint, so a large C is not limited
+by a single Python client process. Workers start together at a common monotonic instant
+(CLOCK_MONOTONIC is system-wide on Linux) and report raw latencies back to the parent.
+"""
+from __future__ import annotations
+
+import array
+import math
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+from sealkv.node.bench.workload import KeyPicker, Result, Workload, key_for
+
+CLIENTS_PER_PROCESS = 16
+MAX_PROCESSES = 4
+_START_SLACK = 0.5
+
+
+def default_processes(clients: int) -> int:
+    """Worker processes for `clients` clients: one per 16, at most 4."""
+    return max(1, min(MAX_PROCESSES, math.ceil(clients / CLIENTS_PER_PROCESS)))
+
+
+def run(w: Workload, endpoints: Sequence[str], *, name: str, processes: int = 0,
+        prefill: bool = True, progress: Optional[Callable[[float, int], None]] = None) -> Result:
+    """Runs `w` against `endpoints` (each client is pinned to one, round-robin)."""
+    w.validate()
+    processes = min(w.clients, processes or default_processes(w.clients))
+    ctx = mp.get_context("spawn")
+    counters = ctx.Array("q", processes, lock=False)
+    ready = ctx.Barrier(processes + 1)
+    start_at = ctx.Value("d", 0.0, lock=False)
+    results = ctx.Queue()
+    procs = []
+    for p in range(processes):
+        ids = list(range(p, w.clients, processes))
+        proc = ctx.Process(target=_worker, name=f"bench-worker-{p}", daemon=True,
+                           args=(w, list(endpoints), ids, p, processes, prefill and w.op != "put",
+                                 counters, ready, start_at, results))
+        proc.start()
+        procs.append(proc)
+    try:
+        try:
+            ready.wait(timeout=120)
+        except threading.BrokenBarrierError:
+            raise RuntimeError("a worker could not prefill the keyspace (is the cluster "
+                               "up?)") from None
+        start_at.value = time.monotonic() + _START_SLACK
+        ready.wait(timeout=30)
+        end = start_at.value + w.warmup + w.duration
+        while progress is not None and time.monotonic() < end:
+            elapsed = time.monotonic() - start_at.value
+            progress(max(0.0, elapsed) / (w.warmup + w.duration), int(sum(counters)))
+            time.sleep(0.2)
+        merged = Result(name, clients=w.clients)
+        for _ in procs:
+            merged.merge(results.get(timeout=w.warmup + w.duration + w.timeout + 60))
+        if progress is not None:
+            progress(1.0, int(sum(counters)))
+        return merged
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _stub_calls(w: Workload, endpoints: list[str]):
+    import grpc
+
+    from sealkv.node.client import _OPTIONS
+    from sealkv.v1 import kv_pb2, kv_pb2_grpc
+
+    stubs = [kv_pb2_grpc.KVStub(grpc.insecure_channel(e, options=_OPTIONS)) for e in endpoints]
+    level = kv_pb2.LINEARIZABLE if w.consistency == "linearizable" else kv_pb2.SERIALIZABLE
+    return stubs, kv_pb2, level, grpc
+
+
+def _worker(w: Workload, endpoints, ids, index, processes, prefill, counters, ready, start_at,
+            results) -> None:
+    stubs, kv_pb2, level, grpc = _stub_calls(w, endpoints)
+    value = os.urandom(w.value_size)
+    if prefill:
+        stub = stubs[index % len(stubs)]
+        try:
+            for i in range(index, w.keyspace, processes):
+                stub.Put(kv_pb2.PutRequest(key=key_for(i, w.key_size), value=value),
+                         timeout=w.timeout)
+        except grpc.RpcError:
+            ready.abort()  # the parent's wait fails at once instead of timing out
+            raise
+    ready.wait()
+    ready.wait()
+    t0 = start_at.value
+    measure_from, stop_at = t0 + w.warmup, t0 + w.warmup + w.duration
+    out = Result("worker", clients=len(ids))
+    lock = threading.Lock()
+    slot = index
+
+    def client(cid: int) -> None:
+        picker = KeyPicker(w, seed=cid * 7919 + os.getpid())
+        stub = stubs[cid % len(stubs)]
+        put, get = stub.Put, stub.Get
+        lat = array.array("d")
+        ok = 0
+        errs: dict = {}
+        now = time.monotonic()
+        if now < t0:
+            time.sleep(t0 - now)
+        while True:
+            began = time.monotonic()
+            if began >= stop_at:
+                break
+            try:
+                if picker.is_read():
+                    get(kv_pb2.GetRequest(key=picker.key(), consistency=level),
+                        timeout=w.timeout)
+                else:
+                    put(kv_pb2.PutRequest(key=picker.key(), value=value), timeout=w.timeout)
+                status = None
+            except grpc.RpcError as exc:
+                status = exc.code().name
+            ended = time.monotonic()
+            counters[slot] += 1
+            if began >= measure_from and ended <= stop_at:
+                if status is None:
+                    ok += 1
+                    lat.append(ended - began)
+                else:
+                    errs[status] = errs.get(status, 0) + 1
+        with lock:
+            out.merge(Result("c", ops=ok, seconds=w.duration, latencies=lat, errors=errs))
+
+    threads = [threading.Thread(target=client, args=(cid,), daemon=True) for cid in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results.put(out)
+
+
+def progress_bar(label: str) -> Optional[Callable[[float, int], None]]:
+    """A progress callback drawing on stderr, or None when stdout is not a terminal."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return None
+
+    def draw(fraction: float, ops: int) -> None:
+        width = 30
+        done = int(width * min(1.0, fraction))
+        sys.stderr.write(f"\r{label:<28} [{'#' * done}{'.' * (width - done)}] "
+                         f"{fraction * 100:5.1f}% {ops} ops")
+        if fraction >= 1.0:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return draw

@@ -1,0 +1,184 @@
+"""`sealkv bench put|get|mixed|raft|compare`: load generators and their reports.
+
+put/get/mixed run closed-loop gRPC clients (spread over worker processes) against the given
+endpoints (default: the local cluster); `raft` measures the raw Raft engine configured like a
+node; `compare` runs raw engine, gRPC cleartext and gRPC through the storage envelope on fresh
+local clusters in one invocation. Output: a table (default) or `-w json`; a progress bar on
+stderr when stdout is a terminal. Exit codes: 0 ok (even if some requests failed: they are
+reported by status), 1 the benchmark could not run, 2 usage, 3 no endpoint or leader.
+"""
+from __future__ import annotations
+
+import functools
+
+import click
+
+from sealkv.node.cli.main import (EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, Ctx,
+                                  emit, emit_json, pass_ctx)
+
+
+def workload_options(fn):
+    """The options every load shares."""
+    opts = [
+        click.option("--clients", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Concurrent clients, each with one request in flight."),
+        click.option("--duration", type=click.FloatRange(min=0.1), default=10.0,
+                     show_default=True, help="Measured seconds."),
+        click.option("--warmup", type=click.FloatRange(min=0.0), default=2.0,
+                     show_default=True, help="Seconds of load before measuring."),
+        click.option("--key-size", type=click.IntRange(2, 4096), default=16, show_default=True),
+        click.option("--value-size", type=click.IntRange(0, 1024 * 1024), default=256,
+                     show_default=True),
+        click.option("--keyspace", type=click.IntRange(min=1), default=1000,
+                     show_default=True, help="Distinct keys, picked uniformly."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def grpc_options(fn):
+    opts = [
+        click.option("--consistency", type=click.Choice(["l", "s", "linearizable",
+                                                         "serializable"]),
+                     default="l", show_default=True, help="Of Gets: l(inearizable) or "
+                     "s(erializable)."),
+        click.option("--processes", type=click.IntRange(min=0), default=0,
+                     help="Client worker processes (0: one per 16 clients, at most 4)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _workload(op, clients, duration, warmup, key_size, value_size, keyspace,
+              consistency="l", read_ratio=0.5, timeout=5.0):
+    from sealkv.node.bench.workload import Workload
+
+    w = Workload(op=op, clients=clients, duration=duration, warmup=warmup, key_size=key_size,
+                 value_size=value_size, keyspace=keyspace,
+                 consistency="linearizable" if consistency.startswith("l") else "serializable",
+                 read_ratio=read_ratio, timeout=timeout)
+    try:
+        w.validate()
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    return w
+
+
+def _report(c: Ctx, results: list[dict], extra: dict) -> None:
+    from sealkv.node.bench.workload import SUMMARY_HEADERS, summary_row
+
+    if c.write_out == "json":
+        emit_json(dict(extra, results=results))
+    else:
+        emit("table" if c.write_out == "table" else c.write_out, SUMMARY_HEADERS,
+             [summary_row(s) for s in results], None)
+
+
+@click.group()
+def bench():
+    """Benchmark a cluster (put, get, mixed), the raw Raft engine (raft), or both (compare)."""
+
+
+def _grpc_command(op: str):
+    @workload_options
+    @grpc_options
+    @click.option("--target", type=click.Choice(["leader", "all"]), default="leader",
+                  show_default=True, help="Send every request to the leader, or spread the "
+                  "clients over every endpoint.")
+    @pass_ctx
+    def command(c: Ctx, target, processes, **kw):
+        from sealkv.node.bench import grpc_load
+        from sealkv.node.bench.compare import leader_endpoint
+
+        w = _workload(op, timeout=c.timeout, **kw)
+        endpoints = c.endpoints
+        if target == "leader":
+            try:
+                endpoints = [leader_endpoint(endpoints)]
+            except RuntimeError as exc:
+                raise CliError(str(exc), EXIT_UNREACHABLE) from None
+        name = f"{op} c={w.clients}" + (f" {w.consistency}" if op != "put" else "")
+        try:
+            result = grpc_load.run(w, endpoints, name=name, processes=processes,
+                                   progress=grpc_load.progress_bar(name))
+        except Exception as exc:
+            raise CliError(f"the benchmark did not run: {type(exc).__name__}: {exc}",
+                           EXIT_FAILED) from None
+        _report(c, [result.summary()], {"workload": w.__dict__, "endpoints": endpoints,
+                                        "target": target})
+
+    return command
+
+
+bench.command(name="put", help="Sequential Puts from each client.")(_grpc_command("put"))
+bench.command(name="get", help="Gets of prefilled keys from each client.")(_grpc_command("get"))
+mixed = _grpc_command("mixed")
+mixed = click.option("--read-ratio", type=click.FloatRange(0, 1), default=0.5,
+                     show_default=True, help="Fraction of Gets.")(mixed)
+bench.command(name="mixed", help="Gets and Puts, --read-ratio of them Gets.")(mixed)
+
+
+@bench.command(name="raft")
+@workload_options
+@click.option("--mode", type=click.Choice(["pipelined", "closed"]), default="pipelined",
+              show_default=True, help="pipelined: one submitter keeps --clients proposals in "
+              "flight; closed: --clients threads, one proposal each at a time.")
+@pass_ctx
+def raft_cmd(c: Ctx, mode, **kw):
+    """Puts straight into a fresh 3-member Raft-only cluster (no gRPC, no envelope).
+
+    Each member is its own process running the node's replication adapter with the node's
+    default RaftSettings; the load runs inside the leader process.
+    """
+    from sealkv.node.bench.raft_engine import RaftEngineCluster
+
+    w = _workload("put", timeout=c.timeout, **kw)
+    try:
+        with RaftEngineCluster() as cluster:
+            result = cluster.run(w, mode, f"raft put {mode} c={w.clients}")
+    except RuntimeError as exc:
+        raise CliError(f"the raft benchmark did not run: {exc}", EXIT_FAILED) from None
+    _report(c, [result.summary()], {"workload": w.__dict__, "mode": mode})
+
+
+@bench.command(name="compare")
+@workload_options
+@click.option("--processes", type=click.IntRange(min=0), default=0,
+              help="Client worker processes (0: one per 16 clients, at most 4).")
+@pass_ctx
+def compare_cmd(c: Ctx, processes, **kw):
+    """Raw engine, gRPC cleartext, gRPC through the envelope: one run, ratios to the engine.
+
+    Starts its own clusters (a Raft-only one, then a 3-node sealkv cluster with encryption in
+    a temporary directory) and stops them afterwards; --clients is the concurrent load.
+    """
+    from sealkv.node.bench import compare, grpc_load
+    from sealkv.node.bench.workload import SUMMARY_HEADERS, summary_row
+
+    if kw["clients"] == 1:
+        kw["clients"] = 64
+    w = _workload("put", timeout=c.timeout, **kw)
+    log = (lambda m: click.echo(m, err=True)) if c.write_out != "json" else (lambda m: None)
+    try:
+        report = compare.run(w, processes=processes, progress=grpc_load.progress_bar, log=log)
+    except Exception as exc:
+        raise CliError(f"the comparison did not run: {type(exc).__name__}: {exc}",
+                       EXIT_FAILED) from None
+    if c.write_out == "json":
+        emit_json(report)
+        return
+    from sealkv.node.cli.output import emit_table
+
+    emit_table(SUMMARY_HEADERS + ["vs raw"],
+               [summary_row(s) + [f"{s['vs_raw']:.2f}"] for s in report["rows"]])
+    emit_table(["check", "value", "bar", "holds"],
+               [[k["check"], k["value"], k["bar"], "yes" if k["holds"] else "NO"]
+                for k in report["checks"]])
+    for note in report["notes"]:
+        click.echo(f"note: {note}", err=True)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(bench)

@@ -1,0 +1,122 @@
+"""`sealkv bench`: the tool runs, measures what it says and reports errors by status.
+
+These tests check the tool, never performance numbers (the machine is shared and noisy).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sealkv.node.bench.workload import key_for
+from tests.cluster import free_port
+
+pytestmark = pytest.mark.integration
+
+SHORT = ["--duration", "1", "--warmup", "0.2"]
+
+
+def sealkv(*args, endpoints=None, timeout=180):
+    env = dict(os.environ)
+    env.pop("SEALKV_ENDPOINTS", None)
+    cmd = [sys.executable, "-m", "sealkv.node.cli"]
+    if endpoints:
+        cmd += ["--endpoints", endpoints]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+def one_result(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert len(report["results"]) == 1
+    return report["results"][0]
+
+
+def assert_sane(r: dict, clients: int) -> None:
+    assert r["clients"] == clients
+    assert r["ops"] > 0 and r["errors"] == {}
+    assert r["ops_per_sec"] == pytest.approx(r["ops"] / r["seconds"], rel=0.01)
+    assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
+
+
+@pytest.fixture
+def endpoints(cluster3):
+    return ",".join(n.grpc for n in cluster3.nodes.values())
+
+
+def test_put_writes_real_keys_of_the_requested_size(cluster3, endpoints):
+    r = one_result(sealkv("-w", "json", "bench", "put", "--clients", "4", "--processes", "2",
+                          "--keyspace", "50", "--key-size", "16", "--value-size", "100",
+                          *SHORT, endpoints=endpoints))
+    assert_sane(r, 4)
+    with cluster3.client() as c:
+        got = c.range(b"k", prefix=True)
+    assert 0 < got.count <= 50
+    assert all(len(kv.key) == 16 and len(kv.value) == 100 for kv in got.kvs)
+
+
+def test_get_prefills_the_keyspace_and_spreads_over_all_endpoints(cluster3, endpoints):
+    r = one_result(sealkv("-w", "json", "bench", "get", "--clients", "3", "--keyspace", "30",
+                          "--consistency", "s", "--target", "all", *SHORT,
+                          endpoints=endpoints))
+    assert_sane(r, 3)
+    with cluster3.client() as c:
+        assert c.range(b"k", prefix=True).count == 30
+        assert c.get(key_for(29, 16)).found
+
+
+def test_mixed_linearizable_prints_a_table(endpoints):
+    proc = sealkv("-w", "table", "bench", "mixed", "--clients", "2", "--read-ratio", "0.5",
+                  *SHORT, endpoints=endpoints)
+    assert proc.returncode == 0, proc.stderr
+    assert "OPS/S" in proc.stdout and "mixed c=2 linearizable" in proc.stdout
+    assert "[" not in proc.stderr  # no progress bar when stdout is not a terminal
+
+
+def test_failed_requests_are_counted_by_status():
+    nowhere = f"127.0.0.1:{free_port()}"
+    r = one_result(sealkv("-w", "json", "--timeout", "0.3", "bench", "put", "--target", "all",
+                          *SHORT, endpoints=nowhere))
+    assert r["ops"] == 0 and r["p50_ms"] is None
+    assert set(r["errors"]) == {"UNAVAILABLE"} and r["errors"]["UNAVAILABLE"] > 0
+
+
+def test_leader_target_without_a_reachable_endpoint_exits_3():
+    proc = sealkv("bench", "put", *SHORT, endpoints=f"127.0.0.1:{free_port()}")
+    assert proc.returncode == 3 and proc.stderr.startswith("Error: ")
+
+
+def test_bad_option_is_a_usage_error():
+    proc = sealkv("bench", "put", "--keyspace", "1000", "--key-size", "3",
+                  endpoints="127.0.0.1:1")
+    assert proc.returncode == 2 and "--key-size" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "closed"])
+def test_raft_engine_reference(mode):
+    r = one_result(sealkv("-w", "json", "bench", "raft", "--mode", mode, "--clients", "4",
+                          *SHORT))
+    assert_sane(r, 4)
+    assert r["name"] == f"raft put {mode} c=4"
+
+
+def test_compare_runs_every_row_on_fresh_clusters(tmp_path):
+    proc = sealkv("-w", "json", "bench", "compare", "--clients", "4", "--duration", "0.5",
+                  "--warmup", "0.2", timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    names = [row["name"] for row in report["rows"]]
+    assert names[:6] == ["raft put c=1", "raft put pipelined w=4", "grpc put c=1",
+                         "grpc put c=4", "grpc get serializable c=4",
+                         "grpc get linearizable c=4"]
+    if any("envelope rows skipped" in n for n in report["notes"]):
+        assert len(names) == 6
+    else:
+        assert names[6:] == ["envelope put c=1", "envelope put c=4"]
+    for row in report["rows"]:
+        assert row["ops"] > 0 and row["errors"] == {}, row
+        assert row["vs_raw"] > 0
+    assert {c["bar"] for c in report["checks"]} >= {"<= 2", ">= 0.5"}
+    assert all(isinstance(c["holds"], bool) for c in report["checks"])
