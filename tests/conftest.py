@@ -10,3 +10,34 @@ if ROOT not in sys.path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: starts real node processes on loopback")
     config.addinivalue_line("markers", "faults: fault-injection runs with a linearizability check")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("sealkv fault runs")
+    group.addoption("--fault-seeds", default="1-6",
+                    help="seeds of the fault suite: '7', '1,5,9' or '1-200' (default 1-6)")
+    group.addoption("--fault-duration", type=float, default=20.0,
+                    help="seconds of faults per seed (default 20)")
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        seeds.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    return seeds
+
+
+def pytest_generate_tests(metafunc):
+    if "fault_seed" in metafunc.fixturenames:
+        metafunc.parametrize("fault_seed", parse_seeds(metafunc.config.getoption("fault_seeds")))
+
+
+FAULT_RESULTS: list = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FAULT_RESULTS:
+        from tests.faults.harness import write_summary
+
+        terminalreporter.write_line(write_summary(FAULT_RESULTS))

@@ -1,0 +1,453 @@
+"""The fault harness: a real cluster, recording clients, a seeded nemesis, and the checks.
+
+One run (`run_seed`) starts a 3-node cluster with the encryption plugin, each node in its
+own network namespace when the machine allows it (see `tests.faults.netns`), else on
+127.0.0.1 without partitions. Client threads drive puts, linearizable gets, deletes and
+compare-and-swaps on a few keys and record every call and return (`tests.faults.history`);
+a nemesis thread injects one fault at a time from a schedule drawn from `random.Random(seed)`:
+kill -9 and restart of the leader or a follower, SIGSTOP/SIGCONT, the leader isolated, a
+minority/majority split, a voter added and removed under load, and encryption bootstrap,
+storage-envelope cutover and data-key rotation.
+
+After the faults are healed the run checks three things: the history is linearizable
+(`tests.faults.lincheck`), every acknowledged write to the append-only ledger keys is
+readable, and every node converges to the same applied index and state digest.
+
+Only the nemesis's own timing comes from the seed; thread interleavings do not, so a seed
+replays the same fault schedule, not the same history.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from sealkv.node import errors
+from sealkv.node.client import Client, health
+from sealkv.v1 import encryption_admin_pb2 as enc_pb
+from sealkv.v1 import encryption_admin_pb2_grpc as enc_grpc
+from tests.cluster import Cluster, NodeProc, wait_for
+from tests.faults import lincheck
+from tests.faults.history import Operation, save_history
+from tests.faults.netns import Network
+
+KEYS = [b"r0", b"r1", b"r2", b"r3"]
+OP_TIMEOUT = 2.0
+HISTORY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "fault-histories")
+
+# Errors after which the operation certainly had no effect (nothing was submitted, or the
+# proposal was discarded before it committed).
+NO_EFFECT = (errors.Unavailable, errors.Aborted, errors.ResourceExhausted,
+             errors.FailedPrecondition, errors.InvalidArgument)
+
+
+class NetnsCluster(Cluster):
+    """A `Cluster` whose nodes each run in their own network namespace."""
+
+    def __init__(self, base_dir: str, size: int, network: Network, **kwargs):
+        self.network = network
+        super().__init__(base_dir, size, **kwargs)
+
+    def addresses(self, name: str) -> tuple[str, str]:
+        ip = self.network.add_host(name)
+        return f"{ip}:7000", f"{ip}:9000"
+
+    def launch_prefix(self, node: NodeProc) -> list[str]:
+        return self.network.exec_prefix(node.name)
+
+
+@dataclass
+class RunResult:
+    """What one seed did and found."""
+
+    seed: int
+    operations: int = 0
+    unknown_outcomes: int = 0
+    ledger_writes: int = 0
+    faults: Counter = field(default_factory=Counter)
+    verdict: str = "unknown"
+    problems: list[str] = field(default_factory=list)
+    history_file: Optional[str] = None
+    partitions: bool = False
+
+    def to_json(self) -> dict:
+        return {"seed": self.seed, "operations": self.operations,
+                "unknown_outcomes": self.unknown_outcomes, "ledger_writes": self.ledger_writes,
+                "faults": dict(self.faults), "verdict": self.verdict,
+                "problems": self.problems, "history_file": self.history_file,
+                "partitions": self.partitions}
+
+
+class Recorder:
+    """Collects operations from every client thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.history: list[Operation] = []
+        self.ledger: dict[bytes, bytes] = {}
+
+    def add(self, op: Operation) -> None:
+        with self.lock:
+            self.history.append(op)
+
+
+class ClientThread(threading.Thread):
+    """One client: a seeded mix of operations, each recorded with its call and return."""
+
+    def __init__(self, index: int, endpoints: list[str], seed: int, recorder: Recorder,
+                 stop: threading.Event):
+        super().__init__(daemon=True, name=f"fault-client-{index}")
+        self.index = index
+        self.rng = random.Random(seed * 1000 + index)
+        endpoints = list(endpoints)
+        self.rng.shuffle(endpoints)
+        self.client = Client(endpoints, timeout=OP_TIMEOUT)
+        self.recorder = recorder
+        self.stop = stop
+        self.counter = 0
+        self.seen: dict[bytes, tuple[Optional[bytes], int]] = {}
+        self.error: Optional[BaseException] = None
+
+    def unique(self) -> bytes:
+        self.counter += 1
+        return b"c%d-%d" % (self.index, self.counter)
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                roll = self.rng.random()
+                key = self.rng.choice(KEYS)
+                if roll < 0.30:
+                    self.put(key)
+                elif roll < 0.60:
+                    self.get(key)
+                elif roll < 0.70:
+                    self.delete(key)
+                elif roll < 0.90:
+                    self.cas(key)
+                else:
+                    self.ledger()
+        except BaseException as exc:  # reported by the run: a harness bug must not pass
+            self.error = exc
+        finally:
+            self.client.close()
+
+    def _write(self, op: str, key: bytes, call_fn, value=None, expected=None):
+        call = time.monotonic()
+        try:
+            response = call_fn()
+        except errors.OutcomeUnknown:
+            self.recorder.add(Operation(self.index, op, key, value, expected, call, None, None))
+            return None
+        except NO_EFFECT:
+            return None
+        ret = time.monotonic()
+        output = response.succeeded if op == "cas" else None
+        self.recorder.add(Operation(self.index, op, key, value, expected, call, ret, output))
+        return response
+
+    def put(self, key: bytes) -> None:
+        value = self.unique()
+        self._write("put", key, lambda: self.client.put(key, value), value=value)
+
+    def delete(self, key: bytes) -> None:
+        self._write("delete", key, lambda: self.client.delete(key))
+
+    def cas(self, key: bytes) -> None:
+        value = self.unique()
+        expected, revision = self.seen.get(key, (None, 0))
+        if expected is None:
+            fn = lambda: self.client.compare_and_swap(key, value, must_not_exist=True)  # noqa: E731
+        else:
+            fn = lambda: self.client.compare_and_swap(  # noqa: E731
+                key, value, expected_mod_revision=revision)
+        self._write("cas", key, fn, value=value, expected=expected)
+
+    def get(self, key: bytes) -> None:
+        call = time.monotonic()
+        try:
+            response = self.client.get(key)
+        except errors.SealkvError:
+            return  # a failed read has no effect on the state
+        ret = time.monotonic()
+        value = response.kv.value if response.found else None
+        self.seen[key] = (value, response.kv.mod_revision if response.found else 0)
+        self.recorder.add(Operation(self.index, "get", key, call=call, ret=ret, output=value))
+
+    def ledger(self) -> None:
+        key = b"ledger/%d/%d" % (self.index, self.counter)
+        value = self.unique()
+        try:
+            self.client.put(key, value)
+        except errors.SealkvError:
+            return
+        with self.recorder.lock:
+            self.recorder.ledger[key] = value
+
+
+class Nemesis(threading.Thread):
+    """Injects one fault at a time, on a schedule drawn from the seed."""
+
+    def __init__(self, cluster: Cluster, rng: random.Random, stop: threading.Event,
+                 result: RunResult, partitions: bool):
+        super().__init__(daemon=True, name="nemesis")
+        self.cluster = cluster
+        self.rng = rng
+        self.stop = stop
+        self.result = result
+        self.partitions = partitions
+        self.bootstrapped = False
+        self.enveloped = False
+        self.extra_voter: Optional[str] = None
+        self.error: Optional[BaseException] = None
+
+    def kinds(self) -> list[str]:
+        kinds = ["kill-leader", "kill-follower", "pause-leader", "pause-follower",
+                 "membership"]
+        if self.partitions:
+            kinds += ["partition-leader", "partition-split"]
+        kinds += ["enable-storage-envelope" if self.bootstrapped and not self.enveloped
+                  else "rotate-dek" if self.bootstrapped else "bootstrap"]
+        return kinds
+
+    def run(self) -> None:
+        try:
+            while not self.stop.wait(self.rng.uniform(1.0, 2.5)):
+                kind = self.rng.choice(self.kinds())
+                getattr(self, "do_" + kind.replace("-", "_"))()
+                self.result.faults[kind] += 1
+        except BaseException as exc:  # reported by the run, never swallowed
+            self.error = exc
+
+    def hold(self) -> None:
+        self.stop.wait(self.rng.uniform(1.0, 3.0))
+
+    def live(self) -> list[str]:
+        return [n for n, node in self.cluster.nodes.items() if node.alive() and node.raft]
+
+    def leader(self) -> Optional[str]:
+        return self.cluster.leader()
+
+    def victim(self, leader: bool) -> Optional[str]:
+        current = self.leader()
+        if leader:
+            return current
+        others = sorted(n for n in self.live() if n != current)
+        return self.rng.choice(others) if others else None
+
+    def do_kill_leader(self, leader: bool = True) -> None:
+        name = self.victim(leader)
+        if name is None:
+            return
+        self.cluster.kill(name, signal.SIGKILL)
+        self.hold()
+        self.cluster.start_node(name)
+
+    def do_kill_follower(self) -> None:
+        self.do_kill_leader(leader=False)
+
+    def do_pause_leader(self, leader: bool = True) -> None:
+        name = self.victim(leader)
+        if name is None:
+            return
+        self.cluster.kill(name, signal.SIGSTOP)
+        self.hold()
+        self.cluster.kill(name, signal.SIGCONT)
+
+    def do_pause_follower(self) -> None:
+        self.do_pause_leader(leader=False)
+
+    def do_partition_leader(self) -> None:
+        leader = self.leader()
+        if leader is None:
+            return
+        names = set(self.cluster.nodes)
+        self.cluster.network.partition({leader}, names - {leader})
+        self.stop.wait(self.rng.uniform(2.0, 5.0))
+        self.cluster.network.heal()
+
+    def do_partition_split(self) -> None:
+        names = sorted(self.cluster.nodes)
+        self.rng.shuffle(names)
+        minority = set(names[:len(names) // 2]) or {names[0]}
+        self.cluster.network.partition(minority, set(names) - minority)
+        self.stop.wait(self.rng.uniform(2.0, 5.0))
+        self.cluster.network.heal()
+
+    def do_membership(self) -> None:
+        try:
+            with self.cluster.client(*self.live(), timeout=5) as c:
+                if self.extra_voter is None:
+                    name = f"x{self.result.faults['membership'] + 1}"
+                    node = self.cluster.add_node(name)
+                    wait_for(lambda: health(node.grpc), 30, f"{name} to serve")
+                    c.member_add(name, node.raft, node.grpc, timeout=15)
+                    self.extra_voter = name
+                else:
+                    name, self.extra_voter = self.extra_voter, None
+                    c.member_remove(name, timeout=15)
+                    self.cluster.kill(name, signal.SIGTERM)
+        except errors.SealkvError:
+            pass  # refused or unknown under faults: the checks at the end still apply
+
+    def _admin(self, method: str, request) -> None:
+        try:
+            with self.cluster.client(*self.live(), timeout=10) as c:
+                c.call(enc_grpc.EncryptionAdminStub, method, request, timeout=15)
+        except errors.FailedPrecondition as exc:
+            if "already" not in exc.message:
+                return
+        except errors.SealkvError:
+            return
+        if method == "BootstrapEncryption":
+            self.bootstrapped = True
+        elif method == "EnableStorageEnvelope":
+            self.enveloped = True
+
+    def do_bootstrap(self) -> None:
+        self._admin("BootstrapEncryption", enc_pb.BootstrapEncryptionRequest())
+
+    def do_enable_storage_envelope(self) -> None:
+        self._admin("EnableStorageEnvelope", enc_pb.EnableStorageEnvelopeRequest())
+
+    def do_rotate_dek(self) -> None:
+        self._admin("RotateDEK", enc_pb.RotateDEKRequest(purpose=enc_pb.STORAGE))
+
+
+def heal_everything(cluster: Cluster) -> None:
+    """Ends every fault: heal partitions, resume paused nodes, restart killed voters."""
+    if isinstance(cluster, NetnsCluster):
+        cluster.network.heal()
+    for name, node in cluster.nodes.items():
+        if node.alive():
+            os.kill(node.pid, signal.SIGCONT)
+        elif node.proc is not None and node.proc.returncode == -signal.SIGKILL:
+            cluster.start_node(name)
+
+
+def converged(cluster: Cluster) -> bool:
+    """Whether every live node reports the same applied index and state digest."""
+    views = set()
+    for node in cluster.nodes.values():
+        if not node.alive():
+            continue
+        with Client([node.grpc], timeout=3) as c:
+            d = c.digest(endpoint=node.grpc)
+        views.add((d.applied_index, d.digest))
+    return len(views) == 1
+
+
+def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
+             use_netns: Optional[bool] = None) -> RunResult:
+    """Runs one seeded fault run; returns what it found (never raises for a finding)."""
+    rng = random.Random(seed)
+    result = RunResult(seed)
+    if use_netns is None:
+        use_netns = Network.available()[0]
+    result.partitions = use_netns
+    kek = os.path.join(base_dir, "kek")
+    fd = os.open(kek, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, os.urandom(32))
+    os.close(fd)
+    kwargs = dict(plugins=["encryption"], extra_args=["--kek-file", kek])
+    network = Network(rng) if use_netns else None
+    cluster = NetnsCluster(base_dir, 3, network, **kwargs) if network \
+        else Cluster(base_dir, 3, **kwargs)
+    recorder = Recorder()
+    stop = threading.Event()
+    try:
+        cluster.start(timeout=60)
+        threads = [ClientThread(i, [n.grpc for n in cluster.initial], seed, recorder, stop)
+                   for i in range(clients)]
+        nemesis = Nemesis(cluster, rng, stop, result, use_netns)
+        for t in threads:
+            t.start()
+        nemesis.start()
+        stop.wait(duration)
+        stop.set()
+        nemesis.join(60)
+        for t in threads:
+            t.join(30)
+        for t in threads:
+            if t.error is not None:
+                result.problems.append(f"client {t.index} failed: {type(t.error).__name__}: "
+                                       f"{t.error}")
+        if nemesis.error is not None:
+            result.problems.append(f"nemesis failed: {type(nemesis.error).__name__}: "
+                                   f"{nemesis.error}")
+        heal_everything(cluster)
+        leader = cluster.wait_leader(timeout=60)
+        final_reads(cluster, leader, recorder)
+        check_ledger(cluster, leader, recorder, result)
+        try:
+            wait_for(lambda: converged(cluster), 60, "every node to converge")
+        except AssertionError as exc:
+            result.problems.append(f"nodes did not converge: {exc}")
+        result.operations = len(recorder.history)
+        result.unknown_outcomes = sum(1 for op in recorder.history if op.ret is None)
+        result.ledger_writes = len(recorder.ledger)
+        verdict = lincheck.check(recorder.history, timeout=120)
+        result.verdict = verdict.verdict
+        if verdict.verdict != "ok":
+            result.problems.append(f"linearizability: {verdict.verdict}: {verdict.describe()}")
+    except AssertionError as exc:
+        result.problems.append(str(exc))
+    finally:
+        stop.set()
+        cluster.stop_all()
+        if network is not None:
+            network.close()
+        if result.problems:
+            os.makedirs(HISTORY_DIR, exist_ok=True)
+            result.history_file = os.path.join(HISTORY_DIR, f"seed-{seed}.jsonl")
+            save_history(recorder.history, result.history_file)
+            with open(os.path.join(HISTORY_DIR, f"seed-{seed}.logs.txt"), "w") as f:
+                f.write(cluster.logs())
+    return result
+
+
+def final_reads(cluster: Cluster, leader: str, recorder: Recorder) -> None:
+    """Reads every key linearizably after the faults, as the history's last operations."""
+    with cluster.client(leader, timeout=10) as c:
+        for key in KEYS:
+            call = time.monotonic()
+            response = c.get(key)
+            recorder.add(Operation("final", "get", key, call=call, ret=time.monotonic(),
+                                   output=response.kv.value if response.found else None))
+
+
+def check_ledger(cluster: Cluster, leader: str, recorder: Recorder, result: RunResult) -> None:
+    """Every acknowledged ledger write is readable, with its value, on every live node."""
+    for name, node in cluster.nodes.items():
+        if not node.alive():
+            continue
+        with cluster.client(name, timeout=10) as c:
+            got = {kv.key: kv.value for kv in c.range(b"ledger/", prefix=True).kvs}
+        lost = [k for k, v in recorder.ledger.items() if got.get(k) != v]
+        if lost:
+            result.problems.append(f"{name} lost {len(lost)} acknowledged ledger writes, "
+                                   f"e.g. {lost[:3]}")
+
+
+def write_summary(results: list[RunResult]) -> str:
+    """Writes fault-histories/summary.json and returns a one-paragraph summary."""
+    os.makedirs(HISTORY_DIR, exist_ok=True)
+    with open(os.path.join(HISTORY_DIR, "summary.json"), "w") as f:
+        json.dump([r.to_json() for r in results], f, indent=2)
+    faults = Counter()
+    for r in results:
+        faults.update(r.faults)
+    failed = [r.seed for r in results if r.problems]
+    return (f"fault runs: {len(results)} seeds, "
+            f"{sum(r.operations for r in results)} operations checked "
+            f"({sum(r.unknown_outcomes for r in results)} with unknown outcome), "
+            f"{sum(r.ledger_writes for r in results)} ledger writes verified; faults: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(faults.items()))
+            + f"; failing seeds: {failed or 'none'}")
