@@ -70,11 +70,15 @@ class NodeHandle:
         """Raises `NotLeader` (with the leader's gRPC address when known) on a non-leader."""
         self._node.require_leader()
 
-    def confirm_leadership(self, timeout: float) -> None:
-        """Confirms leadership through a quorum (a committed barrier), not just local state."""
+    def confirm_leadership(self, timeout: float) -> int:
+        """Confirms leadership through a quorum (a committed barrier), not just local state.
+
+        Returns the barrier's index: every write acknowledged before the call is at or below it.
+        """
         self.require_leader()
-        self._node.adapter.barrier(timeout)
+        index = self._node.adapter.barrier(timeout)
         self.require_leader()
+        return index
 
     def propose(self, command: bytes, timeout: float) -> Any:
         """Replicates `command` (opcode byte + body) and returns its local apply result."""

@@ -48,7 +48,7 @@ class KVService(kv_pb2_grpc.KVServicer):
 
     def _header(self, revision: int) -> kv_pb2.ResponseHeader:
         return kv_pb2.ResponseHeader(member_id=self.node.config.name, revision=revision,
-                                     raft_term=self.node.adapter.raft_state()["term"])
+                                     raft_term=self.node.adapter.term)
 
     def _write(self, command, context):
         timeout = deadline(context, self.node.config.request_timeout)

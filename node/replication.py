@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ safe_pickle.install()
 log = logging.getLogger(__name__)
 
 HALT_EXIT_CODE = 70
+SWITCH_INTERVAL = 0.0005
 DUMP_MAGIC = b"SEALKVD1"
 
 
@@ -179,6 +181,9 @@ class ReplicationAdapter:
     def start(self) -> None:
         """Starts the tick thread; the journal and dump are replayed in the background."""
         os.makedirs(self.data_dir, exist_ok=True)
+        # The tick thread and the request threads hand the GIL back and forth on every
+        # proposal; Python's default 5 ms switch interval can add that much to each hand-off.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         s = self.settings
         conf = SyncObjConf(
             password=self.secret,
@@ -346,6 +351,10 @@ class ReplicationAdapter:
         return None if leader is None else leader.address
 
     @property
+    def term(self) -> int:
+        return self._obj.raftCurrentTerm if self._obj is not None else 0
+
+    @property
     def is_learner(self) -> bool:
         return self.raft_address is None
 
@@ -359,11 +368,13 @@ class ReplicationAdapter:
         voters = self._voter_addresses()
         connected = {a for a in voters if a == self.raft_address
                      or obj.isNodeConnected(TCPNode(a))}
-        match = _copy_dict(getattr(obj, "_SyncObj__raftMatchIndex", {}))
-        last_index = obj._SyncObj__raftLog[-1][1] if self.is_leader else None
         lag = {}
-        if last_index is not None:
-            lag = {node.address: last_index - idx for node, idx in match.items()
+        if self.is_leader:
+            # The commit index, not the journal's last entry: the journal is the tick
+            # thread's to read (compaction rewrites it).
+            commit = obj.raftCommitIndex
+            match = _copy_dict(getattr(obj, "_SyncObj__raftMatchIndex", {}))
+            lag = {node.address: max(0, commit - idx) for node, idx in match.items()
                    if hasattr(node, "address")}
             lag[self.raft_address] = 0
         return {
