@@ -1,4 +1,10 @@
-"""The sealkv walkthrough: a local 3-node cluster, a Put, a Get from another node, the status.
+"""The sealkv walkthrough: a local cluster switched from cleartext to envelope storage online.
+
+It starts a 3-node cluster whose nodes are encryption capable (one KEK file, 0600, outside
+every node's data directory), puts a value in cleartext, bootstraps the data keys (the
+leader generates and wraps them: you never handle key bytes), enables the storage envelope
+(showing the capability check of every member), puts and gets through the envelope, reads
+the cleartext value too, and shows the encryption and cluster status.
 
 Run it from a clone (the README's first command does):
 
@@ -45,16 +51,25 @@ def fresh_data_dir() -> None:
 
 def main() -> None:
     fresh_data_dir()
-    sealkv("-w", "table", "cluster", "up", "--nodes", "3")
+    sealkv("-w", "table", "cluster", "up", "--nodes", "3", "--encryption")
     open(MARKER, "w").close()
     with open(os.path.join(DATA_DIR, "cluster.json")) as f:
         endpoints = [n["grpc"] for n in json.load(f)["nodes"]]
+    print("\n# a value written before encryption is enabled is stored in cleartext:")
     sealkv("--endpoints", endpoints[0], "put", "greeting", "hello, sealkv")
-    print("\n# read it back from another node, linearizably (the default):")
-    sealkv("--endpoints", endpoints[1], "get", "greeting")
+    print("\n# the leader generates the data keys and wraps them with the KEK:")
+    sealkv("-w", "table", "encryption", "bootstrap")
+    print("\n# every member must prove it can read envelopes before the cutover:")
+    sealkv("-w", "table", "encryption", "enable-storage-envelope")
+    print("\n# from here on every replica stores new values in AES-256-GCM envelopes:")
+    sealkv("--endpoints", endpoints[1], "put", "secret", "sealed at rest")
+    print("\n# read both back from another node, linearizably (the default):")
+    sealkv("--endpoints", endpoints[2], "get", "secret")
+    sealkv("--endpoints", endpoints[2], "get", "greeting")
+    sealkv("-w", "table", "encryption", "status", "--cluster")
     sealkv("-w", "table", "cluster", "status")
-    print("\nThe cluster keeps running: try `sealkv get greeting`, `sealkv member list -w table`;"
-          "\nstop it with `sealkv cluster down`.")
+    print("\nThe cluster keeps running: try `sealkv get secret`, `sealkv member list -w table`,"
+          "\n`sealkv encryption rotate-dek --purpose storage`; stop it with `sealkv cluster down`.")
 
 
 if __name__ == "__main__":

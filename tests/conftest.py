@@ -14,10 +14,10 @@ def pytest_configure(config):
 
 def pytest_addoption(parser):
     group = parser.getgroup("sealkv fault runs")
-    group.addoption("--fault-seeds", default="1-6",
-                    help="seeds of the fault suite: '7', '1,5,9' or '1-200' (default 1-6)")
-    group.addoption("--fault-duration", type=float, default=20.0,
-                    help="seconds of faults per seed (default 20)")
+    group.addoption("--fault-seeds", default="1-12",
+                    help="seeds of the fault suite: '7', '1,5,9' or '1-200' (default 1-12)")
+    group.addoption("--fault-duration", type=float, default=25.0,
+                    help="seconds of faults per seed (default 25)")
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -213,16 +213,18 @@ class Nemesis(threading.Thread):
                  "membership"]
         if self.partitions:
             kinds += ["partition-leader", "partition-split"]
-        kinds += ["enable-storage-envelope" if self.bootstrapped and not self.enveloped
-                  else "rotate-dek" if self.bootstrapped else "bootstrap"]
+        # The encryption step twice over: each seed should get through bootstrap, the
+        # cutover and a rotation while the other faults come and go.
+        kinds += 2 * ["enable-storage-envelope" if self.bootstrapped and not self.enveloped
+                      else "rotate-dek" if self.bootstrapped else "bootstrap"]
         return kinds
 
     def run(self) -> None:
         try:
-            while not self.stop.wait(self.rng.uniform(1.0, 2.5)):
+            while not self.stop.wait(self.rng.uniform(0.5, 1.5)):
                 kind = self.rng.choice(self.kinds())
-                getattr(self, "do_" + kind.replace("-", "_"))()
-                self.result.faults[kind] += 1
+                done = getattr(self, "do_" + kind.replace("-", "_"))()
+                self.result.faults[kind if done is not False else kind + " (refused)"] += 1
         except BaseException as exc:  # reported by the run, never swallowed
             self.error = exc
 
@@ -281,7 +283,7 @@ class Nemesis(threading.Thread):
         self.stop.wait(self.rng.uniform(2.0, 5.0))
         self.cluster.network.heal()
 
-    def do_membership(self) -> None:
+    def do_membership(self) -> bool:
         try:
             with self.cluster.client(*self.live(), timeout=5) as c:
                 if self.extra_voter is None:
@@ -295,30 +297,33 @@ class Nemesis(threading.Thread):
                     c.member_remove(name, timeout=15)
                     self.cluster.kill(name, signal.SIGTERM)
         except errors.SealkvError:
-            pass  # refused or unknown under faults: the checks at the end still apply
+            return False  # refused or unknown under faults: the checks at the end still apply
+        return True
 
-    def _admin(self, method: str, request) -> None:
+    def _admin(self, method: str, request) -> bool:
+        """Calls an encryption admin mutator; returns whether it took effect (or had)."""
         try:
             with self.cluster.client(*self.live(), timeout=10) as c:
                 c.call(enc_grpc.EncryptionAdminStub, method, request, timeout=15)
         except errors.FailedPrecondition as exc:
             if "already" not in exc.message:
-                return
+                return False  # refused (a member down, a partition): fail-closed, as designed
         except errors.SealkvError:
-            return
+            return False
         if method == "BootstrapEncryption":
             self.bootstrapped = True
         elif method == "EnableStorageEnvelope":
             self.enveloped = True
+        return True
 
-    def do_bootstrap(self) -> None:
-        self._admin("BootstrapEncryption", enc_pb.BootstrapEncryptionRequest())
+    def do_bootstrap(self) -> bool:
+        return self._admin("BootstrapEncryption", enc_pb.BootstrapEncryptionRequest())
 
-    def do_enable_storage_envelope(self) -> None:
-        self._admin("EnableStorageEnvelope", enc_pb.EnableStorageEnvelopeRequest())
+    def do_enable_storage_envelope(self) -> bool:
+        return self._admin("EnableStorageEnvelope", enc_pb.EnableStorageEnvelopeRequest())
 
-    def do_rotate_dek(self) -> None:
-        self._admin("RotateDEK", enc_pb.RotateDEKRequest(purpose=enc_pb.STORAGE))
+    def do_rotate_dek(self) -> bool:
+        return self._admin("RotateDEK", enc_pb.RotateDEKRequest(purpose=enc_pb.STORAGE))
 
 
 def heal_everything(cluster: Cluster) -> None:
