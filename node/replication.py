@@ -25,7 +25,7 @@ from pysyncobj.node import TCPNode
 
 from sealkv.node import commands as cmd
 from sealkv.node import errors, safe_pickle
-from sealkv.node.state_machine import MemberRecord, StateMachine
+from sealkv.node.state_machine import MemberRecord, StateMachine, where
 from sealkv.plugins.api import ApplyHalt
 
 safe_pickle.install()
@@ -246,7 +246,7 @@ class ReplicationAdapter:
         except ApplyHalt as exc:
             self._do_halt(str(exc))
         except BaseException as exc:  # apply must never raise into pysyncobj
-            self._do_halt(f"entry {index}: unexpected {type(exc).__name__}: {exc}")
+            self._do_halt(f"entry {index}: unexpected {type(exc).__name__} at {where(exc)}")
 
     def _do_halt(self, reason: str) -> None:
         self._halted = True

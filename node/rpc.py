@@ -7,6 +7,7 @@ import logging
 import grpc
 
 from sealkv.node import errors
+from sealkv.node.state_machine import where
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,8 @@ def rpc_method(fn):
         except errors.SealkvError as exc:
             error = exc
         except Exception as exc:  # a bug: answer INTERNAL, never leak details
-            log.error("internal error in %s: %s", fn.__name__, type(exc).__name__,
-                      exc_info=log.isEnabledFor(logging.DEBUG))
+            log.error("internal error in %s: %s at %s", fn.__name__, type(exc).__name__,
+                      where(exc))
             error = errors.Internal(f"internal error in {fn.__name__}")
         errors.abort_with(context, error)
 

@@ -86,8 +86,9 @@ class StateMachine:
                 raise
             except cmd.CommandError as exc:
                 raise ApplyHalt(f"entry {index}: undecodable command: {exc}") from exc
-            except Exception as exc:
-                raise ApplyHalt(f"entry {index}: apply failed: {type(exc).__name__}: {exc}") from exc
+            except Exception as exc:  # the message could carry a key or value: never log it
+                raise ApplyHalt(f"entry {index}: apply failed: {type(exc).__name__} at "
+                                f"{where(exc)}") from exc
             self.applied_index = index
             return result
 
@@ -233,6 +234,16 @@ class StateMachine:
             self.applied_index = header["applied_index"]
             for name, state in self.plugin_states.items():
                 state.restore_state(bytes.fromhex(header["plugins"].get(name, "")))
+
+
+def where(exc: BaseException) -> str:
+    """Returns "file:line" of the frame that raised `exc` (for logs that must not quote it)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "?"
+    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
 
 
 def _cleartext(entry: Optional[Entry]) -> Optional[Entry]:
