@@ -88,7 +88,8 @@ class _Load:
     def finish(self) -> None:
         self.stop.set()
         for t in self.threads:
-            t.join(timeout=self.s.timeout + 5)
+            if t.ident is not None:  # started
+                t.join(timeout=self.s.timeout + 5)
         self.channel.close()
 
     def _client(self, cid: int) -> None:

@@ -120,3 +120,70 @@ def test_compare_runs_every_row_on_fresh_clusters(tmp_path):
         assert row["vs_raw"] > 0
     assert {c["bar"] for c in report["checks"]} >= {"<= 2", ">= 0.5"}
     assert all(isinstance(c["holds"], bool) for c in report["checks"])
+
+
+def test_envelope_times_seal_and_open_at_each_size_and_names_the_aes_implementation():
+    proc = sealkv("-w", "json", "bench", "envelope", "--sizes", "0,100,4096",
+                  "--iterations", "50")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["implementation"]["library"].startswith("cryptography ")
+    assert "OpenSSL" in report["implementation"]["openssl"]
+    assert [r["size"] for r in report["rows"]] == [0, 100, 4096]
+    for r in report["rows"]:
+        assert r["iterations"] == 50 and r["values_per_sec"] > 0
+        for part in ("seal", "open", "seal_open", "aesgcm_only"):
+            assert 0 < r[part]["p50_us"] <= r[part]["p99_us"], (part, r)
+
+
+def test_envelope_table_and_usage_errors():
+    proc = sealkv("-w", "table", "bench", "envelope", "--sizes", "64", "--iterations", "10")
+    assert proc.returncode == 0, proc.stderr
+    assert "cryptography" in proc.stdout and "OpenSSL" in proc.stdout
+    assert "SEAL+OPEN P50 US" in proc.stdout and "| 64 " in proc.stdout
+    proc = sealkv("bench", "envelope", "--sizes", "a,b")
+    assert proc.returncode == 2 and "--sizes" in proc.stderr
+
+
+def test_cutover_measures_every_window_on_a_fresh_cluster_and_stops_it():
+    proc = sealkv("-w", "json", "bench", "cutover", "--nodes", "3", "--clients", "2",
+                  "--duration-before", "0.5", "--duration-after", "0.5", "--warmup", "0.2",
+                  timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["settings"]["clients"] == 2
+    (run,) = report["runs"]
+    assert run["nodes"] == 3 and len(run["pids"]) == 3
+    assert run["storage_envelope_active"] and not run["was_already_active"]
+    assert run["cutover_index"] > run["bootstrap_index"] > 0
+    assert run["enable_rpc_ms"] > 0 and run["fan_out_ms"] is None
+    assert len(run["capability_rows"]) == 3 and all(r["ok"] for r in run["capability_rows"])
+    assert [w["window"] for w in run["windows"]] == ["before", "during", "overlap", "after"]
+    for w in (run["windows"][0], run["windows"][3]):
+        assert w["ops"] > 0 and w["errors"] == {}, w
+        assert 0 < w["p50_ms"] <= w["p99_ms"] <= w["max_ms"]
+    for pid in run["pids"]:
+        assert not os.path.exists(f"/proc/{pid}") or b"sealkv" not in open(
+            f"/proc/{pid}/cmdline", "rb").read(), f"node {pid} still running"
+
+
+def test_cutover_stops_the_nodes_when_the_run_fails(monkeypatch):
+    from sealkv.node.bench import compare, cutover
+    from sealkv.node.cli import local
+
+    made = []
+
+    def factory(n):
+        made.append(compare.LocalNodeCluster(nodes=n, encryption=True))
+        return made[0]
+
+    def boom(self):
+        raise RuntimeError("injected failure after the cluster started")
+
+    monkeypatch.setattr(cutover._Load, "start", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        cutover.run_one(3, cutover.CutoverSettings(clients=1), cluster_factory=factory)
+    nodes = made[0].record.nodes
+    assert all(n.pid > 0 for n in nodes)
+    assert not any(local.is_our_process(n) for n in nodes)
+    assert not os.path.exists(made[0].record.data_dir)
