@@ -57,6 +57,27 @@ class Network:
             return False, f"cannot create network namespaces here: {exc}"
         return True, ""
 
+    @staticmethod
+    def remove_leftovers() -> list[str]:
+        """Deletes namespaces and bridges a previous, interrupted run left behind.
+
+        Fault runs do not run concurrently, so everything with this module's prefix is stale.
+        Returns what it deleted.
+        """
+        removed = []
+        listing = _ip("netns", "list", check=False).stdout.split("\n")
+        for line in listing:
+            ns = line.split(" ", 1)[0]
+            if ns.startswith(PREFIX):
+                _ip("netns", "del", ns, check=False)
+                removed.append(ns)
+        for line in _ip("-o", "link", "show", "type", "bridge", check=False).stdout.split("\n"):
+            parts = line.split(": ")
+            if len(parts) > 1 and parts[1].startswith(PREFIX + "b"):
+                _ip("link", "del", parts[1].split("@")[0], check=False)
+                removed.append(parts[1])
+        return removed
+
     def add_host(self, name: str) -> str:
         """Creates the namespace of host `name`; returns its IP address."""
         index = len(self.hosts) + 1

@@ -14,6 +14,16 @@ from tests.faults.netns import Network
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_leftover_namespaces():
+    """Removes what an interrupted earlier run left behind, before and after this module."""
+    if Network.available()[0]:
+        Network.remove_leftovers()
+    yield
+    if Network.available()[0]:
+        Network.remove_leftovers()
+
+
 def test_fault_run_keeps_every_promise(fault_seed, tmp_path, request):
     duration = request.config.getoption("fault_duration")
     available, why = Network.available()
