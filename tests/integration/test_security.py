@@ -29,15 +29,16 @@ def frame(payload: bytes) -> bytes:
 
 
 def send_frames(address: str, frames: list[bytes]) -> None:
+    """Sends each frame on its own connection; the node may hang up at any point."""
     host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=5) as s:
-        for f in frames:
-            s.sendall(f)
-        s.settimeout(2)
-        try:
-            s.recv(1024)  # the node closes the connection on a bad frame
-        except (socket.timeout, ConnectionError):
-            pass
+    for f in frames:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            try:
+                s.sendall(f)
+                s.settimeout(2)
+                s.recv(1024)  # the node closes the connection on a bad frame
+            except (socket.timeout, ConnectionError):
+                pass
 
 
 def forged(path) -> bytes:
