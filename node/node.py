@@ -30,6 +30,7 @@ from sealkv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 log = logging.getLogger(__name__)
 
 GRPC_WORKERS = 32
+LEARNER_PROBE_PERIOD = 2.0
 MAX_MESSAGE_BYTES = MAX_VALUE_BYTES + 64 * 1024
 
 
@@ -52,6 +53,11 @@ class Node:
         self.storage_plugins = []
         self.admin_plugins = []
         self._stopped = threading.Event()
+        # Learners are anonymous to pysyncobj (read-only connections carry no identity), so
+        # their connectivity comes from a gRPC health probe, refreshed in the background.
+        self._learners_up: dict[str, bool] = {}
+        self._learner_probe_at = 0.0
+        self._learner_probe_lock = threading.Lock()
 
         context = PluginContext(config.name, self.raft_id, config.data_dir)
         stack = MemoryStore()
@@ -206,12 +212,15 @@ class Node:
         leader = self.adapter.leader_raft_address
         members = []
         voters = set(raft["voters"])
+        self._refresh_learner_probe([m for m in directory.values() if m.role == cmd.ROLE_LEARNER])
         for m in directory.values():
             is_voter = m.role == cmd.ROLE_VOTER
+            connected = m.raft_address in raft["connected"] if is_voter \
+                else self._learners_up.get(m.name, False)
             members.append({
                 "name": m.name, "raft_address": m.raft_address, "grpc_address": m.grpc_address,
                 "role": m.role,
-                "connected": m.name == self.config.name or (is_voter and m.raft_address in raft["connected"]),
+                "connected": m.name == self.config.name or connected,
                 "is_leader": is_voter and m.raft_address == leader,
                 "replication_lag": raft["lag"].get(m.raft_address, -1) if is_voter else -1,
             })
@@ -234,6 +243,27 @@ class Node:
                        + [f"admin:{p.name}" for p in self.admin_plugins],
             "version": __version__, "config_version": version, "log_size": raft["log_size"],
         }
+
+    def _refresh_learner_probe(self, learners: list[MemberRecord]) -> None:
+        """Starts a background health probe of the learners at most every 2 s."""
+        others = [m for m in learners if m.name != self.config.name]
+        with self._learner_probe_lock:
+            if not others or time.monotonic() - self._learner_probe_at < LEARNER_PROBE_PERIOD:
+                return
+            self._learner_probe_at = time.monotonic()
+
+        def probe() -> None:
+            from grpc_health.v1 import health_pb2 as hpb
+
+            for m in others:
+                try:
+                    answer = health_pb2_grpc.HealthStub(self.handle.channel(m.grpc_address)) \
+                        .Check(hpb.HealthCheckRequest(), timeout=0.5)
+                    self._learners_up[m.name] = answer.status == hpb.HealthCheckResponse.SERVING
+                except grpc.RpcError:
+                    self._learners_up[m.name] = False
+
+        threading.Thread(target=probe, name="learner-probe", daemon=True).start()
 
     def add_member(self, member: MemberRecord, timeout: float) -> None:
         """Adds a voter or learner (leader only); rolls the directory back on failure."""

@@ -41,6 +41,12 @@ def test_add_voter_and_learner_then_remove_a_node(cluster3):
                              "n3": cluster_pb2.VOTER, "n4": cluster_pb2.VOTER,
                              "n5": cluster_pb2.LEARNER}
     assert cluster3.status("n5").role == cluster_pb2.LEARNER
+    # A learner's connectivity comes from a background health probe.
+    wait_for(lambda: {m.name: m.connected for m in cluster3.status("n1").members}["n5"], 10,
+             "n1 to see the learner connected")
+    cluster3.kill("n5")
+    wait_for(lambda: not {m.name: m.connected for m in cluster3.status("n1").members}["n5"], 10,
+             "n1 to see the learner gone")
 
     leader = cluster3.wait_leader()
     victim = next(n for n in ("n2", "n3", "n4") if n != leader)
