@@ -208,10 +208,26 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         if not self._prepared:
             raise StartupRefused("the encryption plugin was started without prepare_start()")
         self.check_start_state()
+        self.check_membership_collisions(node.membership_snapshot().members)
         self._register_thread = threading.Thread(
             target=self._register_loop, args=(node,), name="sealkv-encryption-register",
             daemon=True)
         self._register_thread.start()
+
+    def check_membership_collisions(self, members) -> None:
+        """Refuses to start when another known member shares this node's node_id16 (§4).
+
+        `members` are member records (voters by raft address, learners as "learner:<name>",
+        the node handle's raft id convention). Two such nodes would write nonces from the same
+        space; the registry would halt every replica at their second registration.
+        """
+        for member in members:
+            raft_id = member.raft_address or f"learner:{member.name}"
+            other = full_node_id(raft_id)
+            if other != self.full_node_id and node_id16(other) == self.node_id16:
+                raise StartupRefused(
+                    f"member {member.name} ({raft_id}) shares this node's node_id16 "
+                    f"0x{self.node_id16:04x}: give one of them another raft address")
 
     def check_start_state(self, catch_up_timeout: Optional[float] = None) -> None:
         """The §8 start-up checks that need the replayed state (see `start`).

@@ -250,3 +250,17 @@ def test_keystore_refuses_overwrite_and_hides_bytes():
     with pytest.raises(KeyConflict):
         store.install(1, 2, b"\x05" * 32)
     assert "05" not in repr(store) and store.get_for(1, 2) is None
+
+
+def test_start_refuses_a_member_sharing_this_nodes_node_id16(tmp_path, kek_file):
+    from sealkv.node.state_machine import MemberRecord
+    from sealkv.plugins.encryption.nonce import node_id16
+
+    plugin = make_plugin(tmp_path, kek_file, raft_id="127.0.0.1:7000")
+    mine = node_id16(full_node_id("127.0.0.1:7000"))
+    clash = next(f"10.0.0.1:{port}" for port in range(1, 1 << 20)
+                 if node_id16(full_node_id(f"10.0.0.1:{port}")) == mine)
+    friendly = MemberRecord("b", "127.0.0.1:7001", "127.0.0.1:9001", 1)
+    plugin.check_membership_collisions([friendly])  # no clash: no refusal
+    with pytest.raises(StartupRefused, match="shares this node's node_id16"):
+        plugin.check_membership_collisions([friendly, MemberRecord("c", clash, "x:1", 1)])
