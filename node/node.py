@@ -59,12 +59,11 @@ class Node:
         self._learner_probe_at = 0.0
         self._learner_probe_lock = threading.Lock()
 
-        context = PluginContext(config.name, self.raft_id, config.data_dir)
         stack = MemoryStore()
         handlers = {}
         try:
             for name, cls in plugin_loader.load(config.plugins, plugin_loader.STORAGE_GROUP):
-                plugin = cls(PluginContext(context.node_name, context.raft_id, context.data_dir,
+                plugin = cls(PluginContext(config.name, self.raft_id, config.data_dir,
                                            config.plugin_options.get(name, {})))
                 stack = plugin.wrap(stack)
                 for opcode, handler in plugin.command_handlers().items():
@@ -75,9 +74,7 @@ class Node:
                 self.storage_plugins.append(plugin)
             self.admin_plugin_classes = plugin_loader.load(config.plugins,
                                                            plugin_loader.ADMIN_GROUP)
-        except plugin_loader.PluginError as exc:
-            raise StartupError(str(exc)) from exc
-        except StartupRefused as exc:
+        except (plugin_loader.PluginError, StartupRefused) as exc:
             raise StartupError(str(exc)) from exc
         self.state_machine = StateMachine(
             stack, config.initial_cluster or [self._self_record()], handlers,
