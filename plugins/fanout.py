@@ -148,6 +148,8 @@ def fan_out(handle: Any, probe: Probe, expected_id: ExpectedId, *,
     verdicts: tuple[CapabilityVerdict, ...] = ()
     for round_ in range(1, max_rounds + 1):
         version = snapshot.config_version
+        log.info("capability fan-out round %d: probing %d members (configuration version %d)",
+                 round_, len(snapshot.members), version)
         verdicts = _probe_round(handle, snapshot.members, probe, expected_id, deadline)
         try:
             snapshot = handle.membership_snapshot()

@@ -272,3 +272,42 @@ def test_storage_envelope_cutover_behind_the_capability_fan_out(make_cluster, tm
                   pb.RegisterEncryptionWriterRequest(local_epoch=0x10000))
         registered = admin(c, "RegisterEncryptionWriter")
         assert {r.dek_id for r in registered.registrations} == {2, 3}
+
+
+def test_a_member_added_while_the_fan_out_runs_is_probed_before_the_cutover(make_cluster,
+                                                                           tmp_path):
+    kek = write_kek(tmp_path / "kek")
+    cluster = make_cluster(3, plugins=["encryption"], extra_args=["--kek-file", kek])
+    leader = cluster.wait_leader()
+    slow = next(n for n in cluster.nodes if n != leader)
+    with cluster.client(leader) as c:
+        admin(c, "BootstrapEncryption", timeout=15)
+    # A paused voter holds the first probe round open (up to its deadline) ...
+    cluster.kill(slow, signal.SIGSTOP)
+    outcome = {}
+    rounds_before = cluster.nodes[leader].log().count("capability fan-out round 1")
+
+    def enable():
+        with cluster.client(leader) as c:
+            try:
+                outcome["response"] = admin(c, "EnableStorageEnvelope", timeout=20)
+            except errors.SealkvError as exc:
+                outcome["error"] = exc
+
+    caller = threading.Thread(target=enable)
+    caller.start()
+    try:
+        wait_for(lambda: cluster.nodes[leader].log().count("capability fan-out round 1")
+                 > rounds_before, 10, "the cutover's first fan-out round to start")
+        # ... while a learner that does not run joins the cluster,
+        with cluster.client(leader) as c:
+            c.member_add("late", "", f"127.0.0.1:{free_port()}", learner=True, timeout=10)
+    finally:
+        cluster.kill(slow, signal.SIGCONT)
+    caller.join(30)
+    # ... so the fan-out probes again, finds it, and refuses the cutover naming it.
+    assert "membership changed during the capability fan-out" in cluster.nodes[leader].log()
+    assert "capability fan-out round 2" in cluster.nodes[leader].log()
+    assert isinstance(outcome.get("error"), errors.FailedPrecondition), outcome
+    assert "late" in outcome["error"].message
+    assert not sidecar_state(cluster, leader).storage_envelope_active
