@@ -16,6 +16,7 @@ malformed envelope raises a subclass of `EnvelopeError`.
 """
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
@@ -125,7 +126,7 @@ def seal(dek: bytes, key_id: int, nonce: bytes, plaintext: bytes, aad: bytes) ->
     header = envelope_header(key_id)
     if len(nonce) != NONCE_SIZE:
         raise ValueError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
-    sealed = AESGCM(bytes(dek)).encrypt(bytes(nonce), bytes(plaintext), bytes(aad))
+    sealed = _cipher(bytes(dek)).encrypt(bytes(nonce), bytes(plaintext), bytes(aad))
     return header + bytes(nonce) + sealed
 
 
@@ -154,11 +155,18 @@ def open_envelope(dek_lookup_or_dek: DekSource, data: bytes, aad: AadSource) -> 
         raise EnvelopeError(f"data key {envelope.key_id} is not {DEK_SIZE} bytes")
     aad_bytes = aad(envelope.header) if callable(aad) else aad
     try:
-        return AESGCM(bytes(dek)).decrypt(
+        return _cipher(bytes(dek)).decrypt(
             envelope.nonce, envelope.ciphertext + envelope.tag, bytes(aad_bytes))
     except InvalidTag:
         raise AuthenticationFailed(
             f"envelope under key id {envelope.key_id} failed authentication") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _cipher(dek: bytes) -> AESGCM:
+    # Building an AESGCM object (key schedule, OpenSSL context) costs several times the
+    # encryption of a small value; data keys are few and live as long as the process.
+    return AESGCM(dek)
 
 
 def storage_aad(envelope_header6: bytes, value_header: int, key: bytes, mod_revision: int) -> bytes:
