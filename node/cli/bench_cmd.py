@@ -225,6 +225,29 @@ def envelope_cmd(c: Ctx, sizes, iterations):
         click.echo(f"note: {note}", err=True)
 
 
+@bench.command(name="grpc-floor")
+@click.option("--clients", "clients_", default="1,64", show_default=True, callback=_int_list,
+              help="Comma-separated client counts; one run each.")
+@click.option("--duration", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--warmup", type=click.FloatRange(min=0.0), default=1.0, show_default=True)
+@pass_ctx
+def floor_cmd(c: Ctx, clients_, duration, warmup):
+    """The same Put load against a gRPC server that does nothing: this machine's floor.
+
+    Starts a no-op KV server in its own process (the node's gRPC worker count) and loads it
+    with the client processes `bench put` uses; a sealkv node cannot beat these rows.
+    """
+    from sealkv.node.bench import floor
+
+    workloads = [_workload("put", n, duration, warmup, 16, 256, 1000) for n in clients_]
+    try:
+        results = floor.run(workloads)
+    except Exception as exc:
+        raise CliError(f"the floor benchmark did not run: {type(exc).__name__}: {exc}",
+                       EXIT_FAILED) from None
+    _report(c, [r.summary() for r in results], {"server": "no-op grpc KV.Put"})
+
+
 @bench.command(name="cutover")
 @click.option("--nodes", "nodes_", default="3,5", show_default=True, callback=_int_list,
               help="Comma-separated cluster sizes; a fresh cluster for each.")

@@ -187,3 +187,19 @@ def test_cutover_stops_the_nodes_when_the_run_fails(monkeypatch):
     assert all(n.pid > 0 for n in nodes)
     assert not any(local.is_our_process(n) for n in nodes)
     assert not os.path.exists(made[0].record.data_dir)
+
+
+def test_grpc_floor_runs_against_a_no_op_server():
+    from click.testing import CliRunner
+
+    from sealkv.node.cli.main import register_commands
+
+    result = CliRunner().invoke(register_commands(), [
+        "-w", "json", "bench", "grpc-floor", "--clients", "1,4", "--duration", "0.5",
+        "--warmup", "0"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = json.loads(result.stdout)["results"]
+    assert [r["clients"] for r in rows] == [1, 4]
+    assert all(r["ops"] > 0 and not r["errors"] for r in rows), rows
