@@ -6,6 +6,7 @@ and ephemeral ports. The harness only ever signals the PIDs it started, and `sto
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -184,3 +185,14 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"--- {n.name} ---\n{n.log()[-4000:]}" for n in self.nodes.values())
+
+
+@contextlib.contextmanager
+def running_cluster(base_dir: str, size: int = 3, **kwargs):
+    """Starts a `Cluster` and always kills its processes on the way out."""
+    cluster = Cluster(base_dir, size, **kwargs)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop_all()

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from sealkv.node.cli.main import register_commands
-from tests.cluster import Cluster, free_port, wait_for
+from tests.cluster import free_port, running_cluster, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -19,12 +19,8 @@ cli = register_commands()
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(str(tmp_path_factory.mktemp("cli-cluster")), 3)
-    try:
-        c.start()
+    with running_cluster(str(tmp_path_factory.mktemp("cli-cluster")), 3) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 @pytest.fixture

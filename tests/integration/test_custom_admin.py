@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from sealkv.node.client import Client
-from tests.cluster import Cluster
+from tests.cluster import Cluster, running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -71,12 +71,9 @@ def example(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(example, tmp_path_factory):
-    c = Cluster(str(tmp_path_factory.mktemp("custom-admin-cluster")), 3, plugins=["consistency"])
-    try:
-        c.start()
+    with running_cluster(str(tmp_path_factory.mktemp("custom-admin-cluster")), 3,
+                         plugins=["consistency"]) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 @pytest.fixture
