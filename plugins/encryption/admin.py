@@ -267,6 +267,16 @@ class EncryptionAdminService(pb_grpc.EncryptionAdminServicer):
     def _end(self, context) -> float:
         return time.monotonic() + deadline(context, MUTATOR_TIMEOUT)
 
+    @contextlib.contextmanager
+    def _leader_mutation(self, context) -> Iterator[tuple[float, Any]]:
+        """The prelude of every leader-only mutator: the admin lock, the layer, and leadership
+        confirmed through a quorum. Yields (deadline as a monotonic time, the storage layer)."""
+        end = self._end(context)
+        with self.plugin.exclusive(end):
+            layer = self.plugin.require_layer()
+            self.handle.confirm_leadership(max(0.1, end - time.monotonic()))
+            yield end, layer
+
     # ---- read-only, any node ------------------------------------------------------------------
 
     @rpc_method
@@ -298,11 +308,8 @@ class EncryptionAdminService(pb_grpc.EncryptionAdminServicer):
 
     @rpc_method
     def BootstrapEncryption(self, request, context):
-        end = self._end(context)
         plugin = self.plugin
-        with plugin.exclusive(end):
-            layer = plugin.require_layer()
-            self.handle.confirm_leadership(max(0.1, end - time.monotonic()))
+        with self._leader_mutation(context) as (end, layer):
             state = plugin.state_of(layer)
             if state.bootstrapped:
                 raise errors.FailedPrecondition(
@@ -328,11 +335,8 @@ class EncryptionAdminService(pb_grpc.EncryptionAdminServicer):
         if request.purpose not in (pb.STORAGE, pb.RAFT):
             raise errors.InvalidArgument("purpose must be STORAGE or RAFT")
         purpose = PURPOSE_STORAGE if request.purpose == pb.STORAGE else PURPOSE_RAFT
-        end = self._end(context)
         plugin = self.plugin
-        with plugin.exclusive(end):
-            layer = plugin.require_layer()
-            self.handle.confirm_leadership(max(0.1, end - time.monotonic()))
+        with self._leader_mutation(context) as (end, layer):
             if not plugin.state_of(layer).bootstrapped:
                 raise errors.FailedPrecondition("encryption is not bootstrapped: run "
                                                 "BootstrapEncryption first")
@@ -350,11 +354,8 @@ class EncryptionAdminService(pb_grpc.EncryptionAdminServicer):
     def RegisterEncryptionWriter(self, request, context):
         if request.local_epoch > MAX_EPOCH:
             raise errors.InvalidArgument(f"local_epoch {request.local_epoch} is above 0xFFFF")
-        end = self._end(context)
         plugin = self.plugin
-        with plugin.exclusive(end):
-            layer = plugin.require_layer()
-            self.handle.confirm_leadership(max(0.1, end - time.monotonic()))
+        with self._leader_mutation(context) as (end, layer):
             state = plugin.state_of(layer)
             if not state.bootstrapped:
                 raise errors.FailedPrecondition("encryption is not bootstrapped: run "
@@ -393,11 +394,8 @@ class EncryptionAdminService(pb_grpc.EncryptionAdminServicer):
 
     @rpc_method
     def EnableStorageEnvelope(self, request, context):
-        end = self._end(context)
         plugin = self.plugin
-        with plugin.exclusive(end):
-            layer = plugin.require_layer()
-            self.handle.confirm_leadership(max(0.1, end - time.monotonic()))
+        with self._leader_mutation(context) as (end, layer):
             state = plugin.state_of(layer)
             if not state.bootstrapped:
                 raise errors.FailedPrecondition(
