@@ -12,6 +12,7 @@ gRPC worker threads. Everything goes through `self.lock`.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 import threading
 from dataclasses import dataclass
@@ -199,8 +200,6 @@ class StateMachine:
 
     def write_snapshot(self, out: BinaryIO) -> None:
         """Writes the whole replicated state (records as stored at rest) to `out`."""
-        import json
-
         with self.lock:
             header = {
                 "applied_index": self.applied_index,
@@ -221,8 +220,6 @@ class StateMachine:
 
     def read_snapshot(self, src: BinaryIO) -> None:
         """Replaces the whole state with a snapshot written by `write_snapshot`."""
-        import json
-
         if src.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
             raise ValueError("not a sealkv snapshot")
         header = json.loads(src.read(_U32.unpack(src.read(4))[0]))
