@@ -24,9 +24,9 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sealkv.node import commands as cmd
-from sealkv.node.replication import RaftSettings
-from sealkv.node.state_machine import MemberRecord
+from sealkv.node.state import commands as cmd
+from sealkv.node.replication.settings import RaftSettings
+from sealkv.node.replication.membership import MemberRecord
 
 MAX_KEY_BYTES = 4096
 MAX_VALUE_BYTES = 1024 * 1024

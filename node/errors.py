@@ -151,3 +151,21 @@ def from_rpc_error(error: grpc.RpcError) -> SealkvError:
     result = cls(message or code.name, leader=leader)
     result.code = code
     return result
+
+
+class ApplyHalt(Exception):
+    """Raised by a replicated command handler when an entry cannot be applied.
+
+    The node then halts: it logs one line, stops serving and exits non-zero, without advancing
+    its applied index, rather than diverge from the other replicas.
+    """
+
+
+def where(exc: BaseException) -> str:
+    """Returns "file:line" of the frame that raised `exc` (for logs that must not quote it)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "?"
+    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"

@@ -9,17 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from sealkv.node.storage.base import Storage
+from sealkv.node.state.storage.base import Storage
 
 API_VERSION = 1
-
-
-class ApplyHalt(Exception):
-    """Raised by a replicated command handler when an entry cannot be applied.
-
-    The node then halts: it logs one line, stops serving and exits non-zero, without advancing
-    its applied index, rather than diverge from the other replicas.
-    """
 
 
 class StartupRefused(Exception):
@@ -95,7 +87,7 @@ class StorageLayerPlugin:
     def start(self, node: Any) -> None:
         """Called once the node has replayed its log and before it serves clients.
 
-        `node` is the narrow node handle (`sealkv.node.handle.NodeHandle`). Raise
+        `node` is the narrow node handle (`sealkv.node.serving.handle.NodeHandle`). Raise
         `StartupRefused` to stop start-up.
         """
 
@@ -106,7 +98,7 @@ class StorageLayerPlugin:
 class AdminPlugin:
     """Base class of an admin service plugin (entry point group `sealkv.admin_services`).
 
-    The node builds it with the narrow node handle (`sealkv.node.handle.NodeHandle`: status,
+    The node builds it with the narrow node handle (`sealkv.node.serving.handle.NodeHandle`: status,
     `membership_snapshot()`, propose, a pool of gRPC channels to peers, the capability
     fan-out) and calls `add_services(server)` once before the gRPC server starts. Handlers run
     on gRPC worker threads; they may block on the handle with deadlines but never on the

@@ -30,8 +30,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import grpc
 
-from sealkv.node import commands as cmd
-from sealkv.node.state_machine import MemberRecord
+from sealkv.node.state import commands as cmd
+from sealkv.node.replication.membership import MemberRecord
 
 log = logging.getLogger(__name__)
 

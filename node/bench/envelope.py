@@ -63,7 +63,7 @@ def measure_size(size: int, iterations: int) -> dict:
     """Times `iterations` seal+open round trips of a `size`-byte value; returns a summary."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from sealkv.node.storage.base import VALUE_ENCRYPTED
+    from sealkv.node.state.storage.base import VALUE_ENCRYPTED
     from sealkv.plugins.encryption import envelope
     from sealkv.plugins.encryption.nonce import NonceFactory, full_node_id, node_id16
 

@@ -29,7 +29,7 @@ class NoopKV(kv_pb2_grpc.KVServicer):
 
 def serve(port: int) -> None:
     """Serves `NoopKV` on 127.0.0.1:port with the node's worker count until killed."""
-    from sealkv.node.node import GRPC_WORKERS
+    from sealkv.node.server import GRPC_WORKERS
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS))
     kv_pb2_grpc.add_KVServicer_to_server(NoopKV(), server)

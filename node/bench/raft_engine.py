@@ -100,10 +100,11 @@ class RaftEngineCluster:
 
 def _member(conn, address: str, addresses: list[str], data_dir: str, secret: str) -> None:
     """One raft-only member (runs in its own process until told to stop)."""
-    from sealkv.node import commands as cmd
-    from sealkv.node.replication import ReplicationAdapter
-    from sealkv.node.state_machine import MemberRecord, StateMachine
-    from sealkv.node.storage.memory import MemoryStore
+    from sealkv.node.state import commands as cmd
+    from sealkv.node.replication.adapter import ReplicationAdapter
+    from sealkv.node.replication.membership import MemberRecord
+    from sealkv.node.state.machine import StateMachine
+    from sealkv.node.state.storage.memory import MemoryStore
 
     import logging
 
@@ -133,7 +134,7 @@ def _member(conn, address: str, addresses: list[str], data_dir: str, secret: str
 
 
 def _load(adapter, w: Workload, mode: str) -> Result:
-    from sealkv.node import commands as cmd
+    from sealkv.node.state import commands as cmd
     from sealkv.node import errors
 
     value = os.urandom(w.value_size)

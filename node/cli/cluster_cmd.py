@@ -20,7 +20,7 @@ def cluster():
 
 def _node_args(c: local.LocalCluster, n: local.LocalNode) -> list[str]:
     from sealkv.node.config import format_initial_cluster
-    from sealkv.node.state_machine import MemberRecord
+    from sealkv.node.replication.membership import MemberRecord
 
     members = [MemberRecord(m.name, m.raft, m.grpc, 1) for m in c.nodes]
     args = ["--name", n.name, "--data-dir", n.data_dir, "--raft", n.raft, "--grpc", n.grpc,

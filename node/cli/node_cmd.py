@@ -35,7 +35,7 @@ def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, sec
           plugins_, encryption, kek_file, request_timeout, log_level):
     """Runs one node in the foreground until SIGTERM or SIGINT."""
     from sealkv.node.config import ConfigError, build_config, load_toml
-    from sealkv.node.node import run
+    from sealkv.node.server import run
 
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -25,11 +25,12 @@ from typing import Any, Iterator, Optional
 import grpc
 
 from sealkv.node import __version__
-from sealkv.node import commands as node_cmd
+from sealkv.node.state import commands as node_cmd
 from sealkv.node import errors
-from sealkv.node.rpc import deadline, rpc_method
-from sealkv.node.state_machine import MemberRecord
-from sealkv.plugins.api import AdminPlugin, ApplyHalt
+from sealkv.node.serving.rpc import deadline, rpc_method
+from sealkv.node.replication.membership import MemberRecord
+from sealkv.node.errors import ApplyHalt
+from sealkv.plugins.api import AdminPlugin
 from sealkv.plugins.fanout import (
     CapabilityVerdict, FanOutResult, ProbeAnswer, fan_out, probe_member,
 )

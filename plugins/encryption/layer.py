@@ -18,10 +18,11 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 from sealkv.node.errors import IntegrityError, Unavailable
-from sealkv.node.storage.base import (
+from sealkv.node.state.storage.base import (
     VALUE_CLEARTEXT, VALUE_ENCRYPTED, VALUE_STATE_MASK, Entry, Storage, StorageLayer,
 )
-from sealkv.plugins.api import ApplyHalt, PluginContext, StartupRefused, StorageLayerPlugin
+from sealkv.node.errors import ApplyHalt
+from sealkv.plugins.api import PluginContext, StartupRefused, StorageLayerPlugin
 
 from . import commands, envelope
 from .commands import (

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from sealkv.node.errors import FailedPrecondition
-from sealkv.plugins.api import ApplyHalt
+from sealkv.node.errors import ApplyHalt
 
 from .commands import (
     SUB_ENABLE_RAFT, SUB_ENABLE_STORAGE, SUB_ROTATE, BodyReader, BootstrapCommand,

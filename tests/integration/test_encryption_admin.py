@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 from sealkv.node import errors
 from sealkv.node.client import SERIALIZABLE
-from sealkv.node.replication import DUMP_MAGIC
-from sealkv.node.state_machine import StateMachine
-from sealkv.node.storage.base import VALUE_CLEARTEXT, VALUE_ENCRYPTED
-from sealkv.node.storage.memory import MemoryStore
+from sealkv.node.replication.adapter import DUMP_MAGIC
+from sealkv.node.state.machine import StateMachine
+from sealkv.node.state.storage.base import VALUE_CLEARTEXT, VALUE_ENCRYPTED
+from sealkv.node.state.storage.memory import MemoryStore
 from sealkv.v1 import encryption_admin_pb2 as pb
 from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
 from tests.cluster import free_port, wait_for

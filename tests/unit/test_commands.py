@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sealkv.node import commands as cmd
+from sealkv.node.state import commands as cmd
 
 CORE_COMMANDS = [
     cmd.Put(b"k", b"v"),

@@ -4,11 +4,11 @@ import re
 
 import pytest
 
-from sealkv.node import commands as cmd
+from sealkv.node.state import commands as cmd
 from sealkv.node.config import (ConfigError, build_config, format_initial_cluster, load_toml,
                                 parse_initial_cluster)
-from sealkv.node.replication import RaftSettings
-from sealkv.node.state_machine import MemberRecord
+from sealkv.node.replication.settings import RaftSettings
+from sealkv.node.replication.membership import MemberRecord
 
 CLUSTER = "n1=127.0.0.1:7001/127.0.0.1:9001,n2=127.0.0.1:7002/127.0.0.1:9002"
 

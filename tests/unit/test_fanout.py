@@ -8,9 +8,9 @@ from concurrent import futures
 import grpc
 import pytest
 
-from sealkv.node import commands as cmd
-from sealkv.node.replication import MembershipSnapshot
-from sealkv.node.state_machine import MemberRecord
+from sealkv.node.state import commands as cmd
+from sealkv.node.replication.membership import MembershipSnapshot
+from sealkv.node.replication.membership import MemberRecord
 from sealkv.plugins.fanout import ProbeAnswer, fan_out, probe_member
 
 METHOD = "/sealkv.test.Capability/Get"

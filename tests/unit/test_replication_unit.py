@@ -2,12 +2,14 @@
 import pytest
 from pysyncobj.node import TCPNode
 
-from sealkv.node import commands as cmd
+from sealkv.node.state import commands as cmd
 from sealkv.node import errors
-from sealkv.node.replication import RaftSettings, ReplicationAdapter
-from sealkv.node.state_machine import MemberRecord, StateMachine
-from sealkv.node.storage.base import Entry
-from sealkv.node.storage.memory import MemoryStore
+from sealkv.node.replication.adapter import ReplicationAdapter
+from sealkv.node.replication.settings import RaftSettings
+from sealkv.node.replication.membership import MemberRecord
+from sealkv.node.state.machine import StateMachine
+from sealkv.node.state.storage.base import Entry
+from sealkv.node.state.storage.memory import MemoryStore
 
 SELF = "127.0.0.1:7001"
 PEERS = ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]

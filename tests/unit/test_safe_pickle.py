@@ -9,7 +9,7 @@ import pysyncobj.pickle
 import pytest
 from pysyncobj.node import TCPNode
 
-from sealkv.node import safe_pickle
+from sealkv.node.replication import safe_pickle
 
 
 @pytest.fixture(autouse=True)

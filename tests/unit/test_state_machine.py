@@ -3,11 +3,12 @@ import io
 
 import pytest
 
-from sealkv.node import commands as cmd
-from sealkv.node.state_machine import MemberRecord, StateMachine
-from sealkv.node.storage.base import Entry, StorageLayer
-from sealkv.node.storage.memory import MemoryStore
-from sealkv.plugins.api import ApplyHalt
+from sealkv.node.state import commands as cmd
+from sealkv.node.replication.membership import MemberRecord
+from sealkv.node.state.machine import StateMachine
+from sealkv.node.state.storage.base import Entry, StorageLayer
+from sealkv.node.state.storage.memory import MemoryStore
+from sealkv.node.errors import ApplyHalt
 
 N1 = MemberRecord("n1", "127.0.0.1:7001", "127.0.0.1:9001", cmd.ROLE_VOTER)
 N2 = MemberRecord("n2", "127.0.0.1:7002", "127.0.0.1:9002", cmd.ROLE_VOTER)

@@ -1,9 +1,9 @@
 """The in-memory base store and the forwarding storage layer."""
 import pytest
 
-from sealkv.node.storage.base import (VALUE_ENCRYPTED, Entry, Storage, StorageLayer,
+from sealkv.node.state.storage.base import (VALUE_ENCRYPTED, Entry, Storage, StorageLayer,
                                       base_store)
-from sealkv.node.storage.memory import MemoryStore
+from sealkv.node.state.storage.memory import MemoryStore
 
 
 def e(value: bytes, rev: int = 1) -> Entry:

@@ -24,8 +24,8 @@ from typing import Any
 import grpc
 
 from sealkv.node import errors
-from sealkv.node.rpc import deadline, rpc_method
-from sealkv.node.state_machine import MemberRecord
+from sealkv.node.serving.rpc import deadline, rpc_method
+from sealkv.node.replication.membership import MemberRecord
 from sealkv.plugins.api import AdminPlugin
 from sealkv.plugins.fanout import CapabilityVerdict, ProbeAnswer, fan_out
 from sealkv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc

@@ -8,8 +8,9 @@ import threading
 import pytest
 
 from sealkv.node.errors import IntegrityError, Unavailable
-from sealkv.node.storage.base import VALUE_CLEARTEXT, VALUE_ENCRYPTED, Entry
-from sealkv.plugins.api import ApplyHalt, PluginContext, StartupRefused
+from sealkv.node.state.storage.base import VALUE_CLEARTEXT, VALUE_ENCRYPTED, Entry
+from sealkv.node.errors import ApplyHalt
+from sealkv.plugins.api import PluginContext, StartupRefused
 from sealkv.plugins.encryption import commands as c
 from sealkv.plugins.encryption.commands import RegisterCommand, WriterRow
 from sealkv.plugins.encryption.keystore import KeyConflict, KeyStore
@@ -253,7 +254,7 @@ def test_keystore_refuses_overwrite_and_hides_bytes():
 
 
 def test_start_refuses_a_member_sharing_this_nodes_node_id16(tmp_path, kek_file):
-    from sealkv.node.state_machine import MemberRecord
+    from sealkv.node.replication.membership import MemberRecord
     from sealkv.plugins.encryption.nonce import node_id16
 
     plugin = make_plugin(tmp_path, kek_file, raft_id="127.0.0.1:7000")

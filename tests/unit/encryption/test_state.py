@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sealkv.plugins.api import ApplyHalt
+from sealkv.node.errors import ApplyHalt
 from sealkv.plugins.encryption import commands as c
 from sealkv.plugins.encryption.commands import (
     BootstrapCommand, RegisterCommand, RotationCommand, WriterRow,

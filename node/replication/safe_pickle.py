@@ -8,7 +8,7 @@ pickle protocol from 2 to 4, which stores bytes as bytes (protocol 2 spells them
 `_codecs.encode`, inflating random bytes by about half). Every node of a cluster must run
 sealkv, which installs this before pysyncobj starts.
 
-Only `sealkv.node.replication` imports this module (it is part of the pysyncobj boundary).
+Only `sealkv.node.replication.adapter` imports this module (it is part of the pysyncobj boundary).
 """
 from __future__ import annotations
 

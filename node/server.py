@@ -15,15 +15,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sealkv.node import __version__
-from sealkv.node import commands as cmd
+from sealkv.node.state import commands as cmd
 from sealkv.node import errors, plugin_loader
-from sealkv.node.cluster_service import ClusterService
+from sealkv.node.serving.cluster_service import ClusterService
 from sealkv.node.config import MAX_VALUE_BYTES, NodeConfig
-from sealkv.node.handle import NodeHandle
-from sealkv.node.kv_service import KVService
-from sealkv.node.replication import ReplicationAdapter
-from sealkv.node.state_machine import MemberRecord, StateMachine
-from sealkv.node.storage.memory import MemoryStore
+from sealkv.node.serving.handle import NodeHandle
+from sealkv.node.serving.kv_service import KVService
+from sealkv.node.replication.adapter import ReplicationAdapter
+from sealkv.node.replication.membership import MemberRecord
+from sealkv.node.state.machine import StateMachine
+from sealkv.node.state.storage.memory import MemoryStore
 from sealkv.plugins.api import PluginContext, StartupRefused
 from sealkv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import bisect
 from typing import Iterable, Iterator, Optional
 
-from sealkv.node.storage.base import Entry
+from sealkv.node.state.storage.base import Entry
 
 
 class MemoryStore:

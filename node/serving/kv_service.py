@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from sealkv.node import commands as cmd
+from sealkv.node.state import commands as cmd
 from sealkv.node import errors
 from sealkv.node.config import MAX_KEY_BYTES, MAX_RANGE_LIMIT, MAX_VALUE_BYTES
-from sealkv.node.rpc import deadline, rpc_method
-from sealkv.node.storage.base import Entry
+from sealkv.node.serving.rpc import deadline, rpc_method
+from sealkv.node.state.storage.base import Entry
 from sealkv.v1 import kv_pb2, kv_pb2_grpc
 
 

@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 import grpc
 
 from sealkv.node import errors
-from sealkv.node.replication import MembershipSnapshot
-from sealkv.node.state_machine import MemberRecord
+from sealkv.node.replication.membership import MembershipSnapshot
+from sealkv.node.replication.membership import MemberRecord
 
 MemberCheck = Callable[[MemberRecord, float], None]
 

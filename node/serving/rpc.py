@@ -7,7 +7,7 @@ import logging
 import grpc
 
 from sealkv.node import errors
-from sealkv.node.state_machine import where
+from sealkv.node.errors import where
 
 log = logging.getLogger(__name__)
 

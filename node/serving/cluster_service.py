@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import time
 
-from sealkv.node import commands as cmd
+from sealkv.node.state import commands as cmd
 from sealkv.node import config as cfg
 from sealkv.node import errors
-from sealkv.node.rpc import deadline, rpc_method
-from sealkv.node.state_machine import MemberRecord
+from sealkv.node.serving.rpc import deadline, rpc_method
+from sealkv.node.replication.membership import MemberRecord
 from sealkv.v1 import cluster_pb2, cluster_pb2_grpc
 
 ROLE_TO_PB = {cmd.ROLE_VOTER: cluster_pb2.VOTER, cmd.ROLE_LEARNER: cluster_pb2.LEARNER}

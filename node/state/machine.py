@@ -18,10 +18,11 @@ import threading
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Mapping, Optional, Sequence
 
-from sealkv.node import commands as cmd
-from sealkv.node.errors import IntegrityError
-from sealkv.node.storage.base import VALUE_CLEARTEXT, Entry, Storage, base_store
-from sealkv.plugins.api import ApplyHalt, CommandHandler
+from sealkv.node.state import commands as cmd
+from sealkv.node.errors import ApplyHalt, IntegrityError, where
+from sealkv.node.replication.membership import MemberRecord
+from sealkv.node.state.storage.base import VALUE_CLEARTEXT, Entry, Storage, base_store
+from sealkv.plugins.api import CommandHandler
 
 SNAPSHOT_MAGIC = b"SEALKVS1"
 _RECORD = struct.Struct(">IBQQQI")
@@ -36,16 +37,6 @@ class WriteResult:
     prev: Optional[Entry] = None
     succeeded: bool = True
     current: Optional[Entry] = None
-
-
-@dataclass(frozen=True, slots=True)
-class MemberRecord:
-    """One member of the replicated member directory."""
-
-    name: str
-    raft_address: str
-    grpc_address: str
-    role: int
 
 
 class StateMachine:
@@ -231,16 +222,6 @@ class StateMachine:
             self.applied_index = header["applied_index"]
             for name, state in self.plugin_states.items():
                 state.restore_state(bytes.fromhex(header["plugins"].get(name, "")))
-
-
-def where(exc: BaseException) -> str:
-    """Returns "file:line" of the frame that raised `exc` (for logs that must not quote it)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return "?"
-    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
 
 
 def _cleartext(entry: Optional[Entry]) -> Optional[Entry]:

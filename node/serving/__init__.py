@@ -1,0 +1,1 @@
+"""Serving: the gRPC services, the RPC helpers and the handle plugins use to reach the node."""

@@ -1,0 +1,1 @@
+"""The storage stack: the `Storage` protocol, layers and base stores."""
