@@ -14,8 +14,8 @@ import functools
 
 import click
 
-from sealkv.node.cli.main import (EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, Ctx,
-                                  emit, emit_json, pass_ctx)
+from sealkv.node.cli.main import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, Ctx, pass_ctx
+from sealkv.node.cli.output import emit, emit_json
 
 
 def workload_options(fn):

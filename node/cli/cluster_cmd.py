@@ -9,8 +9,9 @@ import click
 
 from sealkv.node import errors
 from sealkv.node.cli import local
-from sealkv.node.cli.main import (EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, STATUS_HEADERS,
-                                  CliError, Ctx, emit, pass_ctx, status_json, status_row)
+from sealkv.node.cli.endpoint_cmd import STATUS_HEADERS, status_json, status_row
+from sealkv.node.cli.main import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, Ctx, pass_ctx
+from sealkv.node.cli.output import emit
 
 
 @click.group()

@@ -1,0 +1,95 @@
+"""`sealkv endpoint status|health`: each endpoint's view and health."""
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from sealkv.node import errors
+from sealkv.node.cli.main import EXIT_UNREACHABLE, ROLE_NAMES, Ctx, pass_ctx
+from sealkv.node.cli.member_cmd import member_json
+from sealkv.node.cli.output import emit
+
+
+@click.group()
+def endpoint():
+    """Status and health of endpoints."""
+
+
+def _targets(c: Ctx, cluster: bool) -> list[str]:
+    targets = c.endpoints
+    if cluster:
+        r = c.run(c.client.member_list)
+        targets = [m.grpc_address for m in r.members if m.grpc_address]
+    return targets
+
+
+STATUS_HEADERS = ["endpoint", "name", "role", "leader", "term", "commit", "applied", "quorum",
+                  "plugins"]
+
+
+def status_row(endpoint_: str, s) -> list:
+    return [endpoint_, s.node_id, ROLE_NAMES.get(s.role, "?"), s.leader or "-", s.term,
+            s.commit_index, s.applied_index, "yes" if s.has_quorum else "no",
+            ",".join(s.plugins) or "-"]
+
+
+def status_json(endpoint_: str, s) -> dict:
+    return {"endpoint": endpoint_, "name": s.node_id, "role": ROLE_NAMES.get(s.role, "?"),
+            "leader": s.leader, "is_leader": s.is_leader, "term": s.term,
+            "commit_index": s.commit_index, "applied_index": s.applied_index,
+            "has_quorum": s.has_quorum, "plugins": list(s.plugins), "version": s.version,
+            "config_version": s.config_version, "log_size": s.log_size,
+            "members": [member_json(m) for m in s.members]}
+
+
+@endpoint.command(name="status")
+@click.option("--cluster", is_flag=True, help="Every member, not just the given endpoints.")
+@pass_ctx
+def endpoint_status(c: Ctx, cluster):
+    """Shows each endpoint's view: leader, term, indexes, plugins."""
+    rows, data, failed = [], [], []
+    for target in _targets(c, cluster):
+        try:
+            s = c.client.status(endpoint=target)
+        except errors.SealkvError as exc:
+            failed.append(target)
+            click.echo(f"Error: {target}: {exc.message}", err=True)
+            continue
+        rows.append(status_row(target, s))
+        data.append(status_json(target, s))
+    emit(c.write_out, STATUS_HEADERS, rows, data)
+    if failed:
+        sys.exit(EXIT_UNREACHABLE)
+
+
+@endpoint.command(name="health")
+@click.option("--cluster", is_flag=True, help="Every member, not just the given endpoints.")
+@pass_ctx
+def endpoint_health(c: Ctx, cluster):
+    """Checks that each endpoint serves and can reach a quorum (a linearizable read)."""
+    from sealkv.node.client import Client
+
+    rows, data, bad = [], [], 0
+    for target in _targets(c, cluster):
+        start = time.monotonic()
+        try:
+            with Client([target], timeout=c.timeout) as one:
+                one.get(b"health", endpoint=target)
+            ok, message = True, ""
+        except errors.SealkvError as exc:
+            ok, message = False, exc.message
+        took = f"{(time.monotonic() - start) * 1000:.1f}ms"
+        bad += not ok
+        rows.append([target, "healthy" if ok else "unhealthy", took, message])
+        data.append({"endpoint": target, "health": ok, "took": took, "error": message})
+    emit(c.write_out, ["endpoint", "health", "took", "error"], rows, data)
+    if bad:
+        click.echo(f"Error: {bad} of {len(rows)} endpoints unhealthy", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(endpoint)
