@@ -1,10 +1,19 @@
 """Shared pytest configuration: the repo root on sys.path and the test markers."""
+import hashlib
 import os
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# pytest keeps the last three numbered session directories under one root per user and
+# deletes older ones when a session starts: two checkouts testing at once on one machine would
+# delete each other's live test directories (data dirs of running nodes). One root per checkout.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", os.path.join(
+    tempfile.gettempdir(), "sealkv-tests-" + hashlib.sha1(ROOT.encode()).hexdigest()[:10]))
+os.makedirs(os.environ["PYTEST_DEBUG_TEMPROOT"], mode=0o700, exist_ok=True)
 
 
 def pytest_configure(config):
