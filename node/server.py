@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sealkv.node import __version__
 from sealkv.node.state import commands as cmd
-from sealkv.node import errors, plugin_loader
+from sealkv.node import errors, file_modes, plugin_loader
 from sealkv.node.serving.cluster_service import ClusterService
 from sealkv.node.config import MAX_VALUE_BYTES, NodeConfig
 from sealkv.node.serving.handle import NodeHandle
@@ -97,7 +97,10 @@ class Node:
 
     def start(self) -> int:
         """Starts Raft, replays the log, starts plugins and serves gRPC; returns the port."""
-        os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
+        try:
+            file_modes.secure_data_dir(self.config.data_dir)
+        except file_modes.DataDirModeError as exc:
+            raise StartupError(str(exc)) from exc
         self._lock_data_dir()
         self._refuse_orphaned_sidecar()
         try:

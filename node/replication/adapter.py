@@ -119,7 +119,7 @@ class ReplicationAdapter:
 
     def start(self) -> None:
         """Starts the tick thread; the journal and dump are replayed in the background."""
-        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         # The tick thread and the request threads hand the GIL back and forth on every
         # proposal; Python's default 5 ms switch interval can add that much to each hand-off.
         sys.setswitchinterval(SWITCH_INTERVAL)

@@ -25,6 +25,7 @@ from sealkv.node.errors import ApplyHalt
 from sealkv.plugins.api import PluginContext, StartupRefused, StorageLayerPlugin
 
 from . import commands, envelope
+from .core_dumps import disable_core_dumps
 from .commands import (
     BootstrapCommand, CommandDecodeError, RegisterCommand, RotationCommand, WriterRow,
 )
@@ -155,6 +156,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         is configured or it fails its checks; the directory cannot be fsynced; the sidecar is
         invalid; the KEK cannot unwrap a stored key; the active key's epoch is exhausted.
         """
+        disable_core_dumps()
         if self.kek is None:
             self.kek = self._load_kek(self.context.options)
         probe_directory_fsync(self.context.data_dir)
