@@ -10,6 +10,7 @@ import click
 from sealkv.node import errors
 from sealkv.node.cli import local
 from sealkv.node.cli.endpoint_cmd import STATUS_HEADERS, status_json, status_row
+from sealkv.node.cli.node_cmd import parse_kek_options
 from sealkv.node.cli.main import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, Ctx, pass_ctx
 from sealkv.node.cli.output import emit
 
@@ -31,6 +32,10 @@ def _node_args(c: local.LocalCluster, n: local.LocalNode) -> list[str]:
         args += ["--plugins", ",".join(c.plugins)]
     if c.kek_file:
         args += ["--kek-file", c.kek_file]
+    if c.kek_provider:
+        args += ["--kek-provider", c.kek_provider]
+    for key, value in sorted(c.kek_options.items()):
+        args += ["--kek-option", f"{key}={value}"]
     return args
 
 
@@ -42,10 +47,16 @@ def _node_args(c: local.LocalCluster, n: local.LocalNode) -> list[str]:
 @click.option("--encryption", is_flag=True, help="Enable the encryption plugin on every node, "
               "with one 0600 KEK file outside every node's data directory.")
 @click.option("--plugins", "plugins_", default="", help="Extra plugins to enable, in order.")
+@click.option("--kek-provider", default="file", show_default=True,
+              help="With --encryption: file (a generated 0600 KEK file) or pkcs11 (a key in a "
+              "token, configured with --kek-option).")
+@click.option("--kek-option", "kek_options", multiple=True, metavar="KEY=VALUE",
+              help="An option of the KEK provider (repeatable).")
 @click.option("--wait", type=float, default=60.0, show_default=True,
               help="Seconds to wait for a leader and every node serving.")
 @pass_ctx
-def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, wait):
+def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, kek_options,
+       wait):
     """Starts N nodes in the background and waits until they serve with a leader.
 
     Re-running it on a stopped cluster restarts the same nodes with their data.
@@ -67,12 +78,18 @@ def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, wait):
         kek = None
         if encryption:
             plugin_names = ["encryption"] + [p for p in plugin_names if p != "encryption"]
-            kek = os.path.join(data_dir, "kek")
-            if not os.path.exists(kek):
-                fd = os.open(kek, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(os.urandom(32))
-        record = local.LocalCluster(data_dir, secret, kek_file=kek, plugins=plugin_names)
+            if kek_provider == "file":
+                kek = os.path.join(data_dir, "kek")
+                if not os.path.exists(kek):
+                    fd = os.open(kek, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(os.urandom(32))
+        elif kek_provider != "file" or kek_options:
+            raise CliError("--kek-provider and --kek-option go with --encryption", EXIT_USAGE)
+        record = local.LocalCluster(
+            data_dir, secret, kek_file=kek, plugins=plugin_names,
+            kek_provider=None if kek_provider == "file" else kek_provider,
+            kek_options=parse_kek_options(kek_options))
         for i in range(1, nodes + 1):
             raft = base_port + 2 * (i - 1) if base_port else local.free_port()
             grpc_port = base_port + 100 + 2 * (i - 1) if base_port else local.free_port()

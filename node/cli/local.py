@@ -37,6 +37,8 @@ class LocalCluster:
     secret_file: str
     nodes: list[LocalNode] = field(default_factory=list)
     kek_file: Optional[str] = None
+    kek_provider: Optional[str] = None
+    kek_options: dict[str, str] = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)
 
     @property

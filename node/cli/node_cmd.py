@@ -9,6 +9,17 @@ import click
 from sealkv.node.cli.main import EXIT_USAGE, CliError
 
 
+def parse_kek_options(pairs) -> dict[str, str]:
+    """Returns {KEY: VALUE} of repeated --kek-option KEY=VALUE flags; a bad pair is a usage error."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--kek-option takes KEY=VALUE, got {pair!r}", EXIT_USAGE)
+        options[key.strip()] = value
+    return options
+
+
 @click.group()
 def node():
     """Run a node."""
@@ -28,11 +39,17 @@ def node():
 @click.option("--encryption", is_flag=True, default=None,
               help="Enable the encryption plugin (same as adding it to --plugins).")
 @click.option("--kek-file", help="The key-encryption key file of the encryption plugin.")
+@click.option("--kek-provider", help="The KEK provider of the encryption plugin: file "
+              "(default), pkcs11, or an installed third-party provider.")
+@click.option("--kek-option", "kek_options", multiple=True, metavar="KEY=VALUE",
+              help="An option of the KEK provider (repeatable), e.g. module=..., "
+              "token_label=..., key_label=..., pin_file=... for pkcs11.")
 @click.option("--request-timeout", type=float, help="Seconds a request may wait (default 5).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, secret_file,
-          plugins_, encryption, kek_file, request_timeout, log_level):
+          plugins_, encryption, kek_file, kek_provider, kek_options, request_timeout,
+          log_level):
     """Runs one node in the foreground until SIGTERM or SIGINT."""
     from sealkv.node.config import ConfigError, build_config, load_toml
     from sealkv.node.server import run
@@ -51,8 +68,13 @@ def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, sec
     if encryption and "encryption" not in plugin_list:
         plugin_list.insert(0, "encryption")
     values["plugins"] = plugin_list
+    encryption_options = values.setdefault("plugin_options", {}).setdefault("encryption", {})
     if kek_file:
-        values.setdefault("plugin_options", {}).setdefault("encryption", {})["kek_file"] = kek_file
+        encryption_options["kek_file"] = kek_file
+    if kek_provider:
+        encryption_options["kek_provider"] = kek_provider
+    if kek_options:
+        encryption_options["kek_options"] = parse_kek_options(kek_options)
     try:
         config = build_config(values)
     except ConfigError as exc:

@@ -11,7 +11,7 @@ import sys
 import click
 
 from sealkv.node import errors
-from sealkv.node.cli.main import EXIT_UNREACHABLE, Ctx, pass_ctx
+from sealkv.node.cli.main import EXIT_UNREACHABLE, CliError, Ctx, pass_ctx
 from sealkv.node.cli.output import emit, emit_json
 from sealkv.v1 import encryption_admin_pb2 as pb
 from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
@@ -151,3 +151,29 @@ def resync_sidecar(c: Ctx):
         click.echo(f"{r.node_name}: sidecar rewritten (key changes up to index "
                    f"{r.raft_applied_index}; keys "
                    f"{','.join(str(k.key_id) for k in r.keys) or 'none'})")
+
+
+@encryption.command(name="pkcs11-keygen")
+@click.option("--module", required=True, help="Path of the token's PKCS#11 library.")
+@click.option("--token-label", required=True)
+@click.option("--key-label", required=True, help="Label of the new KEK object.")
+@click.option("--pin-file", required=True, help="A 0600 file holding the token's user PIN.")
+def pkcs11_keygen(module, token_label, key_label, pin_file):
+    """Generates a non-extractable AES-256 KEK inside a PKCS#11 token (runs locally).
+
+    The key is created by the token itself (C_GenerateKey) with CKA_EXTRACTABLE false and
+    CKA_SENSITIVE true: its bytes never exist outside the token. Nodes then use it with
+    `--kek-provider pkcs11 --kek-option module=... --kek-option token_label=...
+    --kek-option key_label=... --kek-option pin_file=...`.
+    """
+    from sealkv.plugins.api import StartupRefused
+    from .kek_pkcs11 import generate_key
+
+    try:
+        generate_key(module, token_label, key_label, pin_file)
+    except StartupRefused as exc:
+        raise CliError(str(exc)) from None
+    except ImportError:
+        raise CliError("pkcs11-keygen needs python-pkcs11: "
+                                   "pip install 'sealkv[pkcs11]'") from None
+    click.echo(f"created non-extractable AES-256 key {key_label!r} in token {token_label!r}")

@@ -13,7 +13,7 @@ import importlib
 import os
 import stat
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Optional
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -31,6 +31,7 @@ WRAPPED_SIZE = WRAP_NONCE_SIZE + DEK_SIZE + 16  # 60
 _BUILTIN = {
     "file": "sealkv.plugins.encryption.kek:FileKEK",
     "env": "sealkv.plugins.encryption.kek:EnvKEK",
+    "pkcs11": "sealkv.plugins.encryption.kek_pkcs11:Pkcs11KEK",
 }
 
 
@@ -39,37 +40,30 @@ class UnwrapError(ValueError):
 
 
 class KEKProvider:
-    """The interface of a KEK provider.
+    """The interface of a KEK provider: wraps and unwraps 32-byte data keys.
 
-    Contract: `wrap` and `unwrap` are thread-safe and do no network I/O for local providers;
-    they may be called from the tick thread (at apply) and from gRPC threads (pre-checks).
-    `unwrap` raises `UnwrapError` for a blob it cannot open and never returns partial bytes.
-    `status()` returns a JSON-ready dict that holds no secret material.
+    This is the API third-party providers implement (entry point group `sealkv.kek_providers`,
+    the factory called with the provider's options as keyword arguments).
+
+    Contract: `wrap` and `unwrap` are thread-safe; they may be called from the tick thread (at
+    apply) and from gRPC threads (pre-checks), so a provider that talks to a device serializes
+    its own access. `wrap` returns the 60-byte blob `nonce(12) | ciphertext(32) | tag(16)` of
+    AES-256-GCM under the KEK with a fresh nonce and no AAD. `unwrap` raises `UnwrapError` for
+    a blob it cannot open and never returns partial bytes. `status()` returns a JSON-ready dict
+    that holds no secret material. A provider lives as long as its process (a device session is
+    released when the process exits). A provider refuses bad configuration in its constructor
+    with `StartupRefused`, naming what to change.
     """
 
     name: str = ""
 
-    def __init__(self, kek: bytes):
-        if len(kek) != KEK_SIZE:
-            raise ValueError(f"a KEK must be {KEK_SIZE} bytes")
-        self.__aead = AESGCM(bytes(kek))
-
     def wrap(self, dek: bytes) -> bytes:
-        """Returns the 60-byte wrapped form of the 32-byte `dek`, with a fresh random nonce."""
-        if len(dek) != DEK_SIZE:
-            raise ValueError(f"a data key must be {DEK_SIZE} bytes")
-        nonce = os.urandom(WRAP_NONCE_SIZE)
-        return nonce + self.__aead.encrypt(nonce, bytes(dek), None)
+        """Returns the 60-byte wrapped form of the 32-byte `dek`."""
+        raise NotImplementedError
 
     def unwrap(self, blob: bytes) -> bytes:
         """Returns the data key inside the 60-byte `blob`; raises `UnwrapError` otherwise."""
-        if not isinstance(blob, (bytes, bytearray)) or len(blob) != WRAPPED_SIZE:
-            raise UnwrapError(f"a wrapped key must be exactly {WRAPPED_SIZE} bytes")
-        blob = bytes(blob)
-        try:
-            return self.__aead.decrypt(blob[:WRAP_NONCE_SIZE], blob[WRAP_NONCE_SIZE:], None)
-        except InvalidTag:
-            raise UnwrapError("the wrapped key does not authenticate under this KEK") from None
+        raise NotImplementedError
 
     def status(self) -> dict[str, Any]:
         """Returns what an operator may see about this provider (no secrets)."""
@@ -79,7 +73,42 @@ class KEKProvider:
         return f"<{type(self).__name__} provider={self.name!r}>"
 
 
-class FileKEK(KEKProvider):
+def check_dek(dek: bytes) -> None:
+    """Raises ValueError unless `dek` is a 32-byte data key."""
+    if len(dek) != DEK_SIZE:
+        raise ValueError(f"a data key must be {DEK_SIZE} bytes")
+
+
+def split_wrapped(blob: bytes) -> tuple[bytes, bytes]:
+    """Returns (nonce, ciphertext+tag) of a 60-byte wrapped key; raises `UnwrapError` otherwise."""
+    if not isinstance(blob, (bytes, bytearray)) or len(blob) != WRAPPED_SIZE:
+        raise UnwrapError(f"a wrapped key must be exactly {WRAPPED_SIZE} bytes")
+    blob = bytes(blob)
+    return blob[:WRAP_NONCE_SIZE], blob[WRAP_NONCE_SIZE:]
+
+
+class LocalKEK(KEKProvider):
+    """A KEK held in this process's memory (the file and env providers)."""
+
+    def __init__(self, kek: bytes):
+        if len(kek) != KEK_SIZE:
+            raise ValueError(f"a KEK must be {KEK_SIZE} bytes")
+        self.__aead = AESGCM(bytes(kek))
+
+    def wrap(self, dek: bytes) -> bytes:
+        check_dek(dek)
+        nonce = os.urandom(WRAP_NONCE_SIZE)
+        return nonce + self.__aead.encrypt(nonce, bytes(dek), None)
+
+    def unwrap(self, blob: bytes) -> bytes:
+        nonce, sealed = split_wrapped(blob)
+        try:
+            return self.__aead.decrypt(nonce, sealed, None)
+        except InvalidTag:
+            raise UnwrapError("the wrapped key does not authenticate under this KEK") from None
+
+
+class FileKEK(LocalKEK):
     """A KEK read from a file of exactly 32 raw bytes, readable by its owner only.
 
     The file is opened read-only and non-blocking (so a FIFO cannot hang start-up), and the
@@ -102,41 +131,61 @@ class FileKEK(KEKProvider):
 
 
 def _read_kek_file(path: str) -> bytes:
+    return read_owner_only_file(path, "KEK file", "kek_file", exact_size=KEK_SIZE)
+
+
+def read_owner_only_file(path: str, what: str, option: str, *, exact_size: Optional[int] = None,
+                         max_size: int = 4096) -> bytes:
+    """Returns the bytes of a secret file that only its owner may read (§1 checks).
+
+    The file is opened read-only and non-blocking (a FIFO cannot hang start-up) and the opened
+    descriptor is checked with `fstat`: a regular file, no group or other permission bits,
+    and `exact_size` bytes when given (else at most `max_size`). Any failure raises
+    `StartupRefused` naming the file (`what`, set by the option `option`) and the fix.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise StartupRefused(f"KEK file {path} does not exist: create it with 32 random bytes "
-                             f"(head -c 32 /dev/urandom > {path} && chmod 600 {path})") from None
+        fix = (f"create it with {exact_size} random bytes (head -c {exact_size} /dev/urandom > "
+               f"{path} && chmod 600 {path})" if exact_size else
+               f"create it (chmod 600 {path}) or point {option} at the right file")
+        raise StartupRefused(f"{what} {path} does not exist: {fix}") from None
     except OSError as error:
-        raise StartupRefused(f"cannot open KEK file {path}: {error.strerror}; make it readable "
+        raise StartupRefused(f"cannot open {what} {path}: {error.strerror}; make it readable "
                              f"by the sealkv user (chmod 600 {path})") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise StartupRefused(f"KEK file {path} is not a regular file: point kek_file at a "
-                                 "regular file holding exactly 32 raw bytes")
+            raise StartupRefused(f"{what} {path} is not a regular file: point {option} at a "
+                                 "regular file" + (f" holding exactly {exact_size} raw bytes"
+                                                   if exact_size else ""))
         if info.st_mode & 0o077:
             raise StartupRefused(
-                f"KEK file {path} has mode {stat.S_IMODE(info.st_mode):04o}, readable by group "
+                f"{what} {path} has mode {stat.S_IMODE(info.st_mode):04o}, readable by group "
                 f"or others: run chmod 600 {path}")
-        if info.st_size != KEK_SIZE:
-            raise StartupRefused(f"KEK file {path} is {info.st_size} bytes, not {KEK_SIZE}: "
-                                 f"it must hold exactly {KEK_SIZE} raw bytes (not hex or base64)")
+        if exact_size is not None and info.st_size != exact_size:
+            raise StartupRefused(f"{what} {path} is {info.st_size} bytes, not {exact_size}: "
+                                 f"it must hold exactly {exact_size} raw bytes (not hex or base64)")
+        limit = exact_size if exact_size is not None else max_size
+        if info.st_size > limit:
+            raise StartupRefused(f"{what} {path} is {info.st_size} bytes, more than {limit}: "
+                                 f"point {option} at the right file")
         data = b""
-        while len(data) <= KEK_SIZE:
-            chunk = os.read(fd, KEK_SIZE + 1 - len(data))
+        while len(data) <= limit:
+            chunk = os.read(fd, limit + 1 - len(data))
             if not chunk:
                 break
             data += chunk
-        if len(data) != KEK_SIZE:
-            raise StartupRefused(f"KEK file {path} changed while being read: it must hold "
-                                 f"exactly {KEK_SIZE} raw bytes")
+        if len(data) > limit or (exact_size is not None and len(data) != exact_size):
+            raise StartupRefused(f"{what} {path} changed while being read: it must hold "
+                                 + (f"exactly {exact_size} raw bytes" if exact_size
+                                    else f"at most {limit} bytes"))
         return data
     finally:
         os.close(fd)
 
 
-class EnvKEK(KEKProvider):
+class EnvKEK(LocalKEK):
     """A KEK read from an environment variable as 64 hex characters; for tests only.
 
     Environment variables leak into child processes and crash reports: production nodes use
