@@ -15,6 +15,10 @@ from sealkv.plugins.api import API_VERSION
 STORAGE_GROUP = "sealkv.storage_layers"
 ADMIN_GROUP = "sealkv.admin_services"
 GROUPS = (STORAGE_GROUP, ADMIN_GROUP)
+# KEK providers are chosen by the encryption plugin's kek_provider option, not enabled as
+# plugins; they are listed beside them so an operator sees what is installed.
+KEK_GROUP = "sealkv.kek_providers"
+KINDS = {STORAGE_GROUP: "storage", ADMIN_GROUP: "admin", KEK_GROUP: "kek"}
 
 
 class PluginError(RuntimeError):
@@ -33,13 +37,13 @@ class InstalledPlugin:
 
     @property
     def kind(self) -> str:
-        return "storage" if self.group == STORAGE_GROUP else "admin"
+        return KINDS[self.group]
 
 
 def installed() -> list[InstalledPlugin]:
-    """Lists every installed plugin entry point, without importing any of them."""
+    """Lists every installed plugin and KEK provider entry point, importing none of them."""
     found = []
-    for group in GROUPS:
+    for group in KINDS:
         for ep in metadata.entry_points(group=group):
             dist = ep.dist
             found.append(InstalledPlugin(group, ep.name, ep.value,
@@ -57,7 +61,7 @@ def load(names: list[str], group: str) -> list[tuple[str, Any]]:
     """Imports the enabled plugins of `group`, in order; returns (name, class) pairs."""
     unknown = [n for n in names if all(_entry_point(g, n) is None for g in GROUPS)]
     if unknown:
-        available = ", ".join(sorted({p.name for p in installed()})) or "none"
+        available = ", ".join(sorted({p.name for p in installed() if p.group in GROUPS})) or "none"
         raise PluginError(f"plugin {unknown[0]!r} is not installed (installed: {available})")
     loaded = []
     for name in names:

@@ -10,8 +10,6 @@ import importlib
 import importlib.metadata
 import json
 import os
-import pathlib
-import shutil
 import subprocess
 import sys
 from concurrent import futures
@@ -21,52 +19,21 @@ import pytest
 
 from sealkv.node.client import Client
 from tests.cluster import Cluster, running_cluster
+from tests.examples import installed_example
 
 pytestmark = pytest.mark.integration
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "examples" / "custom_admin"
 DIST = "sealkv-consistency-admin"
-
-
-def _installed_version():
-    try:
-        return importlib.metadata.version(DIST)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _pip_install(source: pathlib.Path) -> None:
-    base = [sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-            "--disable-pip-version-check"]
-    first = subprocess.run(base + ["--no-build-isolation", str(source)], capture_output=True,
-                           text=True, timeout=300)
-    if first.returncode == 0:
-        return
-    # The environment may lack what a non-isolated build needs: let pip build in isolation.
-    second = subprocess.run(base + [str(source)], capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, (f"pip could not install {source}:\n{first.stderr}\n"
-                                    f"{second.stderr}")
 
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     """Installs examples/custom_admin; returns its (package, pb, pb_grpc) modules."""
-    was_installed = _installed_version() is not None
-    # A copy, so the build leaves no build/ or *.egg-info in the repository.
-    source = tmp_path_factory.mktemp("custom-admin-src") / "custom_admin"
-    shutil.copytree(EXAMPLE, source,
-                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    _pip_install(source)
-    importlib.invalidate_caches()  # the path finders cache directory listings
-    package = importlib.import_module("sealkv_consistency_admin")
-    pb = importlib.import_module("sealkv_consistency_admin.v1.consistency_pb2")
-    pb_grpc = importlib.import_module("sealkv_consistency_admin.v1.consistency_pb2_grpc")
-    yield package, pb, pb_grpc
-    if not was_installed:
-        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", DIST],
-                       capture_output=True, timeout=120)
-        importlib.invalidate_caches()
+    with installed_example("custom_admin", DIST, tmp_path_factory.mktemp("custom-admin-src")):
+        package = importlib.import_module("sealkv_consistency_admin")
+        pb = importlib.import_module("sealkv_consistency_admin.v1.consistency_pb2")
+        pb_grpc = importlib.import_module("sealkv_consistency_admin.v1.consistency_pb2_grpc")
+        yield package, pb, pb_grpc
 
 
 @pytest.fixture(scope="module")
