@@ -19,12 +19,13 @@ import threading
 import time
 from typing import Callable, Optional
 
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
 from sealkv.node.state import commands as cmd
 from sealkv.node import errors
 from sealkv.node.replication import safe_pickle
+from sealkv.node.replication.raft_rules import RaftRulesSyncObj
 from sealkv.node.errors import ApplyHalt, where
 from sealkv.node.replication.membership import MemberRecord, MembershipSnapshot
 from sealkv.node.replication.settings import RaftSettings
@@ -39,8 +40,11 @@ SWITCH_INTERVAL = 0.0005
 DUMP_MAGIC = b"SEALKVD1"
 
 
-class _RaftObject(SyncObj):
-    """The SyncObj with one replicated method; everything else lives in the adapter."""
+class _RaftObject(RaftRulesSyncObj):
+    """The SyncObj with one replicated method; everything else lives in the adapter.
+
+    Its base enforces the Raft rules pysyncobj 0.3.17 breaks (see `raft_rules`).
+    """
 
     def __init__(self, adapter: "ReplicationAdapter", self_node, partners, conf):
         self._adapter = adapter
@@ -51,6 +55,9 @@ class _RaftObject(SyncObj):
     @replicated
     def apply_command(self, command: bytes):
         return self._adapter._apply(command)
+
+    def _on_safety_violation(self, reason: str) -> None:
+        self._adapter._do_halt(reason)
 
     # Adaptive AppendEntries (tick thread only). With appendEntriesUseBatch=False pysyncobj
     # sends one AppendEntries per follower for every command it takes from its queue: a lone
@@ -74,7 +81,7 @@ class _RaftObject(SyncObj):
         if self._coalescing:
             self._send_pending = True
             return
-        SyncObj._SyncObj__sendAppendEntries(self)
+        super()._SyncObj__sendAppendEntries()
 
 
 class _BarrierGroup:

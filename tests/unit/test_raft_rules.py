@@ -1,0 +1,287 @@
+"""The Raft rules sealkv enforces around pysyncobj: the follower's append rule and the
+leader's progress (next index) tracking, driven through a real, un-ticked Raft object."""
+import socket
+
+import pytest
+from pysyncobj import SyncObjConf
+from pysyncobj.journal import MemoryJournal
+from pysyncobj.node import TCPNode
+from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
+
+from sealkv.node.replication import safe_pickle
+from sealkv.node.replication.adapter import ReplicationAdapter, _RaftObject
+from sealkv.node.replication.raft_rules import (CommittedConflict, MalformedAppend,
+                                                plan_append)
+from sealkv.node.state.machine import StateMachine
+from sealkv.node.state.storage.memory import MemoryStore
+
+
+def free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def entry(index: int, term: int, tag: str = "") -> tuple:
+    """A fresh journal entry (a new tuple each call, so identity shows what was kept)."""
+    return (bytes([_COMMAND_TYPE.REGULAR]) + f"{index}/{term}{tag}".encode(), index, term)
+
+
+def membership(index: int, term: int, kind: str, address: str) -> tuple:
+    body = safe_pickle._dumps([kind, address, TCPNode(address)])
+    return (bytes([_COMMAND_TYPE.MEMBERSHIP]) + body, index, term)
+
+
+def journal_of(*entries) -> MemoryJournal:
+    j = MemoryJournal()
+    for e in entries:
+        j.add(*e)
+    return j
+
+
+# -- the pure rule --------------------------------------------------------------------------
+
+
+def test_plan_skips_entries_already_present_with_the_same_term():
+    j = journal_of(*(entry(i, 1) for i in range(1, 8)))
+    plan = plan_append(j, 3, [entry(4, 1), entry(5, 1), entry(6, 1)], commit_index=2)
+    assert plan.truncate_from is None and plan.append == () and plan.last_index == 6
+
+
+def test_plan_appends_only_the_new_tail_of_an_overlapping_message():
+    j = journal_of(*(entry(i, 1) for i in range(1, 6)))
+    new = [entry(i, 1) for i in range(4, 9)]
+    plan = plan_append(j, 3, new, commit_index=5)
+    assert plan.truncate_from is None
+    assert [e[1] for e in plan.append] == [6, 7, 8]
+    assert plan.last_index == 8
+
+
+def test_plan_truncates_from_the_first_conflict_only():
+    j = journal_of(*(entry(i, 1) for i in range(1, 9)))
+    new = [entry(5, 1), entry(6, 2), entry(7, 2)]
+    plan = plan_append(j, 4, new, commit_index=5)
+    assert plan.truncate_from == 6
+    assert [(e[1], e[2]) for e in plan.append] == [(6, 2), (7, 2)]
+    assert plan.last_index == 7
+
+
+def test_plan_refuses_a_conflict_at_or_below_the_commit_index():
+    j = journal_of(*(entry(i, 1) for i in range(1, 9)))
+    for commit in (6, 7):
+        with pytest.raises(CommittedConflict, match="entry 6 conflicts"):
+            plan_append(j, 5, [entry(6, 2)], commit_index=commit)
+
+
+def test_plan_refuses_entries_that_do_not_follow_prev():
+    j = journal_of(entry(1, 1))
+    with pytest.raises(MalformedAppend):
+        plan_append(j, 1, [entry(3, 1)], commit_index=0)
+
+
+# -- a real Raft object, driven message by message ------------------------------------------
+
+
+class HaltRecorder:
+    """Records halt reasons instead of exiting the process, for tests only."""
+
+    def __init__(self):
+        self.reasons = []
+
+    def __call__(self, reason):
+        self.reasons.append(reason)
+
+
+class SentRecorder:
+    """Records what the Raft object sends instead of sending it, for tests only."""
+
+    def __init__(self):
+        self.sent = []
+
+    def __call__(self, node, message):
+        self.sent.append((node.address, message))
+        return True
+
+    def last(self):
+        return self.sent[-1][1]
+
+
+@pytest.fixture
+def raft(tmp_path):
+    """An un-ticked `_RaftObject` (real pysyncobj, real bound port, two silent partners)."""
+    me, leader, other = free_address(), free_address(), free_address()
+    halt = HaltRecorder()
+    adapter = ReplicationAdapter(StateMachine(MemoryStore()), raft_address=me,
+                                 partners=[leader, other], data_dir=str(tmp_path),
+                                 secret="0123456789abcdef", halt=halt)
+    conf = SyncObjConf(autoTick=False, password=adapter.secret, bindAddress=me, useFork=False,
+                       dynamicMembershipChange=True)
+    obj = _RaftObject(adapter, me, [leader, other], conf)
+    adapter._obj = obj
+    sent = SentRecorder()
+    obj._SyncObj__transport.send = sent
+    obj.halt, obj.sent = halt, sent
+    obj.leader, obj.other = TCPNode(leader), TCPNode(other)
+    yield obj
+    obj.destroy()
+
+
+def append(obj, prev, prev_term, entries, commit, term=2):
+    obj._SyncObj__onMessageReceived(obj.leader, {
+        'type': 'append_entries', 'term': term, 'commit_index': commit,
+        'entries': entries, 'prevLogIdx': prev, 'prevLogTerm': prev_term})
+    return obj.sent.last()
+
+
+def log_of(obj):
+    j = obj._SyncObj__raftLog
+    return [j[i] for i in range(len(j))]
+
+
+def test_follower_keeps_matching_entries_of_overlapping_messages(raft):
+    first = [entry(i, 1) for i in range(2, 7)]
+    assert append(raft, 1, 0, first, commit=3) == {
+        'type': 'next_node_idx', 'next_node_idx': 7, 'reset': False, 'success': True}
+    kept = log_of(raft)
+    # The reply to the first message was slow: the leader sends 4..9 again.
+    reply = append(raft, 3, 1, [entry(i, 1, "again") for i in range(4, 10)], commit=5)
+    assert reply['success'] and reply['next_node_idx'] == 10
+    after = log_of(raft)
+    assert [e[1] for e in after] == list(range(1, 10))
+    assert all(a is b for a, b in zip(after[:6], kept))  # 1..6 were never rewritten
+    assert raft.raftCommitIndex == 5
+    assert raft.halt.reasons == []
+
+
+def test_follower_replaces_only_the_conflicting_suffix(raft):
+    append(raft, 1, 0, [entry(i, 1) for i in range(2, 9)], commit=3)
+    before = log_of(raft)
+    reply = append(raft, 4, 1, [entry(5, 1), entry(6, 2, "new"), entry(7, 2, "new")],
+                   commit=3)
+    assert reply['success'] and reply['next_node_idx'] == 8
+    after = log_of(raft)
+    assert [(e[1], e[2]) for e in after] == [(1, 0)] + [(i, 1) for i in range(2, 6)] + [(6, 2), (7, 2)]
+    assert all(a is b for a, b in zip(after[:5], before[:5]))
+    assert after[5][0].endswith(b"new")
+
+
+def test_commit_advances_only_over_entries_the_message_vouched_for(raft):
+    append(raft, 1, 0, [entry(i, 1) for i in range(2, 9)], commit=1)
+    # A heartbeat of a newer leader that has checked only up to index 4.
+    append(raft, 4, 1, [], commit=8, term=3)
+    assert raft.raftCommitIndex == 4
+
+
+def test_conflict_at_or_below_commit_halts_and_removes_nothing(raft):
+    append(raft, 1, 0, [entry(i, 1) for i in range(2, 9)], commit=6)
+    before = log_of(raft)
+    replies = len(raft.sent.sent)
+    append(raft, 4, 1, [entry(5, 1), entry(6, 3, "evil")], commit=6, term=3)
+    assert len(raft.halt.reasons) == 1
+    assert "conflict at or below the commit index" in raft.halt.reasons[0]
+    assert log_of(raft) == before
+    assert len(raft.sent.sent) == replies  # no reply: a halted replica acknowledges nothing
+    # Later messages are ignored too.
+    append(raft, 8, 1, [entry(9, 3)], commit=6, term=3)
+    assert log_of(raft) == before
+
+
+def test_rejections_name_the_refused_prev_and_hint_where_to_go(raft):
+    append(raft, 1, 0, [entry(2, 1), entry(3, 1)], commit=1)
+    assert append(raft, 9, 2, [entry(10, 2)], commit=1) == {
+        'type': 'next_node_idx', 'next_node_idx': 4, 'reset': True, 'success': False,
+        'rejected': 9}
+    assert append(raft, 3, 2, [entry(4, 2)], commit=1) == {
+        'type': 'next_node_idx', 'next_node_idx': 3, 'reset': True, 'success': False,
+        'rejected': 3}
+
+
+def test_membership_changes_are_reversed_only_for_removed_entries(raft):
+    newcomer = free_address()
+    calls = []
+    original = raft._SyncObj__doChangeCluster
+
+    def spy(request, reverse=False):
+        calls.append((request[0], reverse))
+        return original(request, reverse)
+
+    raft._SyncObj__doChangeCluster = spy  # instance attribute: a spy, for tests only
+    append(raft, 1, 0, [entry(2, 1), membership(3, 1, 'add', newcomer), entry(4, 1)], commit=1)
+    assert calls == [('add', False)]
+    assert TCPNode(newcomer) in raft.otherNodes
+    # Overlap: the membership entry is already there and is neither undone nor redone.
+    append(raft, 1, 0, [entry(2, 1), membership(3, 1, 'add', newcomer), entry(4, 1),
+                        entry(5, 1)], commit=2)
+    assert calls == [('add', False)]
+    # A conflict at 3 really removes it: reversed once.
+    append(raft, 2, 1, [entry(3, 2)], commit=2, term=2)
+    assert calls == [('add', False), ('add', True)]
+    assert TCPNode(newcomer) not in raft.otherNodes
+
+
+# -- the leader's view of a follower ----------------------------------------------------------
+
+
+def lead(obj, last_index):
+    for i in range(2, last_index):
+        obj._SyncObj__raftLog.add(*entry(i, 1))
+    obj._SyncObj__setCurrentTerm(2, None)
+    obj._SyncObj__onBecomeLeader()  # appends its no-op at last_index
+    obj._SyncObj__connectedNodes.add(obj.leader)  # the follower under test
+    assert obj._SyncObj__raftState == _RAFT_STATE.LEADER
+
+
+def reply(obj, next_index, success, rejected=None):
+    message = {'type': 'next_node_idx', 'next_node_idx': next_index, 'reset': not success,
+               'success': success}
+    if rejected is not None:
+        message['rejected'] = rejected
+    obj._SyncObj__onMessageReceived(obj.leader, message)
+
+
+def test_a_successful_reply_never_moves_next_index_back(raft):
+    lead(raft, 10)
+    follower = raft.leader
+    nxt, match = raft._SyncObj__raftNextIndex, raft._SyncObj__raftMatchIndex
+    for i in range(11, 16):
+        raft._SyncObj__raftLog.add(*entry(i, 2))
+        raft._SyncObj__sendAppendEntries()
+    assert nxt[follower] == 16
+    reply(raft, 12, True)  # the reply to an early message arrives late
+    assert (nxt[follower], match[follower]) == (16, 11)
+    reply(raft, 16, True)
+    assert (nxt[follower], match[follower]) == (16, 15)
+    sent = [m for a, m in raft.sent.sent if a == follower.address and m['entries']]
+    starts = [m['entries'][0][1] for m in sent]
+    assert starts == sorted(set(starts))  # no entry was sent twice
+
+
+def test_rejection_probes_one_message_at_a_time_and_ignores_stale_rejections(raft):
+    lead(raft, 10)
+    follower = raft.leader
+    nxt = raft._SyncObj__raftNextIndex
+    raft._SyncObj__sendAppendEntries()
+    assert nxt[follower] == 11
+    reply(raft, 6, False, rejected=9)  # follower's log ends at 5
+    assert nxt[follower] == 6
+    reply(raft, 6, False, rejected=10)  # a later in-flight message: stale
+    assert nxt[follower] == 6
+    raft.sent.sent.clear()
+    raft._SyncObj__sendAppendEntries()
+    raft._SyncObj__sendAppendEntries()  # the probe is outstanding: nothing more
+    probes = [m for a, m in raft.sent.sent if a == follower.address]
+    assert len(probes) == 1 and probes[0]['prevLogIdx'] == 5
+    assert nxt[follower] == 6  # a probe does not advance the next index
+    reply(raft, 11, True)
+    raft.sent.sent.clear()
+    raft._SyncObj__raftLog.add(*entry(11, 2))
+    raft._SyncObj__sendAppendEntries()
+    assert nxt[follower] == 12  # replicating (pipelined) again
+
+
+def test_a_rejection_from_a_stock_follower_backs_off_as_pysyncobj_does(raft):
+    lead(raft, 10)
+    follower = raft.leader
+    raft._SyncObj__sendAppendEntries()
+    reply(raft, 7, False)  # no 'rejected' key
+    assert raft._SyncObj__raftNextIndex[follower] == 7
