@@ -6,12 +6,22 @@ enabled by name and in order, and checked against `API_VERSION` when loaded: a p
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from sealkv.node.state.storage.base import Storage
 
 API_VERSION = 1
+
+
+def plugin_data_dir(data_dir: str, plugin_name: str) -> str:
+    """Returns `<data-dir>/<plugin name>`, where a plugin keeps its node-local files.
+
+    A storage layer that writes node-local state keeps it there and nowhere else: a node whose
+    data directory holds a file there refuses to start while that plugin is not enabled.
+    """
+    return os.path.join(data_dir, plugin_name)
 
 
 class StartupRefused(Exception):

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import grpc
 
 from sealkv.node import errors
-from sealkv.node.replication.membership import MembershipSnapshot
-from sealkv.node.replication.membership import MemberRecord
-
-MemberCheck = Callable[[MemberRecord, float], None]
+from sealkv.node.replication.membership import MemberCheck, MemberRecord, MembershipSnapshot
 
 
 class NodeHandle:
@@ -27,7 +24,6 @@ class NodeHandle:
         self._node = node
         self._channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
-        self._member_checks: list[MemberCheck] = []
 
     @property
     def name(self) -> str:
@@ -109,11 +105,7 @@ class NodeHandle:
         A check raises a `SealkvError` (e.g. `FailedPrecondition`) to refuse the member; it
         runs under the membership lock.
         """
-        self._member_checks.append(check)
-
-    def run_member_checks(self, member: MemberRecord, timeout: float) -> None:
-        for check in list(self._member_checks):
-            check(member, timeout)
+        self._node.membership.add_check(check)
 
     def storage_layer(self, name: str) -> Optional[Any]:
         """Returns the enabled storage layer plugin named `name`, or None."""

@@ -1,12 +1,13 @@
 """The KV gRPC service: validation, proposals and reads."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Protocol
 
 from sealkv.node.state import commands as cmd
 from sealkv.node import errors
 from sealkv.node.config import MAX_KEY_BYTES, MAX_RANGE_LIMIT, MAX_VALUE_BYTES
 from sealkv.node.serving.rpc import deadline, rpc_method
+from sealkv.node.state.machine import WriteResult
 from sealkv.node.state.storage.base import Entry
 from sealkv.v1 import kv_pb2, kv_pb2_grpc
 
@@ -40,24 +41,72 @@ def to_kv(key: bytes, entry: Entry, keys_only: bool = False) -> kv_pb2.KeyValue:
                            mod_revision=entry.mod_revision, version=entry.version)
 
 
-class KVService(kv_pb2_grpc.KVServicer):
-    """Serves Put, Get, Delete, Range and CompareAndSwap for one node."""
+class KVReplication(Protocol):
+    """What the KV service needs of the replication adapter.
 
-    def __init__(self, node):
-        self.node = node
+    Called on gRPC worker threads, never on the pysyncobj tick thread. Every wait is bounded
+    by `timeout`; failures are `SealkvError`s from the one error table.
+    """
+
+    @property
+    def term(self) -> int:
+        """The current Raft term as this node knows it (for response headers)."""
+
+    def propose(self, command: bytes, timeout: float) -> WriteResult:
+        """Replicates the encoded command and returns its apply result on this node.
+
+        Raises `Unavailable` (nothing submitted), `Aborted` (certainly not applied),
+        `ResourceExhausted` (queue full) or `OutcomeUnknown` (deadline passed after submission).
+        """
+
+    def barrier(self, timeout: float) -> int:
+        """Waits for a quorum-confirmed no-op proposed after this call began; returns its index.
+
+        Every write acknowledged before the call started is applied on this node on return.
+        """
+
+
+class KVState(Protocol):
+    """What the KV service reads from the state machine (gRPC worker threads, never waits)."""
+
+    def get(self, key: bytes) -> tuple[Optional[Entry], int]:
+        """Returns (the cleartext entry or None, the applied index it reflects)."""
+
+    def range(self, start: bytes, end: Optional[bytes], limit: int,
+              keys_only: bool) -> tuple[list[tuple[bytes, Entry]], int, int]:
+        """Returns (up to `limit` cleartext pairs, the total count, the applied index)."""
+
+    def reveal(self, key: bytes, entry: Optional[Entry]) -> Optional[Entry]:
+        """Decodes an entry as stored (a `WriteResult.prev`) to cleartext."""
+
+
+class KVService(kv_pb2_grpc.KVServicer):
+    """Serves Put, Get, Delete, Range and CompareAndSwap for one node.
+
+    `admit_write(timeout)` runs the storage layers' write admission before a write is
+    proposed; it raises a `SealkvError` to refuse the write.
+    """
+
+    def __init__(self, member_name: str, request_timeout: float, replication: KVReplication,
+                 state: KVState, admit_write: Callable[[float], None]):
+        self._member_name = member_name
+        self._request_timeout = request_timeout
+        self._replication = replication
+        self._state = state
+        self._admit_write = admit_write
 
     def _header(self, revision: int) -> kv_pb2.ResponseHeader:
-        return kv_pb2.ResponseHeader(member_id=self.node.config.name, revision=revision,
-                                     raft_term=self.node.adapter.term)
+        return kv_pb2.ResponseHeader(member_id=self._member_name, revision=revision,
+                                     raft_term=self._replication.term)
 
     def _write(self, command, context):
-        timeout = deadline(context, self.node.config.request_timeout)
-        self.node.admit_write(timeout)
-        return self.node.adapter.propose(cmd.encode(command), timeout)
+        timeout = deadline(context, self._request_timeout)
+        self._admit_write(timeout)
+        return self._replication.propose(cmd.encode(command), timeout)
 
     def _read_point(self, consistency: int, context) -> None:
         if consistency == kv_pb2.LINEARIZABLE:
-            self.node.adapter.barrier(deadline(context, self.node.config.request_timeout))
+            self._replication.barrier(deadline(context, self._request_timeout))
         elif consistency != kv_pb2.SERIALIZABLE:
             raise errors.InvalidArgument(f"unknown consistency {consistency}")
 
@@ -69,14 +118,14 @@ class KVService(kv_pb2_grpc.KVServicer):
         response = kv_pb2.PutResponse(header=self._header(result.revision))
         if request.prev_kv and result.prev is not None:
             response.prev_kv.CopyFrom(to_kv(request.key,
-                                            self.node.state_machine.reveal(request.key, result.prev)))
+                                            self._state.reveal(request.key, result.prev)))
         return response
 
     @rpc_method
     def Get(self, request, context):
         check_key(request.key)
         self._read_point(request.consistency, context)
-        entry, revision = self.node.state_machine.get(request.key)
+        entry, revision = self._state.get(request.key)
         response = kv_pb2.GetResponse(header=self._header(revision), found=entry is not None)
         if entry is not None:
             response.kv.CopyFrom(to_kv(request.key, entry))
@@ -85,13 +134,13 @@ class KVService(kv_pb2_grpc.KVServicer):
     @rpc_method
     def Delete(self, request, context):
         check_key(request.key)
-        timeout = deadline(context, self.node.config.request_timeout)
-        result = self.node.adapter.propose(cmd.encode(cmd.Delete(request.key)), timeout)
+        timeout = deadline(context, self._request_timeout)
+        result = self._replication.propose(cmd.encode(cmd.Delete(request.key)), timeout)
         response = kv_pb2.DeleteResponse(header=self._header(result.revision),
                                          deleted=1 if result.prev is not None else 0)
         if request.prev_kv and result.prev is not None:
             response.prev_kv.CopyFrom(to_kv(request.key,
-                                            self.node.state_machine.reveal(request.key, result.prev)))
+                                            self._state.reveal(request.key, result.prev)))
         return response
 
     @rpc_method
@@ -104,7 +153,7 @@ class KVService(kv_pb2_grpc.KVServicer):
                                          f"{MAX_RANGE_LIMIT}")
         limit = request.limit or MAX_RANGE_LIMIT
         self._read_point(request.consistency, context)
-        pairs, total, revision = self.node.state_machine.range(start, end, limit,
+        pairs, total, revision = self._state.range(start, end, limit,
                                                                request.keys_only)
         return kv_pb2.RangeResponse(header=self._header(revision), count=total,
                                     more=total > len(pairs),
@@ -150,6 +199,6 @@ class KVService(kv_pb2_grpc.KVServicer):
             # On success `current` is the entry as written (plaintext); on failure it is the
             # stored entry, which may be an envelope.
             current = result.current if result.succeeded else \
-                self.node.state_machine.reveal(request.key, result.current)
+                self._state.reveal(request.key, result.current)
             response.kv.CopyFrom(to_kv(request.key, current))
         return response

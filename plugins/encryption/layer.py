@@ -516,17 +516,6 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         return list(range(start, start + count))
 
 
-def refuse_if_sidecar_without_encryption(data_dir: str) -> None:
-    """Raises `StartupRefused` when a sidecar exists but the encryption plugin is disabled.
-
-    The node calls this at start-up when `encryption` is not among the enabled storage layers.
-    """
-    path = sidecar_path(data_dir)
-    if os.path.exists(path):
-        raise StartupRefused(f"{path} exists but the encryption plugin is not enabled: enable "
-                             "it (storage layer 'encryption') with the node's KEK")
-
-
 def _decoded(decoder: Callable[[bytes], Any], body: bytes) -> Any:
     try:
         return decoder(body)

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sealkv.plugins.api import StartupRefused
+from sealkv.plugins.api import StartupRefused, plugin_data_dir
 
 SIDECAR_VERSION = 1
 DIR_NAME = "encryption"
@@ -180,8 +180,8 @@ def _is_uint(value: Any) -> bool:
 
 
 def sidecar_dir(data_dir: str) -> str:
-    """Returns `<data-dir>/encryption`."""
-    return os.path.join(data_dir, DIR_NAME)
+    """Returns `<data-dir>/encryption`, the plugin's data directory (`plugin_data_dir`)."""
+    return plugin_data_dir(data_dir, DIR_NAME)
 
 
 def sidecar_path(data_dir: str) -> str:

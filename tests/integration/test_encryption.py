@@ -81,7 +81,7 @@ def test_start_up_refusals_name_the_fix(make_cluster, tmp_path):
     assert "kek" in out.lower()
 
     out = start_fails(cluster, victim)  # no encryption at all on a node holding a sidecar
-    assert "encryption is not enabled" in out and "--encryption" in out
+    assert "encryption is not enabled" in out and "--plugins encryption" in out
 
     # None of the refusals harmed the node: with its own KEK it starts and serves.
     cluster.start_node(victim)

@@ -14,9 +14,8 @@ from sealkv.plugins.api import PluginContext, StartupRefused
 from sealkv.plugins.encryption import commands as c
 from sealkv.plugins.encryption.commands import RegisterCommand, WriterRow
 from sealkv.plugins.encryption.keystore import KeyConflict, KeyStore
-from sealkv.plugins.encryption.layer import (
-    EncryptionLayerPlugin, refuse_if_sidecar_without_encryption,
-)
+from sealkv.node.data_dir import DataDirError, refuse_disabled_plugin_data
+from sealkv.plugins.encryption.layer import EncryptionLayerPlugin
 from sealkv.plugins.encryption.nonce import full_node_id
 from sealkv.plugins.encryption.sidecar import read_sidecar
 
@@ -238,8 +237,10 @@ def test_prepare_start_refusals(tmp_path, kek_file):
     os.chmod(other, 0o600)
     with pytest.raises(StartupRefused, match="cannot unwrap"):
         make_plugin(tmp_path, str(other))
-    with pytest.raises(StartupRefused, match="not enabled"):
-        refuse_if_sidecar_without_encryption(str(tmp_path / "data-a"))
+    # The sidecar lives in the plugin's data directory, which the node refuses to ignore.
+    refuse_disabled_plugin_data(str(tmp_path / "data-a"), ["encryption"], ["encryption"])
+    with pytest.raises(DataDirError, match="encryption is not enabled"):
+        refuse_disabled_plugin_data(str(tmp_path / "data-a"), [], ["encryption"])
 
 
 def test_keystore_refuses_overwrite_and_hides_bytes():
