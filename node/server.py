@@ -78,7 +78,7 @@ class Node:
             self.adapter = ReplicationAdapter(
                 self.state_machine, raft_address=config.raft, partners=config.partners,
                 data_dir=os.path.join(config.data_dir, "raft"), secret=secret,
-                settings=config.raft_settings)
+                settings=config.raft_settings, payload_codec=self._payload_codec())
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
         self.membership = Membership(self.adapter, self.state_machine.member_directory,
@@ -86,6 +86,15 @@ class Node:
         self.status_view = NodeStatus(config, self.adapter, self.state_machine.member_directory,
                                       self.membership.leader_grpc_address, self.plugin_names,
                                       LearnerProbe(config.name, self.handle.channel))
+
+    def _payload_codec(self):
+        """The payload codec of the first storage layer offering one (the optional capability
+        `payload_codec()`: the encryption plugin's raft-log envelope), else None."""
+        for plugin in self.storage_plugins:
+            make = getattr(plugin, "payload_codec", None)
+            if make is not None:
+                return make()
+        return None
 
     def _self_record(self) -> MemberRecord:
         role = cmd.ROLE_LEARNER if self.config.learner else cmd.ROLE_VOTER

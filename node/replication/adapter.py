@@ -20,7 +20,9 @@ import time
 from typing import Callable, Optional
 
 from pysyncobj import FAIL_REASON, SyncObjConf, replicated
+from pysyncobj import pickle as raft_pickle
 from pysyncobj.node import TCPNode
+from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 
 from sealkv.node.state import commands as cmd
 from sealkv.node import errors
@@ -28,6 +30,7 @@ from sealkv.node.replication import safe_pickle
 from sealkv.node.replication.raft_rules import RaftRulesSyncObj
 from sealkv.node.errors import ApplyHalt, where
 from sealkv.node.replication.membership import MemberRecord, MembershipSnapshot
+from sealkv.node.replication.payload_codec import IdentityCodec, PayloadCodec
 from sealkv.node.replication.settings import RaftSettings
 from sealkv.node.state.machine import StateMachine
 
@@ -50,7 +53,11 @@ class _RaftObject(RaftRulesSyncObj):
         self._adapter = adapter
         self._coalescing = False
         self._send_pending = False
+        adapter._obj = self  # the tick thread starts inside __init__ and may call back
         super().__init__(self_node, partners, conf)
+        if adapter.codec.gates_appends:
+            self._SyncObj__commandsQueue = _GatedQueue(self._SyncObj__commandsQueue, self,
+                                                       adapter.codec)
 
     @replicated
     def apply_command(self, command: bytes):
@@ -84,6 +91,64 @@ class _RaftObject(RaftRulesSyncObj):
         super()._SyncObj__sendAppendEntries()
 
 
+def _payload_of(command: bytes) -> Optional[bytes]:
+    """Returns the payload of a pysyncobj REGULAR command (our one replicated method's only
+    argument), or None for anything else."""
+    if command[:1] != bytes((_COMMAND_TYPE.REGULAR,)):
+        return None
+    try:
+        call = raft_pickle.loads(command[1:])
+    except Exception:  # not ours to judge: pysyncobj decodes it again at apply
+        return None
+    if isinstance(call, tuple) and len(call) == 2 and len(call[1]) == 1 \
+            and isinstance(call[1][0], bytes):
+        return call[1][0]
+    return None
+
+
+class _GatedQueue:
+    """pysyncobj's proposal queue with the payload codec's append gate (tick thread only).
+
+    On the leader, every proposal taken from the queue, local or forwarded by a follower, is
+    shown to `codec.admit_append` with the log index it is about to get; a refused one is
+    answered REQUEST_DENIED (the proposer's `propose` raises a retryable `Unavailable`) and
+    never reaches the log.
+    """
+
+    def __init__(self, inner, raft: "_RaftObject", codec: PayloadCodec):
+        self._inner = inner
+        self._raft = raft
+        self._codec = codec
+        self.denied = 0
+
+    def put_nowait(self, item) -> None:
+        self._inner.put_nowait(item)
+
+    def get_nowait(self):
+        while True:
+            command, callback = self._inner.get_nowait()
+            raft = self._raft
+            if raft._SyncObj__raftState != _RAFT_STATE.LEADER:
+                return command, callback
+            payload = _payload_of(command)
+            if payload is None:
+                return command, callback
+            reason = self._codec.admit_append(raft._SyncObj__getCurrentLogIndex() + 1, payload)
+            if reason is None:
+                return command, callback
+            self.denied += 1
+            if self.denied % 100 == 1:
+                log.warning("refused a proposal at the leader (%d so far): %s", self.denied,
+                            reason)
+            if isinstance(callback, tuple):
+                node, request_id = callback
+                raft._SyncObj__transport.send(node, {
+                    "type": "apply_command_response", "request_id": request_id,
+                    "error": FAIL_REASON.REQUEST_DENIED})
+            elif callback is not None:
+                callback(None, FAIL_REASON.REQUEST_DENIED)
+
+
 class _BarrierGroup:
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -97,12 +162,14 @@ class ReplicationAdapter:
     def __init__(self, state_machine: StateMachine, *, raft_address: Optional[str],
                  partners: list[str], data_dir: str, secret: Optional[str],
                  settings: Optional[RaftSettings] = None,
-                 halt: Optional[Callable[[str], None]] = None):
+                 halt: Optional[Callable[[str], None]] = None,
+                 payload_codec: Optional[PayloadCodec] = None):
         """Prepares (does not start) the Raft member.
 
         `raft_address` is this voter's host:port (bound exactly, never all interfaces), or
         None for a learner, which only follows `partners`. A node with partners refuses to
-        start without a cluster `secret`.
+        start without a cluster `secret`. `payload_codec` seals proposals and opens entries
+        (the raft-log envelope); the default is the identity.
         """
         self.sm = state_machine
         self.raft_address = raft_address
@@ -115,6 +182,7 @@ class ReplicationAdapter:
                              "raft port carries pickled data that only the secret authenticates")
         self.secret = secret
         self.halt = halt or _exit_halt
+        self.codec: PayloadCodec = payload_codec or IdentityCodec()
         self.membership_lock = threading.RLock()
         self._obj: Optional[_RaftObject] = None
         self._barrier_lock = threading.Lock()
@@ -153,6 +221,7 @@ class ReplicationAdapter:
             logCompactionMinTime=s.log_compaction_min_time,
             commandsQueueSize=s.commands_queue_size,
             maxBindRetries=5,
+            onStateChanged=self._on_state_changed,
         )
         self._obj = _RaftObject(self, self.raft_address, self.partners, conf)
 
@@ -185,14 +254,26 @@ class ReplicationAdapter:
 
     # -- apply (tick thread) ----------------------------------------------------------
 
-    def _apply(self, command: bytes):
+    def _apply(self, payload: bytes):
         index = self._obj.raftLastApplied + 1
         try:
-            return self.sm.apply(index, command)
+            return self.sm.apply(index, self.codec.open(index, payload))
         except ApplyHalt as exc:
             self._do_halt(str(exc))
         except BaseException as exc:  # apply must never raise into pysyncobj
             self._do_halt(f"entry {index}: unexpected {type(exc).__name__} at {where(exc)}")
+
+    def _on_state_changed(self, old: int, new: int) -> None:
+        # Tick thread. A new leader shows the codec its unapplied suffix (a cutover marker in
+        # it re-arms the append gate); a node that stops leading drops what it had armed.
+        obj = self._obj
+        if new == _RAFT_STATE.LEADER and obj is not None:
+            entries = obj._SyncObj__getEntries(obj.raftLastApplied + 1)
+            unapplied = [(e[1], p) for e, p in ((e, _payload_of(e[0])) for e in entries)
+                         if p is not None]
+            self.codec.on_leadership(True, unapplied)
+        elif old == _RAFT_STATE.LEADER:
+            self.codec.on_leadership(False, ())
 
     def _do_halt(self, reason: str) -> None:
         self._halted = True
@@ -209,6 +290,7 @@ class ReplicationAdapter:
         """
         deadline = time.monotonic() + timeout
         self._require_leader(deadline)
+        payload = self.codec.seal(command, max(0.0, deadline - time.monotonic()))
         done = threading.Event()
         box: list = []
 
@@ -216,14 +298,14 @@ class ReplicationAdapter:
             box.append((result, reason))
             done.set()
 
-        self._obj.apply_command(command, callback=on_result)
+        self._obj.apply_command(payload, callback=on_result)
         if not done.wait(max(0.0, deadline - time.monotonic())):
             raise errors.OutcomeUnknown(
                 f"outcome unknown: not committed within {timeout:.1f}s (it may still apply)")
         result, reason = box[0]
         if reason == FAIL_REASON.SUCCESS:
             return result
-        raise _failure(reason)
+        raise _proposal_failure(reason)
 
     def propose_async(self, command: bytes,
                       on_done: Callable[[object, Optional[errors.SealkvError]], None]) -> None:
@@ -235,9 +317,9 @@ class ReplicationAdapter:
         deadline of their own.
         """
         def on_result(result, reason):
-            on_done(result, None if reason == FAIL_REASON.SUCCESS else _failure(reason))
+            on_done(result, None if reason == FAIL_REASON.SUCCESS else _proposal_failure(reason))
 
-        self._obj.apply_command(command, callback=on_result)
+        self._obj.apply_command(self.codec.seal(command, 0.0), callback=on_result)
 
     def _require_leader(self, deadline: float) -> None:
         if self._halted:
@@ -439,6 +521,15 @@ def _copy_dict(d: dict) -> dict:
         except RuntimeError:
             continue
     return {}
+
+
+def _proposal_failure(reason: int) -> errors.SealkvError:
+    # For a regular proposal REQUEST_DENIED only ever comes from the payload codec's append
+    # gate: nothing was appended, a retry is safe.
+    if reason == FAIL_REASON.REQUEST_DENIED:
+        return errors.Unavailable("the leader refused the proposal (a raft-log envelope cutover"
+                                  " is in progress); it was not applied: retry")
+    return _failure(reason)
 
 
 def _failure(reason: int) -> errors.SealkvError:

@@ -48,7 +48,8 @@ from .state import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncryptionAdmin"].full_name
-BUILD_VERSION = f"sealkv {__version__}; envelope v{envelope.VERSION}; storage envelope"
+BUILD_VERSION = (f"sealkv {__version__}; envelope v{envelope.VERSION}; storage envelope; "
+                 "raft envelope")
 FANOUT_DEADLINE = 5.0
 MUTATOR_TIMEOUT = 15.0
 # Time kept back from a request's deadline for what follows the fan-out (propose, apply).
@@ -170,6 +171,8 @@ class EncryptionAdminPlugin(AdminPlugin):
         response.local_epoch = min(epoch or 0, MAX_EPOCH)
         response.reason = self._incapable_reason(layer, state, epoch)
         response.encryption_capable = not response.reason
+        response.raft_envelope_cutover_index = state.raft_cutover_index
+        response.raft_wrap_installed = layer.raft_codec.wrap_installed
         return response
 
     def _incapable_reason(self, layer: Any, state: EncryptionState,
@@ -428,10 +431,77 @@ class EncryptionAdminService(pb_grpc.EncryptionAdminServicer):
                 cutover_index=state.storage_cutover_index, was_already_active=False,
                 capability_summary=capability_rows(result), storage_key_id=command.dek_id)
 
+    @rpc_method
     def EnableRaftEnvelope(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "EnableRaftEnvelope is not implemented yet: the raft envelope cutover is a "
-                      "later issue; only the storage envelope (EnableStorageEnvelope) exists")
+        plugin = self.plugin
+        with self._leader_mutation(context) as (end, layer):
+            state = plugin.state_of(layer)
+            if not state.bootstrapped:
+                raise errors.FailedPrecondition(
+                    "encryption is not bootstrapped: run BootstrapEncryption first (the cutover "
+                    "never bootstraps implicitly)")
+            if state.raft_envelope_active:
+                return _raft_already_active(state)
+            codec = layer.raft_codec
+
+            def cut_over(_snapshot):
+                try:
+                    command = layer.cutover_command(PURPOSE_RAFT)
+                except AlreadyActive:
+                    return None, None
+                # The intake barrier: proposals on this node wait until the marker's outcome
+                # is known; anything already queued is appended before the marker.
+                codec.close_intake()
+                try:
+                    return command, plugin.propose(command, end)
+                except errors.OutcomeUnknown:
+                    raise  # intake stays closed until the marker applies or leadership moves
+                except BaseException:
+                    codec.reopen_intake()  # refused before it was appended: nothing changed
+                    raise
+
+            try:
+                result, (command, applied) = plugin.run_checked(end, "raft envelope cutover",
+                                                                cut_over)
+                state = plugin.state_of(layer)
+                if command is None or applied.outcome is Outcome.ALREADY_ACTIVE:
+                    return _raft_already_active(state)
+                if (applied.outcome is not Outcome.APPLIED or not state.raft_envelope_active
+                        or state.active_raft_id != command.dek_id):
+                    raise errors.FailedPrecondition(
+                        "a key rotation raced the raft envelope cutover; nothing was enabled: "
+                        "retry")
+                pending = self._wait_wraps_installed(result, end)
+            finally:
+                # Known outcomes reopen here or when the marker applies (`cutover_applied`);
+                # an unknown one keeps the intake closed until the marker applies.
+                if plugin.state_of(layer).raft_envelope_active:
+                    codec.reopen_intake()
+            log.info("raft envelope active above index %d (key %d); %d members still to "
+                     "install the wrap", state.raft_cutover_index, command.dek_id, len(pending))
+            return pb.EnableRaftEnvelopeResponse(
+                cutover_index=state.raft_cutover_index, was_already_active=False,
+                capability_summary=capability_rows(result), raft_key_id=command.dek_id,
+                wrap_pending=pending)
+
+    def _wait_wraps_installed(self, result: FanOutResult, end: float) -> list[str]:
+        """Waits (bounded by the request deadline, at most FANOUT_DEADLINE) until every probed
+        member reports the raft wrap installed; returns the members that did not."""
+        pending = {v.member: v for v in result.verdicts}
+        wait_end = min(end - 0.2, time.monotonic() + FANOUT_DEADLINE)
+        while pending and time.monotonic() < wait_end:
+            for name, verdict in list(pending.items()):
+                try:
+                    answer = pb_grpc.EncryptionAdminStub(self.handle.channel(verdict.address)) \
+                        .GetCapability(pb.GetCapabilityRequest(),
+                                       timeout=max(0.1, min(1.0, wait_end - time.monotonic())))
+                except grpc.RpcError:
+                    continue
+                if answer.raft_wrap_installed:
+                    del pending[name]
+            if pending:
+                time.sleep(0.05)  # pacing between polls of remote members
+        return sorted(pending)
 
     # ---- node-local ---------------------------------------------------------------------------
 
@@ -450,6 +520,12 @@ class EncryptionAdminService(pb_grpc.EncryptionAdminServicer):
             return pb.ResyncSidecarResponse(raft_applied_index=index,
                                             keys=_key_infos(sidecar) if sidecar else [],
                                             node_name=self.handle.name)
+
+
+def _raft_already_active(state: EncryptionState) -> pb.EnableRaftEnvelopeResponse:
+    return pb.EnableRaftEnvelopeResponse(cutover_index=state.raft_cutover_index,
+                                         was_already_active=True,
+                                         raft_key_id=state.active_raft_id)
 
 
 def _already_active(state: EncryptionState) -> pb.EnableStorageEnvelopeResponse:

@@ -37,11 +37,11 @@ def _summary(rows) -> tuple[list, list]:
 
 @click.group()
 def encryption():
-    """Encryption at rest: status, bootstrap, storage envelope cutover, key rotation."""
+    """Encryption at rest: status, bootstrap, envelope cutovers, key rotation, re-encryption."""
 
 
 STATUS_HEADERS = ["endpoint", "name", "capable", "epoch", "active storage", "active raft",
-                  "envelope", "cutover", "keys", "reason"]
+                  "envelope", "cutover", "raft envelope", "keys", "reason"]
 
 
 @encryption.command()
@@ -70,6 +70,8 @@ def status(c: Ctx, cluster):
                      cap.local_epoch, side.active_storage_key_id or "-",
                      side.active_raft_key_id or "-", envelope,
                      side.storage_envelope_cutover_index or "-",
+                     f"above {cap.raft_envelope_cutover_index}"
+                     if cap.raft_envelope_cutover_index else "off",
                      ",".join(map(str, key_ids)) or "-", cap.reason or "-"])
         data.append({
             "endpoint": target, "name": cap.node_name, "capable": cap.encryption_capable,
@@ -81,6 +83,7 @@ def status(c: Ctx, cluster):
             "storage_envelope_active": side.storage_envelope_active,
             "storage_envelope_cutover_index": side.storage_envelope_cutover_index,
             "raft_envelope_cutover_index": side.raft_envelope_cutover_index,
+            "raft_wrap_installed": cap.raft_wrap_installed,
             "keys": [{"key_id": k.key_id, "purpose": k.purpose, "created": k.created,
                       "local_epoch": k.local_epoch} for k in side.keys],
         })
@@ -120,6 +123,27 @@ def enable_storage_envelope(c: Ctx):
     emit(c.write_out, SUMMARY_HEADERS, table, data)
     click.echo(f"storage envelope active from index {r.cutover_index} "
                f"(storage key {r.storage_key_id})")
+
+
+@encryption.command(name="enable-raft-envelope")
+@pass_ctx
+def enable_raft_envelope(c: Ctx):
+    """Seals every later Raft log entry with the raft data key, once every member is capable."""
+    r = _call(c, "EnableRaftEnvelope", pb.EnableRaftEnvelopeRequest())
+    table, data = _summary(r.capability_summary)
+    if c.write_out == "json":
+        emit_json({"cutover_index": r.cutover_index, "was_already_active": r.was_already_active,
+                   "raft_key_id": r.raft_key_id, "wrap_pending": list(r.wrap_pending),
+                   "capability_summary": data})
+        return
+    if r.was_already_active:
+        click.echo(f"raft envelope was already active since index {r.cutover_index}")
+        return
+    emit(c.write_out, SUMMARY_HEADERS, table, data)
+    click.echo(f"raft envelope active above index {r.cutover_index} (raft key {r.raft_key_id})")
+    if r.wrap_pending:
+        click.echo(f"not yet confirmed by: {', '.join(r.wrap_pending)} (they seal once they "
+                   "apply the cutover entry)", err=True)
 
 
 @encryption.command(name="rotate-dek")

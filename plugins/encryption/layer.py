@@ -26,6 +26,7 @@ from sealkv.plugins.api import PluginContext, StartupRefused, StorageLayerPlugin
 
 from . import commands, envelope
 from .core_dumps import disable_core_dumps
+from .raft_envelope import RaftPayloadCodec
 from .commands import (
     BootstrapCommand, CommandDecodeError, RegisterCommand, RotationCommand, WriterRow,
 )
@@ -145,6 +146,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         self._cond = threading.Condition(threading.RLock())
         self._stopping = threading.Event()
         self._register_thread: Optional[threading.Thread] = None
+        self.raft_codec = RaftPayloadCodec(self.state, self.keystore, self.nonce_factory)
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -324,6 +326,11 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         """Returns the envelope layer over `inner`."""
         return EncryptionStorage(inner, self.state, self.keystore, self.nonce_factory)
 
+    def payload_codec(self) -> RaftPayloadCodec:
+        """The raft-log envelope (the optional `payload_codec` capability the node hands to
+        its replication adapter)."""
+        return self.raft_codec
+
     def nonce_factory(self, dek_id: int) -> NonceFactory:
         """Returns this process's nonce factory for `dek_id` (its epoch is already durable)."""
         with self._cond:
@@ -372,6 +379,8 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
             if result.outcome is Outcome.APPLIED:
                 self._persist()
             self._cond.notify_all()
+        if command.sub_tag == commands.SUB_ENABLE_RAFT:
+            self.raft_codec.cutover_applied(index)
         return result
 
     def _install(self, key_id: int, purpose: int, wrapped: bytes) -> None:

@@ -69,6 +69,31 @@ class EncryptionAdminStub:
                 request_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.EnableRaftEnvelopeRequest.SerializeToString,
                 response_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.EnableRaftEnvelopeResponse.FromString,
                 _registered_method=True)
+        self.StartReencryption = channel.unary_unary(
+                '/sealkv.v1.EncryptionAdmin/StartReencryption',
+                request_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.StartReencryptionRequest.SerializeToString,
+                response_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.ReencryptionStatus.FromString,
+                _registered_method=True)
+        self.GetReencryptionStatus = channel.unary_unary(
+                '/sealkv.v1.EncryptionAdmin/GetReencryptionStatus',
+                request_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.GetReencryptionStatusRequest.SerializeToString,
+                response_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.ReencryptionStatus.FromString,
+                _registered_method=True)
+        self.RetireDEK = channel.unary_unary(
+                '/sealkv.v1.EncryptionAdmin/RetireDEK',
+                request_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.RetireDEKRequest.SerializeToString,
+                response_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.RetireDEKResponse.FromString,
+                _registered_method=True)
+        self.GetKeyUsage = channel.unary_unary(
+                '/sealkv.v1.EncryptionAdmin/GetKeyUsage',
+                request_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.GetKeyUsageRequest.SerializeToString,
+                response_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.GetKeyUsageResponse.FromString,
+                _registered_method=True)
+        self.Compact = channel.unary_unary(
+                '/sealkv.v1.EncryptionAdmin/Compact',
+                request_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.CompactRequest.SerializeToString,
+                response_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.CompactResponse.FromString,
+                _registered_method=True)
         self.ResyncSidecar = channel.unary_unary(
                 '/sealkv.v1.EncryptionAdmin/ResyncSidecar',
                 request_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.ResyncSidecarRequest.SerializeToString,
@@ -122,7 +147,46 @@ class EncryptionAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EnableRaftEnvelope(self, request, context):
-        """Not implemented yet (answers UNIMPLEMENTED): the raft envelope is a later issue.
+        """Leader only: the raft-log envelope cutover: the same capability gate, then the intake
+        barrier, the cleartext marker entry, the wrap installed on every node. Idempotent like
+        EnableStorageEnvelope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartReencryption(self, request, context):
+        """Leader only: starts (or resumes) the re-encryption job; returns at once with its status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReencryptionStatus(self, request, context):
+        """Any node: the replicated job status (rate and eta from the leader's measurement).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireDEK(self, request, context):
+        """Leader only: removes a data key no stored value and no retained log entry of any member
+        uses (FAILED_PRECONDITION with the count of users otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyUsage(self, request, context):
+        """Any node: what on this node still uses a key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Compact(self, request, context):
+        """Compacts this node (cluster = false) or every member (cluster = true): a new snapshot and
+        a new journal, each written to a new file, fsynced, renamed, directory fsynced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +236,31 @@ def add_EncryptionAdminServicer_to_server(servicer, server):
                     servicer.EnableRaftEnvelope,
                     request_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.EnableRaftEnvelopeRequest.FromString,
                     response_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.EnableRaftEnvelopeResponse.SerializeToString,
+            ),
+            'StartReencryption': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartReencryption,
+                    request_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.StartReencryptionRequest.FromString,
+                    response_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.ReencryptionStatus.SerializeToString,
+            ),
+            'GetReencryptionStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReencryptionStatus,
+                    request_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.GetReencryptionStatusRequest.FromString,
+                    response_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.ReencryptionStatus.SerializeToString,
+            ),
+            'RetireDEK': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireDEK,
+                    request_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.RetireDEKRequest.FromString,
+                    response_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.RetireDEKResponse.SerializeToString,
+            ),
+            'GetKeyUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyUsage,
+                    request_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.GetKeyUsageRequest.FromString,
+                    response_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.GetKeyUsageResponse.SerializeToString,
+            ),
+            'Compact': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compact,
+                    request_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.CompactRequest.FromString,
+                    response_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.CompactResponse.SerializeToString,
             ),
             'ResyncSidecar': grpc.unary_unary_rpc_method_handler(
                     servicer.ResyncSidecar,
@@ -368,6 +457,141 @@ class EncryptionAdmin:
             '/sealkv.v1.EncryptionAdmin/EnableRaftEnvelope',
             sealkv_dot_v1_dot_encryption__admin__pb2.EnableRaftEnvelopeRequest.SerializeToString,
             sealkv_dot_v1_dot_encryption__admin__pb2.EnableRaftEnvelopeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartReencryption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealkv.v1.EncryptionAdmin/StartReencryption',
+            sealkv_dot_v1_dot_encryption__admin__pb2.StartReencryptionRequest.SerializeToString,
+            sealkv_dot_v1_dot_encryption__admin__pb2.ReencryptionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReencryptionStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealkv.v1.EncryptionAdmin/GetReencryptionStatus',
+            sealkv_dot_v1_dot_encryption__admin__pb2.GetReencryptionStatusRequest.SerializeToString,
+            sealkv_dot_v1_dot_encryption__admin__pb2.ReencryptionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireDEK(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealkv.v1.EncryptionAdmin/RetireDEK',
+            sealkv_dot_v1_dot_encryption__admin__pb2.RetireDEKRequest.SerializeToString,
+            sealkv_dot_v1_dot_encryption__admin__pb2.RetireDEKResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealkv.v1.EncryptionAdmin/GetKeyUsage',
+            sealkv_dot_v1_dot_encryption__admin__pb2.GetKeyUsageRequest.SerializeToString,
+            sealkv_dot_v1_dot_encryption__admin__pb2.GetKeyUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealkv.v1.EncryptionAdmin/Compact',
+            sealkv_dot_v1_dot_encryption__admin__pb2.CompactRequest.SerializeToString,
+            sealkv_dot_v1_dot_encryption__admin__pb2.CompactResponse.FromString,
             options,
             channel_credentials,
             insecure,
