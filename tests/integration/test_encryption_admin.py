@@ -199,10 +199,10 @@ def test_storage_envelope_cutover_behind_the_capability_fan_out(make_cluster, tm
             wait_for(lambda: sidecar_state(cluster, name).storage_envelope_cutover_index
                      == cutover, 10, f"{name} sidecar records the cutover")
 
-        # The raft envelope is a later issue.
-        with pytest.raises(errors.SealkvError) as unimplemented:
-            admin(c, "EnableRaftEnvelope")
-        assert "not implemented" in unimplemented.value.message
+        # The raft envelope follows through the same gate.
+        raft = admin(c, "EnableRaftEnvelope", timeout=15)
+        assert raft.cutover_index > cutover and not raft.was_already_active
+        assert sorted(r.member for r in raft.capability_summary) == ["n1", "n2", "n3"]
 
         # After the cutover, an incapable node cannot be added; nothing changes.
         wait_for(lambda: plain.status("n1").is_leader, 20, "plain node up")
