@@ -106,6 +106,9 @@ _BY_CODE = {
 }
 
 
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
 def _never_sent(details: str) -> bool:
     # gRPC's wording when no connection could be established (the request never left).
     details = (details or "").lower()
@@ -120,6 +123,26 @@ def abort_with(context: grpc.ServicerContext, error: SealkvError) -> None:
         metadata.append((LEADER_METADATA_KEY, error.leader))
     context.set_trailing_metadata(tuple(metadata))
     context.abort(error.code, error.message)
+
+
+def to_status(error: SealkvError) -> tuple[int, str, str]:
+    """Returns (gRPC code number, message, leader or "") for one request of a batch stream."""
+    return error.code.value[0], error.message, error.leader or ""
+
+
+def from_status(code: int, message: str, leader: str = "") -> SealkvError:
+    """Returns the typed exception for one failed request of a batch stream.
+
+    The inverse of `to_status`: the node answered, so UNAVAILABLE means nothing was
+    submitted and DEADLINE_EXCEEDED means the outcome is unknown.
+    """
+    status = _CODE_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    if status == grpc.StatusCode.FAILED_PRECONDITION and leader:
+        return NotLeader(message or "not the leader", leader=leader)
+    cls = _BY_CODE.get(status, SealkvError)
+    result = cls(message or status.name, leader=leader or None)
+    result.code = status
+    return result
 
 
 def from_rpc_error(error: grpc.RpcError) -> SealkvError:

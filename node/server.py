@@ -16,6 +16,7 @@ from sealkv.node import file_modes, plugin_loader
 from sealkv.node.config import MAX_VALUE_BYTES, NodeConfig
 from sealkv.node.data_dir import DataDirError, DataDirLock, refuse_disabled_plugin_data
 from sealkv.node.replication.adapter import ReplicationAdapter
+from sealkv.node.replication.proposer import Proposer
 from sealkv.node.replication.membership import MemberRecord, Membership, raft_id
 from sealkv.node.serving.cluster_service import ClusterService
 from sealkv.node.serving.handle import NodeHandle
@@ -83,6 +84,11 @@ class Node:
             raise StartupError(str(exc)) from exc
         self.membership = Membership(self.adapter, self.state_machine.member_directory,
                                      config.raft, config.request_timeout)
+        # Every KV write and linearizable read goes through the proposer: concurrent ones
+        # share Raft entries.
+        self.proposer = Proposer(self.adapter, lost_after=2 * config.request_timeout)
+        self.kv_service = KVService(config.name, config.request_timeout, self.proposer,
+                                    self.state_machine, self.admit_write)
         self.status_view = NodeStatus(config, self.adapter, self.state_machine.member_directory,
                                       self.membership.leader_grpc_address, self.plugin_names,
                                       LearnerProbe(config.name, self.handle.channel))
@@ -143,9 +149,7 @@ class Node:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", 64 * 1024 * 1024),
                      ("grpc.so_reuseport", 0)])
-        kv_pb2_grpc.add_KVServicer_to_server(
-            KVService(self.config.name, self.config.request_timeout, self.adapter,
-                      self.state_machine, self.admit_write), server)
+        kv_pb2_grpc.add_KVServicer_to_server(self.kv_service, server)
         cluster_pb2_grpc.add_ClusterServicer_to_server(
             ClusterService(self.config.name, self.config.request_timeout, self.status,
                            self.membership, self.state_machine), server)
@@ -193,7 +197,10 @@ class Node:
 
     def status(self) -> dict:
         """Returns this node's view of the cluster (see Cluster.Status)."""
-        return self.status_view.status()
+        counters = self.kv_service.batches.counters
+        return {**self.status_view.status(), "kv_counters": {
+            "batch_messages": counters.messages, "batch_requests": counters.requests,
+            "entries": self.proposer.entries, "entry_commands": self.proposer.commands}}
 
     def plugin_names(self) -> list[str]:
         return [f"storage:{p.name}" for p in self.storage_plugins] \

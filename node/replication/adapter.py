@@ -321,6 +321,14 @@ class ReplicationAdapter:
 
         self._obj.apply_command(self.codec.seal(command, 0.0), callback=on_result)
 
+    def wait_leader(self, deadline: float) -> None:
+        """Waits until a leader is known (`deadline` on the monotonic clock).
+
+        Raises `Unavailable` when none is known by then or this node has halted. Called
+        from request threads before submitting, never from the tick thread.
+        """
+        self._require_leader(deadline)
+
     def _require_leader(self, deadline: float) -> None:
         if self._halted:
             raise errors.Unavailable("node halted")

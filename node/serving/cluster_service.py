@@ -46,7 +46,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             commit_index=s["commit_index"], applied_index=s["applied_index"],
             has_quorum=s["has_quorum"], is_leader=s["is_leader"],
             members=[member_pb(m) for m in s["members"]], plugins=s["plugins"],
-            version=s["version"], config_version=s["config_version"], log_size=s["log_size"])
+            version=s["version"], config_version=s["config_version"], log_size=s["log_size"],
+            kv_counters=cluster_pb2.KVCounters(**s["kv_counters"]))
 
     def _members(self):
         s = self._status()

@@ -6,6 +6,7 @@ from typing import Callable, Optional, Protocol
 from sealkv.node.state import commands as cmd
 from sealkv.node import errors
 from sealkv.node.config import MAX_KEY_BYTES, MAX_RANGE_LIMIT, MAX_VALUE_BYTES
+from sealkv.node.serving.batch_service import BatchService
 from sealkv.node.serving.rpc import deadline, rpc_method
 from sealkv.node.state.machine import WriteResult
 from sealkv.node.state.storage.base import Entry
@@ -80,104 +81,54 @@ class KVState(Protocol):
         """Decodes an entry as stored (a `WriteResult.prev`) to cleartext."""
 
 
-class KVService(kv_pb2_grpc.KVServicer):
-    """Serves Put, Get, Delete, Range and CompareAndSwap for one node.
+class KVOps:
+    """The KV requests of one node, apart from how they arrive (unary RPC or batch stream).
 
-    `admit_write(timeout)` runs the storage layers' write admission before a write is
-    proposed; it raises a `SealkvError` to refuse the write.
+    `*_command` validates a write request and returns its encoded command (raising
+    InvalidArgument); `*_response` builds the answer from the command's apply result;
+    `check_get`/`check_range` validate a read and say whether it needs the read barrier;
+    `get` and `range` read the local state (the caller has passed the read point first).
+    Called from gRPC worker threads, never from the tick thread.
     """
 
-    def __init__(self, member_name: str, request_timeout: float, replication: KVReplication,
-                 state: KVState, admit_write: Callable[[float], None]):
+    def __init__(self, member_name: str, replication: KVReplication, state: KVState):
         self._member_name = member_name
-        self._request_timeout = request_timeout
         self._replication = replication
         self._state = state
-        self._admit_write = admit_write
 
-    def _header(self, revision: int) -> kv_pb2.ResponseHeader:
+    def header(self, revision: int) -> kv_pb2.ResponseHeader:
         return kv_pb2.ResponseHeader(member_id=self._member_name, revision=revision,
                                      raft_term=self._replication.term)
 
-    def _write(self, command, context):
-        timeout = deadline(context, self._request_timeout)
-        self._admit_write(timeout)
-        return self._replication.propose(cmd.encode(command), timeout)
-
-    def _read_point(self, consistency: int, context) -> None:
-        if consistency == kv_pb2.LINEARIZABLE:
-            self._replication.barrier(deadline(context, self._request_timeout))
-        elif consistency != kv_pb2.SERIALIZABLE:
-            raise errors.InvalidArgument(f"unknown consistency {consistency}")
-
-    @rpc_method
-    def Put(self, request, context):
-        check_key(request.key)
-        check_value(request.value)
-        result = self._write(cmd.Put(request.key, request.value), context)
-        response = kv_pb2.PutResponse(header=self._header(result.revision))
+    def _prev_kv(self, response, request, result: WriteResult) -> None:
         if request.prev_kv and result.prev is not None:
             response.prev_kv.CopyFrom(to_kv(request.key,
                                             self._state.reveal(request.key, result.prev)))
-        return response
-
-    @rpc_method
-    def Get(self, request, context):
-        check_key(request.key)
-        self._read_point(request.consistency, context)
-        entry, revision = self._state.get(request.key)
-        response = kv_pb2.GetResponse(header=self._header(revision), found=entry is not None)
-        if entry is not None:
-            response.kv.CopyFrom(to_kv(request.key, entry))
-        return response
-
-    @rpc_method
-    def Delete(self, request, context):
-        check_key(request.key)
-        timeout = deadline(context, self._request_timeout)
-        result = self._replication.propose(cmd.encode(cmd.Delete(request.key)), timeout)
-        response = kv_pb2.DeleteResponse(header=self._header(result.revision),
-                                         deleted=1 if result.prev is not None else 0)
-        if request.prev_kv and result.prev is not None:
-            response.prev_kv.CopyFrom(to_kv(request.key,
-                                            self._state.reveal(request.key, result.prev)))
-        return response
-
-    @rpc_method
-    def Range(self, request, context):
-        start, end = self._range_bounds(request)
-        if request.limit < 0:
-            raise errors.InvalidArgument("limit must not be negative")
-        if request.limit > MAX_RANGE_LIMIT:
-            raise errors.InvalidArgument(f"limit is {request.limit}; the maximum is "
-                                         f"{MAX_RANGE_LIMIT}")
-        limit = request.limit or MAX_RANGE_LIMIT
-        self._read_point(request.consistency, context)
-        pairs, total, revision = self._state.range(start, end, limit,
-                                                               request.keys_only)
-        return kv_pb2.RangeResponse(header=self._header(revision), count=total,
-                                    more=total > len(pairs),
-                                    kvs=[to_kv(k, e, request.keys_only) for k, e in pairs])
 
     @staticmethod
-    def _range_bounds(request) -> tuple[bytes, Optional[bytes]]:
-        if request.prefix:
-            if request.range_end:
-                raise errors.InvalidArgument("set either prefix or range_end, not both")
-            if len(request.key) > MAX_KEY_BYTES:
-                check_key(request.key)
-            return request.key, prefix_end(request.key)
-        if request.range_end == b"\0":
-            return request.key, None
+    def put_command(request) -> bytes:
         check_key(request.key)
-        if not request.range_end:
-            return request.key, request.key + b"\0"
-        if request.range_end <= request.key:
-            raise errors.InvalidArgument("range_end must be greater than key")
-        return request.key, request.range_end
+        check_value(request.value)
+        return cmd.encode(cmd.Put(request.key, request.value))
 
-    @rpc_method
-    def CompareAndSwap(self, request, context):
+    def put_response(self, request, result: WriteResult) -> kv_pb2.PutResponse:
+        response = kv_pb2.PutResponse(header=self.header(result.revision))
+        self._prev_kv(response, request, result)
+        return response
+
+    @staticmethod
+    def delete_command(request) -> bytes:
+        check_key(request.key)
+        return cmd.encode(cmd.Delete(request.key))
+
+    def delete_response(self, request, result: WriteResult) -> kv_pb2.DeleteResponse:
+        response = kv_pb2.DeleteResponse(header=self.header(result.revision),
+                                         deleted=1 if result.prev is not None else 0)
+        self._prev_kv(response, request, result)
+        return response
+
+    @staticmethod
+    def compare_and_swap_command(request) -> bytes:
         check_key(request.key)
         check_value(request.value)
         which = request.WhichOneof("expected")
@@ -186,14 +137,16 @@ class KVService(kv_pb2_grpc.KVServicer):
         if which == "must_not_exist":
             if not request.must_not_exist:
                 raise errors.InvalidArgument("must_not_exist, when set, must be true")
-            command = cmd.CompareAndSwap(request.key, request.value, cmd.CAS_MUST_NOT_EXIST, 0)
-        else:
-            if request.expected_mod_revision <= 0:
-                raise errors.InvalidArgument("expected_mod_revision must be positive")
-            command = cmd.CompareAndSwap(request.key, request.value, cmd.CAS_BY_REVISION,
-                                         request.expected_mod_revision)
-        result = self._write(command, context)
-        response = kv_pb2.CompareAndSwapResponse(header=self._header(result.revision),
+            return cmd.encode(cmd.CompareAndSwap(request.key, request.value,
+                                                 cmd.CAS_MUST_NOT_EXIST, 0))
+        if request.expected_mod_revision <= 0:
+            raise errors.InvalidArgument("expected_mod_revision must be positive")
+        return cmd.encode(cmd.CompareAndSwap(request.key, request.value, cmd.CAS_BY_REVISION,
+                                             request.expected_mod_revision))
+
+    def compare_and_swap_response(self, request,
+                                  result: WriteResult) -> kv_pb2.CompareAndSwapResponse:
+        response = kv_pb2.CompareAndSwapResponse(header=self.header(result.revision),
                                                  succeeded=result.succeeded)
         if result.current is not None:
             # On success `current` is the entry as written (plaintext); on failure it is the
@@ -202,3 +155,115 @@ class KVService(kv_pb2_grpc.KVServicer):
                 self._state.reveal(request.key, result.current)
             response.kv.CopyFrom(to_kv(request.key, current))
         return response
+
+    @staticmethod
+    def check_consistency(consistency: int) -> bool:
+        """Returns whether a read needs the read barrier; InvalidArgument when unknown."""
+        if consistency == kv_pb2.LINEARIZABLE:
+            return True
+        if consistency != kv_pb2.SERIALIZABLE:
+            raise errors.InvalidArgument(f"unknown consistency {consistency}")
+        return False
+
+    @staticmethod
+    def check_get(request) -> bool:
+        check_key(request.key)
+        return KVOps.check_consistency(request.consistency)
+
+    def get(self, request) -> kv_pb2.GetResponse:
+        entry, revision = self._state.get(request.key)
+        response = kv_pb2.GetResponse(header=self.header(revision), found=entry is not None)
+        if entry is not None:
+            response.kv.CopyFrom(to_kv(request.key, entry))
+        return response
+
+    @staticmethod
+    def check_range(request) -> bool:
+        range_bounds(request)
+        if request.limit < 0:
+            raise errors.InvalidArgument("limit must not be negative")
+        if request.limit > MAX_RANGE_LIMIT:
+            raise errors.InvalidArgument(f"limit is {request.limit}; the maximum is "
+                                         f"{MAX_RANGE_LIMIT}")
+        return KVOps.check_consistency(request.consistency)
+
+    def range(self, request) -> kv_pb2.RangeResponse:
+        start, end = range_bounds(request)
+        pairs, total, revision = self._state.range(start, end, request.limit or MAX_RANGE_LIMIT,
+                                                   request.keys_only)
+        return kv_pb2.RangeResponse(header=self.header(revision), count=total,
+                                    more=total > len(pairs),
+                                    kvs=[to_kv(k, e, request.keys_only) for k, e in pairs])
+
+
+def range_bounds(request) -> tuple[bytes, Optional[bytes]]:
+    """Returns [start, end) of a RangeRequest (end None: no bound); InvalidArgument if bad."""
+    if request.prefix:
+        if request.range_end:
+            raise errors.InvalidArgument("set either prefix or range_end, not both")
+        if len(request.key) > MAX_KEY_BYTES:
+            check_key(request.key)
+        return request.key, prefix_end(request.key)
+    if request.range_end == b"\0":
+        return request.key, None
+    check_key(request.key)
+    if not request.range_end:
+        return request.key, request.key + b"\0"
+    if request.range_end <= request.key:
+        raise errors.InvalidArgument("range_end must be greater than key")
+    return request.key, request.range_end
+
+
+class KVService(kv_pb2_grpc.KVServicer):
+    """Serves Put, Get, Delete, Range and CompareAndSwap for one node, and the Batch stream.
+
+    `admit_write(timeout)` runs the storage layers' write admission before a write is
+    proposed; it raises a `SealkvError` to refuse the write. The Batch stream also needs
+    `replication` to be a `Proposer` (`submit`, `withdraw`, `wait_leader`).
+    """
+
+    def __init__(self, member_name: str, request_timeout: float, replication: KVReplication,
+                 state: KVState, admit_write: Callable[[float], None]):
+        self._request_timeout = request_timeout
+        self._replication = replication
+        self._admit_write = admit_write
+        self.ops = KVOps(member_name, replication, state)
+        self.batches = BatchService(self.ops, replication, request_timeout,
+                                    lambda timeout: self._admit_write(timeout))
+
+    def _write(self, command: bytes, context, admit: bool = True):
+        timeout = deadline(context, self._request_timeout)
+        if admit:  # deletes carry no plaintext: nothing for a storage layer to admit
+            self._admit_write(timeout)
+        return self._replication.propose(command, timeout)
+
+    def _read_point(self, linearizable: bool, context) -> None:
+        if linearizable:
+            self._replication.barrier(deadline(context, self._request_timeout))
+
+    @rpc_method
+    def Put(self, request, context):
+        return self.ops.put_response(request, self._write(self.ops.put_command(request), context))
+
+    @rpc_method
+    def Get(self, request, context):
+        self._read_point(self.ops.check_get(request), context)
+        return self.ops.get(request)
+
+    @rpc_method
+    def Delete(self, request, context):
+        return self.ops.delete_response(
+            request, self._write(self.ops.delete_command(request), context, admit=False))
+
+    @rpc_method
+    def Range(self, request, context):
+        self._read_point(self.ops.check_range(request), context)
+        return self.ops.range(request)
+
+    @rpc_method
+    def CompareAndSwap(self, request, context):
+        return self.ops.compare_and_swap_response(
+            request, self._write(self.ops.compare_and_swap_command(request), context))
+
+    def Batch(self, request_iterator, context):
+        return self.batches.serve(request_iterator, context)

@@ -23,15 +23,20 @@ def rpc_method(fn):
     def wrapper(self, request, context):
         try:
             return fn(self, request, context)
-        except errors.SealkvError as exc:
-            error = exc
-        except Exception as exc:  # a bug: answer INTERNAL, never leak details
-            log.error("internal error in %s: %s at %s", fn.__name__, type(exc).__name__,
-                      where(exc))
-            error = errors.Internal(f"internal error in {fn.__name__}")
+        except Exception as exc:
+            error = as_sealkv_error(exc, fn.__name__)
         errors.abort_with(context, error)
 
     return wrapper
+
+
+def as_sealkv_error(exc: Exception, what: str) -> errors.SealkvError:
+    """Returns `exc` if it is a `SealkvError`, else logs it (type and place) as INTERNAL."""
+    if isinstance(exc, errors.SealkvError):
+        return exc
+    # A bug: answer INTERNAL, never leak details (a message could carry a value).
+    log.error("internal error in %s: %s at %s", what, type(exc).__name__, where(exc))
+    return errors.Internal(f"internal error in {what}")
 
 
 def deadline(context: grpc.ServicerContext, default: float) -> float:

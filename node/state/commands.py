@@ -13,6 +13,8 @@ Core opcodes (0x03-0x0F are reserved for the encryption plugin, 0x40-0x7F for ot
 | 0x10   | CAS           | mode u8 (0 revision, 1 must not exist), expected u64, key_len  |
 |        |               | u16, key, value (the rest)                                     |
 | 0x11   | BARRIER       | nothing: a no-op that linearizable reads wait for              |
+| 0x12   | BATCH         | count u16 (1..MAX_BATCH_COMMANDS), then per command: len u32,  |
+|        |               | the command (PUT, DELETE, CAS or BARRIER, version byte incl.)  |
 | 0x20   | MEMBER_SET    | role u8, then three u16-length strings: name, raft, grpc       |
 | 0x21   | MEMBER_REMOVE | name_len u16, name                                             |
 """
@@ -27,10 +29,15 @@ OP_PUT = 0x01
 OP_DELETE = 0x02
 OP_CAS = 0x10
 OP_BARRIER = 0x11
+OP_BATCH = 0x12
 OP_MEMBER_SET = 0x20
 OP_MEMBER_REMOVE = 0x21
 
-CORE_OPCODES = frozenset({OP_PUT, OP_DELETE, OP_CAS, OP_BARRIER, OP_MEMBER_SET, OP_MEMBER_REMOVE})
+CORE_OPCODES = frozenset({OP_PUT, OP_DELETE, OP_CAS, OP_BARRIER, OP_BATCH, OP_MEMBER_SET,
+                          OP_MEMBER_REMOVE})
+# What a BATCH may carry: the key-value commands, never membership, plugin or nested batches.
+BATCHABLE_OPCODES = frozenset({OP_PUT, OP_DELETE, OP_CAS, OP_BARRIER})
+MAX_BATCH_COMMANDS = 4096
 
 CAS_BY_REVISION = 0
 CAS_MUST_NOT_EXIST = 1
@@ -39,6 +46,7 @@ ROLE_VOTER = 1
 ROLE_LEARNER = 2
 
 _U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
 _CAS_HEAD = struct.Struct(">BQH")
 
 
@@ -71,6 +79,16 @@ class Barrier:
 
 
 @dataclass(frozen=True, slots=True)
+class Batch:
+    """Key-value commands (Put, Delete, CompareAndSwap, Barrier) applied in order as one entry.
+
+    A proposer that holds the sub-commands already encoded calls `encode_batch` directly.
+    """
+
+    commands: tuple
+
+
+@dataclass(frozen=True, slots=True)
 class MemberSet:
     name: str
     raft_address: str
@@ -100,12 +118,31 @@ def encode(command) -> bytes:
                 + command.key + command.value)
     if isinstance(command, Barrier):
         return bytes((OP_BARRIER, BODY_V1))
+    if isinstance(command, Batch):
+        return encode_batch([encode(c) for c in command.commands])
     if isinstance(command, MemberSet):
         return (bytes((OP_MEMBER_SET, BODY_V1, command.role)) + _string(command.name)
                 + _string(command.raft_address) + _string(command.grpc_address))
     if isinstance(command, MemberRemove):
         return bytes((OP_MEMBER_REMOVE, BODY_V1)) + _string(command.name)
     raise TypeError(f"not a core command: {type(command).__name__}")
+
+
+def encode_batch(commands) -> bytes:
+    """Returns the BATCH command carrying `commands` (encoded PUT/DELETE/CAS/BARRIER bytes).
+
+    Raises ValueError for an empty or oversized batch or a command a batch may not carry:
+    the proposer checks here, before anything reaches the log.
+    """
+    if not 1 <= len(commands) <= MAX_BATCH_COMMANDS:
+        raise ValueError(f"a batch carries 1..{MAX_BATCH_COMMANDS} commands, not {len(commands)}")
+    parts = [bytes((OP_BATCH, BODY_V1)), _U16.pack(len(commands))]
+    for command in commands:
+        if not command or command[0] not in BATCHABLE_OPCODES:
+            raise ValueError("a batch carries only PUT, DELETE, CAS and BARRIER commands")
+        parts.append(_U32.pack(len(command)))
+        parts.append(command)
+    return b"".join(parts)
 
 
 class _Reader:
@@ -167,6 +204,17 @@ def decode(command: bytes):
         result = CompareAndSwap(key, r.rest(), mode, expected)
     elif opcode == OP_BARRIER:
         result = Barrier()
+    elif opcode == OP_BATCH:
+        count = r.u16()
+        if not 1 <= count <= MAX_BATCH_COMMANDS:
+            raise CommandError(f"batch count {count} is outside 1..{MAX_BATCH_COMMANDS}")
+        subs = []
+        for _ in range(count):
+            sub = r.take(_U32.unpack(r.take(4))[0])
+            if not sub or sub[0] not in BATCHABLE_OPCODES:
+                raise CommandError("a batch carries a command that may not be batched")
+            subs.append(decode(sub))  # all decode exactly before anything applies
+        result = Batch(tuple(subs))
     elif opcode == OP_MEMBER_SET:
         role = r.u8()
         if role not in (ROLE_VOTER, ROLE_LEARNER):

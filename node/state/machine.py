@@ -106,6 +106,11 @@ class StateMachine:
             return WriteResult(index, prev, current=entry)
         if isinstance(command, cmd.Barrier):
             return WriteResult(index)
+        if isinstance(command, cmd.Batch):
+            # One entry, one apply call (so one storage transaction wherever the store commits
+            # per entry); one result per sub-command, in order. A failed compare is a result,
+            # not a failure of the batch. Every sub-command decoded before the first applies.
+            return tuple(self._apply_core(index, sub) for sub in command.commands)
         if isinstance(command, cmd.MemberSet):
             self.members[command.name] = MemberRecord(command.name, command.raft_address,
                                                       command.grpc_address, command.role)

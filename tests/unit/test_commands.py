@@ -19,6 +19,8 @@ CORE_COMMANDS = [
     cmd.MemberSet("learner-1", "", "127.0.0.1:9004", cmd.ROLE_LEARNER),
     cmd.MemberSet("nœud-é", "h:1", "h:2", cmd.ROLE_VOTER),
     cmd.MemberRemove("n2"),
+    cmd.Batch((cmd.Put(b"a", b"1"), cmd.Delete(b"b"),
+               cmd.CompareAndSwap(b"c", b"3", cmd.CAS_MUST_NOT_EXIST, 0), cmd.Barrier())),
 ]
 
 
@@ -75,7 +77,7 @@ def test_decode_refuses_every_truncation(command):
 
 @pytest.mark.parametrize("command", [
     cmd.Delete(b"k"), cmd.Barrier(), cmd.MemberSet("n1", "a:1", "b:2", cmd.ROLE_VOTER),
-    cmd.MemberRemove("n1"),
+    cmd.MemberRemove("n1"), cmd.Batch((cmd.Put(b"k", b"v"),)),
 ], ids=lambda c: type(c).__name__)
 def test_decode_refuses_trailing_bytes(command):
     with pytest.raises(cmd.CommandError, match="trailing"):
@@ -110,6 +112,44 @@ def test_decode_refuses_unknown_member_role(role):
 def test_decode_refuses_non_utf8_names(wire):
     with pytest.raises(cmd.CommandError, match="UTF-8"):
         cmd.decode(wire)
+
+
+def test_batch_wire_layout_is_stable():
+    assert cmd.encode(cmd.Batch((cmd.Put(b"ab", b"xy"), cmd.Barrier()))) == (
+        b"\x12\x01\x00\x02" + b"\x00\x00\x00\x08\x01\x01\x00\x02abxy" + b"\x00\x00\x00\x02\x11\x01")
+    assert cmd.encode_batch([b"\x11\x01"]) == b"\x12\x01\x00\x01\x00\x00\x00\x02\x11\x01"
+
+
+@pytest.mark.parametrize("inner", [
+    cmd.MemberRemove("n1"), cmd.MemberSet("n1", "a:1", "b:2", cmd.ROLE_VOTER),
+    cmd.Batch((cmd.Put(b"k", b"v"),)),
+], ids=lambda c: type(c).__name__)
+def test_batch_refuses_membership_and_nested_batches(inner):
+    sub = cmd.encode(inner)
+    with pytest.raises(ValueError, match="only PUT"):
+        cmd.encode_batch([sub])
+    wire = b"\x12\x01\x00\x01" + struct.pack(">I", len(sub)) + sub
+    with pytest.raises(cmd.CommandError, match="may not be batched"):
+        cmd.decode(wire)
+
+
+def test_batch_refuses_plugin_opcodes_and_bad_counts():
+    with pytest.raises(ValueError, match="only PUT"):
+        cmd.encode_batch([b"\x40\x01"])
+    with pytest.raises(ValueError, match="1.."):
+        cmd.encode_batch([])
+    with pytest.raises(ValueError, match="1.."):
+        cmd.encode_batch([b"\x11\x01"] * (cmd.MAX_BATCH_COMMANDS + 1))
+    for count in (0, cmd.MAX_BATCH_COMMANDS + 1):
+        with pytest.raises(cmd.CommandError, match="outside"):
+            cmd.decode(b"\x12\x01" + struct.pack(">H", count))
+
+
+def test_batch_with_a_bad_sub_command_does_not_decode():
+    bad = b"\x01\x01\x00\x09k"  # PUT whose key length runs past its end
+    with pytest.raises(cmd.CommandError, match="truncated"):
+        cmd.decode(b"\x12\x01\x00\x02" + struct.pack(">I", 2) + b"\x11\x01"
+                   + struct.pack(">I", len(bad)) + bad)
 
 
 @settings(max_examples=2000, deadline=None)

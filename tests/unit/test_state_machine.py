@@ -205,6 +205,62 @@ def test_member_directory_is_a_copy():
     assert sm.member_directory()[0] == {"n1": N1}
 
 
+# -- batches ------------------------------------------------------------------------------
+
+
+def batch(*commands):
+    return cmd.encode(cmd.Batch(tuple(commands)))
+
+
+def test_batch_applies_in_order_with_one_result_per_command():
+    sm = make()
+    put(sm, 3, b"old", b"x")
+    results = sm.apply(7, batch(cmd.Put(b"a", b"1"), cmd.Put(b"a", b"2"), cmd.Delete(b"old"),
+                                cmd.Delete(b"never"), cmd.Barrier()))
+    assert len(results) == 5
+    assert [r.revision for r in results] == [7] * 5
+    assert results[0].prev is None and results[1].prev == Entry(b"1", 7, 7, 1)
+    assert results[2].succeeded and results[2].prev == Entry(b"x", 3, 3, 1)
+    assert not results[3].succeeded
+    assert sm.get(b"a") == (Entry(b"2", 7, 7, 2), 7)
+    assert sm.get(b"old") == (None, 7)
+    assert sm.applied_index == 7
+
+
+def test_cas_failure_inside_a_batch_leaves_siblings_applied():
+    sm = make()
+    put(sm, 2, b"k", b"v")
+    results = sm.apply(5, batch(
+        cmd.CompareAndSwap(b"k", b"lost", cmd.CAS_BY_REVISION, 1),      # stale: fails
+        cmd.Put(b"other", b"o"),
+        cmd.CompareAndSwap(b"k", b"won", cmd.CAS_BY_REVISION, 2),       # current: succeeds
+        cmd.CompareAndSwap(b"k", b"late", cmd.CAS_BY_REVISION, 2)))     # now stale: fails
+    assert [r.succeeded for r in results] == [False, True, True, False]
+    assert results[0].current == Entry(b"v", 2, 2, 1)
+    assert results[3].current == Entry(b"won", 2, 5, 2)
+    assert sm.get(b"k")[0].value == b"won" and sm.get(b"other")[0].value == b"o"
+
+
+def test_undecodable_batch_halts_before_applying_any_sub_command():
+    sm = make()
+    good = cmd.encode(cmd.Put(b"a", b"1"))
+    wire = (b"\x12\x01\x00\x02" + len(good).to_bytes(4, "big") + good
+            + (5).to_bytes(4, "big") + b"\x01\x01\x00")
+    with pytest.raises(ApplyHalt, match="undecodable"):
+        sm.apply(4, wire)
+    assert sm.get(b"a") == (None, 0) and sm.applied_index == 0
+
+
+def test_batch_and_single_commands_reach_the_same_state():
+    one, many = make(), make()
+    commands = [cmd.Put(b"a", b"1"), cmd.Put(b"b", b"2"), cmd.Delete(b"a"),
+                cmd.CompareAndSwap(b"c", b"3", cmd.CAS_MUST_NOT_EXIST, 0)]
+    for c in commands:
+        one.apply(9, cmd.encode(c))
+    many.apply(9, batch(*commands))
+    assert one.digest() == many.digest()
+
+
 # -- halts --------------------------------------------------------------------------------
 
 

@@ -59,6 +59,11 @@ class KVStub:
                 request_serializer=sealkv_dot_v1_dot_kv__pb2.CompareAndSwapRequest.SerializeToString,
                 response_deserializer=sealkv_dot_v1_dot_kv__pb2.CompareAndSwapResponse.FromString,
                 _registered_method=True)
+        self.Batch = channel.stream_stream(
+                '/sealkv.v1.KV/Batch',
+                request_serializer=sealkv_dot_v1_dot_kv__pb2.BatchRequest.SerializeToString,
+                response_deserializer=sealkv_dot_v1_dot_kv__pb2.BatchResponse.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -94,6 +99,16 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Batch(self, request_iterator, context):
+        """Many requests on one stream: each answered by id, out of order, with its own status.
+        Concurrent writes (from every stream and unary call) share Raft entries; linearizable
+        reads share one read barrier. The stream itself ends with an error only when the node
+        stops or the caller may not use KV at all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +136,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.CompareAndSwap,
                     request_deserializer=sealkv_dot_v1_dot_kv__pb2.CompareAndSwapRequest.FromString,
                     response_serializer=sealkv_dot_v1_dot_kv__pb2.CompareAndSwapResponse.SerializeToString,
+            ),
+            'Batch': grpc.stream_stream_rpc_method_handler(
+                    servicer.Batch,
+                    request_deserializer=sealkv_dot_v1_dot_kv__pb2.BatchRequest.FromString,
+                    response_serializer=sealkv_dot_v1_dot_kv__pb2.BatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +278,33 @@ class KV:
             '/sealkv.v1.KV/CompareAndSwap',
             sealkv_dot_v1_dot_kv__pb2.CompareAndSwapRequest.SerializeToString,
             sealkv_dot_v1_dot_kv__pb2.CompareAndSwapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Batch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sealkv.v1.KV/Batch',
+            sealkv_dot_v1_dot_kv__pb2.BatchRequest.SerializeToString,
+            sealkv_dot_v1_dot_kv__pb2.BatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

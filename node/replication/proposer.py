@@ -1,0 +1,230 @@
+"""The proposer: one Raft entry for every group of concurrent key-value writes.
+
+Every write of the node (unary handlers and batch streams alike) and every linearizable read
+goes through one `Proposer`. A lone request leaves at once, with no timer; requests that
+arrive while an entry is in flight wait and leave together, as one BATCH entry, when it
+completes (group commit). An entry carries at most `max_commands` commands and about
+`max_bytes` bytes (a larger single command travels alone). Reads waiting for a barrier share
+the next entry: with writes in it, it is their barrier; without, a BARRIER is proposed.
+
+Threading contract: `submit`, `propose` and `barrier` are called from gRPC worker threads,
+never from the pysyncobj tick thread. `on_done` callbacks run on the tick thread (or on the
+submitting thread when nothing could be submitted) and must be short: hand the result to
+another thread, never block.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Optional
+
+from sealkv.node import errors
+from sealkv.node.errors import where
+from sealkv.node.state import commands as cmd
+
+log = logging.getLogger(__name__)
+
+OnDone = Callable[[object, Optional[errors.SealkvError]], None]
+
+MAX_ENTRY_COMMANDS = 512
+# Below pysyncobj's appendEntriesBatchSizeBytes (64 KiB), whose chunked path is slow.
+MAX_ENTRY_BYTES = 32 * 1024
+MAX_IN_FLIGHT = 1
+_BARRIER = cmd.encode(cmd.Barrier())
+
+
+class _Request:
+    __slots__ = ("command", "on_done", "deadline", "state")
+
+    def __init__(self, command: Optional[bytes], on_done: OnDone, deadline: float):
+        self.command = command  # None: a read waiting for the next entry
+        self.on_done = on_done
+        self.deadline = deadline
+        self.state = "pending"  # -> "sent" or "withdrawn"
+
+
+class _Entry:
+    __slots__ = ("requests", "lost_at", "live")
+
+    def __init__(self, requests: list[_Request], lost_after: float):
+        self.requests = requests
+        # Once every request in it has passed its deadline, nobody waits for the entry any
+        # more: a missing callback then no longer holds back the entries after it.
+        self.lost_at = min(time.monotonic() + lost_after, max(r.deadline for r in requests))
+        self.live = True  # False once abandoned as lost (an orphaned pysyncobj callback)
+
+
+class Proposer:
+    """Coalesces concurrent proposals into Raft entries (see the module docstring)."""
+
+    def __init__(self, adapter, *, max_commands: int = MAX_ENTRY_COMMANDS,
+                 max_bytes: int = MAX_ENTRY_BYTES, max_in_flight: int = MAX_IN_FLIGHT,
+                 lost_after: float = 10.0):
+        """`adapter` is the `ReplicationAdapter` (`propose_async`, `wait_leader`).
+
+        An entry whose callback has not come after `lost_after` seconds is taken as lost
+        (pysyncobj can orphan callbacks): its requests time out on their own deadlines and
+        new entries may leave.
+        """
+        self.adapter = adapter
+        self.max_commands = max_commands
+        self.max_bytes = max_bytes
+        self.max_in_flight = max_in_flight
+        self.lost_after = lost_after
+        self._lock = threading.Lock()
+        self._pending: list[_Request] = []
+        self._in_flight: list[_Entry] = []
+        # Counters, for Status and tests: entries proposed and commands they carried.
+        self.entries = 0
+        self.commands = 0
+
+    @property
+    def term(self) -> int:
+        """The current Raft term as this node knows it (the KV service's response headers)."""
+        return self.adapter.term
+
+    def wait_leader(self, deadline: float) -> None:
+        """Waits until a leader is known; raises `Unavailable` when none is by `deadline`."""
+        self.adapter.wait_leader(deadline)
+
+    # -- submitting -------------------------------------------------------------------
+
+    def submit(self, command: Optional[bytes], on_done: OnDone, deadline: float) -> _Request:
+        """Queues `command` (None: wait for the next entry, as a read barrier).
+
+        `on_done(result, error)` is called exactly once unless the request is withdrawn:
+        `result` is the command's apply result (for a barrier, a result whose `revision` is
+        the entry's index), `error` the `SealkvError` that `ReplicationAdapter.propose` would
+        raise. `deadline` (monotonic) is when the caller stops waiting. The caller waits for
+        a leader first (`adapter.wait_leader`).
+        """
+        request = _Request(command, on_done, deadline)
+        with self._lock:
+            self._pending.append(request)
+            entry = self._take_locked()
+        if entry is not None:
+            self._send(entry)
+        return request
+
+    def withdraw(self, request: _Request) -> bool:
+        """Removes a request not yet proposed; returns False when it already left."""
+        with self._lock:
+            if request.state != "pending":
+                return False
+            request.state = "withdrawn"
+            self._pending.remove(request)
+            return True
+
+    def propose(self, command: bytes, timeout: float):
+        """Replicates `command` in the next entry and returns its apply result (blocking).
+
+        Errors as `ReplicationAdapter.propose`; a request still waiting for the previous
+        entry when the deadline passes is withdrawn and answered `Unavailable` (nothing
+        was proposed).
+        """
+        return self._wait(command, timeout)
+
+    def barrier(self, timeout: float) -> int:
+        """Waits until an entry proposed after this call has applied here; returns its index."""
+        return self._wait(None, timeout).revision
+
+    def _wait(self, command: Optional[bytes], timeout: float):
+        deadline = time.monotonic() + timeout
+        self.wait_leader(deadline)
+        done = threading.Event()
+        box: list = []
+
+        def on_done(result, error):
+            box.append((result, error))
+            done.set()
+
+        request = self.submit(command, on_done, deadline)
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            if self.withdraw(request):
+                raise errors.Unavailable(f"not proposed within {timeout:.1f}s: the previous "
+                                         "entry has not committed; nothing was applied")
+            what = "read barrier not confirmed" if command is None else \
+                "outcome unknown: not committed"
+            raise errors.OutcomeUnknown(f"{what} within {timeout:.1f}s (it may still apply)")
+        result, error = box[0]
+        if error is not None:
+            raise error
+        return result
+
+    # -- entries ----------------------------------------------------------------------
+
+    def _take_locked(self) -> Optional[_Entry]:
+        if not self._pending:
+            return None
+        if len(self._in_flight) >= self.max_in_flight:
+            oldest = self._in_flight[0]
+            if time.monotonic() < oldest.lost_at:
+                return None
+            oldest.live = False
+            self._in_flight.pop(0)
+        size = count = 0
+        cut = 0
+        for cut, request in enumerate(self._pending):
+            n = 0 if request.command is None else len(request.command)
+            if count and (count + 1 > self.max_commands or size + n > self.max_bytes):
+                break
+            size += n
+            count += 1
+        else:
+            cut = len(self._pending)
+        taken, self._pending = self._pending[:cut], self._pending[cut:]
+        for request in taken:
+            request.state = "sent"
+        entry = _Entry(taken, self.lost_after)
+        self._in_flight.append(entry)
+        return entry
+
+    def _send(self, entry: _Entry) -> None:
+        writes = [r.command for r in entry.requests if r.command is not None]
+        if not writes:
+            payload = _BARRIER
+        elif len(writes) == 1:
+            payload = writes[0]
+        else:
+            payload = cmd.encode_batch(writes)
+        self.entries += 1
+        self.commands += len(writes)
+        try:
+            self.adapter.propose_async(payload, lambda result, error: self._done(entry, result,
+                                                                                 error))
+        except errors.SealkvError as exc:
+            self._done(entry, None, exc)
+
+    def _done(self, entry: _Entry, result, error: Optional[errors.SealkvError]) -> None:
+        """The entry's callback (tick thread): start the next entry, then answer everyone."""
+        with self._lock:
+            if entry.live:
+                entry.live = False
+                self._in_flight.remove(entry)
+            following = self._take_locked()
+        if following is not None:
+            self._send(following)
+        if error is not None:
+            for request in entry.requests:
+                _answer(request, None, error)
+            return
+        results = iter(result if isinstance(result, tuple) else (result,))
+        barrier_result = None
+        for request in entry.requests:
+            if request.command is not None:
+                r = next(results)
+                barrier_result = barrier_result or r
+                _answer(request, r, None)
+        if barrier_result is None:
+            barrier_result = result if not isinstance(result, tuple) else result[0]
+        for request in entry.requests:
+            if request.command is None:
+                _answer(request, barrier_result, None)
+
+
+def _answer(request: _Request, result, error) -> None:
+    try:
+        request.on_done(result, error)
+    except Exception as exc:  # never raise into pysyncobj's tick thread
+        log.error("proposer callback failed: %s at %s", type(exc).__name__, where(exc))

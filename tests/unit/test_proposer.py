@@ -1,0 +1,156 @@
+"""The proposer's grouping rules, against a replication adapter double (for tests only)."""
+import threading
+import time
+
+import pytest
+
+from sealkv.node import errors
+from sealkv.node.replication.proposer import Proposer
+from sealkv.node.state import commands as cmd
+from sealkv.node.state.machine import StateMachine
+from sealkv.node.state.storage.memory import MemoryStore
+
+
+class HeldAdapter:
+    """Applies each proposed entry to a real state machine when the test releases it.
+
+    For tests only: it stands in for the Raft member so a test decides when entries commit.
+    """
+
+    def __init__(self):
+        self.sm = StateMachine(MemoryStore())
+        self.entries = []  # [payload, on_done]
+        self.index = 0
+
+    def wait_leader(self, deadline):
+        pass
+
+    def propose_async(self, payload, on_done):
+        self.entries.append((payload, on_done))
+
+    def commit(self, n=0, error=None):
+        payload, on_done = self.entries[n]
+        if error is not None:
+            on_done(None, error)
+            return
+        self.index += 1
+        on_done(self.sm.apply(self.index, payload), None)
+
+
+def put(key):
+    return cmd.encode(cmd.Put(key, b"v"))
+
+
+def collect():
+    seen = []
+    return seen, lambda result, error: seen.append((result, error))
+
+
+def far():
+    return time.monotonic() + 60
+
+
+def test_a_lone_write_leaves_at_once_and_later_ones_form_the_next_entry():
+    adapter = HeldAdapter()
+    p = Proposer(adapter)
+    first, on_first = collect()
+    p.submit(put(b"a"), on_first, far())
+    assert [e[0] for e in adapter.entries] == [put(b"a")]  # no timer: it left at once
+    later = [collect() for _ in range(5)]
+    for i, (_, on_done) in enumerate(later):
+        p.submit(put(b"k%d" % i), on_done, far())
+    assert len(adapter.entries) == 1  # waiting for the entry in flight
+    adapter.commit(0)
+    assert first[0][0].revision == 1 and first[0][1] is None
+    assert len(adapter.entries) == 2
+    batch = cmd.decode(adapter.entries[1][0])
+    assert isinstance(batch, cmd.Batch) and len(batch.commands) == 5
+    adapter.commit(1)
+    assert [seen[0][0].revision for seen, _ in later] == [2] * 5
+    assert (p.entries, p.commands) == (2, 6)
+
+
+def test_reads_share_the_next_entry_with_writes_or_get_a_barrier_of_their_own():
+    adapter = HeldAdapter()
+    p = Proposer(adapter)
+    p.submit(put(b"a"), lambda r, e: None, far())
+    reads = [collect() for _ in range(3)]
+    for _, on_done in reads:
+        p.submit(None, on_done, far())
+    write, on_write = collect()
+    p.submit(put(b"b"), on_write, far())
+    adapter.commit(0)
+    adapter.commit(1)
+    assert cmd.decode(adapter.entries[1][0]) == cmd.Put(b"b", b"v")  # reads added nothing
+    assert {seen[0][0].revision for seen, _ in reads} == {2}
+    alone, on_alone = collect()
+    p.submit(None, on_alone, far())
+    assert adapter.entries[2][0] == cmd.encode(cmd.Barrier())
+    adapter.commit(2)
+    assert alone[0][0].revision == 3
+
+
+def test_entries_are_bounded_by_count_and_bytes():
+    adapter = HeldAdapter()
+    p = Proposer(adapter, max_commands=3, max_bytes=10**6)
+    for i in range(8):
+        p.submit(put(b"k%d" % i), lambda r, e: None, far())
+    adapter.commit(0)
+    assert len(cmd.decode(adapter.entries[1][0]).commands) == 3
+    adapter.commit(1)
+    adapter.commit(2)
+    assert [len(getattr(cmd.decode(e[0]), "commands", [1])) for e in adapter.entries] == [1, 3, 3, 1]
+    big = Proposer(HeldAdapter(), max_bytes=100)
+    big.submit(put(b"x"), lambda r, e: None, far())
+    big.submit(cmd.encode(cmd.Put(b"huge", b"v" * 500)), lambda r, e: None, far())
+    big.submit(put(b"y"), lambda r, e: None, far())
+    big.adapter.commit(0)
+    assert cmd.decode(big.adapter.entries[1][0]).key == b"huge"  # too big to share: alone
+
+
+def test_a_failed_entry_fails_each_of_its_requests_and_the_next_entry_still_leaves():
+    adapter = HeldAdapter()
+    p = Proposer(adapter)
+    first, on_first = collect()
+    p.submit(put(b"a"), on_first, far())
+    second, on_second = collect()
+    p.submit(put(b"b"), on_second, far())
+    adapter.commit(0, error=errors.Aborted("discarded"))
+    assert isinstance(first[0][1], errors.Aborted) and not second
+    adapter.commit(1)
+    assert second[0][0].revision == 1
+
+
+def test_a_waiting_request_past_its_deadline_is_withdrawn_and_never_proposed():
+    adapter = HeldAdapter()
+    p = Proposer(adapter)
+    p.submit(put(b"a"), lambda r, e: None, far())
+    with pytest.raises(errors.Unavailable, match="nothing was applied"):
+        p.propose(put(b"late"), timeout=0.05)
+    adapter.commit(0)
+    assert len(adapter.entries) == 1  # the withdrawn write never left
+
+
+def test_an_entry_whose_callback_never_comes_stops_holding_back_the_next():
+    adapter = HeldAdapter()
+    p = Proposer(adapter)
+    p.submit(put(b"orphan"), lambda r, e: None, time.monotonic() + 0.05)
+    time.sleep(0.06)
+    result = []
+    t = threading.Thread(target=lambda: result.append(p.propose(put(b"next"), 5)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while len(adapter.entries) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    adapter.commit(1)
+    t.join(5)
+    assert result and result[0].revision == 1
+
+
+def test_blocking_propose_raises_outcome_unknown_once_proposed():
+    adapter = HeldAdapter()
+    p = Proposer(adapter)
+    with pytest.raises(errors.OutcomeUnknown, match="may still apply"):
+        p.propose(put(b"a"), timeout=0.05)
+    with pytest.raises(errors.OutcomeUnknown):
+        p.barrier(timeout=0.05)
