@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sealkv.node import file_modes, plugin_loader
+from sealkv.node.serving.audit import AuditDamaged, AuditInterceptor, AuditLog
 from sealkv.node.config import MAX_VALUE_BYTES, NodeConfig
 from sealkv.node.data_dir import DataDirError, DataDirLock, refuse_disabled_plugin_data
 from sealkv.node.replication.adapter import ReplicationAdapter
@@ -47,6 +48,7 @@ class Node:
         self.raft_id = raft_id(config.name, config.raft)
         self._data_dir_lock = DataDirLock(config.data_dir)
         self.server: Optional[grpc.Server] = None
+        self.audit: Optional[AuditLog] = None
         self.port: Optional[int] = None
         self.health = health.HealthServicer()
         self.handle = NodeHandle(self)
@@ -134,6 +136,12 @@ class Node:
             self.adapter.stop()
             raise StartupError(str(exc)) from exc
         self.admin_plugins = [cls(self.handle) for _, cls in self.admin_plugin_classes]
+        try:
+            self.audit = AuditLog(self.config.data_dir, self.config.name,
+                                  self.config.read_secret())
+        except (AuditDamaged, OSError) as exc:
+            self.adapter.stop()
+            raise StartupError(f"audit log: {exc}") from exc
         self.server, self.port = self.create_server(self.config.grpc)
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -146,6 +154,7 @@ class Node:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="grpc"),
             maximum_concurrent_rpcs=GRPC_WORKERS * 16,
+            interceptors=[AuditInterceptor(self.audit)] if self.audit else [],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", 64 * 1024 * 1024),
                      ("grpc.so_reuseport", 0)])
@@ -180,6 +189,8 @@ class Node:
                 log.error("plugin %s failed to stop: %s", plugin.name, type(exc).__name__)
         self.handle.close()
         self.adapter.stop()
+        if self.audit is not None:
+            self.audit.close()
         self._data_dir_lock.release()
 
     # -- requests ---------------------------------------------------------------------

@@ -122,11 +122,11 @@ def cli(ctx, endpoints, write_out, timeout):
 
 def register_commands() -> click.Group:
     """Adds the command groups that live in their own modules; returns the CLI (idempotent)."""
-    from sealkv.node.cli import (bench_cmd, cluster_cmd, endpoint_cmd, kv_cmd, member_cmd,
-                                 node_cmd, plugins_cmd)
+    from sealkv.node.cli import (audit_cmd, bench_cmd, cluster_cmd, endpoint_cmd, kv_cmd,
+                                 member_cmd, node_cmd, plugins_cmd)
 
     for module in (kv_cmd, member_cmd, endpoint_cmd, plugins_cmd, bench_cmd, cluster_cmd,
-                   node_cmd):
+                   node_cmd, audit_cmd):
         module.register(cli)
     return cli
 
