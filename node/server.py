@@ -13,12 +13,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sealkv.node import file_modes, plugin_loader
-from sealkv.node.serving.audit import AuditDamaged, AuditInterceptor, AuditLog
 from sealkv.node.config import MAX_VALUE_BYTES, NodeConfig
 from sealkv.node.data_dir import DataDirError, DataDirLock, refuse_disabled_plugin_data
 from sealkv.node.replication.adapter import ReplicationAdapter
 from sealkv.node.replication.proposer import Proposer
 from sealkv.node.replication.membership import MemberRecord, Membership, raft_id
+from sealkv.node.serving.audit import AuditDamaged, AuditInterceptor, AuditLog
 from sealkv.node.serving.cluster_service import ClusterService
 from sealkv.node.serving.handle import NodeHandle
 from sealkv.node.serving.kv_service import KVService
