@@ -10,6 +10,7 @@ TOML layout (every key optional except name, grpc and one of raft / learner):
     initial_cluster = "n1=127.0.0.1:7001/127.0.0.1:9001,n2=...,n3=..."
     plugins = ["encryption"]
     request_timeout = 5.0
+    fsync = "always"                 # or "never": see the README's Durability section
     [raft_settings]                  # RaftSettings fields
     log_compaction_min_entries = 50000
     [plugin_options.encryption]      # handed to the plugin as PluginContext.options
@@ -24,6 +25,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from sealkv.node import durable
 from sealkv.node.state import commands as cmd
 from sealkv.node.replication.settings import RaftSettings
 from sealkv.node.replication.membership import MemberRecord
@@ -53,6 +55,9 @@ class NodeConfig:
     plugins: list[str] = field(default_factory=list)
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     request_timeout: float = 5.0
+    # "always": the journal, term and vote are fdatasynced before they count; "never": they
+    # are written (they survive a process crash) but a power loss may forget them.
+    fsync: str = durable.FSYNC_ALWAYS
     raft_settings: RaftSettings = field(default_factory=RaftSettings)
 
     def validate(self) -> None:
@@ -74,6 +79,9 @@ class NodeConfig:
                                   f"{self.name}={self.raft}/{self.grpc}")
         if self.request_timeout <= 0:
             raise ConfigError("request_timeout must be positive")
+        if self.fsync not in durable.FSYNC_POLICIES:
+            raise ConfigError(f"fsync must be {' or '.join(durable.FSYNC_POLICIES)} "
+                              f"(got {self.fsync!r})")
         try:
             self.raft_settings.validate()
         except ValueError as exc:

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sealkv.node import file_modes, plugin_loader
+from sealkv.node import durable, file_modes, plugin_loader
 from sealkv.node.config import MAX_VALUE_BYTES, NodeConfig
 from sealkv.node.data_dir import DataDirError, DataDirLock, refuse_disabled_plugin_data
 from sealkv.node.replication.adapter import ReplicationAdapter
@@ -23,6 +23,7 @@ from sealkv.node.serving.cluster_service import ClusterService
 from sealkv.node.serving.handle import NodeHandle
 from sealkv.node.serving.kv_service import KVService
 from sealkv.node.serving.status import LearnerProbe, NodeStatus
+from sealkv.node.state import alarms
 from sealkv.node.state import commands as cmd
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.memory import MemoryStore
@@ -81,7 +82,8 @@ class Node:
             self.adapter = ReplicationAdapter(
                 self.state_machine, raft_address=config.raft, partners=config.partners,
                 data_dir=os.path.join(config.data_dir, "raft"), secret=secret,
-                settings=config.raft_settings, payload_codec=self._payload_codec())
+                settings=config.raft_settings, payload_codec=self._payload_codec(),
+                fsync=config.fsync, on_disk_full=self._on_disk_full)
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
         self.membership = Membership(self.adapter, self.state_machine.member_directory,
@@ -103,6 +105,11 @@ class Node:
             if make is not None:
                 return make()
         return None
+
+    def _on_disk_full(self, path: str) -> None:
+        """Raises the NOSPACE alarm (called on the tick thread when a log write finds the
+        disk full)."""
+        alarms.raise_alarm(alarms.NOSPACE, self.config.name)
 
     def _self_record(self) -> MemberRecord:
         role = cmd.ROLE_LEARNER if self.config.learner else cmd.ROLE_VOTER
@@ -126,7 +133,10 @@ class Node:
                 plugin.prepare_start()
         except StartupRefused as exc:
             raise StartupError(str(exc)) from exc
-        self.adapter.start()
+        try:
+            self.adapter.start()
+        except durable.DamagedFile as exc:
+            raise StartupError(str(exc)) from None
         if not self.adapter.wait_replayed(60):
             raise StartupError("the local raft log did not replay within 60s")
         try:

@@ -45,11 +45,14 @@ def node():
               help="An option of the KEK provider (repeatable), e.g. module=..., "
               "token_label=..., key_label=..., pin_file=... for pkcs11.")
 @click.option("--request-timeout", type=float, help="Seconds a request may wait (default 5).")
+@click.option("--fsync", type=click.Choice(["always", "never"]),
+              help="always (default): the log, term and vote are on disk before they count; "
+                   "never: faster, but a power loss may forget acknowledged writes.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, secret_file,
           plugins_, encryption, kek_file, kek_provider, kek_options, request_timeout,
-          log_level):
+          fsync, log_level):
     """Runs one node in the foreground until SIGTERM or SIGINT."""
     from sealkv.node.config import ConfigError, build_config, load_toml
     from sealkv.node.server import run
@@ -60,7 +63,7 @@ def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, sec
     values = load_toml(config_file) if config_file else {}
     flags = {"name": name, "data_dir": data_dir, "raft": raft, "grpc": grpc,
              "learner": learner, "initial_cluster": initial_cluster,
-             "secret_file": secret_file, "request_timeout": request_timeout}
+             "secret_file": secret_file, "request_timeout": request_timeout, "fsync": fsync}
     values.update({k: v for k, v in flags.items() if v is not None})
     if plugins_ is not None:
         values["plugins"] = [p.strip() for p in plugins_.split(",") if p.strip()]

@@ -24,8 +24,9 @@ from pysyncobj import pickle as raft_pickle
 from pysyncobj.node import TCPNode
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 
+from sealkv.node import durable, errors
 from sealkv.node.state import commands as cmd
-from sealkv.node import errors
+from sealkv.node.replication import journal as raft_journal
 from sealkv.node.replication import safe_pickle
 from sealkv.node.replication.raft_rules import RaftRulesSyncObj
 from sealkv.node.errors import ApplyHalt, where
@@ -35,12 +36,19 @@ from sealkv.node.replication.settings import RaftSettings
 from sealkv.node.state.machine import StateMachine
 
 safe_pickle.install()
+raft_journal.install()
 
 log = logging.getLogger(__name__)
 
 HALT_EXIT_CODE = 70
+# A node whose journal cannot be written (disk full) retries this often, not on every tick.
+DISK_RETRY_PERIOD = 1.0
+# A dump that failed is retried after this long (doubling up to the maximum), not every tick.
+DUMP_RETRY_MIN = 1.0
+DUMP_RETRY_MAX = 60.0
 SWITCH_INTERVAL = 0.0005
-DUMP_MAGIC = b"SEALKVD1"
+DUMP_MAGIC = b"SEALKVD2"       # header, snapshot, then a CRC-32C of everything before it
+LEGACY_DUMP_MAGIC = b"SEALKVD1"  # the same without the checksum (read, never written)
 
 
 class _RaftObject(RaftRulesSyncObj):
@@ -49,8 +57,10 @@ class _RaftObject(RaftRulesSyncObj):
     Its base enforces the Raft rules pysyncobj 0.3.17 breaks (see `raft_rules`).
     """
 
-    def __init__(self, adapter: "ReplicationAdapter", self_node, partners, conf):
+    def __init__(self, adapter: "ReplicationAdapter", self_node, partners, conf,
+                 journal: raft_journal.FileJournal):
         self._adapter = adapter
+        self._journal = journal
         self._coalescing = False
         self._send_pending = False
         adapter._obj = self  # the tick thread starts inside __init__ and may call back
@@ -73,13 +83,34 @@ class _RaftObject(RaftRulesSyncObj):
     # pipelined throughput collapses. Draining the whole queue first and then sending once
     # keeps the lone-request latency and turns a burst of N proposals into one message per
     # follower. (Overrides pysyncobj 0.3.17's name-mangled `__sendAppendEntries`.)
+    #
+    # Durability (group commit): the entries the leader appended while draining are written
+    # and fdatasynced once, before they are sent and before the next tick's commit count
+    # includes the leader itself (hashicorp/raft also stores on the leader first). A journal
+    # that cannot be written (disk full) makes the leader step down instead of counting an
+    # entry it does not hold.
 
     def _checkCommandsToApply(self):
+        self._with_group_commit(super()._checkCommandsToApply)
+
+    def _SyncObj__onBecomeLeader(self):
+        # The leader's no-op is synced like any other group before it is sent or counted.
+        self._with_group_commit(super()._SyncObj__onBecomeLeader)
+
+    def _with_group_commit(self, append) -> None:
+        outer = self._coalescing
         self._coalescing = True
         try:
-            super()._checkCommandsToApply()
+            append()
         finally:
-            self._coalescing = False
+            self._coalescing = outer
+        if outer:
+            return
+        if not self._journal.sync():
+            self._send_pending = False
+            if self._isLeader():
+                self._adapter._step_down_disk_full()
+            return
         if self._send_pending:
             self._send_pending = False
             self._SyncObj__sendAppendEntries()
@@ -89,6 +120,59 @@ class _RaftObject(RaftRulesSyncObj):
             self._send_pending = True
             return
         super()._SyncObj__sendAppendEntries()
+
+    # A follower's answer to AppendEntries (raft_rules' `_reply_progress`) or to a snapshot
+    # (pysyncobj's `__sendNextNodeIdx`) claims the entries are held: write and fdatasync the
+    # group it appended first; never answer for a journal that could not be written or for
+    # a node that halted.
+
+    def _reply_progress(self, node, next_index: int, *, success: bool,
+                        rejected: Optional[int] = None) -> None:
+        if self._adapter._halted or not self._journal.sync():
+            return
+        super()._reply_progress(node, next_index, success=success, rejected=rejected)
+
+    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
+        if self._adapter._halted or not self._journal.sync():
+            return
+        super()._SyncObj__sendNextNodeIdx(node, reset=reset, nextNodeIdx=nextNodeIdx,
+                                          success=success)
+
+    def _SyncObj__getEntries(self, fromIDx, count=None, maxSizeBytes=None):
+        # pysyncobj slices the whole tail and then trims it by size; read only what is sent.
+        journal = self._journal
+        if fromIDx is None or not len(journal) or fromIDx < journal.first_index:
+            return []
+        return journal.entries(fromIDx - journal.first_index, count, maxSizeBytes)
+
+    def _SyncObj__tryLogCompaction(self):
+        adapter = self._adapter
+        if time.monotonic() < adapter._dump_retry_at:
+            return
+        if self._journal.size_bytes > adapter.settings.log_compaction_min_bytes:
+            self.forceLogCompaction()
+        super()._SyncObj__tryLogCompaction()
+
+    def _onTick(self, timeToWait=0.0):
+        adapter = self._adapter
+        if self._journal.failing:
+            # Never campaign with entries that are not on disk; retry the write once a second.
+            self._hold_off_election()
+            if time.monotonic() >= adapter._disk_retry_at:
+                adapter._disk_retry_at = time.monotonic() + DISK_RETRY_PERIOD
+                if self._journal.sync():
+                    adapter._disk_recovered()
+        try:
+            super()._onTick(timeToWait)
+        except raft_journal.MetaNotDurable:
+            # The term or vote could not be saved: pysyncobj raised before sending the vote
+            # or message that needed it. The alarm and its one warning are already raised.
+            self._hold_off_election()
+            time.sleep(min(timeToWait, DISK_RETRY_PERIOD))
+
+    def _hold_off_election(self) -> None:
+        self._SyncObj__raftElectionDeadline = (time.monotonic()
+                                               + self._adapter.settings.raft_max_timeout)
 
 
 def _payload_of(command: bytes) -> Optional[bytes]:
@@ -163,13 +247,19 @@ class ReplicationAdapter:
                  partners: list[str], data_dir: str, secret: Optional[str],
                  settings: Optional[RaftSettings] = None,
                  halt: Optional[Callable[[str], None]] = None,
-                 payload_codec: Optional[PayloadCodec] = None):
+                 payload_codec: Optional[PayloadCodec] = None,
+                 fsync: str = durable.FSYNC_ALWAYS,
+                 on_disk_full: Optional[Callable[[str], None]] = None):
         """Prepares (does not start) the Raft member.
 
         `raft_address` is this voter's host:port (bound exactly, never all interfaces), or
         None for a learner, which only follows `partners`. A node with partners refuses to
         start without a cluster `secret`. `payload_codec` seals proposals and opens entries
-        (the raft-log envelope); the default is the identity.
+        (the raft-log envelope); the default is the identity. `fsync` is the journal's
+        policy ("always": entries, term and vote are fdatasynced before they count;
+        "never"). `on_disk_full(path)` is called on the tick thread each time a journal,
+        meta or dump write finds the disk full (it raises the NOSPACE alarm; it must be
+        quick and must not raise).
         """
         self.sm = state_machine
         self.raft_address = raft_address
@@ -181,8 +271,16 @@ class ReplicationAdapter:
             raise ValueError("a multi-node cluster needs a cluster secret (--secret-file): the "
                              "raft port carries pickled data that only the secret authenticates")
         self.secret = secret
+        durable.check_policy(fsync)
+        self.fsync = fsync
         self.halt = halt or _exit_halt
         self.codec: PayloadCodec = payload_codec or IdentityCodec()
+        self._notify_disk_full = on_disk_full or (lambda path: None)
+        self._disk_full_warned = False
+        self._disk_retry_at = 0.0
+        self._dump_retry_at = 0.0
+        self._dump_backoff = DUMP_RETRY_MIN
+        self.journal: Optional[raft_journal.FileJournal] = None
         self.membership_lock = threading.RLock()
         self._obj: Optional[_RaftObject] = None
         self._barrier_lock = threading.Lock()
@@ -193,8 +291,15 @@ class ReplicationAdapter:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the tick thread; the journal and dump are replayed in the background."""
+        """Opens the journal and starts the tick thread, which replays the dump and journal.
+
+        Raises `durable.DamagedFile` (one line naming file, offset and fix) when the journal
+        or meta file cannot be trusted.
+        """
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        self.journal = raft_journal.FileJournal(self.data_dir, self.fsync,
+                                                on_disk_full=self._on_disk_full)
+        raft_journal.register_directory(self.data_dir, self.fsync)
         # The tick thread and the request threads hand the GIL back and forth on every
         # proposal; Python's default 5 ms switch interval can add that much to each hand-off.
         sys.setswitchinterval(SWITCH_INTERVAL)
@@ -204,7 +309,7 @@ class ReplicationAdapter:
             bindAddress=self.raft_address,
             useFork=False,
             dynamicMembershipChange=True,
-            journalFile=os.path.join(self.data_dir, "raft.journal"),
+            journalFile=self.journal,
             fullDumpFile=os.path.join(self.data_dir, "raft.dump"),
             serializer=self._write_dump,
             deserializer=self._read_dump,
@@ -223,7 +328,7 @@ class ReplicationAdapter:
             maxBindRetries=5,
             onStateChanged=self._on_state_changed,
         )
-        self._obj = _RaftObject(self, self.raft_address, self.partners, conf)
+        self._obj = _RaftObject(self, self.raft_address, self.partners, conf, self.journal)
 
     def stop(self) -> None:
         """Stops the tick thread and closes the raft port."""
@@ -278,6 +383,33 @@ class ReplicationAdapter:
     def _do_halt(self, reason: str) -> None:
         self._halted = True
         self.halt(reason)
+
+    # -- a full disk (tick thread) ----------------------------------------------------
+
+    def _on_disk_full(self, path: str) -> None:
+        # One WARNING per episode, not one per tick; the alarm is raised every time (it is
+        # idempotent) so that status shows it even if it was disarmed too early.
+        if not self._disk_full_warned:
+            self._disk_full_warned = True
+            log.warning("disk full writing %s: NOSPACE alarm raised; this member holds back "
+                        "(no acknowledgement, no campaign) until it can write again, and "
+                        "nothing it acknowledged is lost", path)
+        self._notify_disk_full(path)
+
+    def _disk_recovered(self) -> None:
+        if self._disk_full_warned:
+            self._disk_full_warned = False
+            log.warning("journal %s is writable again; the NOSPACE alarm stays until "
+                        "disarmed", self.journal.path)
+
+    def _step_down_disk_full(self) -> None:
+        # The leader appended entries it cannot write: it must not count itself for them, and
+        # they were not sent. Stepping down lets a member with space lead; this one does not
+        # campaign until its journal is written (see _RaftObject._onTick).
+        obj = self._obj
+        obj._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+        obj._SyncObj__raftLeader = None
+        obj._hold_off_election()
 
     # -- proposals --------------------------------------------------------------------
 
@@ -496,6 +628,9 @@ class ReplicationAdapter:
     # -- dump files (tick thread) -----------------------------------------------------
 
     def _write_dump(self, filename: str, data) -> None:
+        # pysyncobj renames `filename` (a temporary name) over the dump afterwards, through
+        # the durable rename the journal module installs; a failure here is retried with a
+        # back-off instead of on every tick (pysyncobj only logs "Failed to store full dump").
         last, previous, cluster = data
         meta = {
             "last": [last[0].hex(), last[1], last[2]],
@@ -503,22 +638,107 @@ class ReplicationAdapter:
             "cluster": sorted(getattr(n, "address", str(n)) for n in cluster if n is not None),
         }
         raw = json.dumps(meta).encode()
-        with open(filename, "wb") as out:
-            out.write(DUMP_MAGIC + len(raw).to_bytes(4, "big") + raw)
-            self.sm.write_snapshot(out)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with open(filename, "wb") as f:
+                os.fchmod(f.fileno(), durable.FILE_MODE)
+                out = _ChecksumWriter(f)
+                out.write(DUMP_MAGIC + len(raw).to_bytes(4, "big") + raw)
+                self.sm.write_snapshot(out)
+                f.write(out.crc.to_bytes(4, "big"))
+                f.flush()
+                durable.sync_file(f.fileno(), filename, self.fsync)
+        except Exception as exc:
+            self._dump_failed(filename, exc)
+            raise
+        self._dump_backoff = DUMP_RETRY_MIN
+
+    def _dump_failed(self, filename: str, exc: Exception) -> None:
+        try:
+            os.unlink(filename)
+        except OSError:
+            pass
+        self._dump_retry_at = time.monotonic() + self._dump_backoff
+        if durable.is_disk_full(exc):
+            self._on_disk_full(filename)
+        else:
+            log.warning("cannot write dump %s (%s at %s); retrying in %.0fs", filename,
+                        type(exc).__name__, where(exc), self._dump_backoff)
+        self._dump_backoff = min(DUMP_RETRY_MAX, self._dump_backoff * 2)
 
     def _read_dump(self, filename: str):
-        with open(filename, "rb") as src:
-            if src.read(len(DUMP_MAGIC)) != DUMP_MAGIC:
-                raise ValueError(f"{filename} is not a sealkv dump")
-            meta = json.loads(src.read(int.from_bytes(src.read(4), "big")))
-            self.sm.read_snapshot(src)
-        last = (bytes.fromhex(meta["last"][0]), meta["last"][1], meta["last"][2])
-        previous = (bytes.fromhex(meta["previous"][0]), meta["previous"][1], meta["previous"][2])
+        # Called on the tick thread at start (the local dump) and when a follower installs a
+        # snapshot from the leader. pysyncobj swallows errors here and would then acknowledge
+        # the snapshot (or serve an empty replica): any failure halts the node instead.
+        try:
+            with open(filename, "rb") as src:
+                magic = src.read(len(DUMP_MAGIC))
+                if magic == DUMP_MAGIC:
+                    _verify_dump_checksum(filename, src)
+                elif magic != LEGACY_DUMP_MAGIC:
+                    raise durable.DamagedFile(filename, 0, "not a sealkv dump", DUMP_FIX)
+                try:
+                    meta = json.loads(src.read(int.from_bytes(src.read(4), "big")))
+                    last = (bytes.fromhex(meta["last"][0]), meta["last"][1], meta["last"][2])
+                    previous = (bytes.fromhex(meta["previous"][0]), meta["previous"][1],
+                                meta["previous"][2])
+                    cluster = [TCPNode(address) for address in meta["cluster"]]
+                except (ValueError, KeyError, TypeError, IndexError):
+                    raise durable.DamagedFile(filename, len(DUMP_MAGIC), "dump header is not "
+                                              "valid", DUMP_FIX) from None
+                offset = src.tell()
+                try:
+                    self.sm.read_snapshot(src)
+                except ApplyHalt as exc:
+                    raise durable.DamagedFile(filename, offset, f"snapshot refused ({exc})",
+                                              DUMP_FIX) from None
+                except Exception as exc:
+                    raise durable.DamagedFile(filename, offset, "snapshot cannot be read "
+                                              f"({type(exc).__name__} at {where(exc)})",
+                                              DUMP_FIX) from None
+        except durable.DamagedFile as exc:
+            self._do_halt(str(exc))
+            raise
+        except OSError as exc:
+            self._do_halt(f"{filename}: cannot read the dump ({exc.strerror})")
+            raise
         # pysyncobj compares these with its own TCPNode to drop itself: strings never match.
-        return last, previous, [TCPNode(address) for address in meta["cluster"]]
+        return last, previous, cluster
+
+
+class _ChecksumWriter:
+    """A write-only file wrapper that keeps the CRC-32C of what went through it."""
+
+    def __init__(self, f):
+        self.f = f
+        self.crc = 0
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.crc = raft_journal.crc32c_extend(self.crc, data)
+        return self.f.write(data)
+
+
+def _verify_dump_checksum(filename: str, src) -> None:
+    """Checks the dump's trailing CRC-32C before anything is restored from it; leaves the
+    position just after the magic."""
+    size = os.fstat(src.fileno()).st_size
+    if size < 2 * len(DUMP_MAGIC):
+        raise durable.DamagedFile(filename, size, "dump is truncated", DUMP_FIX)
+    src.seek(0)
+    crc, remaining = 0, size - 4
+    while remaining > 0:
+        chunk = src.read(min(1 << 20, remaining))
+        crc = raft_journal.crc32c_extend(crc, chunk)
+        remaining -= len(chunk)
+    if int.from_bytes(src.read(4), "big") != crc:
+        raise durable.DamagedFile(filename, size - 4, "dump checksum mismatch (the file is "
+                                  "damaged or truncated)", DUMP_FIX)
+    src.seek(len(DUMP_MAGIC))
+
+
+DUMP_FIX = ("the dump (snapshot) cannot be loaded: remove the member (sealkv member remove), "
+            "empty its data directory and add it back so it receives a snapshot from the "
+            "leader")
 
 
 def _copy_dict(d: dict) -> dict:

@@ -27,6 +27,9 @@ class RaftSettings:
     # 4 MiB keeps every entry within the value limit on the normal path.
     append_entries_batch_size_bytes: int = 4 * 1024 * 1024
     log_compaction_min_entries: int = 50000
+    # Compact (write a dump, drop the log before it) also once the journal holds this many
+    # bytes: with 1 MiB values, 50,000 entries would be 50 GiB.
+    log_compaction_min_bytes: int = 64 * 1024 * 1024
     log_compaction_min_time: float = 600.0
     commands_queue_size: int = 100000
 
@@ -42,6 +45,8 @@ class RaftSettings:
             raise ValueError("raft.leader_fallback_timeout must exceed raft.append_entries_period")
         if self.log_compaction_min_entries < 2:
             raise ValueError("raft.log_compaction_min_entries must be at least 2")
+        if self.log_compaction_min_bytes < 1024 * 1024:
+            raise ValueError("raft.log_compaction_min_bytes must be at least 1 MiB")
         for name in ("append_entries_period", "auto_tick_period", "connection_retry_time",
                      "log_compaction_min_time"):
             if getattr(self, name) <= 0:

@@ -135,6 +135,8 @@ def test_node_must_be_listed_in_its_initial_cluster(overrides):
     ({"grpc": "localhost"}, "grpc address 'localhost' must be HOST:PORT"),
     ({"name": "n 1"}, "name must be"),
     ({"request_timeout": 0}, "request_timeout must be positive"),
+    ({"fsync": "sometimes"}, "fsync must be always or never"),
+    ({"raft_settings": {"log_compaction_min_bytes": 10}}, "log_compaction_min_bytes"),
     ({"raft_settings": {"raft_max_timeout": 0.1}}, "raft.max_timeout must exceed"),
 ])
 def test_invalid_values_name_the_setting(overrides, message):

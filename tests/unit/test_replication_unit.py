@@ -4,6 +4,7 @@ from pysyncobj.node import TCPNode
 
 from sealkv.node.state import commands as cmd
 from sealkv.node import errors
+from sealkv.node.durable import DamagedFile
 from sealkv.node.replication.adapter import ReplicationAdapter
 from sealkv.node.replication.settings import RaftSettings
 from sealkv.node.replication.membership import MemberRecord
@@ -142,11 +143,45 @@ def test_dump_round_trip_restores_state_and_log_position(tmp_path):
     assert target.sm.member_directory() == source.sm.member_directory()
 
 
-def test_read_dump_refuses_a_foreign_file(tmp_path):
+def test_read_dump_refuses_a_foreign_file_and_halts(tmp_path):
     path = tmp_path / "raft.dump"
     path.write_bytes(b"\x1f\x8bnot ours")
-    with pytest.raises(ValueError, match="not a sealkv dump"):
-        adapter(tmp_path)._read_dump(str(path))
+    halt = HaltRecorder()
+    with pytest.raises(DamagedFile, match="not a sealkv dump at offset 0"):
+        adapter(tmp_path, halt=halt)._read_dump(str(path))
+    assert len(halt.reasons) == 1 and str(path) in halt.reasons[0]
+
+
+def test_a_flipped_bit_in_a_dump_is_refused_before_anything_is_restored(tmp_path):
+    source = adapter(tmp_path, sm=filled_state_machine())
+    path = tmp_path / "raft.dump"
+    source._write_dump(str(path), ((b"x", 3, 1), (b"y", 2, 1), {TCPNode(p) for p in PEERS}))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    path.write_bytes(bytes(raw))
+    halt = HaltRecorder()
+    target = adapter(tmp_path, halt=halt)
+    before = target.sm.digest()
+    with pytest.raises(DamagedFile, match="dump checksum mismatch"):
+        target._read_dump(str(path))
+    assert target.sm.digest() == before
+    assert halt.reasons and "raft.dump" in halt.reasons[0]
+
+
+def test_a_snapshot_the_state_machine_refuses_halts_and_is_not_acknowledged(tmp_path):
+    source = adapter(tmp_path, sm=filled_state_machine())
+    path = tmp_path / "raft.dump"
+    source._write_dump(str(path), ((b"x", 3, 1), (b"y", 2, 1), {TCPNode(p) for p in PEERS}))
+
+    class RefusingStateMachine(StateMachine):
+        def read_snapshot(self, src):
+            raise errors.ApplyHalt("the encryption plugin refuses this snapshot")
+
+    halt = HaltRecorder()
+    target = adapter(tmp_path, sm=RefusingStateMachine(MemoryStore(), [N1]), halt=halt)
+    with pytest.raises(DamagedFile, match="snapshot refused"):
+        target._read_dump(str(path))
+    assert target.halted and len(halt.reasons) == 1
 
 
 def test_dump_cluster_entries_compare_equal_to_pysyncobj_nodes(tmp_path):
