@@ -10,6 +10,7 @@ from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 
 from sealkv.node.replication import safe_pickle
 from sealkv.node.replication.adapter import ReplicationAdapter, _RaftObject
+from sealkv.node.replication.journal import FileJournal
 from sealkv.node.replication.raft_rules import (CommittedConflict, MalformedAppend,
                                                 plan_append)
 from sealkv.node.state.machine import StateMachine
@@ -114,9 +115,10 @@ def raft(tmp_path):
     adapter = ReplicationAdapter(StateMachine(MemoryStore()), raft_address=me,
                                  partners=[leader, other], data_dir=str(tmp_path),
                                  secret="0123456789abcdef", halt=halt)
+    journal = FileJournal(str(tmp_path))
     conf = SyncObjConf(autoTick=False, password=adapter.secret, bindAddress=me, useFork=False,
-                       dynamicMembershipChange=True)
-    obj = _RaftObject(adapter, me, [leader, other], conf)
+                       dynamicMembershipChange=True, journalFile=journal)
+    obj = _RaftObject(adapter, me, [leader, other], conf, journal)
     adapter._obj = obj
     sent = SentRecorder()
     obj._SyncObj__transport.send = sent
