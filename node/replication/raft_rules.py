@@ -16,15 +16,35 @@ Stock pysyncobj 0.3.17 departs from the Raft paper in ways that show up under lo
   its log matches, then replication pipelines again (etcd-io/raft's probe/replicate states).
   Rejections back off as pysyncobj does (to the follower's hint); stale ones are ignored.
 
+- A node whose election timeout passes raises its term and starts an election at once, so a
+  follower cut off from the others comes back with a higher term and deposes a healthy
+  leader. Here it first asks for pre-votes for the next term without raising its own
+  (PreVote, Ongaro's thesis §9.6, etcd-io/raft `PreVote`): only when a quorum would vote
+  for it does it become a candidate. A voter grants neither a pre-vote nor a vote while it
+  has heard from a leader within the minimum election timeout (thesis §4.2.3), nor does a
+  leader (CheckQuorum: a leader steps down when it has not heard from a quorum within
+  `leaderFallbackTimeout`, which sealkv sets to the maximum election timeout). A leadership
+  transfer's election skips PreVote and carries `transfer`, which overrides that rule.
+- A node that ignores AppendEntries of a lower term never tells that leader; a node whose
+  term rose (it lost an election) would be cut off until the leader fails. Here it answers
+  `stale_term` with its term, and the leader steps down (etcd-io/raft answers such messages).
+
 `RaftRulesSyncObj` is a `SyncObj` whose message handler and AppendEntries sender apply these
 rules; the replication adapter's `_RaftObject` derives from it. Everything runs on pysyncobj's
 tick thread. The rules touch the journal only through the interface pysyncobj itself uses
 (`journal[i]`, `len`, `add`, `deleteEntriesFrom`, `setRaftCommitIndex`), so any journal that
 serves pysyncobj serves them.
 
-Wire compatibility: rejections carry one extra key, `rejected` (the `prevLogIdx` they refuse),
-which stock pysyncobj leaders ignore; replies without it (from stock followers) are handled as
-pysyncobj handles them.
+Wire compatibility (rolling upgrades from stock pysyncobj or an older sealkv): every message is
+a dict of ints, bools and strings, which the whitelist unpickler accepts. Rejections carry one
+extra key, `rejected` (the `prevLogIdx` they refuse), which stock leaders ignore; replies
+without it (from stock followers) are handled as pysyncobj handles them. `request_vote` may
+carry `transfer`, which stock nodes ignore. `pre_vote`, `pre_vote_response` and `stale_term`
+are new types, which stock nodes ignore (pysyncobj dispatches on known types only): a node
+with these rules gets no pre-votes from stock nodes, so it becomes a candidate only once a
+quorum runs these rules; stock nodes still campaign as before and are voted for, so a cluster
+keeps electing leaders during an upgrade as long as one stock voter with an up-to-date log is
+up. Upgrade one node at a time, as always.
 
 Only `sealkv.node.replication.adapter` imports this module (it is part of the pysyncobj boundary).
 """
@@ -39,6 +59,9 @@ from pysyncobj.monotonic import monotonic as monotonic_time
 from pysyncobj.syncobj import _RAFT_STATE
 
 log = logging.getLogger(__name__)
+
+# How early an election timeout is acted on (see `_election_tick`), in seconds.
+ELECTION_GUARD = 0.05
 
 # A journal entry as pysyncobj stores it: (command bytes, raft index, term).
 Entry = tuple
@@ -120,6 +143,12 @@ class RaftRulesSyncObj(SyncObj):
         # a reply (node -> the time after which the probe may be sent again).
         self._probing: set = set()
         self._probe_wait: dict = {}
+        # Elections: when this node last heard from a leader (monotonic), the term of the
+        # pre-vote round in progress, the voters that granted it, and whether one was won.
+        self._leader_contact = 0.0
+        self._pre_vote_term: Optional[int] = None
+        self._pre_votes: set = set()
+        self._pre_vote_won = False
         super().__init__(*args, **kwargs)
 
     def _on_safety_violation(self, reason: str) -> None:
@@ -129,13 +158,32 @@ class RaftRulesSyncObj(SyncObj):
 
     def _SyncObj__onMessageReceived(self, node, message):
         kind = message.get('type')
-        if (kind == 'append_entries' and 'prevLogIdx' in message
-                and 'transmission' not in message
-                and message['term'] >= self._SyncObj__raftCurrentTerm):
-            self._receive_append(node, message)
+        if kind == 'append_entries':
+            if message['term'] < self._SyncObj__raftCurrentTerm:
+                self._SyncObj__transport.send(node, {
+                    'type': 'stale_term', 'term': self._SyncObj__raftCurrentTerm})
+                return
+            self._leader_contact = monotonic_time()
+            self._pre_vote_term = None
+            self._pre_vote_won = False
+            if 'prevLogIdx' in message and 'transmission' not in message:
+                self._receive_append(node, message)
+                return
+        elif kind == 'next_node_idx':
+            if self._SyncObj__raftState == _RAFT_STATE.LEADER:
+                self._receive_progress(node, message)
             return
-        if kind == 'next_node_idx' and self._SyncObj__raftState == _RAFT_STATE.LEADER:
-            self._receive_progress(node, message)
+        elif kind == 'request_vote':
+            if not message.get('transfer') and self._in_lease():
+                return  # a live leader is known: this candidate would only disrupt it
+        elif kind == 'pre_vote':
+            self._receive_pre_vote(node, message)
+            return
+        elif kind == 'pre_vote_response':
+            self._receive_pre_vote_response(node, message)
+            return
+        elif kind == 'stale_term':
+            self._receive_stale_term(message)
             return
         SyncObj._SyncObj__onMessageReceived(self, node, message)
 
@@ -352,3 +400,122 @@ class RaftRulesSyncObj(SyncObj):
             })
             if node not in self._SyncObj__connectedNodes:
                 break
+
+    # -- elections: PreVote and the leader lease (tick thread) --------------------------
+
+    def _onTick(self, timeToWait=0.0):
+        if self._SyncObj__transport.ready and not self._SyncObj__needLoadDumpFile:
+            self._election_tick()
+        SyncObj._onTick(self, timeToWait)
+
+    def _election_tick(self) -> None:
+        """Runs before pysyncobj's tick: when the election timeout has passed, starts a
+        pre-vote round, or the election a won round (or a leadership transfer) calls for.
+        Either way the election deadline moves on, so pysyncobj's own election code (which
+        raises the term at once) never fires."""
+        if self._SyncObj__selfNode is None or self._SyncObj__raftState == _RAFT_STATE.LEADER:
+            return
+        now = monotonic_time()
+        # Act slightly early: pysyncobj checks the same deadline a moment later in this tick.
+        if (self._SyncObj__raftElectionDeadline > now + ELECTION_GUARD
+                or not self._SyncObj__connectedToAnyone()):
+            return
+        self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
+        transfer = self._SyncObj__transferInProgress
+        if transfer or self._pre_vote_won or not self._SyncObj__otherNodes:
+            self._pre_vote_won = False
+            self._campaign(transfer)
+            return
+        if self._SyncObj__raftLeader is not None:
+            # Not heard from within the election timeout: no longer a known leader.
+            self._SyncObj__raftLeader = None
+            self._SyncObj__onLeaderChanged()
+        self._pre_vote_term = self._SyncObj__raftCurrentTerm + 1
+        self._pre_votes = set()
+        message = {
+            'type': 'pre_vote',
+            'term': self._pre_vote_term,
+            'last_log_index': self._SyncObj__getCurrentLogIndex(),
+            'last_log_term': self._SyncObj__getCurrentLogTerm(),
+        }
+        for node in self._SyncObj__otherNodes:
+            self._SyncObj__transport.send(node, message)
+
+    def _campaign(self, transfer: bool) -> None:
+        """pysyncobj's election (raise the term, vote for itself, ask for votes), with the
+        `transfer` mark when a leadership transfer asked for it."""
+        self._pre_vote_term = None
+        self._SyncObj__transferInProgress = False
+        self._SyncObj__raftLeader = None
+        self._SyncObj__setState(_RAFT_STATE.CANDIDATE)
+        self._SyncObj__setCurrentTerm(self._SyncObj__raftCurrentTerm + 1,
+                                      self._SyncObj__selfNode.id)
+        self._SyncObj__votesCount = 1
+        message = {
+            'type': 'request_vote',
+            'term': self._SyncObj__raftCurrentTerm,
+            'last_log_index': self._SyncObj__getCurrentLogIndex(),
+            'last_log_term': self._SyncObj__getCurrentLogTerm(),
+        }
+        if transfer:
+            message['transfer'] = True
+        for node in self._SyncObj__otherNodes:
+            self._SyncObj__transport.send(node, message)
+        self._SyncObj__onLeaderChanged()
+        if self._SyncObj__votesCount > (len(self._SyncObj__otherNodes) + 1) / 2:
+            self._SyncObj__onBecomeLeader()
+
+    def _in_lease(self) -> bool:
+        """Whether this voter knows a live leader: it leads (and steps down when a quorum
+        goes quiet), or it heard from its leader within the minimum election timeout."""
+        if self._SyncObj__raftState == _RAFT_STATE.LEADER:
+            return True
+        return (self._SyncObj__raftLeader is not None
+                and monotonic_time() - self._leader_contact < self._SyncObj__conf.raftMinTimeout)
+
+    def _log_up_to_date(self, message) -> bool:
+        last_term = self._SyncObj__getCurrentLogTerm()
+        return (message['last_log_term'] > last_term
+                or (message['last_log_term'] == last_term
+                    and message['last_log_index'] >= self._SyncObj__getCurrentLogIndex()))
+
+    def _receive_pre_vote(self, node, message) -> None:
+        """Would this voter vote for `node` in `message['term']`? Changes nothing here."""
+        if self._SyncObj__selfNode is None:
+            return  # learners do not vote
+        current = self._SyncObj__raftCurrentTerm
+        granted = (message['term'] > current and not self._in_lease()
+                   and self._log_up_to_date(message))
+        self._SyncObj__transport.send(node, {
+            'type': 'pre_vote_response', 'term': message['term'], 'granted': granted,
+            'current_term': current})
+
+    def _receive_pre_vote_response(self, node, message) -> None:
+        if (self._pre_vote_term is None or message['term'] != self._pre_vote_term
+                or self._pre_vote_term != self._SyncObj__raftCurrentTerm + 1
+                or node not in self._SyncObj__otherNodes):
+            return  # not for the round in progress
+        if not message['granted']:
+            theirs = message.get('current_term', 0)
+            if theirs > self._SyncObj__raftCurrentTerm:
+                # Our term is behind: catch up (a node stuck at an old term could never
+                # win a pre-vote), without a vote, and try again at the next timeout.
+                self._pre_vote_term = None
+                self._SyncObj__setCurrentTerm(theirs, None)
+                self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+            return
+        self._pre_votes.add(node)
+        if len(self._pre_votes) + 1 > (len(self._SyncObj__otherNodes) + 1) / 2:
+            self._pre_vote_term = None
+            self._pre_vote_won = True
+            self._SyncObj__raftElectionDeadline = 0  # campaign on the next tick
+
+    def _receive_stale_term(self, message) -> None:
+        """A voter at a higher term ignored our AppendEntries: step down to its term."""
+        term = message['term']
+        if term > self._SyncObj__raftCurrentTerm:
+            log.info("a peer is at raft term %d, above ours (%d): following it",
+                     term, self._SyncObj__raftCurrentTerm)
+            self._SyncObj__setCurrentTerm(term, None)
+            self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+            self._SyncObj__raftLeader = None

@@ -21,8 +21,9 @@ class RaftSettings:
     raft_max_timeout: float = 1.5
     connection_timeout: float = 3.5
     connection_retry_time: float = 0.5
-    # A leader cut off from the majority steps down after this long (pysyncobj: 30 s).
-    leader_fallback_timeout: float = 2.0
+    # CheckQuorum: a leader that has not heard from a quorum for this long steps down
+    # (pysyncobj: 30 s); the maximum election timeout, by which the others elect anew.
+    leader_fallback_timeout: float = 1.5
     # Entries at or above the batch size take pysyncobj's chunked path, which is broken;
     # 4 MiB keeps every entry within the value limit on the normal path.
     append_entries_batch_size_bytes: int = 4 * 1024 * 1024

@@ -5,6 +5,7 @@ import threading
 import pytest
 
 from sealkv.node import errors
+from sealkv.node.client import SERIALIZABLE
 from tests.cluster import wait_for
 
 pytestmark = pytest.mark.integration
@@ -60,3 +61,46 @@ def test_64_clients_of_puts_leave_no_critical_line_and_no_traceback(cluster3):
         assert node.alive(), f"{node.name} exited:\n{node.log()[-3000:]}"
         assert bad_lines(node) == [], (f"{node.name} logged CRITICAL lines or tracebacks under "
                                        f"{CLIENTS}-client load:\n{node.log()[-4000:]}")
+
+
+def test_a_partitioned_follower_returns_without_raising_the_term(tmp_path):
+    """PreVote: a follower cut off for several election timeouts (and past the connection
+    timeout, so its connections die) rejoins at the leader's term; the leader stays."""
+    from tests.faults.harness import NetnsCluster
+    from tests.faults.netns import Network
+
+    available, why = Network.available()
+    if not available:
+        pytest.skip(f"partitions need network namespaces: {why}")
+    import random
+    network = Network(random.Random())
+    cluster = NetnsCluster(str(tmp_path), 3, network)
+    try:
+        cluster.start(timeout=60)
+        leader = cluster.wait_leader()
+        with cluster.client(leader, timeout=10) as c:
+            c.put(b"before", b"1")
+        term = cluster.status(leader).term
+        follower = sorted(n for n in cluster.nodes if n != leader)[0]
+        others = set(cluster.nodes) - {follower}
+        network.partition({follower}, others)
+        # Longer than the connection timeout (3.5 s) and many election timeouts (<= 1.5 s).
+        cut_off = threading.Event()
+        cut_off.wait(6)
+        with cluster.client(leader, timeout=10) as c:
+            c.put(b"during", b"2")
+        assert cluster.status(leader).term == term, "the majority changed term meanwhile"
+        network.heal()
+
+        def caught_up():
+            with cluster.client(follower, timeout=5) as c:
+                return c.get(b"during", consistency=SERIALIZABLE).found  # local read
+        wait_for(caught_up, 30, f"{follower} to catch up after the partition healed")
+        for name in cluster.nodes:
+            s = cluster.status(name)
+            assert s.term == term, (f"{name} is at term {s.term}, was {term}: the returning "
+                                    f"follower raised the term\n{cluster.logs()}")
+        assert cluster.wait_leader() == leader
+    finally:
+        cluster.stop_all()
+        network.close()

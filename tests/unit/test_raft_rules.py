@@ -287,3 +287,112 @@ def test_a_rejection_from_a_stock_follower_backs_off_as_pysyncobj_does(raft):
     raft._SyncObj__sendAppendEntries()
     reply(raft, 7, False)  # no 'rejected' key
     assert raft._SyncObj__raftNextIndex[follower] == 7
+
+
+# -- elections: PreVote, the leader lease, stale terms -----------------------------------------
+
+
+def term_of(obj):
+    return obj._SyncObj__raftCurrentTerm
+
+
+def expire_election_timeout(obj):
+    obj._SyncObj__raftElectionDeadline = 0
+    obj._SyncObj__connectedNodes.update({obj.leader, obj.other})
+
+
+def sent_of_type(obj, kind):
+    return [(a, m) for a, m in obj.sent.sent if m['type'] == kind]
+
+
+def pre_vote(obj, term, last_index=1, last_term=0, sender=None):
+    obj._SyncObj__onMessageReceived(sender or obj.other, {
+        'type': 'pre_vote', 'term': term, 'last_log_index': last_index,
+        'last_log_term': last_term})
+    return obj.sent.last()
+
+
+def test_an_expired_election_timeout_asks_for_pre_votes_without_raising_the_term(raft):
+    for _ in range(5):
+        expire_election_timeout(raft)
+        raft._election_tick()
+    assert term_of(raft) == 0
+    assert raft._SyncObj__raftState == _RAFT_STATE.FOLLOWER
+    asks = sent_of_type(raft, 'pre_vote')
+    assert len(asks) == 10 and all(m['term'] == 1 for _, m in asks)
+    assert sent_of_type(raft, 'request_vote') == []
+
+
+def test_a_quorum_of_pre_votes_starts_a_real_election(raft):
+    expire_election_timeout(raft)
+    raft._election_tick()
+    raft._SyncObj__onMessageReceived(raft.leader, {
+        'type': 'pre_vote_response', 'term': 1, 'granted': True, 'current_term': 0})
+    raft._election_tick()
+    assert term_of(raft) == 1
+    assert raft._SyncObj__raftState == _RAFT_STATE.CANDIDATE
+    votes = sent_of_type(raft, 'request_vote')
+    assert len(votes) == 2 and all(m['term'] == 1 and 'transfer' not in m for _, m in votes)
+
+
+def test_a_refused_pre_vote_from_a_higher_term_catches_the_term_up(raft):
+    expire_election_timeout(raft)
+    raft._election_tick()
+    raft._SyncObj__onMessageReceived(raft.leader, {
+        'type': 'pre_vote_response', 'term': 1, 'granted': False, 'current_term': 4})
+    assert term_of(raft) == 4 and raft._SyncObj__raftState == _RAFT_STATE.FOLLOWER
+    raft._election_tick()
+    assert sent_of_type(raft, 'request_vote') == []
+
+
+def test_a_voter_that_hears_its_leader_grants_no_pre_vote_and_keeps_its_term(raft):
+    append(raft, 1, 0, [entry(2, 1)], commit=1, term=1)
+    assert pre_vote(raft, 2, 2, 1)['granted'] is False
+    raft._leader_contact -= 10  # the leader has been silent for longer than the timeout
+    answer = pre_vote(raft, 2, 2, 1)
+    assert answer == {'type': 'pre_vote_response', 'term': 2, 'granted': True,
+                      'current_term': 1}
+    assert term_of(raft) == 1  # answering changes nothing here
+    assert pre_vote(raft, 1, 2, 1)['granted'] is False  # not above our term
+    assert pre_vote(raft, 2, 1, 0)['granted'] is False  # log behind ours
+
+
+def test_a_request_vote_is_ignored_while_the_leader_is_alive_unless_a_transfer(raft):
+    append(raft, 1, 0, [entry(2, 1)], commit=1, term=1)
+    request = {'type': 'request_vote', 'term': 5, 'last_log_index': 2, 'last_log_term': 1}
+    raft._SyncObj__onMessageReceived(raft.other, dict(request))
+    assert term_of(raft) == 1 and sent_of_type(raft, 'response_vote') == []
+    raft._SyncObj__onMessageReceived(raft.other, dict(request, transfer=True))
+    assert term_of(raft) == 5 and len(sent_of_type(raft, 'response_vote')) == 1
+
+
+def test_a_leadership_transfer_campaigns_at_once_and_says_so(raft):
+    append(raft, 1, 0, [entry(2, 1)], commit=1, term=1)
+    raft._SyncObj__onMessageReceived(raft.leader, {'type': 'timeout_now', 'term': 1})
+    raft._SyncObj__connectedNodes.add(raft.leader)
+    raft._election_tick()
+    votes = sent_of_type(raft, 'request_vote')
+    assert term_of(raft) == 2 and votes and all(m.get('transfer') is True for _, m in votes)
+
+
+def test_append_entries_of_a_lower_term_is_answered_with_our_term(raft):
+    append(raft, 1, 0, [entry(2, 3)], commit=1, term=3)
+    assert append(raft, 2, 3, [], commit=1, term=2) == {'type': 'stale_term', 'term': 3}
+
+
+def test_a_leader_told_of_a_higher_term_steps_down(raft):
+    lead(raft, 4)
+    raft._SyncObj__onMessageReceived(raft.other, {'type': 'stale_term', 'term': 9})
+    assert raft._SyncObj__raftState == _RAFT_STATE.FOLLOWER and term_of(raft) == 9
+
+
+def test_new_messages_pass_the_whitelist_unpickler():
+    for message in ({'type': 'pre_vote', 'term': 3, 'last_log_index': 10, 'last_log_term': 2},
+                    {'type': 'pre_vote_response', 'term': 3, 'granted': True,
+                     'current_term': 2},
+                    {'type': 'stale_term', 'term': 4},
+                    {'type': 'request_vote', 'term': 3, 'last_log_index': 1,
+                     'last_log_term': 1, 'transfer': True},
+                    {'type': 'next_node_idx', 'next_node_idx': 4, 'reset': True,
+                     'success': False, 'rejected': 9}):
+        assert safe_pickle.safe_loads(safe_pickle._dumps(message)) == message
