@@ -3,7 +3,9 @@
 Errors come back as the typed exceptions of `sealkv.node.errors`. A request that fails with
 UNAVAILABLE before reaching a node (connection refused, node stopping) is tried on the next
 endpoint; a `NotLeader` answer is followed to the leader it names. A request whose outcome is
-unknown (DEADLINE_EXCEEDED) is never retried: that is the caller's decision.
+unknown (DEADLINE_EXCEEDED) is never retried: that is the caller's decision. A read has no
+outcome to be unknown: its timeout is `ReadTimeout` (DEADLINE_EXCEEDED), a connection lost
+under it `Unavailable`, and either is tried on the next endpoint.
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ class Client:
         """Calls `method` on the first endpoint that answers; returns the response.
 
         The next endpoint is tried when nothing was submitted (`Unavailable`), and for an
-        `idempotent` request (a read) also when the outcome is unknown.
+        `idempotent` request (a read, which changes nothing) also when it timed out
+        (`ReadTimeout`).
         """
         order = [endpoint] if endpoint else (self.endpoints[self._preferred:]
                                              + self.endpoints[:self._preferred])
@@ -74,13 +77,13 @@ class Client:
                     self._preferred = self.endpoints.index(target)
                 return response
             except grpc.RpcError as exc:
-                last = errors.from_rpc_error(exc)
+                last = errors.from_rpc_error(exc, read=idempotent)
             if isinstance(last, errors.NotLeader) and last.leader and follow_leader \
                     and hops < MAX_LEADER_HOPS:
                 hops += 1
                 order.insert(i + 1, last.leader)
             elif endpoint or not (isinstance(last, errors.Unavailable) or (
-                    idempotent and isinstance(last, errors.OutcomeUnknown))):
+                    idempotent and isinstance(last, errors.ReadTimeout))):
                 raise last
             i += 1
         raise last

@@ -74,6 +74,13 @@ class OutcomeUnknown(SealkvError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class ReadTimeout(SealkvError):
+    """A read found no quorum-confirmed read point before its deadline. A read changes
+    nothing, so there is no outcome to be unknown: retry it."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class ResourceExhausted(SealkvError):
     """The node's proposal queue is full: retry later."""
 
@@ -145,12 +152,14 @@ def from_status(code: int, message: str, leader: str = "") -> SealkvError:
     return result
 
 
-def from_rpc_error(error: grpc.RpcError) -> SealkvError:
+def from_rpc_error(error: grpc.RpcError, *, read: bool = False) -> SealkvError:
     """Returns the typed exception for a failed RPC.
 
     UNAVAILABLE means "nothing was submitted" only when the node said so or the connection
     could not be made; a connection that broke while the request was in flight is
-    `OutcomeUnknown`, since the node may have applied it.
+    `OutcomeUnknown`, since the node may have applied it. For a `read` (a request that
+    changes nothing) there is no outcome to be unknown: DEADLINE_EXCEEDED is `ReadTimeout`
+    and a broken connection `Unavailable`.
     """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = error.details() if hasattr(error, "details") else str(error)
@@ -164,6 +173,11 @@ def from_rpc_error(error: grpc.RpcError) -> SealkvError:
                 from_server = True
     except Exception:  # trailing metadata is unavailable on some local failures
         pass
+    if read and code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ReadTimeout(message if from_server else f"read timed out: {message}",
+                           leader=leader)
+    if read and code == grpc.StatusCode.UNAVAILABLE and not from_server:
+        return Unavailable(f"read not served, connection lost: {message}", leader=leader)
     if code == grpc.StatusCode.UNAVAILABLE and not from_server and not _never_sent(message):
         return OutcomeUnknown(f"connection lost, outcome unknown: {message}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and not from_server:

@@ -46,6 +46,10 @@ DISK_RETRY_PERIOD = 1.0
 # A dump that failed is retried after this long (doubling up to the maximum), not every tick.
 DUMP_RETRY_MIN = 1.0
 DUMP_RETRY_MAX = 60.0
+# A read barrier that failed with one of these is proposed again while its deadline allows
+# (leader changed, discarded, no leader yet, not committed in its time).
+_BARRIER_RETRYABLE = (errors.Aborted, errors.OutcomeUnknown, errors.Unavailable)
+BARRIER_RETRY_PAUSE = 0.02
 SWITCH_INTERVAL = 0.0005
 DUMP_MAGIC = b"SEALKVD2"       # header, snapshot, then a CRC-32C of everything before it
 LEGACY_DUMP_MAGIC = b"SEALKVD1"  # the same without the checksum (read, never written)
@@ -474,19 +478,44 @@ class ReplicationAdapter:
 
         Reads that arrive while a barrier is in flight share the next one, which is proposed
         when the current one completes: a barrier proposed before a read started could be
-        ordered before writes acknowledged before the read started.
+        ordered before writes acknowledged before the read started. A barrier dropped by a
+        leader change (or not committed in its time) is proposed again while the deadline
+        allows: it is a no-op, safe to repeat, so a read never has an unknown outcome.
+
+        Raises `ReadTimeout` when no barrier is confirmed within `timeout`, `Unavailable`
+        when no leader was known until then (or the node halted), `ResourceExhausted` when
+        the proposal queue is full.
         """
-        with self._barrier_lock:
-            if self._barrier_next is None:
-                self._barrier_next = _BarrierGroup()
-                if self._barrier_inflight is None:
-                    self._launch_barrier_locked(timeout)
-            group = self._barrier_next if self._barrier_next is not None else self._barrier_inflight
-        if not group.done.wait(timeout):
-            raise errors.OutcomeUnknown(f"read barrier not confirmed within {timeout:.1f}s")
-        if group.error is not None:
-            raise group.error
-        return group.index
+        deadline = time.monotonic() + timeout
+        last: Optional[errors.SealkvError] = None
+        dropped = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with self._barrier_lock:
+                if self._barrier_next is None:
+                    self._barrier_next = _BarrierGroup()
+                    if self._barrier_inflight is None:
+                        self._launch_barrier_locked(remaining)
+                group = self._barrier_next if self._barrier_next is not None \
+                    else self._barrier_inflight
+            if not group.done.wait(remaining):
+                break
+            if group.error is None:
+                return group.index
+            last = group.error
+            if self._halted or not isinstance(last, _BARRIER_RETRYABLE):
+                raise last
+            dropped += 1
+            # Pacing only: the next barrier waits for a leader inside propose.
+            time.sleep(min(BARRIER_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+        if isinstance(last, errors.Unavailable) or self._obj._getLeader() is None:
+            raise errors.Unavailable(f"read not served: no leader within {timeout:.1f}s (the "
+                                     "cluster has no quorum or is electing); retry")
+        why = f"; a leader change dropped {dropped} barrier(s)" if dropped else ""
+        raise errors.ReadTimeout(f"read timed out: no quorum-confirmed read point within "
+                                 f"{timeout:.1f}s{why}; a read changes nothing, retry")
 
     def _launch_barrier_locked(self, timeout: float) -> None:
         group = self._barrier_next

@@ -62,3 +62,18 @@ def test_not_leader_carries_the_leader_address():
 def test_every_server_error_maps_back_to_its_type(cls):
     e = errors.from_rpc_error(FakeRpcError(cls.code, "m", SERVER))
     assert type(e) is cls and e.message == "m"
+
+
+@pytest.mark.parametrize("metadata", [(), SERVER])
+def test_a_read_that_times_out_is_a_read_timeout_not_an_unknown_outcome(metadata):
+    e = errors.from_rpc_error(FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                           "Deadline Exceeded", metadata), read=True)
+    assert type(e) is errors.ReadTimeout
+    assert not isinstance(e, errors.OutcomeUnknown)
+    assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_read_whose_connection_broke_is_unavailable():
+    e = errors.from_rpc_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed"),
+                              read=True)
+    assert type(e) is errors.Unavailable and "read" in e.message
