@@ -9,9 +9,12 @@ kill -9 and restart of the leader or a follower, SIGSTOP/SIGCONT, the leader iso
 minority/majority split, a voter added and removed under load, and encryption bootstrap,
 storage-envelope cutover and data-key rotation.
 
-After the faults are healed the run checks three things: the history is linearizable
+After the faults are healed the run checks four things: the history is linearizable
 (`tests.faults.lincheck`), every acknowledged write to the append-only ledger keys is
-readable, and every node converges to the same applied index and state digest.
+readable, every node converges to the same applied index and state digest, and no node
+logged at CRITICAL or logged a traceback, except the lines in `EXPECTED_LOG_EVENTS`. Any
+exception while the run checks is a finding too: the history and the nodes' full logs are
+kept and the replay command is printed.
 
 Only the nemesis's own timing comes from the seed; thread interleavings do not, so a seed
 replays the same fault schedule, not the same history.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -41,6 +45,11 @@ KEYS = [b"r0", b"r1", b"r2", b"r3"]
 OP_TIMEOUT = 2.0
 HISTORY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "fault-histories")
+
+# Log events a fault is expected to make a node log at CRITICAL or with a traceback: (the
+# fault that causes it, a pattern matched against the event). Every other CRITICAL line or
+# traceback fails the run. Empty: no fault of the nemesis is expected to cause either.
+EXPECTED_LOG_EVENTS: tuple[tuple[str, re.Pattern], ...] = ()
 
 # Errors after which the operation certainly had no effect (nothing was submitted, or the
 # proposal was discarded before it committed).
@@ -404,18 +413,70 @@ def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
             result.problems.append(f"linearizability: {verdict.verdict}: {verdict.describe()}")
     except AssertionError as exc:
         result.problems.append(str(exc))
+    except Exception as exc:  # any failure while running or checking is a finding
+        result.problems.append(f"the run failed: {type(exc).__name__}: {exc}")
     finally:
         stop.set()
         cluster.stop_all()
         if network is not None:
             network.close()
+        for node in cluster.nodes.values():
+            result.problems.extend(log_problems(node.name, node.log()))
         if result.problems:
-            os.makedirs(HISTORY_DIR, exist_ok=True)
-            result.history_file = os.path.join(HISTORY_DIR, f"seed-{seed}.jsonl")
-            save_history(recorder.history, result.history_file)
-            with open(os.path.join(HISTORY_DIR, f"seed-{seed}.logs.txt"), "w") as f:
-                f.write(cluster.logs())
+            keep_evidence(seed, duration, cluster, recorder, result)
     return result
+
+
+def replay_command(seed: int, duration: float) -> str:
+    """The command that replays `seed`'s fault schedule."""
+    return f"pytest tests/faults -m faults --fault-seeds {seed} --fault-duration {duration:g}"
+
+
+def keep_evidence(seed: int, duration: float, cluster: Cluster, recorder: Recorder,
+                  result: RunResult) -> None:
+    """Saves the history and every node's full log under HISTORY_DIR; prints the replay."""
+    os.makedirs(HISTORY_DIR, exist_ok=True)
+    result.history_file = os.path.join(HISTORY_DIR, f"seed-{seed}.jsonl")
+    with recorder.lock:
+        history = list(recorder.history)
+    save_history(history, result.history_file)
+    with open(os.path.join(HISTORY_DIR, f"seed-{seed}.logs.txt"), "w") as f:
+        for node in cluster.nodes.values():
+            f.write(f"--- {node.name} ---\n{node.log()}\n")
+    print(f"seed {seed} failed; history and logs kept in {HISTORY_DIR}; replay: "
+          f"{replay_command(seed, duration)}")
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def log_events(text: str) -> list[str]:
+    """The CRITICAL lines of a node's log, and one line per traceback (the line before it
+    and the exception it ended with)."""
+    events = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith(_TRACEBACK):
+            j = i + 1
+            while j < len(lines) and (lines[j].startswith(" ") or not lines[j].strip()):
+                j += 1
+            before = lines[i - 1] if i else ""
+            ended = lines[j] if j < len(lines) else "(log ends inside the traceback)"
+            events.append(f"traceback after [{before}]: {ended}")
+            i = j + 1
+            continue
+        if " CRITICAL " in line:
+            events.append(line)
+        i += 1
+    return events
+
+
+def log_problems(name: str, text: str) -> list[str]:
+    """The events of `log_events` that no entry of EXPECTED_LOG_EVENTS explains."""
+    return [f"{name} logged {event}" for event in log_events(text)
+            if not any(pattern.search(event) for _, pattern in EXPECTED_LOG_EVENTS)]
 
 
 def final_reads(cluster: Cluster, leader: str, recorder: Recorder) -> None:

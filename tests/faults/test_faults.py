@@ -8,7 +8,7 @@ the nodes' logs) under fault-histories/.
 import pytest
 
 from tests import conftest
-from tests.faults.harness import run_seed
+from tests.faults.harness import replay_command, run_seed
 from tests.faults.netns import Network
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
@@ -31,8 +31,7 @@ def test_fault_run_keeps_every_promise(fault_seed, tmp_path, request):
     conftest.FAULT_RESULTS.append(result)
     if not available:
         print(f"partitions skipped: {why}")
-    replay = (f"pytest tests/faults -m faults --fault-seeds {fault_seed} "
-              f"--fault-duration {duration:g}")
+    replay = replay_command(fault_seed, duration)
     assert not result.problems, (
         f"seed {fault_seed} broke a promise:\n  " + "\n  ".join(result.problems)
         + f"\nhistory: {result.history_file}\nreplay: {replay}")

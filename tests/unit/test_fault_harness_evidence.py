@@ -1,0 +1,68 @@
+"""The fault harness keeps every failure: log scanning for CRITICAL lines and tracebacks,
+and the evidence (history, full logs, replay command) it keeps when a run fails."""
+import re
+
+from tests.cluster import Cluster
+from tests.faults import harness
+from tests.faults.history import Operation, load_history
+
+CLEAN = """\
+2026-11-30 17:12:22,256 INFO sealkv.node.server: node n1 serving gRPC
+2026-11-30 17:12:32,823 WARNING sealkv.node.replication.raft_rules: follower lost entries
+"""
+
+BAD = CLEAN + """\
+2026-11-30 17:13:00,000 CRITICAL sealkv.node.replication.adapter: halting: entry 9: boom
+2026-11-30 17:13:01,000 ERROR pysyncobj.syncobj: failed _onTick in _autoTickThread
+Traceback (most recent call last):
+  File "syncobj.py", line 593, in _autoTickThread
+    self._onTick(self.__conf.autoTickPeriod)
+KeyError: 'x'
+2026-11-30 17:13:02,000 INFO sealkv.node.server: node n1 stopping
+"""
+
+
+def test_a_clean_log_has_no_events():
+    assert harness.log_events(CLEAN) == []
+
+
+def test_critical_lines_and_tracebacks_are_events():
+    events = harness.log_events(BAD)
+    assert len(events) == 2
+    assert "CRITICAL" in events[0] and "halting" in events[0]
+    assert events[1] == ("traceback after [2026-11-30 17:13:01,000 ERROR pysyncobj.syncobj: "
+                         "failed _onTick in _autoTickThread]: KeyError: 'x'")
+
+
+def test_a_traceback_cut_off_by_a_kill_is_still_an_event():
+    events = harness.log_events("x\nTraceback (most recent call last):\n  File \"a.py\"\n")
+    assert events == ["traceback after [x]: (log ends inside the traceback)"]
+
+
+def test_only_listed_expected_events_are_forgiven(monkeypatch):
+    assert len(harness.log_problems("n1", BAD)) == 2
+    monkeypatch.setattr(harness, "EXPECTED_LOG_EVENTS", (
+        ("a fault for tests only", re.compile(r"failed _onTick.*KeyError")),))
+    problems = harness.log_problems("n1", BAD)
+    assert len(problems) == 1 and problems[0].startswith("n1 logged ") and "halting" in problems[0]
+
+
+def test_a_failed_run_keeps_history_full_logs_and_prints_the_replay(tmp_path, monkeypatch,
+                                                                  capsys):
+    monkeypatch.setattr(harness, "HISTORY_DIR", str(tmp_path / "kept"))
+    cluster = Cluster(str(tmp_path), 3)
+    long_log = "".join(f"2026-11-30 17:00:00,000 INFO x: line {i}\n" for i in range(2000))
+    for node in cluster.nodes.values():
+        with open(node.log_file, "w") as f:
+            f.write(long_log + f"last line of {node.name}\n")
+    recorder = harness.Recorder()
+    recorder.add(Operation(0, "put", b"r0", b"v", None, 1.0, 2.0, None))
+    result = harness.RunResult(907, problems=["the run failed: ReadTimeout: read timed out"])
+    harness.keep_evidence(907, 30, cluster, recorder, result)
+    assert load_history(result.history_file) == recorder.history
+    logs = (tmp_path / "kept" / "seed-907.logs.txt").read_text()
+    for name in ("n1", "n2", "n3"):
+        assert f"--- {name} ---" in logs and f"last line of {name}" in logs
+    assert "line 0\n" in logs  # the whole log, not its tail
+    out = capsys.readouterr().out
+    assert "replay: pytest tests/faults -m faults --fault-seeds 907 --fault-duration 30" in out
