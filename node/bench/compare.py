@@ -4,6 +4,8 @@ measured in one invocation on fresh local clusters, each as a ratio to the raw e
 The raw engine runs first on a Raft-only cluster (`raft_engine`); then one fresh 3-node sealkv
 cluster with the encryption plugin enabled (envelope inactive) serves the cleartext rows; the
 same cluster is then bootstrapped and switched to the storage envelope for the envelope rows.
+Every node runs with `--fsync always` (the default) except a last fresh cluster, configured like
+the cleartext one but with `--fsync never`, whose put rows name the cost of durability.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ ENVELOPE_UNAVAILABLE = ("the envelope rows need the encryption admin service "
 class LocalNodeCluster:
     """A fresh local sealkv cluster in a temporary directory (stopped and removed on exit)."""
 
-    def __init__(self, nodes: int = 3, encryption: bool = True, keep: bool = False):
+    def __init__(self, nodes: int = 3, encryption: bool = True, keep: bool = False,
+                 fsync: str = "always"):
         from sealkv.node.cli import local
 
         self.local = local
@@ -41,7 +44,8 @@ class LocalNodeCluster:
             with os.fdopen(fd, "wb") as f:
                 f.write(os.urandom(32))
         self.record = local.LocalCluster(base, secret, kek_file=kek,
-                                         plugins=["encryption"] if encryption else [])
+                                         plugins=["encryption"] if encryption else [],
+                                         fsync=fsync)
         for i in range(1, nodes + 1):
             self.record.nodes.append(local.LocalNode(
                 f"n{i}", f"127.0.0.1:{local.free_port()}", f"127.0.0.1:{local.free_port()}",
@@ -152,6 +156,13 @@ def run(base: Workload, *, processes: int = 0,
         if envelope_error is None:
             env1 = grpc_row(dataclasses.replace(put, clients=1), "envelope put c=1", "envelope")
             env = grpc_row(put, f"envelope put c={C}", "envelope")
+    log("gRPC: starting a fresh 3-node cluster like the cleartext one, with --fsync never")
+    with LocalNodeCluster(encryption=True, fsync="never") as cluster:
+        leader = [cluster.leader_endpoint()]
+        never1 = grpc_row(dataclasses.replace(put, clients=1), "grpc put c=1 fsync=never",
+                          "fsync-never")
+        never = grpc_row(put, f"grpc put c={C} fsync=never", "fsync-never")
+    notes.append(_durability_cost(clear1, never1, clear, never, C))
     for s in rows:
         s["vs_raw"] = round(s["ops_per_sec"] / raw["ops_per_sec"], 3) if raw["ops_per_sec"] else None
 
@@ -174,6 +185,16 @@ def run(base: Workload, *, processes: int = 0,
     checks.append(check(f"linearizable / serializable get c={C}", ratio, ">= 0.5", ratio >= 0.5))
     return {"workload": dataclasses.asdict(base), "rows": rows, "checks": checks,
             "notes": notes}
+
+
+def _durability_cost(always1: dict, never1: dict, always: dict, never: dict, c: int) -> str:
+    """One line naming what `--fsync always` costs against `never` on the same workload."""
+    def ms(row: dict) -> str:
+        return "n/a" if row["p50_ms"] is None else f"{row['p50_ms']:.2f} ms"
+
+    return (f"cost of durability (--fsync always vs never): put c=1 p50 {ms(always1)} vs "
+            f"{ms(never1)}; put c={c} {always['ops_per_sec']:.0f} vs "
+            f"{never['ops_per_sec']:.0f} ops/s (ratio {_ratio(always, never)})")
 
 
 def _ratio(a: dict, b: dict) -> float:

@@ -154,7 +154,8 @@ def compare_cmd(c: Ctx, processes, **kw):
     """Raw engine, gRPC cleartext, gRPC through the envelope: one run, ratios to the engine.
 
     Starts its own clusters (a Raft-only one, then a 3-node sealkv cluster with encryption in
-    a temporary directory) and stops them afterwards; --clients is the concurrent load.
+    a temporary directory, then the same with --fsync never to name the cost of durability)
+    and stops them afterwards; --clients is the concurrent load.
     """
     from sealkv.node.bench import compare, grpc_load
     from sealkv.node.bench.workload import SUMMARY_HEADERS, summary_row

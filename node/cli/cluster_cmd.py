@@ -36,6 +36,8 @@ def _node_args(c: local.LocalCluster, n: local.LocalNode) -> list[str]:
         args += ["--kek-provider", c.kek_provider]
     for key, value in sorted(c.kek_options.items()):
         args += ["--kek-option", f"{key}={value}"]
+    if c.fsync != "always":
+        args += ["--fsync", c.fsync]
     return args
 
 

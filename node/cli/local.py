@@ -40,6 +40,7 @@ class LocalCluster:
     kek_provider: Optional[str] = None
     kek_options: dict[str, str] = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)
+    fsync: str = "always"
 
     @property
     def endpoints(self) -> list[str]:

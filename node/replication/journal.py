@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "raft.wal"
 META_FILE = "raft.meta"
+LEGACY_JOURNAL_FILE = "raft.journal"  # pysyncobj's mmap journal (and its ".meta"), migrated
 MAGIC = b"SEALKVJ1"
 META_MAGIC = b"SEALKVM1"
 _HEAD = struct.Struct("<IQQ")
@@ -150,6 +151,9 @@ class FileJournal(Journal):
         self._fdatasync = fdatasync
         self._on_disk_full = on_disk_full or (lambda path: None)
         self._cache_budget = cache_bytes
+        legacy = os.path.join(directory, LEGACY_JOURNAL_FILE)
+        if not os.path.exists(self.path) and os.path.exists(legacy):
+            _migrate_legacy(legacy, self.path, os.path.join(directory, META_FILE), policy)
         self.meta = MetaFile(os.path.join(directory, META_FILE), policy)
         self._meta_values = {"term": 0, "vote": None, "commit": 1, **self.meta.values}
         self._meta_dirty = False
@@ -482,6 +486,29 @@ class FileJournal(Journal):
             self._cache_size -= sum(len(e[0]) + RECORD_OVERHEAD for e in self._cache[:dropped])
             del self._cache[:dropped]
             self._cache_lo = self._first_idx
+
+
+def _migrate_legacy(legacy: str, path: str, meta_path: str, policy: str) -> None:
+    """Copies pysyncobj's journal and meta into sealkv's files, then deletes the old ones
+    (they hold the same commands in clear: no second copy stays at rest)."""
+    from pysyncobj.journal import FileJournal as LegacyJournal
+
+    try:
+        old = LegacyJournal(legacy)
+        entries = [old[i] for i in range(len(old))]
+        meta = {"term": old.getCurrentTerm(), "vote": old.getVotedForNodeId(),
+                "commit": old.getRaftCommitIndex()}
+        old._destroy()
+    except Exception:
+        raise DamagedFile(legacy, 0, "pysyncobj journal cannot be read for migration",
+                          JOURNAL_FIX) from None
+    durable.write_atomically(path, MAGIC + b"".join(
+        encode_record(bytes(command), idx, term) for command, idx, term in entries), policy)
+    MetaFile(meta_path, policy).store(meta)
+    for name in (legacy, legacy + ".meta"):
+        _unlink_quietly(name)
+    durable.sync_dir(os.path.dirname(path), policy)
+    log.info("migrated %d entries from %s to %s", len(entries), legacy, path)
 
 
 def _only_zeros(f, start: int, end: int) -> bool:

@@ -278,3 +278,18 @@ def test_install_makes_pysyncobj_use_the_journal(tmp_path):
     j.install()
     journal = open_journal(tmp_path)
     assert pysyncobj.syncobj.createJournal(journal) is journal
+
+
+def test_a_pysyncobj_journal_is_migrated_and_removed(tmp_path):
+    from pysyncobj.journal import FileJournal as LegacyJournal
+
+    legacy_path = str(tmp_path / j.LEGACY_JOURNAL_FILE)
+    legacy = LegacyJournal(legacy_path)
+    for i in range(1, 4):
+        legacy.add(b"old-%d" % i, i, 2)
+    legacy.setCurrentTerm(5, "127.0.0.1:7003")
+    legacy._destroy()
+    journal = open_journal(tmp_path)
+    assert [e for e in journal[:]] == [(b"old-%d" % i, i, 2) for i in range(1, 4)]
+    assert (journal.getCurrentTerm(), journal.getVotedForNodeId()) == (5, "127.0.0.1:7003")
+    assert not os.path.exists(legacy_path) and not os.path.exists(legacy_path + ".meta")
