@@ -1,0 +1,144 @@
+"""The adapter's Raft object on the sealkv journal: what is synced before what is sent.
+
+An un-ticked `_RaftObject` (real pysyncobj, a real bound port, two silent partners) whose
+journal's fdatasync and whose transport's send both write into one event list, so the tests
+see the order: a follower's answer only after the fdatasync of the entries it appended, a
+leader's AppendEntries (and its own count) only after the fdatasync of the group, one
+fdatasync per group, and no answer, no send and no leadership on a full disk.
+"""
+import errno
+import os
+import socket
+
+import pytest
+from pysyncobj import SyncObjConf
+from pysyncobj.node import TCPNode
+from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
+
+from sealkv.node import durable
+from sealkv.node.replication import journal as raft_journal
+from sealkv.node.replication.adapter import ReplicationAdapter, _RaftObject
+from sealkv.node.state.machine import StateMachine
+from sealkv.node.state.storage.memory import MemoryStore
+
+
+def free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+class Disk:
+    """An fdatasync that records itself in `events`, or fails with ENOSPC while `full`;
+    for tests only."""
+
+    def __init__(self, events: list):
+        self.events = events
+        self.full = False
+
+    def __call__(self, fd):
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.fdatasync(fd)
+        self.events.append("fdatasync")
+
+
+@pytest.fixture
+def raft(tmp_path):
+    me, leader, other = free_address(), free_address(), free_address()
+    events: list = []
+    full: list = []
+    adapter = ReplicationAdapter(StateMachine(MemoryStore()), raft_address=me,
+                                 partners=[leader, other], data_dir=str(tmp_path),
+                                 secret="0123456789abcdef", halt=lambda reason: None,
+                                 on_disk_full=full.append)
+    disk = Disk(events)
+    journal = raft_journal.FileJournal(str(tmp_path), fdatasync=disk,
+                                       on_disk_full=adapter._on_disk_full)
+    adapter.journal = journal
+    conf = SyncObjConf(autoTick=False, password=adapter.secret, bindAddress=me, useFork=False,
+                       dynamicMembershipChange=True, journalFile=journal,
+                       appendEntriesUseBatch=False)
+    obj = _RaftObject(adapter, me, [leader, other], conf, journal)
+    obj._SyncObj__transport.send = lambda node, message: events.append(
+        ("send", node.address, message["type"], len(message.get("entries", ()))))
+    obj.events, obj.disk, obj.full = events, disk, full
+    obj.leader, obj.other = TCPNode(leader), TCPNode(other)
+    yield obj
+    obj.destroy()
+
+
+def entry(index: int, term: int) -> tuple:
+    return (bytes([_COMMAND_TYPE.REGULAR]) + b"%d/%d" % (index, term), index, term)
+
+
+def append(obj, prev, prev_term, entries, commit=1, term=2):
+    obj._SyncObj__onMessageReceived(obj.leader, {
+        'type': 'append_entries', 'term': term, 'commit_index': commit,
+        'entries': entries, 'prevLogIdx': prev, 'prevLogTerm': prev_term})
+
+
+def test_a_follower_answers_only_after_one_fdatasync_of_the_entries_it_appended(raft):
+    raft.events.clear()
+    append(raft, 1, 0, [entry(i, 1) for i in range(2, 12)])
+    replies = [e for e in raft.events if e != "fdatasync" and e[2] == "next_node_idx"]
+    assert len(replies) == 1
+    assert raft.events.index("fdatasync") < raft.events.index(replies[0])
+    assert raft.events.count("fdatasync") == 1  # ten entries, one group, one fdatasync
+    assert raft._journal.last_index == 11
+
+
+def test_a_follower_with_a_full_disk_does_not_answer_and_answers_once_written(raft):
+    raft.disk.full = True
+    raft.events.clear()
+    append(raft, 1, 0, [entry(2, 1), entry(3, 1)])
+    assert raft.events == []  # no acknowledgement of entries that are not on disk
+    assert raft.full and raft._journal.failing
+    raft.disk.full = False
+    append(raft, 3, 1, [entry(4, 1)])
+    reply = [e for e in raft.events if e != "fdatasync"][-1]
+    assert reply[2] == "next_node_idx"
+    on_disk = raft_journal.FileJournal(raft._journal.directory)
+    assert [e[1] for e in on_disk[:]] == [1, 2, 3, 4]  # the held-back group was written too
+    on_disk._destroy()
+
+
+def become_leader(obj) -> None:
+    obj._SyncObj__connectedNodes.update({obj.leader, obj.other})
+    obj._SyncObj__raftCurrentTerm = 3
+    obj._SyncObj__onBecomeLeader()
+
+
+def test_a_leader_syncs_a_drained_group_once_before_sending_it(raft):
+    become_leader(raft)
+    assert raft._isLeader()
+    raft.events.clear()
+    for i in range(5):
+        raft.apply_command(b"cmd%d" % i, callback=lambda result, reason: None)
+    raft._checkCommandsToApply()
+    assert raft.events[0] == "fdatasync" and raft.events.count("fdatasync") == 1
+    sends = [e for e in raft.events[1:] if e[2] == "append_entries"]
+    assert sends and all(e[3] == 5 for e in sends)  # one message per follower, whole group
+
+
+def test_a_leader_that_cannot_write_its_group_steps_down_without_sending_it(raft):
+    become_leader(raft)
+    raft.disk.full = True
+    raft.events.clear()
+    raft.apply_command(b"cmd", callback=lambda result, reason: None)
+    raft._checkCommandsToApply()
+    assert raft.events == []
+    assert raft._SyncObj__raftState == _RAFT_STATE.FOLLOWER and raft._getLeader() is None
+    assert len(raft.full) == 1
+
+
+def test_an_unsaved_vote_is_never_sent(raft, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(durable, "write_atomically", full_disk)
+    raft.events.clear()
+    with pytest.raises(raft_journal.MetaNotDurable):
+        raft._SyncObj__onMessageReceived(raft.other, {
+            'type': 'request_vote', 'term': 9, 'last_log_index': 5, 'last_log_term': 2})
+    assert raft.events == [] and raft.full
