@@ -164,8 +164,9 @@ class _RaftObject(RaftRulesSyncObj):
             self._hold_off_election()
             if time.monotonic() >= adapter._disk_retry_at:
                 adapter._disk_retry_at = time.monotonic() + DISK_RETRY_PERIOD
-                if self._journal.sync():
-                    adapter._disk_recovered()
+                self._journal.sync()
+        elif adapter._disk_full_warned and not self._journal.meta_failing:
+            adapter._disk_recovered()
         try:
             super()._onTick(timeToWait)
         except raft_journal.MetaNotDurable:
@@ -401,10 +402,9 @@ class ReplicationAdapter:
         self._notify_disk_full(path)
 
     def _disk_recovered(self) -> None:
-        if self._disk_full_warned:
-            self._disk_full_warned = False
-            log.warning("journal %s is writable again; the NOSPACE alarm stays until "
-                        "disarmed", self.journal.path)
+        self._disk_full_warned = False
+        log.warning("the raft journal and meta file in %s are writable again; the NOSPACE "
+                    "alarm stays until disarmed", self.data_dir)
 
     def _step_down_disk_full(self) -> None:
         # The leader appended entries it cannot write: it must not count itself for them, and
@@ -688,7 +688,9 @@ class ReplicationAdapter:
             pass
         self._dump_retry_at = time.monotonic() + self._dump_backoff
         if durable.is_disk_full(exc):
-            self._on_disk_full(filename)
+            self._notify_disk_full(filename)
+            log.warning("disk full writing dump %s: NOSPACE alarm raised; the journal keeps "
+                        "its entries, retrying in %.0fs", filename, self._dump_backoff)
         else:
             log.warning("cannot write dump %s (%s at %s); retrying in %.0fs", filename,
                         type(exc).__name__, where(exc), self._dump_backoff)

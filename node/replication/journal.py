@@ -167,6 +167,7 @@ class FileJournal(Journal):
         self._cache_lo = 0
         self._cache_size = 0
         self.failing = False       # the last sync could not write (disk full)
+        self.meta_failing = False  # the last meta write could not be made (disk full)
         self._fd = self._open()
 
     # -- open and scan ----------------------------------------------------------------
@@ -327,6 +328,7 @@ class FileJournal(Journal):
         except OSError as exc:
             self._meta_dirty = True
             if durable.is_disk_full(exc):
+                self.meta_failing = True
                 self._on_disk_full(self.meta.path)
             raise MetaNotDurable(exc.errno, f"cannot save term and vote: {exc.strerror}") from exc
 
@@ -344,6 +346,7 @@ class FileJournal(Journal):
         except OSError as exc:
             if not durable.is_disk_full(exc):
                 raise
+            self.meta_failing = True
             self._on_disk_full(self.meta.path)
 
     # -- sealkv's additions -----------------------------------------------------------
@@ -415,6 +418,7 @@ class FileJournal(Journal):
     def _store_meta(self) -> None:
         self.meta.store(self._meta_values)
         self._meta_dirty = False
+        self.meta_failing = False
 
     def _entry(self, pos: int):
         idx = self._first_idx + pos
