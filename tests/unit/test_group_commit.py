@@ -9,6 +9,7 @@ fdatasync per group, and no answer, no send and no leadership on a full disk.
 import errno
 import os
 import socket
+import time
 
 import pytest
 from pysyncobj import SyncObjConf
@@ -48,9 +49,10 @@ def raft(tmp_path):
     me, leader, other = free_address(), free_address(), free_address()
     events: list = []
     full: list = []
+    halts: list = []
     adapter = ReplicationAdapter(StateMachine(MemoryStore()), raft_address=me,
                                  partners=[leader, other], data_dir=str(tmp_path),
-                                 secret="0123456789abcdef", halt=lambda reason: None,
+                                 secret="0123456789abcdef", halt=halts.append,
                                  on_disk_full=full.append)
     disk = Disk(events)
     journal = raft_journal.FileJournal(str(tmp_path), fdatasync=disk,
@@ -58,11 +60,13 @@ def raft(tmp_path):
     adapter.journal = journal
     conf = SyncObjConf(autoTick=False, password=adapter.secret, bindAddress=me, useFork=False,
                        dynamicMembershipChange=True, journalFile=journal,
-                       appendEntriesUseBatch=False)
+                       appendEntriesUseBatch=False,
+                       fullDumpFile=str(tmp_path / "raft.dump"), serializer=adapter._write_dump,
+                       deserializer=adapter._read_dump)
     obj = _RaftObject(adapter, me, [leader, other], conf, journal)
     obj._SyncObj__transport.send = lambda node, message: events.append(
         ("send", node.address, message["type"], len(message.get("entries", ()))))
-    obj.events, obj.disk, obj.full = events, disk, full
+    obj.events, obj.disk, obj.full, obj.halts = events, disk, full, halts
     obj.leader, obj.other = TCPNode(leader), TCPNode(other)
     yield obj
     obj.destroy()
@@ -142,3 +146,34 @@ def test_an_unsaved_vote_is_never_sent(raft, monkeypatch):
         raft._SyncObj__onMessageReceived(raft.other, {
             'type': 'request_vote', 'term': 9, 'last_log_index': 5, 'last_log_term': 2})
     assert raft.events == [] and raft.full
+
+
+def test_a_snapshot_that_cannot_be_installed_halts_and_is_never_acknowledged(raft):
+    raft.events.clear()
+    raft._SyncObj__onMessageReceived(raft.leader, {
+        'type': 'append_entries', 'term': 2, 'commit_index': 5,
+        'serialized': (b"SEALKVD2 but not a dump at all", True, True)})
+    assert len(raft.halts) == 1 and "raft.dump" in raft.halts[0]
+    assert [e for e in raft.events if e != "fdatasync"] == []  # no next_node_idx reply
+
+
+def test_a_failing_dump_backs_off_instead_of_retrying_every_tick(raft, monkeypatch):
+    adapter = raft._adapter
+
+    def full_disk(out):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(adapter.sm, "write_snapshot", full_disk)
+    delays = []
+    for _ in range(3):
+        with pytest.raises(OSError):
+            adapter._write_dump(str(raft._journal.directory) + "/raft.dump.tmp",
+                                ((b"x", 3, 1), (b"y", 2, 1), set()))
+        delays.append(adapter._dump_retry_at - time.monotonic())
+    assert delays[0] > 0.5 and delays[1] > 1.5 and delays[2] > 3.5  # 1 s, 2 s, 4 s
+    assert len(raft.full) == 3
+    assert not os.path.exists(str(raft._journal.directory) + "/raft.dump.tmp")
+    # While backing off, pysyncobj's compaction is not even attempted.
+    raft._SyncObj__forceLogCompaction = True
+    raft._SyncObj__tryLogCompaction()
+    assert raft._SyncObj__forceLogCompaction
