@@ -654,6 +654,35 @@ class ReplicationAdapter:
         """Asks pysyncobj to write a snapshot and drop the log before it (tests, operators)."""
         self._obj.forceLogCompaction()
 
+    def compact(self, timeout: float) -> int:
+        """Writes a new snapshot of everything applied here and drops the log before it;
+        returns the index the snapshot covers.
+
+        The dump is written to a new file and renamed over the old one, and the journal keeps
+        only the entries after the snapshot (pysyncobj keeps the last two applied entries).
+        Called from a gRPC thread; waits on the tick thread's progress, bounded by `timeout`
+        (`OutcomeUnknown` when it passes: the compaction may still finish).
+        """
+        obj = self._obj
+        target = obj.raftLastApplied - 1
+        done = threading.Event()
+
+        def check() -> None:  # tick thread
+            compacted = obj._SyncObj__lastSerializedEntry
+            log_ = obj._SyncObj__raftLog
+            if compacted is not None and compacted >= target and len(log_) \
+                    and log_[0][1] >= compacted:
+                done.set()
+
+        obj.addOnTickCallback(check)
+        try:
+            obj.forceLogCompaction()
+            if not done.wait(timeout):
+                raise errors.OutcomeUnknown(f"log compaction not finished within {timeout:.1f}s")
+        finally:
+            obj.removeOnTickCallback(check)
+        return obj._SyncObj__lastSerializedEntry
+
     # -- dump files (tick thread) -----------------------------------------------------
 
     def _write_dump(self, filename: str, data) -> None:
@@ -680,6 +709,7 @@ class ReplicationAdapter:
             self._dump_failed(filename, exc)
             raise
         self._dump_backoff = DUMP_RETRY_MIN
+        self.codec.snapshot_taken(previous[1])
 
     def _dump_failed(self, filename: str, exc: Exception) -> None:
         try:

@@ -40,6 +40,10 @@ class PayloadCodec(Protocol):
         """Called on the tick thread when this node becomes leader (`unapplied` yields
         (index, payload) of its log entries not applied yet) or stops being leader (empty)."""
 
+    def snapshot_taken(self, index: int) -> None:
+        """Called on the tick thread once a snapshot covering entries up to `index` is written
+        (the log before it is about to be dropped)."""
+
     def open(self, index: int, payload: bytes) -> bytes:
         """Returns the command bytes of entry `index`.
 
@@ -61,6 +65,9 @@ class IdentityCodec:
         return None
 
     def on_leadership(self, is_leader: bool, unapplied: Iterable[tuple[int, bytes]]) -> None:
+        pass
+
+    def snapshot_taken(self, index: int) -> None:
         pass
 
     def open(self, index: int, payload: bytes) -> bytes:

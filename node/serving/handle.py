@@ -7,6 +7,7 @@ from gRPC worker threads; none may be called from the pysyncobj tick thread (app
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, Optional
@@ -90,6 +91,28 @@ class NodeHandle:
             if time.monotonic() >= deadline:
                 raise errors.OutcomeUnknown(f"index {index} not applied within {timeout:.1f}s")
             time.sleep(0.005)
+
+    def stored_records(self, start: bytes, limit: int) -> list:
+        """Returns up to `limit` (key, Entry) records as stored at rest with key >= `start`, in
+        key order (values as the base store holds them: sealed or cleartext)."""
+        return self._node.state_machine.stored_records(start, limit)
+
+    def compact(self, min_index: int, timeout: float) -> dict:
+        """Compacts this node: waits until `min_index` is applied here, writes a new snapshot
+        and drops the log before it (new files, renamed into place). Returns
+        {"snapshot_index", "dump_bytes", "journal_bytes"}; raises `OutcomeUnknown` on timeout."""
+        deadline = time.monotonic() + timeout
+        self.wait_applied(min_index, timeout)
+        index = self._node.adapter.compact(max(0.1, deadline - time.monotonic()))
+        sizes = {"dump_bytes": 0, "journal_bytes": 0}
+        raft_dir = os.path.join(self.data_dir, "raft")
+        for name in os.listdir(raft_dir):
+            path = os.path.join(raft_dir, name)
+            if name.endswith(".dump") and os.path.isfile(path):
+                sizes["dump_bytes"] += os.path.getsize(path)
+            elif ("journal" in name or name.endswith(".wal")) and os.path.isfile(path):
+                sizes["journal_bytes"] += os.path.getsize(path)
+        return {"snapshot_index": index, **sizes}
 
     def channel(self, grpc_address: str) -> grpc.Channel:
         """Returns a pooled insecure channel to a peer's gRPC address."""

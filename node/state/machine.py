@@ -163,6 +163,17 @@ class StateMachine:
                 entry = layer.decode_entry(key, entry)
         return _cleartext(entry)
 
+    def stored_records(self, start: bytes, limit: int) -> list[tuple[bytes, Entry]]:
+        """Returns up to `limit` records as stored at rest (sealed or not) with key >= `start`,
+        in key order. gRPC and plugin threads; holds the state lock while it reads."""
+        with self.lock:
+            out: list[tuple[bytes, Entry]] = []
+            for pair in self.base.scan(start, None):
+                if len(out) >= limit:
+                    break
+                out.append(pair)
+            return out
+
     def member_directory(self) -> tuple[dict[str, MemberRecord], int]:
         """Returns a copy of the member directory and its configuration version."""
         with self.lock:

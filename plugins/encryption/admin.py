@@ -38,7 +38,9 @@ from sealkv.v1 import encryption_admin_pb2 as pb
 from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
 
 from . import commands, envelope
+from .admin_at_rest import AtRestAdminMixin, compact_cluster_from_leader
 from .commands import RegisterCommand, WriterRow
+from .reencryption_driver import ReencryptionDriver
 from .nonce import MAX_EPOCH, full_node_id
 from .sidecar import SidecarError, read_sidecar, sidecar_dir, sidecar_path
 from .state import (
@@ -111,6 +113,13 @@ class EncryptionAdminPlugin(AdminPlugin):
         self.handle = node
         self.admin_lock = threading.Lock()
         node.add_member_check(self.check_new_member)
+        self.driver = ReencryptionDriver(node, lambda: self.layer,
+                                         lambda: compact_cluster_from_leader(node))
+        self.driver.start()
+
+    def stop(self) -> None:
+        """Stops the re-encryption driver."""
+        self.driver.stop()
 
     def add_services(self, server: Any) -> list[str]:
         """Adds `sealkv.v1.EncryptionAdmin`; returns its full name."""
@@ -261,7 +270,7 @@ class EncryptionAdminPlugin(AdminPlugin):
         return result
 
 
-class EncryptionAdminService(pb_grpc.EncryptionAdminServicer):
+class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
     """The gRPC servicer of `sealkv.v1.EncryptionAdmin` (see the proto for each RPC)."""
 
     def __init__(self, plugin: EncryptionAdminPlugin):

@@ -87,7 +87,17 @@ def status(c: Ctx, cluster):
             "keys": [{"key_id": k.key_id, "purpose": k.purpose, "created": k.created,
                       "local_epoch": k.local_epoch} for k in side.keys],
         })
+    job = None
+    if rows:
+        try:
+            job = c.client.call(STUB, "GetReencryptionStatus", pb.GetReencryptionStatusRequest())
+        except errors.SealkvError as exc:
+            click.echo(f"Error: re-encryption status: {exc.message}", err=True)
+    for row in data:  # the job is replicated: the same on every row
+        row["reencryption"] = _job_data(job) if job is not None else None
     emit(c.write_out, STATUS_HEADERS, rows, data)
+    if job is not None and c.write_out != "json":
+        click.echo(_job_line(job))
     if failed:
         sys.exit(EXIT_UNREACHABLE)
 
@@ -201,3 +211,113 @@ def pkcs11_keygen(module, token_label, key_label, pin_file):
         raise CliError("pkcs11-keygen needs python-pkcs11: "
                                    "pip install 'sealkv[pkcs11]'") from None
     click.echo(f"created non-extractable AES-256 key {key_label!r} in token {token_label!r}")
+
+
+def _job_data(s) -> dict:
+    return {"state": s.state, "job_id": s.job_id, "target_key_id": s.target_key_id,
+            "done": s.done, "total": s.total, "rewritten": s.rewritten, "skipped": s.skipped,
+            "rate": round(s.rate, 1), "eta_seconds": round(s.eta_seconds, 1),
+            "remaining": s.remaining, "started_index": s.started_index,
+            "finished_index": s.finished_index, "compaction": s.compaction}
+
+
+def _job_line(s) -> str:
+    if s.state == "idle":
+        return "no re-encryption job has run"
+    line = (f"re-encryption {s.state}: {s.done}/{s.total} examined, {s.rewritten} rewritten, "
+            f"{s.skipped} skipped (newer client writes), {s.remaining} values still to seal")
+    if s.state == "running" and s.rate > 0:
+        line += f", {s.rate:.0f}/s, about {s.eta_seconds:.0f}s left"
+    if s.compaction:
+        line += f"; compaction {s.compaction}"
+    return line
+
+
+def _bar(s, rate: float, eta: float, width: int = 30) -> str:
+    total = max(s.total, 1)
+    filled = min(width, int(width * s.done / total))
+    return (f"\r[{'#' * filled}{'.' * (width - filled)}] {s.done}/{s.total} "
+            f"{rate:.0f}/s eta {eta:.0f}s  ")
+
+
+@encryption.command()
+@click.option("--rate", type=click.FloatRange(min=1), default=None,
+              help="Values examined per second at most (default 2000).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
+              help="Values per replicated batch (default 256).")
+@click.option("--no-compact", is_flag=True, help="Do not compact every member at the end.")
+@click.option("--no-wait", is_flag=True, help="Start (or report) the job and return at once.")
+@click.option("--wait-timeout", type=float, default=3600.0, show_default=True,
+              help="Seconds to wait for the job (and its compaction) to finish.")
+@pass_ctx
+def reencrypt(c: Ctx, rate, batch_size, no_compact, no_wait, wait_timeout):
+    """Rewrites every value stored in cleartext or under an old storage key, online.
+
+    The leader drives a replicated job in throttled batches; a client write of the same key
+    wins over the rewrite. The job survives a leader change and a restart. By default every
+    member is compacted at the end, so no old copy stays in the journal or the dump.
+    """
+    import time
+
+    status = _call(c, "StartReencryption", pb.StartReencryptionRequest(
+        rate=rate or 0, batch_size=batch_size or 0, no_compact=no_compact))
+    deadline = time.monotonic() + wait_timeout
+    tty = sys.stderr.isatty() and c.write_out != "json"
+    last = (time.monotonic(), status.done)
+    own_rate = 0.0
+    while not no_wait and (status.state == "running"
+                           or (not no_compact and status.compaction in ("", "running"))):
+        if time.monotonic() > deadline:
+            click.echo(f"Error: the job did not finish within {wait_timeout:.0f}s; it goes on "
+                       "(see `sealkv encryption status`)", err=True)
+            sys.exit(1)
+        time.sleep(0.5)  # polling the replicated progress (pacing only)
+        status = _call(c, "GetReencryptionStatus", pb.GetReencryptionStatusRequest())
+        now = time.monotonic()
+        if now > last[0] and status.done >= last[1]:
+            own_rate = (status.done - last[1]) / (now - last[0])
+        last = (now, status.done)
+        shown = status.rate or own_rate
+        if tty and status.state == "running":
+            eta = max(0, status.total - status.done) / shown if shown else 0
+            click.echo(_bar(status, shown, eta), nl=False, err=True)
+    if tty:
+        click.echo("", err=True)
+    if c.write_out == "json":
+        emit_json(_job_data(status))
+    else:
+        click.echo(_job_line(status))
+    if status.compaction.startswith("failed"):
+        sys.exit(1)
+
+
+@encryption.command(name="retire-dek")
+@click.argument("key_id", type=click.IntRange(1, 0xFFFFFFFF))
+@pass_ctx
+def retire_dek(c: Ctx, key_id):
+    """Removes data key KEY_ID once no stored value and no retained log entry uses it."""
+    r = _call(c, "RetireDEK", pb.RetireDEKRequest(key_id=key_id))
+    purpose = "storage" if r.purpose == pb.STORAGE else "raft"
+    if c.write_out == "json":
+        emit_json({"key_id": r.key_id, "purpose": purpose, "index": r.index})
+    else:
+        click.echo(f"{purpose} key {r.key_id} retired at index {r.index}")
+
+
+COMPACT_HEADERS = ["member", "grpc", "ok", "snapshot index", "dump bytes", "journal bytes",
+                   "reason"]
+
+
+@encryption.command()
+@pass_ctx
+def compact(c: Ctx):
+    """Compacts every member: a new snapshot and a new journal, old files replaced."""
+    r = _call(c, "Compact", pb.CompactRequest(cluster=True), timeout=max(c.timeout * 12, 60))
+    rows = [[n.member, n.grpc_address, "yes" if n.ok else "no", n.snapshot_index,
+             n.dump_bytes, n.journal_bytes, n.reason or "-"] for n in r.nodes]
+    data = [{"member": n.member, "grpc_address": n.grpc_address, "ok": n.ok,
+             "snapshot_index": n.snapshot_index, "dump_bytes": n.dump_bytes,
+             "journal_bytes": n.journal_bytes, "reason": n.reason} for n in r.nodes]
+    emit(c.write_out, COMPACT_HEADERS, rows, data)
+    if not all(n.ok for n in r.nodes):
+        sys.exit(1)

@@ -21,7 +21,8 @@ Layouts (sizes in bytes)::
                     sub_tag 0x01 rotate DEK:             1 <= length <= 1024
                     sub_tag 0x04 enable storage envelope: purpose 1, length 0
                     sub_tag 0x05 enable raft envelope:    purpose 2, length 0
-                    sub_tags 0x02 (rewrap) and 0x03 (retire) are reserved: decode error.
+                    sub_tag 0x03 retire DEK:              length 0 (dek_id names the key)
+                    sub_tag 0x02 (rewrap) is reserved: decode error.
                     purpose 1 = storage, 2 = raft; dek_id != 0; the proposer row's dek_id
                     equals dek_id.
 """
@@ -39,7 +40,7 @@ OPCODES = (OP_REGISTER, OP_BOOTSTRAP, OP_ROTATION)
 BODY_VERSION = 0x01
 SUB_ROTATE = 0x01
 SUB_REWRAP_RESERVED = 0x02
-SUB_RETIRE_RESERVED = 0x03
+SUB_RETIRE = 0x03
 SUB_ENABLE_STORAGE = 0x04
 SUB_ENABLE_RAFT = 0x05
 
@@ -278,9 +279,9 @@ def decode_rotation(body: bytes) -> RotationCommand:
 
 
 def _check_rotation(command: RotationCommand, error: type[Exception]) -> None:
-    if command.sub_tag in (SUB_REWRAP_RESERVED, SUB_RETIRE_RESERVED):
+    if command.sub_tag == SUB_REWRAP_RESERVED:
         raise error(f"rotation sub-tag 0x{command.sub_tag:02x} is reserved")
-    if command.sub_tag not in (SUB_ROTATE, SUB_ENABLE_STORAGE, SUB_ENABLE_RAFT):
+    if command.sub_tag not in (SUB_ROTATE, SUB_ENABLE_STORAGE, SUB_ENABLE_RAFT, SUB_RETIRE):
         raise error(f"unknown rotation sub-tag 0x{command.sub_tag:02x}")
     if not 0 < command.dek_id <= 0xFFFFFFFF:
         raise error("rotation names the reserved key id 0")
@@ -289,6 +290,9 @@ def _check_rotation(command: RotationCommand, error: type[Exception]) -> None:
     if command.sub_tag == SUB_ROTATE:
         if not 1 <= len(command.wrapped) <= MAX_WRAPPED_LEN:
             raise error("a rotation needs a wrapped key")
+    elif command.sub_tag == SUB_RETIRE:
+        if command.wrapped:
+            raise error("a retirement carries no wrapped key")
     else:
         expected = PURPOSE_STORAGE if command.sub_tag == SUB_ENABLE_STORAGE else PURPOSE_RAFT
         if command.purpose != expected:

@@ -59,6 +59,11 @@ class KeyStore:
         with self._lock:
             return sorted(k for k, (p, _) in self._keys.items() if purpose in (None, p))
 
+    def remove(self, key_id: int) -> bool:
+        """Forgets one key (a retired key); returns whether it was installed."""
+        with self._lock:
+            return self._keys.pop(key_id, None) is not None
+
     def clear(self) -> None:
         """Forgets every key (used when a snapshot replaces the replicated state)."""
         with self._lock:

@@ -26,6 +26,7 @@ from sealkv.plugins.api import PluginContext, StartupRefused, StorageLayerPlugin
 
 from . import commands, envelope
 from .core_dumps import disable_core_dumps
+from . import reencryption
 from .raft_envelope import RaftPayloadCodec
 from .commands import (
     BootstrapCommand, CommandDecodeError, RegisterCommand, RotationCommand, WriterRow,
@@ -39,7 +40,7 @@ from .sidecar import (
 )
 from .state import (
     PURPOSE_NAMES, PURPOSE_RAFT, PURPOSE_STORAGE, ApplyResult, EncryptionState, Outcome,
-    StateDecodeError,
+    ProposalRefused, StateDecodeError,
 )
 
 logger = logging.getLogger(__name__)
@@ -324,7 +325,8 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
 
     def wrap(self, inner: Storage) -> Storage:
         """Returns the envelope layer over `inner`."""
-        return EncryptionStorage(inner, self.state, self.keystore, self.nonce_factory)
+        self.storage = EncryptionStorage(inner, self.state, self.keystore, self.nonce_factory)
+        return self.storage
 
     def payload_codec(self) -> RaftPayloadCodec:
         """The raft-log envelope (the optional `payload_codec` capability the node hands to
@@ -354,7 +356,23 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         """Returns the handlers of REGISTER (0x03), BOOTSTRAP (0x04) and ROTATION (0x05)."""
         return {commands.OP_REGISTER: self._apply_register,
                 commands.OP_BOOTSTRAP: self._apply_bootstrap,
-                commands.OP_ROTATION: self._apply_rotation}
+                commands.OP_ROTATION: self._apply_rotation,
+                reencryption.OP_REENCRYPT: self._apply_reencrypt}
+
+    def _apply_reencrypt(self, index: int, body: bytes) -> ApplyResult:
+        """Applies 0x06 REENCRYPT (see `reencryption.py`); values are re-sealed in place."""
+        command = _decoded(reencryption.decode_body, body)
+        storage = self.storage
+        rewriter = reencryption.Rewriter(
+            raw=storage.inner.get,
+            reseal=lambda key, raw: storage.put(key, storage.decode_entry(key, raw)))
+        with self._cond:
+            job, effective = reencryption.apply_command(
+                self.state.job, index, command, self.state.active_storage_id,
+                self.state.storage_envelope_active, rewriter)
+            self.state.job = job
+            self._cond.notify_all()
+        return ApplyResult(Outcome.APPLIED if effective else Outcome.STALE_CONSUMED, index)
 
     def _apply_register(self, index: int, body: bytes) -> ApplyResult:
         command = _decoded(commands.decode_register, body)
@@ -376,6 +394,10 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         command = _decoded(commands.decode_rotation, body)
         with self._cond:
             result = self.state.apply_rotation(index, command, self._install)
+            if result.outcome is Outcome.APPLIED and command.sub_tag == commands.SUB_RETIRE:
+                self.keystore.remove(command.dek_id)
+                self._epochs.pop(command.dek_id, None)
+                self._factories.pop(command.dek_id, None)
             if result.outcome is Outcome.APPLIED:
                 self._persist()
             self._cond.notify_all()
@@ -519,9 +541,23 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
             self.state.check_rotation(command)
             return command
 
+    def retire_command(self, key_id: int) -> RotationCommand:
+        """Builds a checked retirement of `key_id` (ROTATION sub-tag 0x03)."""
+        with self._cond:
+            key = self.state.keys.get(key_id)
+            if key is None:
+                raise ProposalRefused(f"no key {key_id}" + (" (already retired)"
+                                                            if key_id in self.state.retired
+                                                            else ""))
+            command = RotationCommand(commands.SUB_RETIRE, key_id, key.purpose, b"",
+                                      WriterRow(key_id, self.full_node_id,
+                                                self._epochs.get(key_id, 0)))
+            self.state.check_rotation(command)
+            return command
+
     def _next_key_ids(self, count: int) -> list[int]:
         with self._cond:
-            start = max(self.state.keys, default=0) + 1
+            start = max(set(self.state.keys) | self.state.retired, default=0) + 1
         return list(range(start, start + count))
 
 

@@ -72,6 +72,10 @@ class RaftPayloadCodec:
         self.nonces = nonces
         self._cond = threading.Condition()
         self._intake_closed = False
+        # Tick thread: the indexes of applied entries sealed under each raft key, above the
+        # last snapshot (the retained log's users of a key; `log_users`).
+        self._sealed_at: dict[int, list[int]] = {}
+        self._snapshot_index = 0
         # Leader only (tick thread): the log index of a marker appended or found unapplied in
         # this leadership, whose outcome is not applied yet.
         self._marker_at = 0
@@ -157,12 +161,29 @@ class RaftPayloadCodec:
         if not cutover or index <= cutover:
             return payload
         try:
-            return envelope.open_envelope(
+            command = envelope.open_envelope(
                 lambda key_id: self.keystore.get_for(key_id, PURPOSE_RAFT), payload,
                 lambda header6: envelope.raft_aad(int.from_bytes(header6[2:6], "big")))
         except envelope.EnvelopeError as error:
             raise ApplyHalt(f"entry {index} is above the raft envelope cutover {cutover} and "
                             f"does not open as a raft envelope: {type(error).__name__}") from None
+        self._sealed_at.setdefault(int.from_bytes(payload[2:6], "big"), []).append(index)
+        return command
+
+    def snapshot_taken(self, index: int) -> None:
+        self._snapshot_index = max(self._snapshot_index, index)
+        for key_id in list(self._sealed_at):
+            kept = [i for i in self._sealed_at[key_id] if i > self._snapshot_index]
+            if kept:
+                self._sealed_at[key_id] = kept
+            else:
+                del self._sealed_at[key_id]
+
+    def log_users(self, key_id: int) -> int:
+        """The number of entries of this node's retained log sealed under `key_id` (applied
+        entries above its last snapshot). Safe from any thread (a copy is read)."""
+        indexes = list(self._sealed_at.get(key_id, ()))
+        return sum(1 for i in indexes if i > self._snapshot_index)
 
     def cutover_applied(self, index: int) -> None:
         """Called by the plugin after applying a raft cutover entry at `index` (whatever its

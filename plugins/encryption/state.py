@@ -22,8 +22,9 @@ from typing import Callable, Optional
 from sealkv.node.errors import FailedPrecondition
 from sealkv.node.errors import ApplyHalt
 
+from .reencryption import ReencryptJob
 from .commands import (
-    SUB_ENABLE_RAFT, SUB_ENABLE_STORAGE, SUB_ROTATE, BodyReader, BootstrapCommand,
+    SUB_ENABLE_RAFT, SUB_ENABLE_STORAGE, SUB_RETIRE, SUB_ROTATE, BodyReader, BootstrapCommand,
     CommandDecodeError, RegisterCommand, RotationCommand, WriterRow, encode_body,
 )
 
@@ -31,6 +32,7 @@ PURPOSE_STORAGE = 1
 PURPOSE_RAFT = 2
 PURPOSE_NAMES = {PURPOSE_STORAGE: "storage", PURPOSE_RAFT: "raft"}
 SNAPSHOT_VERSION = 0x01
+SNAPSHOT_VERSION_EXTENDED = 0x02  # v1 + retired key ids + the re-encryption job
 
 Installer = Callable[[int, int, bytes], None]
 Unwrapper = Callable[[bytes], bytes]
@@ -114,6 +116,8 @@ class EncryptionState:
     raft_cutover_index: int = 0
     registry: dict[tuple[int, int], WriterRecord] = field(default_factory=dict)
     key_change_index: int = 0
+    retired: set[int] = field(default_factory=set)
+    job: Optional[ReencryptJob] = None
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -194,6 +198,13 @@ class EncryptionState:
         result = _halting(self._evaluate_rotation, command)
         if result.outcome is not Outcome.APPLIED:
             return result
+        if command.sub_tag == SUB_RETIRE:
+            del self.keys[command.dek_id]
+            self.retired.add(command.dek_id)
+            for slot in [slot for slot in self.registry if slot[0] == command.dek_id]:
+                del self.registry[slot]
+            self.key_change_index = index
+            return ApplyResult(Outcome.APPLIED, index)
         if command.sub_tag == SUB_ROTATE:
             _installing(install, command.dek_id, command.purpose, command.wrapped)
             self.keys[command.dek_id] = WrappedKey(command.purpose, command.wrapped, index)
@@ -284,7 +295,20 @@ class EncryptionState:
     def _evaluate_rotation(self, command: RotationCommand) -> ApplyResult:
         if not self.bootstrapped:
             raise RuleViolation("rotation or cutover before bootstrap")
+        if command.sub_tag == SUB_RETIRE:
+            if command.dek_id in self.retired:
+                return ApplyResult(Outcome.NOOP_REPLAY)
+            key = self.keys.get(command.dek_id)
+            if key is None or key.purpose != command.purpose:
+                raise RuleViolation(f"retirement names key {command.dek_id}, which is not a "
+                                    f"{PURPOSE_NAMES[command.purpose]} key")
+            if self.active[command.purpose] == command.dek_id:
+                raise RuleViolation(f"key {command.dek_id} is the active "
+                                    f"{PURPOSE_NAMES[command.purpose]} key: rotate first")
+            return ApplyResult(Outcome.APPLIED)
         if command.sub_tag == SUB_ROTATE:
+            if command.dek_id in self.retired:
+                raise RuleViolation(f"key id {command.dek_id} was retired and is never reused")
             existing = self.keys.get(command.dek_id)
             if existing is not None:
                 if (existing.purpose == command.purpose and existing.wrapped == command.wrapped
@@ -336,6 +360,13 @@ class EncryptionState:
             parts += [dek_id.to_bytes(4, "big"), node16.to_bytes(2, "big"),
                       record.full_node_id.to_bytes(8, "big"),
                       record.first_epoch.to_bytes(2, "big"), record.last_epoch.to_bytes(2, "big")]
+        if self.retired or self.job is not None:
+            # Version 0x02 appends: retired count(4) | ids(4 each, ascending) | job flag(1) |
+            # the job (`ReencryptJob.to_bytes`) when the flag is 1.
+            parts[0] = bytes((SNAPSHOT_VERSION_EXTENDED,))
+            parts.append(len(self.retired).to_bytes(4, "big"))
+            parts += [key_id.to_bytes(4, "big") for key_id in sorted(self.retired)]
+            parts.append(b"\x01" + self.job.to_bytes() if self.job is not None else b"\x00")
         return b"".join(parts)
 
     @classmethod
@@ -350,7 +381,8 @@ class EncryptionState:
 
     @classmethod
     def _parse(cls, reader: BodyReader) -> "EncryptionState":
-        if reader.u8("version") != SNAPSHOT_VERSION:
+        version = reader.u8("version")
+        if version not in (SNAPSHOT_VERSION, SNAPSHOT_VERSION_EXTENDED):
             raise StateDecodeError("unsupported encryption snapshot version")
         state = cls()
         state.storage_cutover_index = reader.u64("storage cutover")
@@ -372,7 +404,8 @@ class EncryptionState:
             previous = key_id
             state.keys[key_id] = WrappedKey(purpose, wrapped, created)
         count = reader.u32("row count")
-        if count * 18 != reader.remaining():
+        if (count * 18 != reader.remaining() if version == SNAPSHOT_VERSION
+                else count * 18 > reader.remaining()):
             raise StateDecodeError("row count does not match the snapshot size")
         last_slot = (0, -1)
         for _ in range(count):
@@ -385,6 +418,15 @@ class EncryptionState:
                 raise StateDecodeError("invalid or unordered writer registry row")
             last_slot = slot
             state.registry[slot] = record
+        if version == SNAPSHOT_VERSION_EXTENDED:
+            count = reader.u32("retired count")
+            if count * 4 > reader.remaining():
+                raise StateDecodeError("retired count exceeds the snapshot size")
+            state.retired = {reader.u32("retired id") for _ in range(count)}
+            if len(state.retired) != count or state.retired & set(state.keys):
+                raise StateDecodeError("retired key ids repeat or are still in the table")
+            if reader.u8("job flag"):
+                state.job = ReencryptJob.read(reader)
         reader.end()
         for purpose, key_id in state.active.items():
             if key_id and (key_id not in state.keys or state.keys[key_id].purpose != purpose):
