@@ -114,7 +114,17 @@ class AtRestAdminMixin:
 
     @rpc_method
     def GetReencryptionStatus(self, request, context):
-        return self.reencryption_status(self.plugin.require_layer())
+        layer = self.plugin.require_layer()
+        leader = None if self.handle.is_leader() else self.handle.leader_grpc_address()
+        if leader:
+            # The leader drives the job: its rate, ETA and compaction outcome are the ones
+            # that mean something. Our own view is the fallback.
+            try:
+                return pb_grpc.EncryptionAdminStub(self.handle.channel(leader)) \
+                    .GetReencryptionStatus(request, timeout=2.0)
+            except grpc.RpcError:
+                pass
+        return self.reencryption_status(layer)
 
     def reencryption_status(self, layer: Any) -> pb.ReencryptionStatus:
         state = self.plugin.state_of(layer)
@@ -165,10 +175,11 @@ class AtRestAdminMixin:
                 if usage.stored_values or usage.log_entries:
                     users.append((member.name, usage.stored_values, usage.log_entries))
             if users:
-                values = sum(u[1] for u in users)
-                entries = sum(u[2] for u in users)
+                # Every replica holds its own copy: the counts are per member, not summed.
+                values = max(u[1] for u in users)
+                entries = max(u[2] for u in users)
                 detail = ", ".join(f"{name}: {v} values, {e} log entries"
-                                   for name, v, e in users)
+                                   for name, v, e in sorted(users))
                 raise errors.FailedPrecondition(
                     f"key {request.key_id} is still used by {values} stored values and {entries} "
                     f"retained log entries ({detail}): run `sealkv encryption reencrypt` (and "
