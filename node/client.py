@@ -1,19 +1,28 @@
 """The sealkv client library: typed calls over gRPC, with endpoint failover.
 
-Errors come back as the typed exceptions of `sealkv.node.errors`. A request that fails with
-UNAVAILABLE before reaching a node (connection refused, node stopping) is tried on the next
-endpoint; a `NotLeader` answer is followed to the leader it names. A request whose outcome is
-unknown (DEADLINE_EXCEEDED) is never retried: that is the caller's decision. A read has no
-outcome to be unknown: its timeout is `ReadTimeout` (DEADLINE_EXCEEDED), a connection lost
-under it `Unavailable`, and either is tried on the next endpoint.
+`Client` serves threads, `AsyncClient` (same methods, as coroutines) one asyncio loop. Both
+put the KV calls (put, get, delete, range, compare_and_swap) made concurrently in one process
+on one Batch stream per endpoint (see `sealkv.node.batch_stream`): a lone call leaves at
+once, calls made while a message is being sent leave together. `batching=False` makes one
+unary RPC per call instead (older nodes without the Batch RPC get that automatically).
+
+Errors come back as the typed exceptions of `sealkv.node.errors`, per call, batched or not. A
+request that fails with UNAVAILABLE before reaching a node (connection refused, node stopping)
+is tried on the next endpoint; a `NotLeader` answer is followed to the leader it names. A
+write whose outcome is unknown (DEADLINE_EXCEEDED, a connection lost mid-request) is never
+retried: that is the caller's decision. A read has no outcome to be unknown: its timeout is
+`ReadTimeout` (DEADLINE_EXCEEDED), a connection lost under it `Unavailable`, and either is
+tried on the next endpoint.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional, Sequence
 
 import grpc
 
 from sealkv.node import errors
+from sealkv.node.batch_stream import StreamUnsupported, SyncBatchStream
 from sealkv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 LINEARIZABLE = kv_pb2.LINEARIZABLE
@@ -26,87 +35,67 @@ _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 2 * 1024 * 1024)]
 
 
-class Client:
-    """A connection to one or more sealkv endpoints ("host:port")."""
+class Route:
+    """The endpoints one request tries, in order, and when it moves on (both clients).
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0):
-        if not endpoints:
-            raise ValueError("at least one endpoint is required")
-        self.endpoints = list(endpoints)
-        self.timeout = timeout
-        self._channels: dict[str, grpc.Channel] = {}
-        self._preferred = 0
+    The next endpoint is tried when nothing was submitted (`Unavailable`), and for an
+    `idempotent` request (a read, which changes nothing) also when it timed out
+    (`ReadTimeout`); a `NotLeader` answer naming the leader is followed (at most
+    MAX_LEADER_HOPS times) when `follow_leader`.
+    """
 
-    def close(self) -> None:
-        for ch in self._channels.values():
-            ch.close()
-        self._channels.clear()
+    def __init__(self, endpoints: list[str], preferred: int, endpoint: Optional[str],
+                 follow_leader: bool, idempotent: bool):
+        self.order = [endpoint] if endpoint else endpoints[preferred:] + endpoints[:preferred]
+        self.pinned = endpoint is not None
+        self.follow_leader = follow_leader
+        self.idempotent = idempotent
+        self.hops = 0
+        self.i = 0
+        self.last: Optional[errors.SealkvError] = None
 
-    def __enter__(self) -> "Client":
-        return self
+    def next_target(self) -> str:
+        """Returns the endpoint to try now; raises the last error when none is left."""
+        if self.i >= len(self.order):
+            raise self.last
+        return self.order[self.i]
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def failed(self, error: errors.SealkvError) -> None:
+        """Records a failed try; raises `error` when the request must not move on."""
+        self.last = error
+        if isinstance(error, errors.NotLeader) and error.leader and self.follow_leader \
+                and self.hops < MAX_LEADER_HOPS:
+            self.hops += 1
+            self.order.insert(self.i + 1, error.leader)
+        elif self.pinned or not (isinstance(error, errors.Unavailable) or (
+                self.idempotent and isinstance(error, errors.ReadTimeout))):
+            raise error
+        self.i += 1
 
-    def channel(self, endpoint: str) -> grpc.Channel:
-        ch = self._channels.get(endpoint)
-        if ch is None:
-            ch = self._channels[endpoint] = grpc.insecure_channel(endpoint, options=_OPTIONS)
-        return ch
 
-    def call(self, stub_cls, method: str, request, *, endpoint: Optional[str] = None,
-             timeout: Optional[float] = None, follow_leader: bool = True,
-             idempotent: bool = False):
-        """Calls `method` on the first endpoint that answers; returns the response.
+class ClientMethods:
+    """The typed calls both clients offer; each goes through `_kv` or `_cluster`.
 
-        The next endpoint is tried when nothing was submitted (`Unavailable`), and for an
-        `idempotent` request (a read, which changes nothing) also when it timed out
-        (`ReadTimeout`).
-        """
-        order = [endpoint] if endpoint else (self.endpoints[self._preferred:]
-                                             + self.endpoints[:self._preferred])
-        last: Optional[errors.SealkvError] = None
-        hops = 0
-        i = 0
-        while i < len(order):
-            target = order[i]
-            try:
-                stub = stub_cls(self.channel(target))
-                response = getattr(stub, method)(request, timeout=timeout or self.timeout)
-                if target in self.endpoints:
-                    self._preferred = self.endpoints.index(target)
-                return response
-            except grpc.RpcError as exc:
-                last = errors.from_rpc_error(exc, read=idempotent)
-            if isinstance(last, errors.NotLeader) and last.leader and follow_leader \
-                    and hops < MAX_LEADER_HOPS:
-                hops += 1
-                order.insert(i + 1, last.leader)
-            elif endpoint or not (isinstance(last, errors.Unavailable) or (
-                    idempotent and isinstance(last, errors.ReadTimeout))):
-                raise last
-            i += 1
-        raise last
+    Keyword arguments of every call: `timeout` (seconds), `endpoint` (only that one, no
+    failover), `follow_leader`.
+    """
 
     # -- KV -----------------------------------------------------------------------------
 
-    def _kv(self, method, request, **kw):
-        return self.call(kv_pb2_grpc.KVStub, method, request, **kw)
-
     def put(self, key: bytes, value: bytes, prev_kv: bool = False, **kw) -> kv_pb2.PutResponse:
-        return self._kv("Put", kv_pb2.PutRequest(key=key, value=value, prev_kv=prev_kv), **kw)
+        return self._kv("put", kv_pb2.PutRequest(key=key, value=value, prev_kv=prev_kv), **kw)
 
     def get(self, key: bytes, consistency: int = LINEARIZABLE, **kw) -> kv_pb2.GetResponse:
-        return self._kv("Get", kv_pb2.GetRequest(key=key, consistency=consistency),
+        return self._kv("get", kv_pb2.GetRequest(key=key, consistency=consistency),
                         idempotent=True, **kw)
 
     def delete(self, key: bytes, prev_kv: bool = False, **kw) -> kv_pb2.DeleteResponse:
-        return self._kv("Delete", kv_pb2.DeleteRequest(key=key, prev_kv=prev_kv), **kw)
+        return self._kv("delete", kv_pb2.DeleteRequest(key=key, prev_kv=prev_kv), **kw)
 
     def range(self, key: bytes, range_end: bytes = b"", prefix: bool = False, limit: int = 0,
               keys_only: bool = False, consistency: int = LINEARIZABLE,
               **kw) -> kv_pb2.RangeResponse:
-        return self._kv("Range", kv_pb2.RangeRequest(
+        return self._kv("range", kv_pb2.RangeRequest(
             key=key, range_end=range_end, prefix=prefix, limit=limit, keys_only=keys_only,
             consistency=consistency), idempotent=True, **kw)
 
@@ -118,12 +107,9 @@ class Client:
             request.must_not_exist = True
         elif expected_mod_revision is not None:
             request.expected_mod_revision = expected_mod_revision
-        return self._kv("CompareAndSwap", request, **kw)
+        return self._kv("compare_and_swap", request, **kw)
 
     # -- Cluster ------------------------------------------------------------------------
-
-    def _cluster(self, method, request, **kw):
-        return self.call(cluster_pb2_grpc.ClusterStub, method, request, **kw)
 
     def status(self, **kw) -> cluster_pb2.StatusResponse:
         return self._cluster("Status", cluster_pb2.StatusRequest(), idempotent=True, **kw)
@@ -147,6 +133,144 @@ class Client:
 
     def digest(self, **kw) -> cluster_pb2.DigestResponse:
         return self._cluster("Digest", cluster_pb2.DigestRequest(), idempotent=True, **kw)
+
+
+# The unary KV method of each batch request kind.
+UNARY_METHOD = {"put": "Put", "get": "Get", "delete": "Delete", "range": "Range",
+                "compare_and_swap": "CompareAndSwap"}
+
+
+def tls_credentials(cacert: Optional[str], cert: Optional[str],
+                    key: Optional[str]) -> Optional[grpc.ChannelCredentials]:
+    """Mutual-TLS channel credentials from PEM files; None (plaintext) when none is given."""
+    if cacert is None and cert is None and key is None:
+        return None
+    if cacert is None or (cert is None) != (key is None):
+        raise ValueError("TLS needs cacert=, and cert= with key= for a client identity")
+
+    def read(path):
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(root_certificates=read(cacert),
+                                        private_key=read(key), certificate_chain=read(cert))
+
+
+class Client(ClientMethods):
+    """A connection to one or more sealkv endpoints ("host:port"), safe to share by threads.
+
+    `cacert`, `cert` and `key` are PEM file paths for mutual TLS (none: plaintext).
+    """
+
+    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0, *,
+                 cacert: Optional[str] = None, cert: Optional[str] = None,
+                 key: Optional[str] = None, batching: bool = True):
+        if not endpoints:
+            raise ValueError("at least one endpoint is required")
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self.batching = batching
+        self._credentials = tls_credentials(cacert, cert, key)
+        self._channels: dict[str, grpc.Channel] = {}
+        self._streams: dict[str, SyncBatchStream] = {}
+        self._unary_only: set[str] = set()
+        self._lock = threading.Lock()
+        self._preferred = 0
+
+    def close(self) -> None:
+        with self._lock:
+            for stream in self._streams.values():
+                stream.close()
+            for ch in self._channels.values():
+                ch.close()
+            self._channels.clear()
+            self._streams.clear()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def channel(self, endpoint: str) -> grpc.Channel:
+        with self._lock:
+            ch = self._channels.get(endpoint)
+            if ch is None:
+                ch = self._channels[endpoint] = grpc.insecure_channel(endpoint, options=_OPTIONS) \
+                    if self._credentials is None else \
+                    grpc.secure_channel(endpoint, self._credentials, options=_OPTIONS)
+            return ch
+
+    def _stream(self, endpoint: str) -> SyncBatchStream:
+        channel = self.channel(endpoint)
+        with self._lock:
+            stream = self._streams.get(endpoint)
+            if stream is None or not stream.alive:
+                stream = self._streams[endpoint] = SyncBatchStream(channel)
+            return stream
+
+    def _route(self, attempt: Callable[[str], object], endpoint: Optional[str],
+               follow_leader: bool, idempotent: bool):
+        route = Route(self.endpoints, self._preferred, endpoint, follow_leader, idempotent)
+        while True:
+            target = route.next_target()
+            try:
+                response = attempt(target)
+            except errors.SealkvError as exc:
+                route.failed(exc)
+                continue
+            if target in self.endpoints:
+                self._preferred = self.endpoints.index(target)
+            return response
+
+    def call(self, stub_cls, method: str, request, *, endpoint: Optional[str] = None,
+             timeout: Optional[float] = None, follow_leader: bool = True,
+             idempotent: bool = False):
+        """Calls the unary `method` on the first endpoint that answers; returns the response."""
+        return self._route(
+            lambda target: self._unary(target, stub_cls, method, request, timeout, idempotent),
+            endpoint, follow_leader, idempotent)
+
+    def _unary(self, target: str, stub_cls, method: str, request, timeout: Optional[float],
+               read: bool):
+        try:
+            return getattr(stub_cls(self.channel(target)), method)(
+                request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise errors.from_rpc_error(exc, read=read) from None
+
+    def _kv(self, kind: str, request, *, endpoint: Optional[str] = None,
+            timeout: Optional[float] = None, follow_leader: bool = True,
+            idempotent: bool = False):
+        if not self.batching:
+            return self.call(kv_pb2_grpc.KVStub, UNARY_METHOD[kind], request, endpoint=endpoint,
+                             timeout=timeout, follow_leader=follow_leader, idempotent=idempotent)
+
+        def attempt(target):
+            if target not in self._unary_only:
+                try:
+                    return self._stream(target).call(kind, request, timeout or self.timeout,
+                                                     idempotent)
+                except StreamUnsupported:  # an older node: nothing was submitted
+                    self._unary_only.add(target)
+            return self._unary(target, kv_pb2_grpc.KVStub, UNARY_METHOD[kind], request, timeout,
+                               idempotent)
+
+        return self._route(attempt, endpoint, follow_leader, idempotent)
+
+    def _cluster(self, method, request, **kw):
+        return self.call(cluster_pb2_grpc.ClusterStub, method, request, **kw)
+
+
+def __getattr__(name: str):
+    # AsyncClient lives in its own module (it imports this one); import it on first use.
+    if name == "AsyncClient":
+        from sealkv.node.aio_client import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(name)
 
 
 def health(endpoint: str, timeout: float = 2.0) -> bool:

@@ -137,13 +137,16 @@ def to_status(error: SealkvError) -> tuple[int, str, str]:
     return error.code.value[0], error.message, error.leader or ""
 
 
-def from_status(code: int, message: str, leader: str = "") -> SealkvError:
+def from_status(code: int, message: str, leader: str = "", *,
+                read: bool = False) -> SealkvError:
     """Returns the typed exception for one failed request of a batch stream.
 
     The inverse of `to_status`: the node answered, so UNAVAILABLE means nothing was
-    submitted and DEADLINE_EXCEEDED means the outcome is unknown.
+    submitted and DEADLINE_EXCEEDED means the outcome is unknown (`ReadTimeout` for a `read`).
     """
     status = _CODE_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    if read and status == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ReadTimeout(message, leader=leader or None)
     if status == grpc.StatusCode.FAILED_PRECONDITION and leader:
         return NotLeader(message or "not the leader", leader=leader)
     cls = _BY_CODE.get(status, SealkvError)

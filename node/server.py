@@ -198,6 +198,7 @@ class Node:
             except Exception as exc:
                 log.error("plugin %s failed to stop: %s", plugin.name, type(exc).__name__)
         self.handle.close()
+        self.proposer.close()
         self.adapter.stop()
         if self.audit is not None:
             self.audit.close()

@@ -1,11 +1,14 @@
-"""`sealkv bench compare`: the raw engine, gRPC cleartext and gRPC through the storage envelope,
-measured in one invocation on fresh local clusters, each as a ratio to the raw engine.
+"""`sealkv bench compare`: sealkv batched and unary, the storage envelope, and optionally etcd,
+measured in one invocation on fresh local clusters with the same asyncio load generator.
 
-The raw engine runs first on a Raft-only cluster (`raft_engine`); then one fresh 3-node sealkv
-cluster with the encryption plugin enabled (envelope inactive) serves the cleartext rows; the
-same cluster is then bootstrapped and switched to the storage envelope for the envelope rows.
-Every node runs with `--fsync always` (the default) except a last fresh cluster, configured like
-the cleartext one but with `--fsync never`, whose put rows name the cost of durability.
+A fresh 3-node sealkv cluster with the encryption plugin (envelope inactive, every other
+setting at its default: TLS and fsync as a user gets them) serves the batched and the unary
+rows; the same cluster is then switched to the storage envelope for the envelope rows; a last
+fresh cluster like the first but with `--fsync never` runs the Put rows again, to name the
+cost of durability. With
+`--etcd`, a fresh 3-member etcd cluster (default flags) runs the same loads first, and the
+target table gives every sealkv figure as a ratio to etcd's from the same run. `--raw` adds
+the raw Raft engine rows (`raft_engine`).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-from sealkv.node.bench import grpc_load
+from sealkv.node.bench import async_load
 from sealkv.node.bench.raft_engine import RaftEngineCluster
 from sealkv.node.bench.workload import Result, Workload
 
@@ -113,78 +116,89 @@ def enable_storage_envelope(endpoint: str, timeout: float = 30.0) -> None:
                 f"{exc.code().name}: {exc.details()}")) from None
 
 
-def run(base: Workload, *, processes: int = 0,
+def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = False,
         progress: Callable[[str], Optional[Callable]] = lambda label: None,
         log: Callable[[str], None] = lambda msg: None) -> dict:
-    """Runs every row; returns {"rows": [...summaries...], "checks": [...], "notes": [...]}."""
+    """Runs every row; returns {"rows": [...], "targets": [...], "notes": [...], ...}.
+
+    sealkv rows, batched and unary: Put with 1 and with C clients on the leader, linearizable
+    and serializable Gets with C clients over every member; then the storage envelope is
+    switched on and the batched Put rows run again. With `etcd`, the same four loads run
+    against a fresh 3-member etcd cluster (skipped with a note when etcd is not installed);
+    with `raw`, the raw Raft engine rows run first.
+    """
     C = base.clients
     put = dataclasses.replace(base, op="put")
-    rows: list[dict] = []
+    one = dataclasses.replace(put, clients=1)
+    lin = dataclasses.replace(base, op="get", consistency="linearizable")
+    ser = dataclasses.replace(base, op="get", consistency="serializable")
+    rows: dict[str, dict] = {}
     notes: list[str] = []
 
     def add(result: Result, kind: str) -> dict:
         s = result.summary()
         s["kind"] = kind
-        rows.append(s)
+        rows[s["name"]] = s
+        if result.note:
+            notes.append(f"{s['name']}: {result.note}")
         return s
 
-    log("raw engine: starting a 3-member raft-only cluster")
-    with RaftEngineCluster() as raft:
-        add(raft.run(dataclasses.replace(put, clients=1), "closed", "raft put c=1"), "raft")
-        raw = add(raft.run(put, "pipelined", f"raft put pipelined w={C}"), "raft")
-    log("gRPC: starting a fresh 3-node cluster with the encryption plugin")
-    envelope_error = None
+    def load(w: Workload, name: str, kind: str, endpoints: list[str], mode: str,
+             pids: list[int], **kw) -> dict:
+        return add(async_load.run(w, endpoints, name=name, mode=mode, processes=processes,
+                                  server_pids=pids, progress=progress(name), **kw), kind)
+
+    def four(prefix: str, kind: str, leader: list[str], every: list[str], mode: str,
+             pids: list[int], **kw) -> None:
+        load(one, f"{prefix} put c=1", kind, leader, mode, pids, **kw)
+        load(put, f"{prefix} put c={C}", kind, leader, mode, pids, **kw)
+        load(lin, f"{prefix} get linearizable c={C}", kind, every, mode, pids, **kw)
+        load(ser, f"{prefix} get serializable c={C}", kind, every, mode, pids, **kw)
+
+    if raw:
+        log("raw engine: starting a 3-member raft-only cluster")
+        with RaftEngineCluster() as engine:
+            add(engine.run(one, "closed", "raft put c=1"), "raft")
+            add(engine.run(put, "pipelined", f"raft put pipelined w={C}"), "raft")
+    if etcd:
+        try:
+            from sealkv.node.bench.etcd import EtcdCluster
+
+            with EtcdCluster() as cluster:
+                log(f"etcd: a fresh 3-member cluster ({etcd_version()}, default flags: "
+                    "WAL fsync on, plaintext)")
+                four("etcd", "etcd", [cluster.leader_endpoint()], cluster.endpoints, "etcd",
+                     cluster.pids)
+        except RuntimeError as exc:
+            notes.append(f"etcd rows skipped: {exc}")
+    log("sealkv: starting a fresh 3-node cluster with the encryption plugin (defaults)")
     with LocalNodeCluster(encryption=True) as cluster:
-        leader = [cluster.leader_endpoint()]
-
-        def grpc_row(w: Workload, name: str, kind: str) -> dict:
-            return add(grpc_load.run(w, leader, name=name, processes=processes,
-                                     progress=progress(name)), kind)
-
-        clear1 = grpc_row(dataclasses.replace(put, clients=1), "grpc put c=1", "cleartext")
-        clear = grpc_row(put, f"grpc put c={C}", "cleartext")
-        ser = grpc_row(dataclasses.replace(base, op="get", consistency="serializable"),
-                       f"grpc get serializable c={C}", "cleartext")
-        lin = grpc_row(dataclasses.replace(base, op="get", consistency="linearizable"),
-                       f"grpc get linearizable c={C}", "cleartext")
+        every = list(cluster.record.endpoints)
+        pids = [n.pid for n in cluster.record.nodes]
+        kw = cluster_client_kwargs(cluster)
+        for mode in ("batched", "unary"):
+            four(f"sealkv {mode}", mode, [cluster.leader_endpoint()], every, mode, pids, **kw)
         try:
             enable_storage_envelope(cluster.leader_endpoint())
-            leader = [cluster.leader_endpoint()]
         except RuntimeError as exc:
-            envelope_error = str(exc)
             notes.append(f"envelope rows skipped: {exc}")
-        if envelope_error is None:
-            env1 = grpc_row(dataclasses.replace(put, clients=1), "envelope put c=1", "envelope")
-            env = grpc_row(put, f"envelope put c={C}", "envelope")
-    log("gRPC: starting a fresh 3-node cluster like the cleartext one, with --fsync never")
+        else:
+            leader = [cluster.leader_endpoint()]
+            load(one, "sealkv envelope put c=1", "envelope", leader, "batched", pids, **kw)
+            load(put, f"sealkv envelope put c={C}", "envelope", leader, "batched", pids, **kw)
+    log("sealkv: a fresh 3-node cluster like the first, with --fsync never")
     with LocalNodeCluster(encryption=True, fsync="never") as cluster:
         leader = [cluster.leader_endpoint()]
-        never1 = grpc_row(dataclasses.replace(put, clients=1), "grpc put c=1 fsync=never",
-                          "fsync-never")
-        never = grpc_row(put, f"grpc put c={C} fsync=never", "fsync-never")
-    notes.append(_durability_cost(clear1, never1, clear, never, C))
-    for s in rows:
-        s["vs_raw"] = round(s["ops_per_sec"] / raw["ops_per_sec"], 3) if raw["ops_per_sec"] else None
-
-    def check(what: str, value, bar: str, holds: bool) -> dict:
-        return {"check": what, "value": value, "bar": bar, "holds": holds}
-
-    checks = [check("grpc put c=1 p50 ms (cleartext)", clear1["p50_ms"], "<= 2",
-                    clear1["p50_ms"] is not None and clear1["p50_ms"] <= 2)]
-    ratio = _ratio(lin, ser)
-    if envelope_error is None:
-        checks.append(check("envelope put c=1 p50 ms", env1["p50_ms"], "<= 2",
-                            env1["p50_ms"] is not None and env1["p50_ms"] <= 2))
-        r = _ratio(env, raw)
-        checks.append(check(f"envelope put c={C} / raft pipelined", r, ">= 0.5", r >= 0.5))
-        r = _ratio(env, clear)
-        checks.append(check(f"envelope / cleartext put c={C}", r, ">= 0.9", r >= 0.9))
-    else:
-        r = _ratio(clear, raw)
-        checks.append(check(f"cleartext put c={C} / raft pipelined", r, ">= 0.5", r >= 0.5))
-    checks.append(check(f"linearizable / serializable get c={C}", ratio, ">= 0.5", ratio >= 0.5))
-    return {"workload": dataclasses.asdict(base), "rows": rows, "checks": checks,
-            "notes": notes}
+        pids = [n.pid for n in cluster.record.nodes]
+        kw = cluster_client_kwargs(cluster)
+        never1 = load(one, "sealkv batched put c=1 fsync=never", "fsync-never", leader,
+                      "batched", pids, **kw)
+        never = load(put, f"sealkv batched put c={C} fsync=never", "fsync-never", leader,
+                     "batched", pids, **kw)
+    notes.append(_durability_cost(rows["sealkv batched put c=1"], never1,
+                                  rows[f"sealkv batched put c={C}"], never, C))
+    return {"workload": dataclasses.asdict(base), "rows": list(rows.values()),
+            "targets": targets(rows, C), "notes": notes}
 
 
 def _durability_cost(always1: dict, never1: dict, always: dict, never: dict, c: int) -> str:
@@ -192,10 +206,62 @@ def _durability_cost(always1: dict, never1: dict, always: dict, never: dict, c: 
     def ms(row: dict) -> str:
         return "n/a" if row["p50_ms"] is None else f"{row['p50_ms']:.2f} ms"
 
+    ratio = round(always["ops_per_sec"] / never["ops_per_sec"], 3) if never["ops_per_sec"] \
+        else 0.0
     return (f"cost of durability (--fsync always vs never): put c=1 p50 {ms(always1)} vs "
             f"{ms(never1)}; put c={c} {always['ops_per_sec']:.0f} vs "
-            f"{never['ops_per_sec']:.0f} ops/s (ratio {_ratio(always, never)})")
+            f"{never['ops_per_sec']:.0f} ops/s (ratio {ratio})")
 
 
-def _ratio(a: dict, b: dict) -> float:
-    return round(a["ops_per_sec"] / b["ops_per_sec"], 3) if b["ops_per_sec"] else 0.0
+def cluster_client_kwargs(cluster: "LocalNodeCluster") -> dict:
+    """The client keyword arguments (TLS files) a client of `cluster` needs."""
+    return dict(getattr(cluster, "client_kwargs", None) or {})
+
+
+def etcd_version() -> str:
+    import subprocess
+
+    from sealkv.node.bench.etcd import etcd_binary
+
+    out = subprocess.run([etcd_binary(), "--version"], capture_output=True, text=True,
+                         timeout=10).stdout
+    return out.splitlines()[0].strip() if out else "etcd"
+
+
+# (what, sealkv row, etcd row, field, target on sealkv / etcd, higher is better)
+TARGETS = [
+    ("Put, C clients, ops/s", "sealkv batched put c={C}", "etcd put c={C}", "ops_per_sec",
+     ">= 1"),
+    ("Put, 1 client, p50 ms", "sealkv batched put c=1", "etcd put c=1", "p50_ms", "<= 1"),
+    ("Get linearizable, C clients, ops/s", "sealkv batched get linearizable c={C}",
+     "etcd get linearizable c={C}", "ops_per_sec", ">= 1"),
+    ("Get serializable, C clients, ops/s", "sealkv batched get serializable c={C}",
+     "etcd get serializable c={C}", "ops_per_sec", ">= 1"),
+    ("server CPU per Put at C clients, µs", "sealkv batched put c={C}", "etcd put c={C}",
+     "server_cpu_us_per_op", ""),
+    ("server CPU per Put at 1 client, µs", "sealkv batched put c=1", "etcd put c=1",
+     "server_cpu_us_per_op", ""),
+    ("Put, C clients, ops/s: envelope on vs off", "sealkv envelope put c={C}",
+     "sealkv batched put c={C}", "ops_per_sec", ">= 0.95"),
+    ("Put, C clients, ops/s: batched vs unary", "sealkv batched put c={C}",
+     "sealkv unary put c={C}", "ops_per_sec", ""),
+    ("Get linearizable, C clients: batched vs unary", "sealkv batched get linearizable c={C}",
+     "sealkv unary get linearizable c={C}", "ops_per_sec", ""),
+]
+
+
+def targets(rows: dict[str, dict], clients: int) -> list[dict]:
+    """The issue's target table: each figure, its reference, their ratio and the bar."""
+    out = []
+    for what, ours, theirs, field, bar in TARGETS:
+        a = rows.get(ours.format(C=clients), {}).get(field)
+        b = rows.get(theirs.format(C=clients), {}).get(field)
+        ratio = round(a / b, 3) if a is not None and b else None
+        holds = None
+        if ratio is not None and bar:
+            limit = float(bar.split()[1])
+            holds = ratio >= limit if bar.startswith(">=") else ratio <= limit
+        out.append({"what": what.replace("C clients", f"{clients} clients"),
+                    "sealkv": a, "reference": theirs.format(C=clients), "reference_value": b,
+                    "ratio": ratio, "bar": bar, "holds": holds})
+    return out

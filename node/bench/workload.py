@@ -81,6 +81,11 @@ class Result:
     errors: dict = field(default_factory=dict)
     clients: int = 0
     note: str = ""
+    # CPU seconds over the measured window: load workers together, server processes together
+    # (0 when not measured), and the busiest worker's share of one core.
+    client_cpu: float = 0.0
+    server_cpu: float = 0.0
+    client_busiest: float = 0.0
 
     def merge(self, other: "Result") -> None:
         self.ops += other.ops
@@ -103,23 +108,34 @@ class Result:
             i = min(len(ordered) - 1, max(0, int(-(-p * len(ordered) // 100)) - 1))
             return round(ordered[i] * 1000.0, 3)
 
+        def per_op(cpu):
+            return round(cpu * 1e6 / self.ops, 1) if cpu and self.ops else None
+
         return {"name": self.name, "clients": self.clients, "ops": self.ops,
                 "seconds": round(self.seconds, 3), "ops_per_sec": round(self.ops_per_sec, 1),
                 "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
                 "max_ms": round(ordered[-1] * 1000.0, 3) if ordered else None,
-                "errors": dict(sorted(self.errors.items())), "note": self.note}
+                "errors": dict(sorted(self.errors.items())), "note": self.note,
+                "client_cpu_us_per_op": per_op(self.client_cpu),
+                "server_cpu_us_per_op": per_op(self.server_cpu),
+                "client_busiest": round(self.client_busiest, 3)}
 
 
-SUMMARY_HEADERS = ["run", "clients", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"]
+SUMMARY_HEADERS = ["run", "clients", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
+                   "server µs/op", "client µs/op"]
 
 
 def summary_row(s: dict) -> list:
     def ms(v):
         return "-" if v is None else f"{v:.2f}"
 
+    def us(v):
+        return "-" if v is None else f"{v:.0f}"
+
     errs = ",".join(f"{k}:{v}" for k, v in s["errors"].items()) or "0"
     return [s["name"], s["clients"], f"{s['ops_per_sec']:.0f}", ms(s["p50_ms"]),
-            ms(s["p90_ms"]), ms(s["p99_ms"]), ms(s["max_ms"]), errs]
+            ms(s["p90_ms"]), ms(s["p99_ms"]), ms(s["max_ms"]), errs,
+            us(s.get("server_cpu_us_per_op")), us(s.get("client_cpu_us_per_op"))]
 
 
 def to_dict(w: Workload) -> dict:

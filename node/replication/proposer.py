@@ -8,9 +8,11 @@ completes (group commit). An entry carries at most `max_commands` commands and a
 the next entry: with writes in it, it is their barrier; without, a BARRIER is proposed.
 
 Threading contract: `submit`, `propose` and `barrier` are called from gRPC worker threads,
-never from the pysyncobj tick thread. `on_done` callbacks run on the tick thread (or on the
-submitting thread when nothing could be submitted) and must be short: hand the result to
-another thread, never block.
+never from the pysyncobj tick thread. A request that finds no entry in flight is proposed on
+its own thread; the entries that form while one is in flight are proposed by the proposer's
+thread, woken by the tick thread's callback (so sealing and encoding never run on the tick
+thread). `on_done` callbacks run on the tick thread (or on a proposing thread when nothing
+could be submitted) and must be short: hand the result to another thread, never block.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ MAX_ENTRY_COMMANDS = 512
 # Below pysyncobj's appendEntriesBatchSizeBytes (64 KiB), whose chunked path is slow.
 MAX_ENTRY_BYTES = 32 * 1024
 MAX_IN_FLIGHT = 1
+# A read barrier that failed with one of these is proposed again while its deadline allows
+# (leader changed, discarded, no leader yet, not committed in its time): it is a no-op.
+BARRIER_RETRYABLE = (errors.Aborted, errors.OutcomeUnknown, errors.Unavailable)
+BARRIER_RETRY_PAUSE = 0.02
 _BARRIER = cmd.encode(cmd.Barrier())
 
 
@@ -75,6 +81,9 @@ class Proposer:
         self._lock = threading.Lock()
         self._pending: list[_Request] = []
         self._in_flight: list[_Entry] = []
+        self._wake = threading.Event()
+        self._closed = False
+        threading.Thread(target=self._run, name="kv-proposer", daemon=True).start()
         # Counters, for Status and tests: entries proposed and commands they carried.
         self.entries = 0
         self.commands = 0
@@ -83,6 +92,11 @@ class Proposer:
     def term(self) -> int:
         """The current Raft term as this node knows it (the KV service's response headers)."""
         return self.adapter.term
+
+    @property
+    def halted(self) -> bool:
+        """Whether this node halted (nothing it proposes will apply here)."""
+        return getattr(self.adapter, "halted", False)
 
     def wait_leader(self, deadline: float) -> None:
         """Waits until a leader is known; raises `Unavailable` when none is by `deadline`."""
@@ -126,8 +140,30 @@ class Proposer:
         return self._wait(command, timeout)
 
     def barrier(self, timeout: float) -> int:
-        """Waits until an entry proposed after this call has applied here; returns its index."""
-        return self._wait(None, timeout).revision
+        """Waits until an entry proposed after this call has applied here; returns its index.
+
+        A barrier dropped by a leader change (or not committed in its time) is proposed again
+        while the deadline allows, so a read never has an unknown outcome. Raises
+        `ReadTimeout` when none is confirmed within `timeout`, `Unavailable` when no leader
+        was known until then (or the node halted), `ResourceExhausted` when the queue is full.
+        """
+        deadline = time.monotonic() + timeout
+        last: Optional[errors.SealkvError] = None
+        dropped = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                return self._wait(None, remaining).revision
+            except BARRIER_RETRYABLE as exc:
+                if self.halted:
+                    raise
+                last = exc
+                dropped += 1
+            # Pacing only: the next barrier waits for a leader first.
+            time.sleep(min(BARRIER_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+        raise read_timeout(timeout, last, dropped)
 
     def _wait(self, command: Optional[bytes], timeout: float):
         deadline = time.monotonic() + timeout
@@ -196,15 +232,30 @@ class Proposer:
         except errors.SealkvError as exc:
             self._done(entry, None, exc)
 
+    def close(self) -> None:
+        """Stops the proposer's thread (requests still pending then time out)."""
+        self._closed = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
+            with self._lock:
+                entry = self._take_locked()
+            if entry is not None:
+                self._send(entry)
+
     def _done(self, entry: _Entry, result, error: Optional[errors.SealkvError]) -> None:
-        """The entry's callback (tick thread): start the next entry, then answer everyone."""
+        """The entry's callback (tick thread): wake the proposer's thread, answer everyone."""
         with self._lock:
             if entry.live:
                 entry.live = False
                 self._in_flight.remove(entry)
-            following = self._take_locked()
-        if following is not None:
-            self._send(following)
+            if self._pending:
+                self._wake.set()
         if error is not None:
             for request in entry.requests:
                 _answer(request, None, error)
@@ -221,6 +272,17 @@ class Proposer:
         for request in entry.requests:
             if request.command is None:
                 _answer(request, barrier_result, None)
+
+
+def read_timeout(timeout: float, last: Optional[errors.SealkvError],
+                 dropped: int = 0) -> errors.SealkvError:
+    """The error of a read whose barrier was not confirmed in `timeout` (last failure `last`)."""
+    if isinstance(last, errors.Unavailable) and "no leader" in last.message:
+        return errors.Unavailable(f"read not served: no leader within {timeout:.1f}s (the "
+                                  "cluster has no quorum or is electing); retry")
+    why = f"; a leader change dropped {dropped} barrier(s)" if dropped else ""
+    return errors.ReadTimeout(f"read timed out: no quorum-confirmed read point within "
+                              f"{timeout:.1f}s{why}; a read changes nothing, retry")
 
 
 def _answer(request: _Request, result, error) -> None:

@@ -23,6 +23,7 @@ import time
 from typing import Callable, Optional
 
 from sealkv.node import errors
+from sealkv.node.replication.proposer import BARRIER_RETRY_PAUSE, BARRIER_RETRYABLE, read_timeout
 from sealkv.node.serving.rpc import as_sealkv_error
 from sealkv.v1 import kv_pb2
 
@@ -71,12 +72,13 @@ class BatchService:
 
 
 class _Op:
-    __slots__ = ("id", "kind", "request", "deadline", "ticket", "answered")
+    __slots__ = ("id", "kind", "request", "started", "deadline", "ticket", "answered")
 
-    def __init__(self, op_id: int, kind: str, request, deadline: float):
+    def __init__(self, op_id: int, kind: str, request, started: float, deadline: float):
         self.id = op_id
         self.kind = kind
         self.request = request
+        self.started = started
         self.deadline = deadline
         self.ticket = None  # the proposer's request, while a write waits for its entry
         self.answered = False
@@ -117,7 +119,8 @@ class _Stream:
             kind = request.WhichOneof("request")
             timeout = default if not request.timeout_ms else \
                 max(0.0, min(default, request.timeout_ms / 1000 - _DEADLINE_MARGIN))
-            op = _Op(request.id, kind, getattr(request, kind) if kind else None, now + timeout)
+            op = _Op(request.id, kind, getattr(request, kind) if kind else None, now,
+                     now + timeout)
             if op.id in self.live:
                 self._fail(op, errors.InvalidArgument(f"request id {op.id} is already in flight "
                                                       "on this stream"), register=False)
@@ -221,7 +224,7 @@ class _Stream:
                 error = errors.OutcomeUnknown("outcome unknown: not committed before its "
                                               "deadline (it may still apply)")
             else:
-                error = errors.OutcomeUnknown("read barrier not confirmed before the deadline")
+                error = read_timeout(op.deadline - op.started, None)
             out.append(self._error_op(op, error))
 
     def _answer(self, item, out: list) -> None:
@@ -250,6 +253,15 @@ class _Stream:
             out.append(self._error_op(op, error))
             return
         _, reads, _, error = item  # "reads": the barrier passed (or failed), or serializable
+        if isinstance(error, BARRIER_RETRYABLE) and not self.proposer.halted:
+            # A dropped barrier is a no-op: propose another while the reads' deadlines allow
+            # (paced; they expire as ReadTimeout otherwise).
+            waiting = [op for op in reads if not op.answered]
+            if waiting:
+                retry = threading.Timer(BARRIER_RETRY_PAUSE, self._submit_barrier, (waiting,))
+                retry.daemon = True
+                retry.start()
+            return
         for op in reads:
             if op.answered:
                 continue

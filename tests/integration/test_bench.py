@@ -102,25 +102,48 @@ def test_raft_engine_reference(mode):
     assert r["name"] == f"raft put {mode} c=4"
 
 
-def test_compare_runs_every_row_on_fresh_clusters(tmp_path):
+def test_compare_runs_batched_unary_envelope_and_etcd_rows_with_ratios(tmp_path):
+    import shutil
+
     proc = sealkv("-w", "json", "bench", "compare", "--clients", "4", "--duration", "0.5",
-                  "--warmup", "0.2", timeout=400)
+                  "--warmup", "0.2", "--etcd", timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     names = [row["name"] for row in report["rows"]]
-    assert names[:6] == ["raft put c=1", "raft put pipelined w=4", "grpc put c=1",
-                         "grpc put c=4", "grpc get serializable c=4",
-                         "grpc get linearizable c=4"]
+    sealkv_rows = [f"sealkv {mode} {load}" for mode in ("batched", "unary")
+                   for load in ("put c=1", "put c=4", "get linearizable c=4",
+                                "get serializable c=4")]
+    etcd_rows = ["etcd put c=1", "etcd put c=4", "etcd get linearizable c=4",
+                 "etcd get serializable c=4"]
+    if shutil.which("etcd"):
+        assert names[:4] == etcd_rows
+    else:
+        assert any("etcd-server" in n for n in report["notes"]), report["notes"]
+    assert [n for n in names if n.startswith("sealkv") and "envelope" not in n
+            and "never" not in n] == sealkv_rows
     envelope = [] if any("envelope rows skipped" in n for n in report["notes"]) \
-        else ["envelope put c=1", "envelope put c=4"]
-    assert names[6:] == envelope + ["grpc put c=1 fsync=never", "grpc put c=4 fsync=never"]
+        else ["sealkv envelope put c=1", "sealkv envelope put c=4"]
+    assert names[len(names) - len(envelope) - 2:] == envelope + [
+        "sealkv batched put c=1 fsync=never", "sealkv batched put c=4 fsync=never"]
     assert any(n.startswith("cost of durability (--fsync always vs never)")
                for n in report["notes"])
     for row in report["rows"]:
         assert row["ops"] > 0 and row["errors"] == {}, row
-        assert row["vs_raw"] > 0
-    assert {c["bar"] for c in report["checks"]} >= {"<= 2", ">= 0.5"}
-    assert all(isinstance(c["holds"], bool) for c in report["checks"])
+        assert row["server_cpu_us_per_op"] > 0 and row["client_cpu_us_per_op"] > 0, row
+    targets = {t["what"]: t for t in report["targets"]}
+    put = targets["Put, 4 clients, ops/s"]
+    assert put["sealkv"] == report["rows"][names.index("sealkv batched put c=4")]["ops_per_sec"]
+    if shutil.which("etcd"):
+        assert put["ratio"] == pytest.approx(put["sealkv"] / put["reference_value"], rel=0.01)
+        assert isinstance(put["holds"], bool)
+    assert targets["Put, 4 clients, ops/s: batched vs unary"]["ratio"] > 0
+
+
+def test_put_in_unary_mode_reports_client_cpu(endpoints):
+    r = one_result(sealkv("-w", "json", "bench", "put", "--clients", "2", "--mode", "unary",
+                          *SHORT, endpoints=endpoints))
+    assert_sane(r, 2)
+    assert r["name"] == "put c=2 unary" and r["client_cpu_us_per_op"] > 0
 
 
 def test_envelope_times_seal_and_open_at_each_size_and_names_the_aes_implementation():

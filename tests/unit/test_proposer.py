@@ -28,6 +28,13 @@ class HeldAdapter:
     def propose_async(self, payload, on_done):
         self.entries.append((payload, on_done))
 
+    def wait_entries(self, n):
+        """Waits until n entries were proposed (the proposer's thread sends the later ones)."""
+        deadline = time.monotonic() + 5
+        while len(self.entries) < n and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert len(self.entries) == n
+
     def commit(self, n=0, error=None):
         payload, on_done = self.entries[n]
         if error is not None:
@@ -62,7 +69,7 @@ def test_a_lone_write_leaves_at_once_and_later_ones_form_the_next_entry():
     assert len(adapter.entries) == 1  # waiting for the entry in flight
     adapter.commit(0)
     assert first[0][0].revision == 1 and first[0][1] is None
-    assert len(adapter.entries) == 2
+    adapter.wait_entries(2)
     batch = cmd.decode(adapter.entries[1][0])
     assert isinstance(batch, cmd.Batch) and len(batch.commands) == 5
     adapter.commit(1)
@@ -80,6 +87,7 @@ def test_reads_share_the_next_entry_with_writes_or_get_a_barrier_of_their_own():
     write, on_write = collect()
     p.submit(put(b"b"), on_write, far())
     adapter.commit(0)
+    adapter.wait_entries(2)
     adapter.commit(1)
     assert cmd.decode(adapter.entries[1][0]) == cmd.Put(b"b", b"v")  # reads added nothing
     assert {seen[0][0].revision for seen, _ in reads} == {2}
@@ -96,15 +104,19 @@ def test_entries_are_bounded_by_count_and_bytes():
     for i in range(8):
         p.submit(put(b"k%d" % i), lambda r, e: None, far())
     adapter.commit(0)
+    adapter.wait_entries(2)
     assert len(cmd.decode(adapter.entries[1][0]).commands) == 3
     adapter.commit(1)
+    adapter.wait_entries(3)
     adapter.commit(2)
+    adapter.wait_entries(4)
     assert [len(getattr(cmd.decode(e[0]), "commands", [1])) for e in adapter.entries] == [1, 3, 3, 1]
     big = Proposer(HeldAdapter(), max_bytes=100)
     big.submit(put(b"x"), lambda r, e: None, far())
     big.submit(cmd.encode(cmd.Put(b"huge", b"v" * 500)), lambda r, e: None, far())
     big.submit(put(b"y"), lambda r, e: None, far())
     big.adapter.commit(0)
+    big.adapter.wait_entries(2)
     assert cmd.decode(big.adapter.entries[1][0]).key == b"huge"  # too big to share: alone
 
 
@@ -117,6 +129,7 @@ def test_a_failed_entry_fails_each_of_its_requests_and_the_next_entry_still_leav
     p.submit(put(b"b"), on_second, far())
     adapter.commit(0, error=errors.Aborted("discarded"))
     assert isinstance(first[0][1], errors.Aborted) and not second
+    adapter.wait_entries(2)
     adapter.commit(1)
     assert second[0][0].revision == 1
 
@@ -128,7 +141,9 @@ def test_a_waiting_request_past_its_deadline_is_withdrawn_and_never_proposed():
     with pytest.raises(errors.Unavailable, match="nothing was applied"):
         p.propose(put(b"late"), timeout=0.05)
     adapter.commit(0)
-    assert len(adapter.entries) == 1  # the withdrawn write never left
+    p.submit(put(b"after"), lambda r, e: None, far())
+    adapter.wait_entries(2)
+    assert adapter.entries[1][0] == put(b"after")  # the withdrawn write never left
 
 
 def test_an_entry_whose_callback_never_comes_stops_holding_back_the_next():
@@ -154,3 +169,19 @@ def test_blocking_propose_raises_outcome_unknown_once_proposed():
         p.propose(put(b"a"), timeout=0.05)
     with pytest.raises(errors.OutcomeUnknown):
         p.barrier(timeout=0.05)
+
+
+def test_a_dropped_read_barrier_is_proposed_again_and_a_read_never_is_outcome_unknown():
+    adapter = HeldAdapter()
+    p = Proposer(adapter)
+    result = []
+    t = threading.Thread(target=lambda: result.append(p.barrier(5)))
+    t.start()
+    adapter.wait_entries(1)
+    adapter.commit(0, error=errors.Aborted("leader changed"))
+    adapter.wait_entries(2)
+    adapter.commit(1)
+    t.join(5)
+    assert result == [1]
+    with pytest.raises(errors.ReadTimeout, match="a read changes nothing"):
+        p.barrier(timeout=0.1)
