@@ -167,7 +167,7 @@ def test_blocking_propose_raises_outcome_unknown_once_proposed():
     p = Proposer(adapter)
     with pytest.raises(errors.OutcomeUnknown, match="may still apply"):
         p.propose(put(b"a"), timeout=0.05)
-    with pytest.raises(errors.OutcomeUnknown):
+    with pytest.raises(errors.ReadTimeout):
         p.barrier(timeout=0.05)
 
 
