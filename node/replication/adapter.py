@@ -174,6 +174,10 @@ class _RaftObject(RaftRulesSyncObj):
             # or message that needed it. The alarm and its one warning are already raised.
             self._hold_off_election()
             time.sleep(min(timeToWait, DISK_RETRY_PERIOD))
+        except durable.DamagedFile as exc:
+            # A journal record changed on disk under a running node: stop, do not serve it
+            # (pysyncobj would log the same traceback on every tick).
+            adapter._do_halt(str(exc))
 
     def _hold_off_election(self) -> None:
         self._SyncObj__raftElectionDeadline = (time.monotonic()

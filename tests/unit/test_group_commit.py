@@ -177,3 +177,16 @@ def test_a_failing_dump_backs_off_instead_of_retrying_every_tick(raft, monkeypat
     raft._SyncObj__forceLogCompaction = True
     raft._SyncObj__tryLogCompaction()
     assert raft._SyncObj__forceLogCompaction
+
+
+def test_a_record_damaged_under_a_running_node_halts_it(raft):
+    append(raft, 1, 0, [entry(i, 1) for i in range(2, 6)])
+    journal = raft._journal
+    journal._cache.clear()  # force reads from the file
+    offset = journal._offsets[1]
+    with open(journal.path, "r+b") as f:
+        f.seek(offset + raft_journal.HEADER_SIZE)
+        f.write(b"\xff")
+    raft._SyncObj__leaderCommitIndex = raft._SyncObj__raftCommitIndex = 5
+    raft._onTick(0)
+    assert len(raft.halts) == 1 and "changed on disk while running" in raft.halts[0]
