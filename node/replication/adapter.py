@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 HALT_EXIT_CODE = 70
 # A node whose journal cannot be written (disk full) retries this often, not on every tick.
 DISK_RETRY_PERIOD = 1.0
+HELD_BACK_MAX = 16 * 1024 * 1024
 # A dump that failed is retried after this long (doubling up to the maximum), not every tick.
 DUMP_RETRY_MIN = 1.0
 DUMP_RETRY_MAX = 60.0
@@ -135,6 +136,14 @@ class _RaftObject(RaftRulesSyncObj):
         if self._adapter._halted or not self._journal.sync():
             return
         super()._reply_progress(node, next_index, success=success, rejected=rejected)
+
+    def _receive_append(self, node, message) -> None:
+        # A member that cannot write holds back at most HELD_BACK_MAX bytes of entries in
+        # memory; beyond that it drops AppendEntries unanswered, and the leader's usual
+        # rejection-and-probe repairs the gap once the disk has room.
+        if self._journal.failing and self._journal.unsynced_bytes > HELD_BACK_MAX:
+            return
+        super()._receive_append(node, message)
 
     def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
         if self._adapter._halted or not self._journal.sync():

@@ -167,8 +167,10 @@ class FileJournal(Journal):
         self._cache_lo = 0
         self._cache_size = 0
         self.failing = False       # the last sync could not write (disk full)
+        self._durable = 0          # bytes of the file known synced (per the policy)
         self.meta_failing = False  # the last meta write could not be made (disk full)
         self._fd = self._open()
+        self._durable = self._written
 
     # -- open and scan ----------------------------------------------------------------
 
@@ -270,6 +272,7 @@ class FileJournal(Journal):
         else:
             os.ftruncate(self._fd, off)
             self._written = off
+            self._durable = min(self._durable, off)
             self._pending.clear()
             self._dirty = True
         del self._offsets[entryFrom:]
@@ -365,6 +368,11 @@ class FileJournal(Journal):
         """Bytes of the journal, including records not yet written (compaction by bytes)."""
         return self._written + len(self._pending)
 
+    @property
+    def unsynced_bytes(self) -> int:
+        """Bytes of records added but not yet durable (held back while the disk is full)."""
+        return self.size_bytes - self._durable
+
     def entries(self, pos: int, count: Optional[int] = None,
                 max_bytes: Optional[int] = None) -> list:
         """Entries from position `pos`: at most `count`, stopping after the entry at which the
@@ -401,6 +409,7 @@ class FileJournal(Journal):
             if self._dirty:
                 durable.sync_file(self._fd, self.path, self.policy, self._fdatasync)
                 self._dirty = False
+            self._durable = self._written
         except OSError as exc:
             if not durable.is_disk_full(exc):
                 raise
@@ -480,7 +489,7 @@ class FileJournal(Journal):
         self._offsets = array.array("Q", (o - shift for o in self._offsets[keep_from:]))
         self._terms = self._terms[keep_from:]
         self._first_idx += keep_from
-        self._written = os.fstat(fd).st_size
+        self._written = self._durable = os.fstat(fd).st_size
         self._pending.clear()
         self._dirty = False
         if not self._offsets:

@@ -107,6 +107,23 @@ def test_a_follower_with_a_full_disk_does_not_answer_and_answers_once_written(ra
     on_disk._destroy()
 
 
+def test_a_follower_that_cannot_write_holds_back_a_bounded_amount(raft, monkeypatch):
+    from sealkv.node.replication import adapter as adapter_module
+
+    monkeypatch.setattr(adapter_module, "HELD_BACK_MAX", 100)
+    raft.disk.full = True
+    append(raft, 1, 0, [entry(i, 1) for i in range(2, 12)])
+    assert raft._journal.failing and raft._journal.unsynced_bytes > 100
+    append(raft, 11, 1, [entry(12, 1)])
+    assert raft._journal.last_index == 11  # dropped, unanswered: memory stays bounded
+    raft.disk.full = False
+    raft._journal.sync()
+    raft.events.clear()
+    append(raft, 11, 1, [entry(12, 1)])
+    assert raft._journal.last_index == 12
+    assert [e for e in raft.events if e != "fdatasync"][-1][2] == "next_node_idx"
+
+
 def become_leader(obj) -> None:
     obj._SyncObj__connectedNodes.update({obj.leader, obj.other})
     obj._SyncObj__raftCurrentTerm = 3
