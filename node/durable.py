@@ -15,6 +15,11 @@ file, every sync appends one JSON line `{"path": ..., "size": ...}` to it: the s
 file that the sync made durable. A test that kills a node with SIGKILL cuts each file back
 to its last recorded size (and deletes files never recorded) to simulate a power loss. The
 hook is for tests only; it costs one `os.write` per sync when set and nothing otherwise.
+The cut model fits files that only grow between syncs (the journal) or are replaced whole
+(meta, dumps). A database that fsyncs on commit (LMDB with sync=True writes new pages, then
+its meta page) calls `record_synced(path, size)` after each synced commit: cutting the file
+back to that size drops only pages no committed meta page refers to. A file without any
+record is deleted by the cut, so a store that records nothing loses everything in the test.
 
 Called from the pysyncobj tick thread (journal, meta, dumps) and from the storage layer.
 Errors are the `OSError`s of the system calls; `is_disk_full` tells a full disk apart.
