@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from sealkv.node import errors
+from sealkv.node.replication.journal import JOURNAL_FILE
 from tests.cluster import wait_for
 from tests.integration.test_encryption_admin import admin, capability, cli, write_kek
 
@@ -93,7 +94,7 @@ def test_raft_envelope_cutover_seals_every_later_entry(make_cluster, tmp_path):
             assert c.get(key).kv.value == value
 
     # The pre-cutover value is in the journals (the scan works); nothing after it is.
-    assert any(path.endswith("raft.journal") for path in files_containing(cluster, before))
+    assert any(path.endswith(JOURNAL_FILE) for path in files_containing(cluster, before))
     assert files_containing(cluster, after) == []
 
     # Restart every node: the journals replay through the envelope.
