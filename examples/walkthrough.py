@@ -1,10 +1,11 @@
-"""The sealkv walkthrough: a local cluster switched from cleartext to envelope storage online.
+"""The sealkv walkthrough: a local cluster switched from cleartext to encryption at rest online.
 
 It starts a 3-node cluster whose nodes are encryption capable (one KEK file, 0600, outside
 every node's data directory), puts a value in cleartext, bootstraps the data keys (the
 leader generates and wraps them: you never handle key bytes), enables the storage envelope
-(showing the capability check of every member), puts and gets through the envelope, reads
-the cleartext value too, and shows the encryption and cluster status.
+(showing the capability check of every member) and the raft-log envelope, puts and gets
+through both, re-encrypts the value written before (then every member compacts, so no old
+copy stays in any file), and shows the encryption and cluster status.
 
 Run it from a clone (the README's first command does):
 
@@ -63,9 +64,16 @@ def main() -> None:
     sealkv("-w", "table", "encryption", "enable-storage-envelope")
     print("\n# from here on every replica stores new values in AES-256-GCM envelopes:")
     sealkv("--endpoints", endpoints[1], "put", "secret", "sealed at rest")
+    print("\n# the Raft log still carries commands in the clear: seal every later entry too:")
+    sealkv("-w", "table", "encryption", "enable-raft-envelope")
+    sealkv("--endpoints", endpoints[1], "put", "secret2", "sealed in the log too")
+    print("\n# the value written before the cutover is still cleartext at rest: rewrite it")
+    print("# under the active key, then every member compacts (new journal and dump files):")
+    sealkv("encryption", "reencrypt")
     print("\n# read both back from another node, linearizably (the default):")
     sealkv("--endpoints", endpoints[2], "get", "secret")
     sealkv("--endpoints", endpoints[2], "get", "greeting")
+    sealkv("--endpoints", endpoints[2], "get", "secret2")
     sealkv("-w", "table", "encryption", "status", "--cluster")
     sealkv("-w", "table", "cluster", "status")
     print("\nThe cluster keeps running: try `sealkv get secret`, `sealkv member list -w table`,"

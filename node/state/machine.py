@@ -174,6 +174,17 @@ class StateMachine:
                 out.append(pair)
             return out
 
+    def compact_storage(self) -> bool:
+        """Asks the base store to rewrite its files without free space (the optional store
+        capability `compact_files()`: a database that reuses freed pages may still hold old
+        bytes in them). Returns whether the store did; holds the state lock meanwhile."""
+        compact = getattr(self.base, "compact_files", None)
+        if compact is None:
+            return False
+        with self.lock:
+            compact()
+        return True
+
     def member_directory(self) -> tuple[dict[str, MemberRecord], int]:
         """Returns a copy of the member directory and its configuration version."""
         with self.lock:

@@ -20,6 +20,9 @@ def test_walkthrough_runs_from_a_fresh_directory(tmp_path):
         assert "storage envelope active from index" in out
         assert out.count("capable") >= 6  # every member probed, twice
         assert "sealed at rest" in out and "hello, sealkv" in out
+        assert "raft envelope active above index" in out
+        assert "re-encryption done" in out and "0 values still to seal" in out
+        assert "compaction done on 3 members" in out and "sealed in the log too" in out
         # Re-running replaces the cluster it created.
         again = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True,
                                text=True, timeout=300)
