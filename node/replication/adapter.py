@@ -28,6 +28,7 @@ from sealkv.node import durable, errors
 from sealkv.node.state import commands as cmd
 from sealkv.node.replication import journal as raft_journal
 from sealkv.node.replication import safe_pickle
+from sealkv.node.replication.proposer import BARRIER_RETRY_PAUSE, BARRIER_RETRYABLE, read_timeout
 from sealkv.node.replication.raft_rules import RaftRulesSyncObj
 from sealkv.node.errors import ApplyHalt, where
 from sealkv.node.replication.membership import MemberRecord, MembershipSnapshot
@@ -47,10 +48,6 @@ HELD_BACK_MAX = 16 * 1024 * 1024
 # A dump that failed is retried after this long (doubling up to the maximum), not every tick.
 DUMP_RETRY_MIN = 1.0
 DUMP_RETRY_MAX = 60.0
-# A read barrier that failed with one of these is proposed again while its deadline allows
-# (leader changed, discarded, no leader yet, not committed in its time).
-_BARRIER_RETRYABLE = (errors.Aborted, errors.OutcomeUnknown, errors.Unavailable)
-BARRIER_RETRY_PAUSE = 0.02
 SWITCH_INTERVAL = 0.0005
 DUMP_MAGIC = b"SEALKVD2"       # header, snapshot, then a CRC-32C of everything before it
 LEGACY_DUMP_MAGIC = b"SEALKVD1"  # the same without the checksum (read, never written)
@@ -518,17 +515,14 @@ class ReplicationAdapter:
             if group.error is None:
                 return group.index
             last = group.error
-            if self._halted or not isinstance(last, _BARRIER_RETRYABLE):
+            if self._halted or not isinstance(last, BARRIER_RETRYABLE):
                 raise last
             dropped += 1
             # Pacing only: the next barrier waits for a leader inside propose.
             time.sleep(min(BARRIER_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
-        if isinstance(last, errors.Unavailable) or self._obj._getLeader() is None:
-            raise errors.Unavailable(f"read not served: no leader within {timeout:.1f}s (the "
-                                     "cluster has no quorum or is electing); retry")
-        why = f"; a leader change dropped {dropped} barrier(s)" if dropped else ""
-        raise errors.ReadTimeout(f"read timed out: no quorum-confirmed read point within "
-                                 f"{timeout:.1f}s{why}; a read changes nothing, retry")
+        if self._obj._getLeader() is None:
+            last = errors.Unavailable("no leader: the cluster has no quorum or is electing")
+        raise read_timeout(timeout, last, dropped)
 
     def _launch_barrier_locked(self, timeout: float) -> None:
         group = self._barrier_next

@@ -141,6 +141,8 @@ class _Stream:
                     self.inbox.put(("reads", [op], None, None))
             except Exception as exc:
                 self._fail(op, as_sealkv_error(exc, f"Batch/{kind}"))
+        # The worker may be waiting with no deadline in view: let it see the new ones.
+        self.inbox.put(("wake",))
         if barrier_reads:
             self._submit_barrier(barrier_reads)
 
@@ -229,6 +231,8 @@ class _Stream:
 
     def _answer(self, item, out: list) -> None:
         kind = item[0]
+        if kind == "wake":
+            return
         if kind == "failed":
             _, op, error, registered = item
             if registered:
