@@ -315,6 +315,11 @@ class ReplicationAdapter:
         self.journal = raft_journal.FileJournal(self.data_dir, self.fsync,
                                                 on_disk_full=self._on_disk_full)
         raft_journal.register_directory(self.data_dir, self.fsync)
+        for leftover in ("raft.dump.tmp", "raft.dump.1.tmp"):  # a dump cut short by a crash
+            try:
+                os.unlink(os.path.join(self.data_dir, leftover))
+            except FileNotFoundError:
+                pass
         # The tick thread and the request threads hand the GIL back and forth on every
         # proposal; Python's default 5 ms switch interval can add that much to each hand-off.
         sys.setswitchinterval(SWITCH_INTERVAL)

@@ -151,6 +151,10 @@ class FileJournal(Journal):
         self._fdatasync = fdatasync
         self._on_disk_full = on_disk_full or (lambda path: None)
         self._cache_budget = cache_bytes
+        # A crash mid-compaction or mid-meta-write leaves a temporary file holding old
+        # records: never keep a second copy at rest.
+        for leftover in (self.path + ".compact", os.path.join(directory, META_FILE) + ".tmp"):
+            _unlink_quietly(leftover)
         legacy = os.path.join(directory, LEGACY_JOURNAL_FILE)
         if not os.path.exists(self.path) and os.path.exists(legacy):
             _migrate_legacy(legacy, self.path, os.path.join(directory, META_FILE), policy)

@@ -293,3 +293,12 @@ def test_a_pysyncobj_journal_is_migrated_and_removed(tmp_path):
     assert [e for e in journal[:]] == [(b"old-%d" % i, i, 2) for i in range(1, 4)]
     assert (journal.getCurrentTerm(), journal.getVotedForNodeId()) == (5, "127.0.0.1:7003")
     assert not os.path.exists(legacy_path) and not os.path.exists(legacy_path + ".meta")
+
+
+def test_leftovers_of_a_crashed_compaction_or_meta_write_are_removed_at_open(tmp_path):
+    filled(tmp_path, 2)._destroy()
+    for name in (j.JOURNAL_FILE + ".compact", j.META_FILE + ".tmp"):
+        (tmp_path / name).write_bytes(b"old records")
+    open_journal(tmp_path)._destroy()
+    assert not (tmp_path / (j.JOURNAL_FILE + ".compact")).exists()
+    assert not (tmp_path / (j.META_FILE + ".tmp")).exists()
