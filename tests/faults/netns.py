@@ -15,12 +15,16 @@ needs root; `Network.available()` says whether this machine allows it.
 """
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import random
 import subprocess
 
 PREFIX = "skv"
+# Each live `Network` holds an exclusive lock on LOCK_DIR/<tag>: the machine is shared, and a
+# run must never delete the namespaces of another run that is still going.
+LOCK_DIR = "/tmp/sealkv-netns-locks"
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -38,6 +42,9 @@ class Network:
         self.hosts: dict[str, str] = {}      # name -> ip
         self.namespaces: dict[str, str] = {}  # name -> netns
         self.blocked: set[tuple[str, str]] = set()
+        os.makedirs(LOCK_DIR, exist_ok=True)
+        self._lock = open(os.path.join(LOCK_DIR, self.tag), "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"10.213.{self.subnet}.254/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
@@ -59,23 +66,32 @@ class Network:
 
     @staticmethod
     def remove_leftovers() -> list[str]:
-        """Deletes namespaces and bridges a previous, interrupted run left behind.
+        """Deletes namespaces and bridges an interrupted run left behind.
 
-        Fault runs do not run concurrently, so everything with this module's prefix is stale.
-        Returns what it deleted.
+        Other runs may be going on this machine: a tag whose lock is still held belongs to a
+        live `Network` and is left alone. Returns what it deleted.
         """
         removed = []
+        stale: dict[str, bool] = {}
+
+        def is_stale(tag: str) -> bool:
+            if tag not in stale:
+                stale[tag] = _lock_is_free(tag)
+            return stale[tag]
+
         listing = _ip("netns", "list", check=False).stdout.split("\n")
         for line in listing:
             ns = line.split(" ", 1)[0]
-            if ns.startswith(PREFIX):
+            if ns.startswith(PREFIX) and is_stale(ns[len(PREFIX):len(PREFIX) + TAG_LENGTH]):
                 _ip("netns", "del", ns, check=False)
                 removed.append(ns)
         for line in _ip("-o", "link", "show", "type", "bridge", check=False).stdout.split("\n"):
             parts = line.split(": ")
             if len(parts) > 1 and parts[1].startswith(PREFIX + "b"):
-                _ip("link", "del", parts[1].split("@")[0], check=False)
-                removed.append(parts[1])
+                name = parts[1].split("@")[0]
+                if is_stale(name[len(PREFIX) + 1:len(PREFIX) + 1 + TAG_LENGTH]):
+                    _ip("link", "del", name, check=False)
+                    removed.append(parts[1])
         return removed
 
     def add_host(self, name: str) -> str:
@@ -125,3 +141,23 @@ class Network:
             _ip("netns", "del", ns, check=False)
         _ip("link", "del", self.bridge, check=False)
         self.namespaces.clear()
+        self._lock.close()  # releases the lock: what is left of this tag is stale now
+
+
+TAG_LENGTH = 6  # `Network.tag`: 4 digits of the pid, 2 random digits
+
+
+def _lock_is_free(tag: str) -> bool:
+    """Whether `tag` has a lock no live `Network` holds (a run that died releases it). A tag
+    without a lock file may belong to a live run of an older harness: it is left alone."""
+    path = os.path.join(LOCK_DIR, tag)
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

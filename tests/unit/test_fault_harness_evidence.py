@@ -66,3 +66,29 @@ def test_a_failed_run_keeps_history_full_logs_and_prints_the_replay(tmp_path, mo
     assert "line 0\n" in logs  # the whole log, not its tail
     out = capsys.readouterr().out
     assert "replay: pytest tests/faults -m faults --fault-seeds 907 --fault-duration 30" in out
+
+
+def test_cleaning_up_leftovers_never_touches_a_live_run():
+    """The machine is shared: one run's cleanup must not delete another live run's network."""
+    import random
+    import subprocess
+    import sys
+
+    import pytest
+
+    from tests.faults.netns import Network
+
+    available, why = Network.available()
+    if not available:
+        pytest.skip(f"needs network namespaces: {why}")
+    cleanup = [sys.executable, "-c",
+               "from tests.faults.netns import Network; print(Network.remove_leftovers())"]
+    live = Network(random.Random())
+    try:
+        live.add_host("a")
+        out = subprocess.run(cleanup, capture_output=True, text=True, check=True).stdout
+        assert live.namespaces["a"] not in out
+        assert live.namespaces["a"] in subprocess.run(["ip", "netns", "list"],
+                                                      capture_output=True, text=True).stdout
+    finally:
+        live.close()
