@@ -33,7 +33,7 @@ class PluginContext:
     """What the node tells a plugin when it builds it.
 
     `options` holds the plugin's own settings from the node's configuration (flags or the
-    TOML table `[plugins.<name>]`).
+    TOML table `[plugin_options.<name>]`).
     """
 
     node_name: str

@@ -1,7 +1,7 @@
 """`sealkv bench envelope`: the storage envelope codec alone, in-process (no Raft, no gRPC).
 
 For each value size, every iteration does what the encryption storage layer does for one value
-(`plugins/encryption/layer.py`): `seal` takes the next deterministic nonce from a
+(`plugins/encryption/storage.py`): `seal` takes the next deterministic nonce from a
 `NonceFactory`, builds the storage AAD (envelope header | value header | key | mod_revision)
 and seals; `open` parses the envelope, looks the data key up by id and rebuilds the AAD from the
 envelope header, like `EncryptionStorage.decode_entry`. Each call is timed on its own with

@@ -15,88 +15,41 @@ No RPC ever returns key bytes, wrapped or not; nothing here logs a key or a valu
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
-import os
 import threading
 import time
 from typing import Any, Iterator, Optional
 
 import grpc
 
-from sealkv.node import __version__
-from sealkv.node.state import commands as node_cmd
 from sealkv.node import errors
 from sealkv.node.serving.rpc import deadline, rpc_method
-from sealkv.node.replication.membership import MemberRecord
+from sealkv.node.replication.membership import MemberRecord, member_raft_id
 from sealkv.node.errors import ApplyHalt
 from sealkv.plugins.api import AdminPlugin
-from sealkv.plugins.fanout import (
-    CapabilityVerdict, FanOutResult, ProbeAnswer, fan_out, probe_member,
-)
+from sealkv.plugins.fanout import FanOutResult, fan_out, probe_member
 from sealkv.v1 import encryption_admin_pb2 as pb
 from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
 
-from . import commands, envelope
+from . import commands, proposals
 from .admin_at_rest import AtRestAdminMixin, compact_cluster_from_leader
+from .capability import answer_capability, capability_rows, expected_node_id, probe_capability
 from .commands import RegisterCommand, WriterRow
+from .layer import EncryptionLayerAccess
+from .nonce import epoch_in_range
+from .purpose import PURPOSE_NAMES, PURPOSE_RAFT, PURPOSE_STORAGE
 from .reencryption_driver import ReencryptionDriver
-from .nonce import MAX_EPOCH, full_node_id
-from .sidecar import SidecarError, read_sidecar, sidecar_dir, sidecar_path
-from .state import (
-    PURPOSE_NAMES, PURPOSE_RAFT, PURPOSE_STORAGE, AlreadyActive, EncryptionState, Outcome,
-)
+from .sidecar import SidecarError, read_sidecar
+from .state import AlreadyActive, EncryptionState, Outcome
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncryptionAdmin"].full_name
-BUILD_VERSION = (f"sealkv {__version__}; envelope v{envelope.VERSION}; storage envelope; "
-                 "raft envelope")
 FANOUT_DEADLINE = 5.0
 MUTATOR_TIMEOUT = 15.0
 # Time kept back from a request's deadline for what follows the fan-out (propose, apply).
 PROPOSE_RESERVE = 1.0
 CHECKED_ROUNDS = 3
-
-
-def raft_id_of(member: MemberRecord) -> str:
-    """Returns a member's stable raft id: its raft address, or "learner:<name>" for a learner
-    (the convention of `NodeHandle.raft_id`)."""
-    if member.role == node_cmd.ROLE_LEARNER or not member.raft_address:
-        return f"learner:{member.name}"
-    return member.raft_address
-
-
-def expected_node_id(member: MemberRecord) -> int:
-    """Returns the full node id `member` must answer GetCapability with."""
-    return full_node_id(raft_id_of(member))
-
-
-def probe_capability(member: MemberRecord, channel: grpc.Channel, timeout: float) -> ProbeAnswer:
-    """Asks one member's EncryptionAdmin.GetCapability (the fan-out probe)."""
-    response = pb_grpc.EncryptionAdminStub(channel).GetCapability(pb.GetCapabilityRequest(),
-                                                                  timeout=timeout)
-    details = {"build_version": response.build_version,
-               "local_epoch": str(response.local_epoch), "node_name": response.node_name}
-    if response.local_epoch > MAX_EPOCH:
-        return ProbeAnswer(response.full_node_id, False,
-                           f"reported epoch {response.local_epoch} is above 0xFFFF", details)
-    return ProbeAnswer(response.full_node_id, response.encryption_capable, response.reason,
-                       details)
-
-
-def capability_rows(result: FanOutResult) -> list[pb.CapabilityRow]:
-    """Returns the `capability_summary` rows of a fan-out."""
-    return [_row(v) for v in result.verdicts]
-
-
-def _row(v: CapabilityVerdict) -> pb.CapabilityRow:
-    epoch = v.details.get("local_epoch", "0")
-    return pb.CapabilityRow(
-        member=v.member, grpc_address=v.address, role=v.role, ok=v.ok, reason=v.reason,
-        expected_node_id=v.expected_id or 0, responder_node_id=v.responder_id,
-        build_version=v.details.get("build_version", ""),
-        local_epoch=int(epoch) if epoch.isdigit() and int(epoch) <= MAX_EPOCH else 0)
 
 
 class EncryptionAdminPlugin(AdminPlugin):
@@ -136,22 +89,18 @@ class EncryptionAdminPlugin(AdminPlugin):
     # ---- shared ----------------------------------------------------------------------------
 
     @property
-    def layer(self) -> Optional[Any]:
-        """The encryption storage layer plugin, or None when it is not enabled here."""
+    def layer(self) -> Optional[EncryptionLayerAccess]:
+        """The encryption storage layer, or None when it is not enabled on this node."""
         return self.handle.storage_layer("encryption")
 
-    def require_layer(self) -> Any:
+    def require_layer(self) -> EncryptionLayerAccess:
+        """Returns the encryption storage layer; FAILED_PRECONDITION when it is not enabled."""
         layer = self.layer
         if layer is None:
             raise errors.FailedPrecondition(
                 "the encryption storage layer is not enabled on this node: start it with "
                 "--encryption --kek-file PATH")
         return layer
-
-    @staticmethod
-    def state_of(layer: Any) -> EncryptionState:
-        """Returns a consistent copy of the replicated encryption state."""
-        return EncryptionState.from_bytes(layer.snapshot_state())
 
     @contextlib.contextmanager
     def exclusive(self, end: float) -> Iterator[None]:
@@ -166,46 +115,8 @@ class EncryptionAdminPlugin(AdminPlugin):
     # ---- capability --------------------------------------------------------------------------
 
     def capability(self) -> pb.GetCapabilityResponse:
-        """Returns this node's honest capability (ENCRYPTION.md §7)."""
-        response = pb.GetCapabilityResponse(build_version=BUILD_VERSION,
-                                            node_name=self.handle.name)
-        response.sidecar_present = os.path.exists(sidecar_path(self.handle.data_dir))
-        layer = self.layer
-        if layer is None:
-            response.reason = "the encryption storage layer is not enabled on this node"
-            return response
-        response.full_node_id = layer.full_node_id
-        state = self.state_of(layer)
-        epoch = layer.local_epoch(state.active_storage_id) if state.bootstrapped else None
-        response.local_epoch = min(epoch or 0, MAX_EPOCH)
-        response.reason = self._incapable_reason(layer, state, epoch)
-        response.encryption_capable = not response.reason
-        response.raft_envelope_cutover_index = state.raft_cutover_index
-        response.raft_wrap_installed = layer.raft_codec.wrap_installed
-        return response
-
-    def _incapable_reason(self, layer: Any, state: EncryptionState,
-                          epoch: Optional[int]) -> str:
-        if layer.kek is None:
-            return "no KEK is loaded"
-        for key_id, key in sorted(state.keys.items()):
-            try:
-                dek = layer.kek.unwrap(key.wrapped)
-            except Exception:
-                return f"the KEK cannot unwrap {PURPOSE_NAMES[key.purpose]} key {key_id}"
-            held = layer.keystore.get_for(key_id, key.purpose)
-            if held is None or not hmac.compare_digest(held, dek):
-                return f"{PURPOSE_NAMES[key.purpose]} key {key_id} is not loaded on this node"
-        if state.bootstrapped:
-            if epoch is None:
-                return f"no durable nonce epoch for storage key {state.active_storage_id}"
-            if epoch >= MAX_EPOCH:
-                return (f"the nonce epoch of storage key {state.active_storage_id} is "
-                        "exhausted: rotate the key")
-        problem = _sidecar_unwritable(self.handle.data_dir)
-        if problem:
-            return problem
-        return ""
+        """Returns this node's honest capability (ENCRYPTION.md §7; `capability.py`)."""
+        return answer_capability(self.handle.name, self.handle.data_dir, self.layer)
 
     def check_new_member(self, member: MemberRecord, timeout: float) -> None:
         """The capability fence: a member-add check run on the leader under the membership lock.
@@ -217,7 +128,7 @@ class EncryptionAdminPlugin(AdminPlugin):
         layer = self.layer
         if layer is None:
             return
-        state = self.state_of(layer)
+        state = layer.view().state
         if not state.bootstrapped:
             return
         new_id = expected_node_id(member)
@@ -323,14 +234,15 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
     def BootstrapEncryption(self, request, context):
         plugin = self.plugin
         with self._leader_mutation(context) as (end, layer):
-            state = plugin.state_of(layer)
+            state = layer.view().state
             if state.bootstrapped:
                 raise errors.FailedPrecondition(
                     f"encryption is already bootstrapped (storage key {state.active_storage_id}, "
                     f"raft key {state.active_raft_id}): rotate keys with RotateDEK instead")
 
             def bootstrap(snapshot):
-                command = layer.bootstrap_command([raft_id_of(m) for m in snapshot.members])
+                command = proposals.bootstrap_command(
+                    layer, [member_raft_id(m) for m in snapshot.members])
                 return command, plugin.propose(command, end)
 
             result, (command, applied) = plugin.run_checked(end, "bootstrap", bootstrap)
@@ -350,10 +262,11 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
         purpose = PURPOSE_STORAGE if request.purpose == pb.STORAGE else PURPOSE_RAFT
         plugin = self.plugin
         with self._leader_mutation(context) as (end, layer):
-            if not plugin.state_of(layer).bootstrapped:
+            if not layer.view().state.bootstrapped:
                 raise errors.FailedPrecondition("encryption is not bootstrapped: run "
                                                 "BootstrapEncryption first")
-            command = layer.rotation_command(purpose)  # trial unwrap, fresh id, registry rules
+            # Trial unwrap, fresh id, registry rules.
+            command = proposals.rotation_command(layer, purpose)
             applied = plugin.propose(command, end)
             if applied.outcome is not Outcome.APPLIED:
                 raise errors.FailedPrecondition(f"rotation did not apply ({applied.outcome.value})"
@@ -365,11 +278,12 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
 
     @rpc_method
     def RegisterEncryptionWriter(self, request, context):
-        if request.local_epoch > MAX_EPOCH:
+        if not epoch_in_range(request.local_epoch):
             raise errors.InvalidArgument(f"local_epoch {request.local_epoch} is above 0xFFFF")
         plugin = self.plugin
         with self._leader_mutation(context) as (end, layer):
-            state = plugin.state_of(layer)
+            view = layer.view()
+            state = view.state
             if not state.bootstrapped:
                 raise errors.FailedPrecondition("encryption is not bootstrapped: run "
                                                 "BootstrapEncryption first")
@@ -381,7 +295,7 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
                 dek_ids = sorted({state.active_storage_id, state.active_raft_id} - {0})
             rows = []
             for dek_id in dek_ids:
-                epoch = layer.local_epoch(dek_id)
+                epoch = view.local_epoch(dek_id)
                 if epoch is None:
                     raise errors.FailedPrecondition(f"this node has no nonce epoch for key "
                                                     f"{dek_id}")
@@ -389,11 +303,11 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
                     raise errors.FailedPrecondition(
                         f"this node's epoch for key {dek_id} is {epoch}, not "
                         f"{request.local_epoch}: epochs are filled in server-side")
-                rows.append(WriterRow(dek_id, layer.full_node_id, epoch))
+                rows.append(WriterRow(dek_id, view.full_node_id, epoch))
             out = []
             for row in rows:
                 command = RegisterCommand(row)
-                case = plugin.state_of(layer).check_register(command)
+                case = layer.view().state.check_register(command)
                 index, outcome = 0, "already registered"
                 if case != "noop":
                     applied = plugin.propose(command, end)
@@ -409,7 +323,7 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
     def EnableStorageEnvelope(self, request, context):
         plugin = self.plugin
         with self._leader_mutation(context) as (end, layer):
-            state = plugin.state_of(layer)
+            state = layer.view().state
             if not state.bootstrapped:
                 raise errors.FailedPrecondition(
                     "encryption is not bootstrapped: run BootstrapEncryption first (the cutover "
@@ -419,14 +333,14 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
 
             def cut_over(_snapshot):
                 try:
-                    command = layer.cutover_command(PURPOSE_STORAGE)
+                    command = proposals.cutover_command(layer.view(), PURPOSE_STORAGE)
                 except AlreadyActive:
                     return None, None
                 return command, plugin.propose(command, end)
 
             result, (command, applied) = plugin.run_checked(end, "storage envelope cutover",
                                                             cut_over)
-            state = plugin.state_of(layer)
+            state = layer.view().state
             if command is None or applied.outcome is Outcome.ALREADY_ACTIVE:
                 return _already_active(state)
             if (applied.outcome is not Outcome.APPLIED or not state.storage_envelope_active
@@ -444,7 +358,7 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
     def EnableRaftEnvelope(self, request, context):
         plugin = self.plugin
         with self._leader_mutation(context) as (end, layer):
-            state = plugin.state_of(layer)
+            state = layer.view().state
             if not state.bootstrapped:
                 raise errors.FailedPrecondition(
                     "encryption is not bootstrapped: run BootstrapEncryption first (the cutover "
@@ -455,7 +369,7 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
 
             def cut_over(_snapshot):
                 try:
-                    command = layer.cutover_command(PURPOSE_RAFT)
+                    command = proposals.cutover_command(layer.view(), PURPOSE_RAFT)
                 except AlreadyActive:
                     return None, None
                 # The intake barrier: proposals on this node wait until the marker's outcome
@@ -472,7 +386,7 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
             try:
                 result, (command, applied) = plugin.run_checked(end, "raft envelope cutover",
                                                                 cut_over)
-                state = plugin.state_of(layer)
+                state = layer.view().state
                 if command is None or applied.outcome is Outcome.ALREADY_ACTIVE:
                     return _raft_already_active(state)
                 if (applied.outcome is not Outcome.APPLIED or not state.raft_envelope_active
@@ -484,7 +398,7 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
             finally:
                 # Known outcomes reopen here or when the marker applies (`cutover_applied`);
                 # an unknown one keeps the intake closed until the marker applies.
-                if plugin.state_of(layer).raft_envelope_active:
+                if layer.view().state.raft_envelope_active:
                     codec.reopen_intake()
             log.info("raft envelope active above index %d (key %d); %d members still to "
                      "install the wrap", state.raft_cutover_index, command.dek_id, len(pending))
@@ -547,20 +461,3 @@ def _key_infos(sidecar) -> list[pb.SidecarKeyInfo]:
     return [pb.SidecarKeyInfo(key_id=key_id, purpose=key.purpose, created=key.created,
                               local_epoch=key.local_epoch)
             for key_id, key in sorted(sidecar.keys.items())]
-
-
-def _sidecar_unwritable(data_dir: str) -> str:
-    """Returns why the sidecar directory cannot be written, or "" (a real create + unlink)."""
-    directory = sidecar_dir(data_dir)
-    probe = os.path.join(directory, f".capability-probe-{os.getpid()}-{threading.get_ident()}")
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        return f"the sidecar directory {directory} is not writable ({exc.strerror})"
-    try:
-        read_sidecar(data_dir)
-    except SidecarError as exc:
-        return f"the sidecar is invalid: {exc}"
-    return ""

@@ -28,7 +28,7 @@ from sealkv.node.serving.rpc import rpc_method
 from sealkv.v1 import encryption_admin_pb2 as pb
 from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
 
-from . import reencryption
+from . import proposals, reencryption
 from .reencryption import DEFAULT_BATCH, DEFAULT_RATE, MAX_BATCH, ReencryptStart
 from .reencryption_driver import count_store
 from .state import PURPOSE_STORAGE, Outcome
@@ -92,7 +92,7 @@ class AtRestAdminMixin:
             raise errors.InvalidArgument(f"rate must be >= 0 and batch_size at most {MAX_BATCH}")
         plugin = self.plugin
         with self._leader_mutation(context) as (end, layer):
-            state = plugin.state_of(layer)
+            state = layer.view().state
             if not state.storage_envelope_active:
                 raise errors.FailedPrecondition(
                     "the storage envelope is not active: run enable-storage-envelope first "
@@ -127,7 +127,7 @@ class AtRestAdminMixin:
         return self.reencryption_status(layer)
 
     def reencryption_status(self, layer: Any) -> pb.ReencryptionStatus:
-        state = self.plugin.state_of(layer)
+        state = layer.view().state
         _, remaining = count_store(self.handle, state.active_storage_id) \
             if state.storage_envelope_active else (0, 0)
         status = pb.ReencryptionStatus(state="idle", node_name=self.handle.name,
@@ -151,7 +151,7 @@ class AtRestAdminMixin:
         stored, entries = local_key_usage(self.handle, layer, request.key_id)
         return pb.GetKeyUsageResponse(key_id=request.key_id, stored_values=stored,
                                       log_entries=entries, node_name=self.handle.name,
-                                      full_node_id=layer.full_node_id)
+                                      full_node_id=layer.view().full_node_id)
 
     @rpc_method
     def RetireDEK(self, request, context):
@@ -159,7 +159,8 @@ class AtRestAdminMixin:
             raise errors.InvalidArgument("key_id is required (0 is reserved)")
         plugin = self.plugin
         with self._leader_mutation(context) as (end, layer):
-            command = layer.retire_command(request.key_id)  # unknown, retired or active: refused
+            # Refused when the key is unknown, retired or active.
+            command = proposals.retire_command(layer.view(), request.key_id)
             users = []
             for member in self.handle.membership_snapshot().members:
                 try:

@@ -32,6 +32,9 @@ import struct
 from dataclasses import dataclass
 from typing import Union
 
+from .nonce import epoch_in_range
+from .purpose import PURPOSE_RAFT, PURPOSE_STORAGE
+
 OP_REGISTER = 0x03
 OP_BOOTSTRAP = 0x04
 OP_ROTATION = 0x05
@@ -43,9 +46,6 @@ SUB_REWRAP_RESERVED = 0x02
 SUB_RETIRE = 0x03
 SUB_ENABLE_STORAGE = 0x04
 SUB_ENABLE_RAFT = 0x05
-
-PURPOSE_STORAGE = 1
-PURPOSE_RAFT = 2
 
 MAX_WRITER_ROWS = 16384
 MAX_WRAPPED_LEN = 1024
@@ -167,7 +167,7 @@ def _read_wrapped(reader: BodyReader, what: str) -> bytes:
 
 def _pack_row(row: WriterRow) -> bytes:
     if not (0 < row.dek_id <= 0xFFFFFFFF and 0 < row.full_node_id <= 0xFFFFFFFFFFFFFFFF
-            and 0 <= row.local_epoch <= 0xFFFF):
+            and epoch_in_range(row.local_epoch)):
         raise ValueError(f"invalid writer row {row}")
     return _ROW.pack(row.dek_id, row.full_node_id, row.local_epoch)
 

@@ -10,9 +10,7 @@ import hmac
 import threading
 from typing import Optional
 
-PURPOSE_STORAGE = 1
-PURPOSE_RAFT = 2
-PURPOSES = {PURPOSE_STORAGE: "storage", PURPOSE_RAFT: "raft"}
+from .purpose import PURPOSE_NAMES
 
 
 class KeyConflict(ValueError):
@@ -30,7 +28,7 @@ class KeyStore:
         """Adds a key; a repeat with the same bytes and purpose is a no-op, else `KeyConflict`."""
         if not 0 < key_id <= 0xFFFFFFFF:
             raise ValueError("key id must be in 1..2**32-1")
-        if purpose not in PURPOSES:
+        if purpose not in PURPOSE_NAMES:
             raise ValueError(f"unknown key purpose {purpose}")
         if len(dek) != 32:
             raise ValueError("a data key must be 32 bytes")

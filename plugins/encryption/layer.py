@@ -1,122 +1,92 @@
-"""The encryption storage layer and the plugin that owns the replicated encryption state.
+"""The encryption storage-layer plugin: the replicated encryption state and its node-local shell.
 
-`EncryptionStorage` seals values into AES-256-GCM envelopes on `put` once the storage envelope
-is active, and opens them on `get`/`scan`, dispatching on the value header's state bits only
-(ENCRYPTION.md §3). `EncryptionLayerPlugin` (entry point `encryption` of
-`sealkv.storage_layers`) wires it to the replicated state (`state.py`), the node-local KEK
-(`kek.py`), the sidecar (`sidecar.py`) and the nonce epochs (`nonce.py`).
+`EncryptionLayerPlugin` (entry point `encryption` of `sealkv.storage_layers`) owns the
+replicated encryption state (`state.py`), the unwrapped data keys (`keystore.py`), the
+node-local KEK (`kek.py`), the sidecar (`sidecar.py`) and this process's nonce epochs
+(`nonce.py`). It applies the control opcodes 0x03-0x05 and wraps the storage stack with the
+envelope layer (`storage.py`). The other jobs live in files named for them: the start-up
+refusals in `startup.py`, the writer registration and write admission in `registration.py`,
+the capability protocol in `capability.py`, the leader-side command builders beside the admin
+in `proposals.py`. The admin reaches this plugin only through `EncryptionLayerAccess`.
 
 Nothing here logs a key, a value or key bytes.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
+import hmac
 import os
 import threading
-import time
-from typing import Any, Callable, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
-from sealkv.node.errors import IntegrityError, Unavailable
-from sealkv.node.state.storage.base import (
-    VALUE_CLEARTEXT, VALUE_ENCRYPTED, VALUE_STATE_MASK, Entry, Storage, StorageLayer,
-)
 from sealkv.node.errors import ApplyHalt
+from sealkv.node.replication.membership import MemberRecord
+from sealkv.node.state.storage.base import Storage
 from sealkv.plugins.api import PluginContext, StartupRefused, StorageLayerPlugin
 
-from . import commands, envelope
+from . import commands, reencryption, startup
+from .commands import CommandDecodeError, RegisterCommand
 from .core_dumps import disable_core_dumps
-from . import reencryption
-from .raft_envelope import RaftPayloadCodec
-from .commands import (
-    BootstrapCommand, CommandDecodeError, RegisterCommand, RotationCommand, WriterRow,
-)
-from .kek import KEKProvider, load_kek_provider
+from .kek import KEKProvider
 from .keystore import KeyStore
 from .nonce import MAX_EPOCH, NonceFactory, full_node_id, node_id16
-from .sidecar import (
-    Sidecar, SidecarError, SidecarKey, probe_directory_fsync, read_sidecar, sidecar_path,
-    write_sidecar,
-)
-from .state import (
-    PURPOSE_NAMES, PURPOSE_RAFT, PURPOSE_STORAGE, ApplyResult, EncryptionState, Outcome,
-    ProposalRefused, StateDecodeError,
-)
-
-logger = logging.getLogger(__name__)
+from .purpose import PURPOSE_NAMES
+from .raft_envelope import RaftPayloadCodec
+from .registration import WriterRegistration
+from .sidecar import Sidecar, SidecarError, SidecarKey, write_sidecar
+from .state import ApplyResult, EncryptionState, Outcome, StateDecodeError
+from .storage import EncryptionStorage, EncryptionUnavailableError
 
 NEW_KEY_EPOCH = 1  # every node's epoch for a key it installs for the first time
-_PURPOSE_BY_NAME = {name: purpose for purpose, name in PURPOSE_NAMES.items()}
 
 
-class EncryptionUnavailableError(RuntimeError):
-    """A write must be encrypted but this node has no usable key or nonce (halts the node)."""
+@dataclass(frozen=True)
+class EncryptionView:
+    """A consistent copy of this node's encryption state, taken at one instant.
 
-
-class EncryptionStorage(StorageLayer):
-    """A storage layer that stores values in envelopes once the storage envelope is active.
-
-    `state` is the live replicated state (read, never changed here), `keystore` the unwrapped
-    keys, and `nonces(dek_id)` returns the `NonceFactory` of this process for a key. `put` runs
-    in replicated apply: any exception from it halts the node. `get`/`scan` raise
-    `IntegrityError` (DATA_LOSS) for any record that does not decode, never return None for it.
+    `state` is a private copy of the replicated state (the holder may read it freely; it never
+    changes), `full_node_id` this node's id, `epochs` this process's nonce epoch per key id,
+    `kek_loaded` whether a KEK is loaded, `raft_wrap_installed` whether this node seals and
+    opens raft payloads (`RaftPayloadCodec.wrap_installed`).
     """
 
-    def __init__(self, inner: Storage, state: EncryptionState, keystore: KeyStore,
-                 nonces: Callable[[int], NonceFactory]):
-        super().__init__(inner)
-        self.state = state
-        self.keystore = keystore
-        self.nonces = nonces
+    state: EncryptionState
+    full_node_id: int
+    epochs: Mapping[int, int]
+    kek_loaded: bool
+    raft_wrap_installed: bool = False
 
-    def put(self, key: bytes, entry: Entry) -> None:
-        """Stores `entry` (plaintext value) sealed or cleartext per the replicated state."""
-        if entry.state != VALUE_CLEARTEXT:
-            raise ValueError("the storage layer expects plaintext entries")
-        if not self.state.storage_envelope_active:
-            self.inner.put(key, entry)
-            return
-        dek_id = self.state.active_storage_id
-        dek = self.keystore.get_for(dek_id, PURPOSE_STORAGE)
-        if dek is None:
-            raise EncryptionUnavailableError(f"storage key {dek_id} is not loaded")
-        header = (entry.header & ~VALUE_STATE_MASK & 0xFF) | VALUE_ENCRYPTED
-        header6 = envelope.envelope_header(dek_id)
-        sealed = envelope.seal(dek, dek_id, self.nonces(dek_id).next(), entry.value,
-                               envelope.storage_aad(header6, header, key, entry.mod_revision))
-        self.inner.put(key, dataclasses.replace(entry, value=sealed, header=header))
+    def local_epoch(self, dek_id: int) -> Optional[int]:
+        """Returns this node's nonce epoch for `dek_id` (None: never used here)."""
+        return self.epochs.get(dek_id)
 
-    def decode_entry(self, key: bytes, entry: Entry) -> Entry:
-        """Returns the plaintext entry; raises `IntegrityError` when it cannot be trusted."""
-        state = entry.state
-        if state == VALUE_ENCRYPTED:
-            try:
-                plaintext = envelope.open_envelope(
-                    lambda key_id: self.keystore.get_for(key_id, PURPOSE_STORAGE), entry.value,
-                    lambda header6: envelope.storage_aad(header6, entry.header, key,
-                                                         entry.mod_revision))
-            except envelope.EnvelopeError as error:
-                raise IntegrityError(f"stored value failed decryption: {error}") from None
-            return dataclasses.replace(entry, value=plaintext,
-                                       header=entry.header & ~VALUE_STATE_MASK)
-        if state == VALUE_CLEARTEXT:
-            if len(entry.value) >= envelope.OVERHEAD and self._verifies_as_envelope(key, entry):
-                raise IntegrityError("a value marked cleartext is an authentic envelope: its "
-                                     "encrypted bit was cleared")
-            return entry
-        raise IntegrityError(f"stored value has the reserved state 0x{state:02x}")
 
-    def _verifies_as_envelope(self, key: bytes, entry: Entry) -> bool:
-        """The rebadge guard: whether a cleartext value opens under a loaded storage key."""
-        sealed_header = (entry.header & ~VALUE_STATE_MASK & 0xFF) | VALUE_ENCRYPTED
-        try:
-            envelope.open_envelope(
-                lambda key_id: self.keystore.get_for(key_id, PURPOSE_STORAGE), entry.value,
-                lambda header6: envelope.storage_aad(header6, sealed_header, key,
-                                                     entry.mod_revision))
-        except envelope.EnvelopeError:
-            return False
-        return True
+class EncryptionLayerAccess(Protocol):
+    """What the encryption admin may use of the encryption layer (gRPC threads only).
+
+    The admin never sees the KEK or the unwrapped keys: it reads a consistent copy of the
+    state (`view`), asks for new wrapped keys and trial unwraps, and asks the layer to judge
+    its own keys and to rewrite its sidecar. No method may be called from the tick thread.
+    """
+
+    raft_codec: RaftPayloadCodec
+    """The raft-log envelope; the admin opens and closes its proposal intake at the cutover."""
+
+    def view(self) -> EncryptionView:
+        """Returns a consistent copy of the state, without a serialisation round trip."""
+
+    def new_wrapped_key(self) -> bytes:
+        """Returns a fresh random data key wrapped by this node's KEK (for a proposal)."""
+
+    def unwrap(self, wrapped: bytes) -> bytes:
+        """Unwraps `wrapped` with this node's KEK; raises when it cannot (pre-checks only)."""
+
+    def key_problem(self, state: EncryptionState) -> str:
+        """Returns why this node cannot use every key of `state`, or "" when it can."""
+
+    def resync_sidecar(self) -> int:
+        """Rewrites the sidecar from the replicated state; returns its key-change index."""
 
 
 class EncryptionLayerPlugin(StorageLayerPlugin):
@@ -124,11 +94,12 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
 
     Options (`PluginContext.options`): `kek_provider` (default "file"), `kek_file` (path for
     the file provider), `kek_env` (variable for the env provider, tests only), `kek_options`
-    (a mapping for other providers). `kek` may be passed directly by tests.
+    (a mapping for other providers), `catch_up_timeout` (seconds, default 60). `kek` may be
+    passed directly by tests.
 
     Threads: command handlers, `snapshot_state` and `restore_state` run on the tick thread;
-    `admit_write`, the pre-checks and the command builders on gRPC threads; `prepare_start`
-    and `start` on the start-up thread.
+    `admit_write` and the `EncryptionLayerAccess` methods on gRPC threads; `prepare_start`
+    and `start` on the start-up thread. Everything shared goes through one condition.
     """
 
     name = "encryption"
@@ -145,9 +116,9 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         self._sidecar_at_start: Optional[Sidecar] = None
         self._prepared = False
         self._cond = threading.Condition(threading.RLock())
-        self._stopping = threading.Event()
-        self._register_thread: Optional[threading.Thread] = None
         self.raft_codec = RaftPayloadCodec(self.state, self.keystore, self.nonce_factory)
+        self.registration = WriterRegistration(self.state, self._epochs, self.full_node_id,
+                                               self._cond)
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -161,46 +132,11 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         """
         disable_core_dumps()
         if self.kek is None:
-            self.kek = self._load_kek(self.context.options)
-        probe_directory_fsync(self.context.data_dir)
-        path = sidecar_path(self.context.data_dir)
-        try:
-            sidecar = read_sidecar(self.context.data_dir)
-        except SidecarError as error:
-            raise StartupRefused(f"{error}: restore {path} from a backup or resync it from the "
-                                 "leader (ResyncSidecar)") from None
-        if sidecar is None:
-            sidecar = Sidecar()
-        self._sidecar_at_start = dataclasses.replace(sidecar, keys=dict(sidecar.keys),
-                                                     active=dict(sidecar.active))
-        active_ids = {key_id for key_id in sidecar.active.values() if key_id}
-        for key_id, key in sorted(sidecar.keys.items()):
-            try:
-                dek = self.kek.unwrap(key.wrapped)
-            except Exception:
-                raise StartupRefused(
-                    f"the KEK ({self.kek.name}) cannot unwrap {key.purpose} key {key_id} in "
-                    f"{path}: start with the KEK this node was bootstrapped with") from None
-            self.keystore.install(key_id, _PURPOSE_BY_NAME[key.purpose], dek)
-            epoch = min(key.local_epoch + 1, MAX_EPOCH)
-            if epoch >= MAX_EPOCH and key_id in active_ids:
-                raise StartupRefused(
-                    f"the nonce epoch of active {key.purpose} key {key_id} is exhausted: rotate "
-                    "the key from another member (RotateDEK), then start this node")
-            sidecar.keys[key_id] = dataclasses.replace(key, local_epoch=epoch)
-            self._epochs[key_id] = epoch
-        if sidecar.keys:
-            write_sidecar(self.context.data_dir, sidecar)
+            self.kek = startup.load_kek(self.context.options)
+        found, epochs = startup.open_sidecar(self.context.data_dir, self.kek, self.keystore)
+        self._sidecar_at_start = found
+        self._epochs.update(epochs)
         self._prepared = True
-
-    @staticmethod
-    def _load_kek(options: Mapping[str, Any]) -> KEKProvider:
-        provider = options.get("kek_provider", "file")
-        if provider == "file":
-            return load_kek_provider("file", path=options.get("kek_file") or "")
-        if provider == "env":
-            return load_kek_provider("env", var=options.get("kek_env") or "")
-        return load_kek_provider(provider, **dict(options.get("kek_options") or {}))
 
     def start(self, node: Any) -> None:
         """Checks the replayed state against this node's disk, then registers this node.
@@ -208,32 +144,17 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         Called after the log replay, before serving clients, on the start-up thread. Raises
         `StartupRefused` when the sidecar and the replayed state disagree (a rolled-back disk),
         when this node's epoch is not above its registry row, or when another node owns this
-        node's node_id16. Then starts a thread that proposes REGISTER for every active key until
-        this node's rows for its current epochs are applied (`node.propose(cmd, timeout)`).
+        node's node_id16. Then starts the writer registration (`node.propose(cmd, timeout)`).
         """
         if not self._prepared:
             raise StartupRefused("the encryption plugin was started without prepare_start()")
         self.check_start_state()
         self.check_membership_collisions(node.membership_snapshot().members)
-        self._register_thread = threading.Thread(
-            target=self._register_loop, args=(node,), name="sealkv-encryption-register",
-            daemon=True)
-        self._register_thread.start()
+        self.registration.start(node.propose)
 
-    def check_membership_collisions(self, members) -> None:
-        """Refuses to start when another known member shares this node's node_id16 (§4).
-
-        `members` are member records (voters by raft address, learners as "learner:<name>",
-        the node handle's raft id convention). Two such nodes would write nonces from the same
-        space; the registry would halt every replica at their second registration.
-        """
-        for member in members:
-            raft_id = member.raft_address or f"learner:{member.name}"
-            other = full_node_id(raft_id)
-            if other != self.full_node_id and node_id16(other) == self.node_id16:
-                raise StartupRefused(
-                    f"member {member.name} ({raft_id}) shares this node's node_id16 "
-                    f"0x{self.node_id16:04x}: give one of them another raft address")
+    def check_membership_collisions(self, members: Iterable[MemberRecord]) -> None:
+        """Refuses to start when another known member shares this node's node_id16 (§4)."""
+        startup.check_membership_collisions(members, self.full_node_id)
 
     def check_start_state(self, catch_up_timeout: Optional[float] = None) -> None:
         """The §8 start-up checks that need the replayed state (see `start`).
@@ -243,83 +164,27 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         leader after start: wait for them, bounded by `catch_up_timeout` (option
         `catch_up_timeout`, default 60 s), before calling the disk rolled back.
         """
-        before = self._sidecar_at_start or Sidecar()
-        path = sidecar_path(self.context.data_dir)
+        found = self._sidecar_at_start or Sidecar()
         if catch_up_timeout is None:
             catch_up_timeout = float(self.context.options.get("catch_up_timeout", 60.0))
-        deadline = time.monotonic() + catch_up_timeout
-        while self.state.key_change_index < before.raft_applied_index \
-                and time.monotonic() < deadline:
-            time.sleep(0.05)
         with self._cond:
-            state = self.state
-            if before.raft_applied_index > state.key_change_index:
-                raise StartupRefused(
-                    f"{path} records key changes up to index {before.raft_applied_index} but the "
-                    f"log only reaches {state.key_change_index}: the Raft data was rolled back; "
-                    "restore a consistent data directory")
-            for name, ours, theirs in (
-                    ("storage", before.storage_envelope_cutover_index, state.storage_cutover_index),
-                    ("raft", before.raft_envelope_cutover_index, state.raft_cutover_index)):
-                if ours and ours != theirs:
-                    raise StartupRefused(
-                        f"{path} has the {name} cutover at index {ours}, the snapshot and log at "
-                        f"{theirs}: restore a consistent data directory")
-            for key_id, key in before.keys.items():
-                replicated = state.keys.get(key_id)
-                if replicated is None or replicated.wrapped != key.wrapped:
-                    raise StartupRefused(f"key {key_id} of {path} is not in the replicated state:"
-                                         " restore a consistent data directory")
-            for (dek_id, node16), record in state.registry.items():
-                if node16 != self.node_id16:
-                    continue
-                if record.full_node_id != self.full_node_id:
-                    raise StartupRefused(
-                        f"node_id16 0x{node16:04x} is registered to another member: two members "
-                        "share a node_id16; give this node a different raft id")
-                epoch = self._epochs.get(dek_id)
-                if epoch is not None and record.last_epoch >= epoch:
-                    raise StartupRefused(
-                        f"this node's epoch {epoch} for key {dek_id} is not above the registered "
-                        f"{record.last_epoch}: its disk was restored from an old copy; resync the"
-                        " sidecar (ResyncSidecar) before starting")
-
-    def _register_loop(self, node: Any) -> None:
-        delay = 0.05
-        while not self._stopping.is_set():
-            pending = self.pending_registrations()
-            if not pending:
-                if self._stopping.wait(1.0):
-                    return
-                continue
-            for command in pending:
-                try:
-                    node.propose(commands.encode_command(command), 5.0)
-                except Exception as error:  # retried: no leader yet, or a leader change
-                    logger.info("writer registration not applied yet: %s",
-                                type(error).__name__)
-            if self._stopping.wait(delay):
-                return
-            delay = min(delay * 2, 2.0)
+            self._cond.wait_for(
+                lambda: self.state.key_change_index >= found.raft_applied_index,
+                timeout=catch_up_timeout)
+            startup.check_replayed_state(self.context.data_dir, found, self.state,
+                                         self._epochs, self.full_node_id)
 
     def pending_registrations(self) -> list[RegisterCommand]:
         """Returns the REGISTER commands this node still needs (active keys, current epochs)."""
-        with self._cond:
-            result = []
-            for dek_id in sorted({self.state.active_storage_id, self.state.active_raft_id} - {0}):
-                epoch = self._epochs.get(dek_id)
-                if epoch is None:
-                    continue
-                record = self.state.writer(dek_id, self.node_id16)
-                if record is None or record.last_epoch < epoch:
-                    result.append(RegisterCommand(WriterRow(dek_id, self.full_node_id, epoch)))
-            return result
+        return self.registration.pending()
+
+    def admit_write(self, timeout: float) -> None:
+        """Holds a client write until this node's writer rows are applied (`registration.py`)."""
+        self.registration.admit_write(timeout)
 
     def stop(self) -> None:
         """Stops the registration thread."""
-        self._stopping.set()
-        with self._cond:
-            self._cond.notify_all()
+        self.registration.stop()
 
     # ---- storage layer ----------------------------------------------------------------------
 
@@ -327,11 +192,6 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         """Returns the envelope layer over `inner`."""
         self.storage = EncryptionStorage(inner, self.state, self.keystore, self.nonce_factory)
         return self.storage
-
-    def payload_codec(self) -> RaftPayloadCodec:
-        """The raft-log envelope (the optional `payload_codec` capability the node hands to
-        its replication adapter)."""
-        return self.raft_codec
 
     def nonce_factory(self, dek_id: int) -> NonceFactory:
         """Returns this process's nonce factory for `dek_id` (its epoch is already durable)."""
@@ -349,6 +209,11 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         """Returns this node's current nonce epoch for `dek_id` (None: never used here)."""
         with self._cond:
             return self._epochs.get(dek_id)
+
+    def payload_codec(self) -> RaftPayloadCodec:
+        """The raft-log envelope (the optional `payload_codec` capability the node hands to
+        its replication adapter)."""
+        return self.raft_codec
 
     # ---- replicated commands ----------------------------------------------------------------
 
@@ -473,92 +338,40 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
                 self._persist()
             self._cond.notify_all()
 
-    # ---- admission and leader-side builders -------------------------------------------------
+    # ---- what the admin may use (EncryptionLayerAccess) --------------------------------------
 
-    def admit_write(self, timeout: float) -> None:
-        """Waits up to `timeout` until this node's registry rows for its current epochs are
-        applied for every key a client write could be sealed under; else raises `Unavailable`.
-        """
-        deadline = time.monotonic() + max(timeout, 0.0)
+    def view(self) -> EncryptionView:
+        """Returns a consistent copy of the state (see `EncryptionLayerAccess.view`)."""
         with self._cond:
-            while True:
-                missing = self._unregistered_key()
-                if missing is None:
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stopping.is_set():
-                    raise Unavailable(
-                        f"this node's writer registration for key {missing} is not applied "
-                        "yet: retry")
-                self._cond.wait(remaining)
+            return EncryptionView(self.state.copy(), self.full_node_id, dict(self._epochs),
+                                  self.kek is not None, self.raft_codec.wrap_installed)
 
-    def _unregistered_key(self) -> Optional[int]:
-        keys = []
-        if self.state.bootstrapped:
-            keys.append(self.state.active_storage_id)
-        if self.state.raft_envelope_active:
-            keys.append(self.state.active_raft_id)
-        for dek_id in keys:
-            record = self.state.writer(dek_id, self.node_id16)
-            epoch = self._epochs.get(dek_id)
-            if (record is None or epoch is None or record.full_node_id != self.full_node_id
-                    or record.last_epoch != epoch):
-                return dek_id
-        return None
+    def new_wrapped_key(self) -> bytes:
+        """Returns a fresh random data key wrapped by this node's KEK."""
+        return self._require_kek().wrap(os.urandom(32))
 
-    def bootstrap_command(self, member_raft_ids: list[str]) -> BootstrapCommand:
-        """Builds (leader, gRPC thread) a checked BOOTSTRAP with fresh keys and the writer
-        rows of every member at `NEW_KEY_EPOCH`; raises `ProposalRefused` if it cannot apply."""
-        storage_id, raft_id = self._next_key_ids(2)
-        rows = tuple(WriterRow(dek_id, full_node_id(raft_id_), NEW_KEY_EPOCH)
-                     for raft_id_ in sorted(set(member_raft_ids))
-                     for dek_id in (storage_id, raft_id))
-        command = BootstrapCommand(storage_id, self.kek.wrap(os.urandom(32)), raft_id,
-                                   self.kek.wrap(os.urandom(32)), rows)
-        with self._cond:
-            self.state.check_bootstrap(command, self.kek.unwrap)
-        return command
+    def unwrap(self, wrapped: bytes) -> bytes:
+        """Unwraps `wrapped` with this node's KEK (the leader's pre-checks)."""
+        return self._require_kek().unwrap(wrapped)
 
-    def rotation_command(self, purpose: int) -> RotationCommand:
-        """Builds a checked key rotation for `purpose` (1 storage, 2 raft)."""
-        (dek_id,) = self._next_key_ids(1)
-        command = RotationCommand(commands.SUB_ROTATE, dek_id, purpose,
-                                  self.kek.wrap(os.urandom(32)),
-                                  WriterRow(dek_id, self.full_node_id, NEW_KEY_EPOCH))
-        with self._cond:
-            self.state.check_rotation(command, self.kek.unwrap)
-        return command
+    def key_problem(self, state: EncryptionState) -> str:
+        """Returns why this node cannot use every key of `state`, or "" when it can."""
+        if self.kek is None:
+            return "no KEK is loaded"
+        for key_id, key in sorted(state.keys.items()):
+            try:
+                dek = self.kek.unwrap(key.wrapped)
+            except Exception:  # any failure means "cannot unwrap"; its text could carry bytes
+                return f"the KEK cannot unwrap {PURPOSE_NAMES[key.purpose]} key {key_id}"
+            held = self.keystore.get_for(key_id, key.purpose)
+            if held is None or not hmac.compare_digest(held, dek):
+                return f"{PURPOSE_NAMES[key.purpose]} key {key_id} is not loaded on this node"
+        return ""
 
-    def cutover_command(self, purpose: int) -> RotationCommand:
-        """Builds a checked envelope cutover for `purpose`, with this node's real epoch."""
-        with self._cond:
-            dek_id = self.state.active[purpose]
-            epoch = self._epochs.get(dek_id, 0)
-            sub_tag = (commands.SUB_ENABLE_STORAGE if purpose == PURPOSE_STORAGE
-                       else commands.SUB_ENABLE_RAFT)
-            command = RotationCommand(sub_tag, dek_id or 1, purpose, b"",
-                                      WriterRow(dek_id or 1, self.full_node_id, epoch))
-            self.state.check_rotation(command)
-            return command
-
-    def retire_command(self, key_id: int) -> RotationCommand:
-        """Builds a checked retirement of `key_id` (ROTATION sub-tag 0x03)."""
-        with self._cond:
-            key = self.state.keys.get(key_id)
-            if key is None:
-                raise ProposalRefused(f"no key {key_id}" + (" (already retired)"
-                                                            if key_id in self.state.retired
-                                                            else ""))
-            command = RotationCommand(commands.SUB_RETIRE, key_id, key.purpose, b"",
-                                      WriterRow(key_id, self.full_node_id,
-                                                self._epochs.get(key_id, 0)))
-            self.state.check_rotation(command)
-            return command
-
-    def _next_key_ids(self, count: int) -> list[int]:
-        with self._cond:
-            start = max(set(self.state.keys) | self.state.retired, default=0) + 1
-        return list(range(start, start + count))
+    def _require_kek(self) -> KEKProvider:
+        if self.kek is None:
+            raise EncryptionUnavailableError("no KEK is loaded: the plugin was not prepared")
+        return self.kek
 
 
 def _decoded(decoder: Callable[[bytes], Any], body: bytes) -> Any:

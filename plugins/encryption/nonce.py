@@ -35,6 +35,11 @@ def full_node_id(raft_id: str) -> int:
     return value or 1
 
 
+def epoch_in_range(epoch: int) -> bool:
+    """Whether `epoch` fits the 16-bit nonce epoch field (0..0xFFFF; 0xFFFF is exhausted)."""
+    return 0 <= epoch <= MAX_EPOCH
+
+
 def node_id16(full_id: int) -> int:
     """Returns the low 16 bits of a full node id, the part that goes into nonces."""
     return full_id & 0xFFFF
@@ -50,7 +55,7 @@ class NonceFactory:
     def __init__(self, node_id16: int, local_epoch: int, *, counter_limit: int = MAX_COUNTER):
         if not 0 <= node_id16 <= 0xFFFF:
             raise ValueError("node_id16 must fit in 16 bits")
-        if not 0 <= local_epoch <= MAX_EPOCH:
+        if not epoch_in_range(local_epoch):
             raise ValueError("local_epoch must fit in 16 bits")
         if local_epoch == MAX_EPOCH:
             raise EpochExhausted("local epoch 0xFFFF is exhausted: rotate the data key")

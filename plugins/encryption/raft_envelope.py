@@ -33,7 +33,8 @@ from sealkv.node.errors import ApplyHalt, Unavailable
 from . import commands, envelope
 from .keystore import KeyStore
 from .nonce import NonceFactory
-from .state import PURPOSE_RAFT, EncryptionState
+from .purpose import PURPOSE_RAFT
+from .state import EncryptionState
 
 
 def is_raft_marker(payload: bytes) -> bool:

@@ -28,12 +28,13 @@ from typing import Any, Optional
 
 from sealkv.plugins.api import StartupRefused, plugin_data_dir
 
+from .nonce import epoch_in_range
+from .purpose import PURPOSE_BY_NAME
+
 SIDECAR_VERSION = 1
 DIR_NAME = "encryption"
 FILE_NAME = "keys.json"
 TEMP_NAME = "keys.json.tmp"
-PURPOSE_NAMES = ("storage", "raft")
-MAX_EPOCH = 0xFFFF
 
 _DECIMAL_ID = re.compile(r"[1-9][0-9]{0,9}")
 
@@ -77,7 +78,7 @@ class Sidecar:
             raise SidecarError("storage_envelope_active must be true or false")
         if self.storage_envelope_active != (self.storage_envelope_cutover_index > 0):
             raise SidecarError("storage_envelope_active disagrees with its cutover index")
-        if not isinstance(self.active, dict) or set(self.active) != set(PURPOSE_NAMES):
+        if not isinstance(self.active, dict) or set(self.active) != set(PURPOSE_BY_NAME):
             raise SidecarError("active must have exactly the fields storage and raft")
         if not isinstance(self.keys, dict):
             raise SidecarError("keys must be an object")
@@ -85,13 +86,13 @@ class Sidecar:
             if not isinstance(key_id, int) or isinstance(key_id, bool) \
                     or not 0 < key_id <= 0xFFFFFFFF:
                 raise SidecarError(f"key id {key_id!r} must be a non-zero 32-bit integer")
-            if key.purpose not in PURPOSE_NAMES:
+            if key.purpose not in PURPOSE_BY_NAME:
                 raise SidecarError(f"key {key_id} has unknown purpose {key.purpose!r}")
             if not isinstance(key.wrapped, bytes) or not key.wrapped:
                 raise SidecarError(f"key {key_id} has no wrapped bytes")
             if not _is_uint(key.created):
                 raise SidecarError(f"key {key_id} has an invalid created index")
-            if not _is_uint(key.local_epoch) or key.local_epoch > MAX_EPOCH:
+            if not _is_uint(key.local_epoch) or not epoch_in_range(key.local_epoch):
                 raise SidecarError(f"key {key_id} has an invalid local_epoch")
         for purpose, key_id in self.active.items():
             if not _is_uint(key_id) or key_id > 0xFFFFFFFF:

@@ -15,6 +15,8 @@ the key (and raises if it cannot), the pre-checks an `unwrap(wrapped)` callable.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -27,10 +29,8 @@ from .commands import (
     SUB_ENABLE_RAFT, SUB_ENABLE_STORAGE, SUB_RETIRE, SUB_ROTATE, BodyReader, BootstrapCommand,
     CommandDecodeError, RegisterCommand, RotationCommand, WriterRow, encode_body,
 )
+from .purpose import PURPOSE_NAMES, PURPOSE_RAFT, PURPOSE_STORAGE
 
-PURPOSE_STORAGE = 1
-PURPOSE_RAFT = 2
-PURPOSE_NAMES = {PURPOSE_STORAGE: "storage", PURPOSE_RAFT: "raft"}
 SNAPSHOT_VERSION = 0x01
 SNAPSHOT_VERSION_EXTENDED = 0x02  # v1 + retired key ids + the re-encryption job
 
@@ -120,6 +120,11 @@ class EncryptionState:
     job: Optional[ReencryptJob] = None
 
     # ---- queries -------------------------------------------------------------------------
+
+    def copy(self) -> "EncryptionState":
+        """Returns an independent copy (its rows and keys are immutable, so shallow is enough)."""
+        return dataclasses.replace(self, **{f.name: copy.copy(getattr(self, f.name))
+                                            for f in dataclasses.fields(self)})
 
     @property
     def bootstrapped(self) -> bool:

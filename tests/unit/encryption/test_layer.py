@@ -16,6 +16,7 @@ from sealkv.plugins.encryption.commands import RegisterCommand, WriterRow
 from sealkv.plugins.encryption.keystore import KeyConflict, KeyStore
 from sealkv.node.data_dir import DataDirError, refuse_disabled_plugin_data
 from sealkv.plugins.encryption.layer import EncryptionLayerPlugin
+from sealkv.plugins.encryption.proposals import bootstrap_command, cutover_command
 from sealkv.plugins.encryption.nonce import full_node_id
 from sealkv.plugins.encryption.sidecar import read_sidecar
 
@@ -75,8 +76,8 @@ def encrypted_cluster(tmp_path, kek_file, members=("node-a", "node-b")):
     plugin = make_plugin(tmp_path, kek_file)
     store = DictStore()
     layer = plugin.wrap(store)
-    apply(plugin, 3, plugin.bootstrap_command(list(members)))
-    apply(plugin, 4, plugin.cutover_command(1))
+    apply(plugin, 3, bootstrap_command(plugin, list(members)))
+    apply(plugin, 4, cutover_command(plugin.view(), 1))
     return plugin, layer, store
 
 
@@ -189,7 +190,7 @@ def test_start_refuses_an_epoch_behind_the_registry(tmp_path, kek_file):
 def test_admit_write_waits_for_own_registration(tmp_path, kek_file):
     plugin = make_plugin(tmp_path, kek_file)
     plugin.admit_write(0)  # not bootstrapped: nothing is sealed, nothing to wait for
-    apply(plugin, 3, plugin.bootstrap_command(["node-b"]))  # this node has no row yet
+    apply(plugin, 3, bootstrap_command(plugin, ["node-b"]))  # this node has no row yet
     with pytest.raises(Unavailable, match="retry"):
         plugin.admit_write(0)
     outcome = []

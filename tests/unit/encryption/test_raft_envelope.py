@@ -10,6 +10,7 @@ from sealkv.node.errors import ApplyHalt
 from sealkv.node.state import commands as core
 from sealkv.plugins.encryption import commands as c
 from sealkv.plugins.encryption import envelope
+from sealkv.plugins.encryption.proposals import bootstrap_command, cutover_command
 from sealkv.plugins.encryption.raft_envelope import is_raft_marker, looks_sealed
 from tests.unit.encryption.test_layer import apply, kek_file, make_plugin  # noqa: F401
 
@@ -19,7 +20,7 @@ PUT = core.encode(core.Put(b"k", b"secret-value"))
 @pytest.fixture
 def plugin(tmp_path, kek_file):  # noqa: F811
     plugin = make_plugin(tmp_path, kek_file)
-    apply(plugin, 3, plugin.bootstrap_command(["node-a"]))
+    apply(plugin, 3, bootstrap_command(plugin, ["node-a"]))
     return plugin
 
 
@@ -32,7 +33,7 @@ def test_before_the_cutover_payloads_are_the_commands(plugin):
 
 def test_the_marker_arms_the_gate_and_its_apply_installs_the_wrap(plugin):
     codec = plugin.payload_codec()
-    marker = plugin.cutover_command(2)
+    marker = cutover_command(plugin.view(), 2)
     marker_bytes = c.encode_command(marker)
     assert is_raft_marker(marker_bytes) and not is_raft_marker(PUT)
     assert codec.admit_append(5, marker_bytes) is None
@@ -58,14 +59,14 @@ def test_the_marker_arms_the_gate_and_its_apply_installs_the_wrap(plugin):
 
 def test_a_new_leader_rearms_the_gate_from_its_unapplied_log(plugin):
     codec = plugin.payload_codec()
-    marker_bytes = c.encode_command(plugin.cutover_command(2))
+    marker_bytes = c.encode_command(cutover_command(plugin.view(), 2))
     codec.on_leadership(True, [(8, PUT), (9, marker_bytes)])
     assert codec.admit_append(10, PUT) is not None
     codec.on_leadership(False, [])
     codec.on_leadership(True, [(8, PUT)])
     assert codec.admit_append(10, PUT) is None
     # A sealed payload below any marker would be applied as cleartext: refused.
-    apply(plugin, 9, plugin.cutover_command(2))
+    apply(plugin, 9, cutover_command(plugin.view(), 2))
     sealed = codec.seal(PUT, 0.1)
     plugin.state.raft_cutover_index = 0  # as if the cutover had not happened (test only)
     assert "below" in codec.admit_append(12, sealed)
@@ -73,7 +74,7 @@ def test_a_new_leader_rearms_the_gate_from_its_unapplied_log(plugin):
 
 def test_closed_intake_holds_proposals_until_the_marker_applies(plugin):
     codec = plugin.payload_codec()
-    marker = plugin.cutover_command(2)
+    marker = cutover_command(plugin.view(), 2)
     codec.close_intake()
     with pytest.raises(errors.Unavailable, match="paused"):
         codec.seal(PUT, 0.05)

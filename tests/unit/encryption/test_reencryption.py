@@ -6,6 +6,7 @@ import pytest
 from sealkv.node.errors import ApplyHalt
 from sealkv.node.state.storage.base import VALUE_ENCRYPTED, Entry
 from sealkv.plugins.encryption import commands as c
+from sealkv.plugins.encryption import proposals
 from sealkv.plugins.encryption import reencryption as r
 from sealkv.plugins.encryption.commands import CommandDecodeError
 from sealkv.plugins.encryption.state import EncryptionState
@@ -33,11 +34,11 @@ def sealed(tmp_path, kek_file):  # noqa: F811
     store = DictStore()
     layer = plugin.wrap(store)
     store.put(b"old", Entry(b"clear-before-cutover", 2, 2, 1))
-    apply(plugin, 3, plugin.bootstrap_command(["node-a"]))
-    apply(plugin, 4, plugin.cutover_command(1))
+    apply(plugin, 3, proposals.bootstrap_command(plugin, ["node-a"]))
+    apply(plugin, 4, proposals.cutover_command(plugin.view(), 1))
     layer.put(b"k1", Entry(b"under-key-1", 5, 5, 1))
     layer.put(b"k2", Entry(b"under-key-1-too", 6, 6, 1))
-    apply(plugin, 7, plugin.rotation_command(1))
+    apply(plugin, 7, proposals.rotation_command(plugin, 1))
     return plugin, store, layer
 
 
@@ -76,14 +77,14 @@ def test_a_job_rewrites_every_stale_value_and_loses_to_newer_writes(sealed):
 def test_retire_removes_an_unused_key_for_good(sealed):
     plugin, store, layer = sealed
     with pytest.raises(Exception, match="active"):
-        plugin.retire_command(3)
-    command = plugin.retire_command(1)
+        proposals.retire_command(plugin.view(), 3)
+    command = proposals.retire_command(plugin.view(), 1)
     assert command.sub_tag == c.SUB_RETIRE
     apply(plugin, 8, command)
     assert 1 not in plugin.state.keys and 1 in plugin.state.retired
     assert plugin.keystore.get(1) is None
     assert EncryptionState.from_bytes(plugin.state.to_bytes()).retired == {1}
-    assert plugin.rotation_command(1).dek_id == 4  # ids are never reused
+    assert proposals.rotation_command(plugin, 1).dek_id == 4  # ids are never reused
     with pytest.raises(ApplyHalt):  # a retirement of the active key halts at apply
         apply(plugin, 9, c.RotationCommand(c.SUB_RETIRE, 3, 1, b"", command.proposer.__class__(
             3, command.proposer.full_node_id, 1)))

@@ -1,0 +1,92 @@
+"""The envelope storage layer: values sealed on `put`, opened on `get`/`scan` (ENCRYPTION.md §2, §3).
+
+`EncryptionStorage` wraps the inner store of the node's storage stack. It seals values into
+AES-256-GCM envelopes once the storage envelope is active and opens them on reads,
+dispatching on the value header's state bits only, never on the value bytes. It reads the
+replicated state and the unwrapped keys the encryption plugin (`layer.py`) keeps; it changes
+neither. Nothing here logs a key, a value or key bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from sealkv.node.errors import IntegrityError
+from sealkv.node.state.storage.base import (
+    VALUE_CLEARTEXT, VALUE_ENCRYPTED, VALUE_STATE_MASK, Entry, Storage, StorageLayer,
+)
+
+from . import envelope
+from .keystore import KeyStore
+from .nonce import NonceFactory
+from .state import PURPOSE_STORAGE, EncryptionState
+
+
+class EncryptionUnavailableError(RuntimeError):
+    """A write must be encrypted but this node has no usable key or nonce (halts the node)."""
+
+
+class EncryptionStorage(StorageLayer):
+    """A storage layer that stores values in envelopes once the storage envelope is active.
+
+    `state` is the live replicated state (read, never changed here), `keystore` the unwrapped
+    keys, and `nonces(dek_id)` returns the `NonceFactory` of this process for a key. `put` runs
+    in replicated apply: any exception from it halts the node. `get`/`scan` raise
+    `IntegrityError` (DATA_LOSS) for any record that does not decode, never return None for it.
+    """
+
+    def __init__(self, inner: Storage, state: EncryptionState, keystore: KeyStore,
+                 nonces: Callable[[int], NonceFactory]):
+        super().__init__(inner)
+        self.state = state
+        self.keystore = keystore
+        self.nonces = nonces
+
+    def put(self, key: bytes, entry: Entry) -> None:
+        """Stores `entry` (plaintext value) sealed or cleartext per the replicated state."""
+        if entry.state != VALUE_CLEARTEXT:
+            raise ValueError("the storage layer expects plaintext entries")
+        if not self.state.storage_envelope_active:
+            self.inner.put(key, entry)
+            return
+        dek_id = self.state.active_storage_id
+        dek = self.keystore.get_for(dek_id, PURPOSE_STORAGE)
+        if dek is None:
+            raise EncryptionUnavailableError(f"storage key {dek_id} is not loaded")
+        header = (entry.header & ~VALUE_STATE_MASK & 0xFF) | VALUE_ENCRYPTED
+        header6 = envelope.envelope_header(dek_id)
+        sealed = envelope.seal(dek, dek_id, self.nonces(dek_id).next(), entry.value,
+                               envelope.storage_aad(header6, header, key, entry.mod_revision))
+        self.inner.put(key, dataclasses.replace(entry, value=sealed, header=header))
+
+    def decode_entry(self, key: bytes, entry: Entry) -> Entry:
+        """Returns the plaintext entry; raises `IntegrityError` when it cannot be trusted."""
+        state = entry.state
+        if state == VALUE_ENCRYPTED:
+            try:
+                plaintext = envelope.open_envelope(
+                    lambda key_id: self.keystore.get_for(key_id, PURPOSE_STORAGE), entry.value,
+                    lambda header6: envelope.storage_aad(header6, entry.header, key,
+                                                         entry.mod_revision))
+            except envelope.EnvelopeError as error:
+                raise IntegrityError(f"stored value failed decryption: {error}") from None
+            return dataclasses.replace(entry, value=plaintext,
+                                       header=entry.header & ~VALUE_STATE_MASK)
+        if state == VALUE_CLEARTEXT:
+            if len(entry.value) >= envelope.OVERHEAD and self._verifies_as_envelope(key, entry):
+                raise IntegrityError("a value marked cleartext is an authentic envelope: its "
+                                     "encrypted bit was cleared")
+            return entry
+        raise IntegrityError(f"stored value has the reserved state 0x{state:02x}")
+
+    def _verifies_as_envelope(self, key: bytes, entry: Entry) -> bool:
+        """The rebadge guard: whether a cleartext value opens under a loaded storage key."""
+        sealed_header = (entry.header & ~VALUE_STATE_MASK & 0xFF) | VALUE_ENCRYPTED
+        try:
+            envelope.open_envelope(
+                lambda key_id: self.keystore.get_for(key_id, PURPOSE_STORAGE), entry.value,
+                lambda header6: envelope.storage_aad(header6, sealed_header, key,
+                                                     entry.mod_revision))
+        except envelope.EnvelopeError:
+            return False
+        return True
