@@ -54,11 +54,13 @@ def _node_args(c: local.LocalCluster, n: local.LocalNode) -> list[str]:
               "token, configured with --kek-option).")
 @click.option("--kek-option", "kek_options", multiple=True, metavar="KEY=VALUE",
               help="An option of the KEK provider (repeatable).")
+@click.option("--fsync", type=click.Choice(["always", "never"]), default="always",
+              show_default=True, help="Every node's --fsync (see the README's Durability).")
 @click.option("--wait", type=float, default=60.0, show_default=True,
               help="Seconds to wait for a leader and every node serving.")
 @pass_ctx
 def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, kek_options,
-       wait):
+       fsync, wait):
     """Starts N nodes in the background and waits until they serve with a leader.
 
     Re-running it on a stopped cluster restarts the same nodes with their data.
@@ -91,7 +93,7 @@ def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, k
         record = local.LocalCluster(
             data_dir, secret, kek_file=kek, plugins=plugin_names,
             kek_provider=None if kek_provider == "file" else kek_provider,
-            kek_options=parse_kek_options(kek_options))
+            kek_options=parse_kek_options(kek_options), fsync=fsync)
         for i in range(1, nodes + 1):
             raft = base_port + 2 * (i - 1) if base_port else local.free_port()
             grpc_port = base_port + 100 + 2 * (i - 1) if base_port else local.free_port()

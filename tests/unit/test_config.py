@@ -210,3 +210,22 @@ def test_raft_settings_validate_raises_value_error(overrides, message):
     with pytest.raises(ValueError, match=message) as info:
         RaftSettings(**overrides).validate()
     assert not isinstance(info.value, AssertionError)
+
+
+# -- the fsync policy through `cluster up` ---------------------------------------------
+
+
+def test_cluster_up_passes_fsync_never_and_records_it(tmp_path):
+    from sealkv.node.cli import local
+    from sealkv.node.cli.cluster_cmd import _node_args
+
+    node = local.LocalNode("n1", "127.0.0.1:7001", "127.0.0.1:9001", str(tmp_path / "n1"),
+                           str(tmp_path / "n1.log"))
+    default = local.LocalCluster(str(tmp_path), str(tmp_path / "secret"), nodes=[node])
+    assert "--fsync" not in _node_args(default, node)
+    never = local.LocalCluster(str(tmp_path), str(tmp_path / "secret"), nodes=[node],
+                               fsync="never")
+    args = _node_args(never, node)
+    assert args[args.index("--fsync") + 1] == "never"
+    never.save()
+    assert local.LocalCluster.load(str(tmp_path)).fsync == "never"
