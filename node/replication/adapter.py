@@ -28,7 +28,7 @@ from sealkv.node import durable, errors
 from sealkv.node.state import commands as cmd
 from sealkv.node.replication import journal as raft_journal
 from sealkv.node.replication import safe_pickle
-from sealkv.node.replication.proposer import BARRIER_RETRY_PAUSE, BARRIER_RETRYABLE, read_timeout
+from sealkv.node.replication.proposer import retry_barrier
 from sealkv.node.replication.raft_rules import RaftRulesSyncObj
 from sealkv.node.errors import ApplyHalt, where
 from sealkv.node.replication.membership import MemberRecord, MembershipSnapshot
@@ -501,33 +501,23 @@ class ReplicationAdapter:
         when no leader was known until then (or the node halted), `ResourceExhausted` when
         the proposal queue is full.
         """
-        deadline = time.monotonic() + timeout
-        last: Optional[errors.SealkvError] = None
-        dropped = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            with self._barrier_lock:
-                if self._barrier_next is None:
-                    self._barrier_next = _BarrierGroup()
-                    if self._barrier_inflight is None:
-                        self._launch_barrier_locked(remaining)
-                group = self._barrier_next if self._barrier_next is not None \
-                    else self._barrier_inflight
-            if not group.done.wait(remaining):
-                break
-            if group.error is None:
-                return group.index
-            last = group.error
-            if self._halted or not isinstance(last, BARRIER_RETRYABLE):
-                raise last
-            dropped += 1
-            # Pacing only: the next barrier waits for a leader inside propose.
-            time.sleep(min(BARRIER_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
-        if self._obj._getLeader() is None:
-            last = errors.Unavailable("no leader: the cluster has no quorum or is electing")
-        raise read_timeout(timeout, last, dropped)
+        return retry_barrier(self._barrier_once, timeout, lambda: self._halted)
+
+    def _barrier_once(self, timeout: float) -> int:
+        with self._barrier_lock:
+            if self._barrier_next is None:
+                self._barrier_next = _BarrierGroup()
+                if self._barrier_inflight is None:
+                    self._launch_barrier_locked(timeout)
+            group = self._barrier_next if self._barrier_next is not None \
+                else self._barrier_inflight
+        if not group.done.wait(timeout):
+            if self._obj._getLeader() is None:
+                raise errors.Unavailable("no leader: the cluster has no quorum or is electing")
+            raise errors.OutcomeUnknown(f"read barrier not confirmed within {timeout:.1f}s")
+        if group.error is not None:
+            raise group.error
+        return group.index
 
     def _launch_barrier_locked(self, timeout: float) -> None:
         group = self._barrier_next

@@ -147,23 +147,8 @@ class Proposer:
         `ReadTimeout` when none is confirmed within `timeout`, `Unavailable` when no leader
         was known until then (or the node halted), `ResourceExhausted` when the queue is full.
         """
-        deadline = time.monotonic() + timeout
-        last: Optional[errors.SealkvError] = None
-        dropped = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                return self._wait(None, remaining).revision
-            except BARRIER_RETRYABLE as exc:
-                if self.halted:
-                    raise
-                last = exc
-                dropped += 1
-            # Pacing only: the next barrier waits for a leader first.
-            time.sleep(min(BARRIER_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
-        raise read_timeout(timeout, last, dropped)
+        return retry_barrier(lambda remaining: self._wait(None, remaining).revision, timeout,
+                             lambda: self.halted)
 
     def _wait(self, command: Optional[bytes], timeout: float):
         deadline = time.monotonic() + timeout
@@ -272,6 +257,30 @@ class Proposer:
         for request in entry.requests:
             if request.command is None:
                 _answer(request, barrier_result, None)
+
+
+def retry_barrier(attempt: Callable[[float], int], timeout: float,
+                  halted: Callable[[], bool]) -> int:
+    """Runs `attempt(remaining)` (one read barrier: returns its index or raises) until one
+    succeeds, proposing again after a `BARRIER_RETRYABLE` failure while `timeout` allows;
+    then raises `read_timeout`. A failure on a `halted` node, or another error, is raised."""
+    deadline = time.monotonic() + timeout
+    last: Optional[errors.SealkvError] = None
+    dropped = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            return attempt(remaining)
+        except BARRIER_RETRYABLE as exc:
+            if halted():
+                raise
+            last = exc
+            dropped += 1
+        # Pacing only: the next barrier waits for a leader first.
+        time.sleep(min(BARRIER_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+    raise read_timeout(timeout, last, dropped)
 
 
 def read_timeout(timeout: float, last: Optional[errors.SealkvError],
