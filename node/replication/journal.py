@@ -231,11 +231,11 @@ class FileJournal(Journal):
             self._written = off
 
     def _cut_torn_tail(self, fd: int, off: int, size: int, reset: bool = False) -> None:
-        log.warning("%s: torn tail at offset %d (%d bytes after the last whole record, "
-                    "never acknowledged): truncated", self.path, off, size - off)
+        log.warning("%s: torn tail at offset %d (%d bytes after the last whole record, a "
+                    "write cut short by a crash): truncated", self.path, off, size - off)
         if reset:
             os.ftruncate(fd, 0)
-            durable.write_all(fd, MAGIC)
+            os.pwrite(fd, MAGIC, 0)  # the scan moved the shared file position
             off = len(MAGIC)
         else:
             os.ftruncate(fd, off)

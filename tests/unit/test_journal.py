@@ -302,3 +302,14 @@ def test_leftovers_of_a_crashed_compaction_or_meta_write_are_removed_at_open(tmp
     open_journal(tmp_path)._destroy()
     assert not (tmp_path / (j.JOURNAL_FILE + ".compact")).exists()
     assert not (tmp_path / (j.META_FILE + ".tmp")).exists()
+
+
+def test_a_journal_cut_inside_its_magic_starts_empty(tmp_path):
+    (tmp_path / j.JOURNAL_FILE).write_bytes(j.MAGIC[:5])
+    journal = open_journal(tmp_path)
+    assert len(journal) == 0
+    journal.add(b"first", 1, 1)
+    assert journal.sync()
+    journal._destroy()
+    assert (tmp_path / j.JOURNAL_FILE).read_bytes().startswith(j.MAGIC)
+    assert open_journal(tmp_path)[0] == (b"first", 1, 1)
