@@ -11,6 +11,7 @@ TOML layout (every key optional except name, grpc and one of raft / learner):
     plugins = ["encryption"]
     request_timeout = 5.0
     fsync = "always"                 # or "never": see the README's Durability section
+    batch_entries = true             # false: one Raft entry per write (rolling upgrades)
     [raft_settings]                  # RaftSettings fields
     log_compaction_min_entries = 50000
     [plugin_options.encryption]      # handed to the plugin as PluginContext.options
@@ -58,6 +59,9 @@ class NodeConfig:
     # "always": the journal, term and vote are fdatasynced before they count; "never": they
     # are written (they survive a process crash) but a power loss may forget them.
     fsync: str = durable.FSYNC_ALWAYS
+    # True: concurrent writes share one BATCH entry (opcode 0x12). False: one entry per write,
+    # for a rolling upgrade from a version whose nodes cannot apply BATCH.
+    batch_entries: bool = True
     raft_settings: RaftSettings = field(default_factory=RaftSettings)
 
     def validate(self) -> None:
@@ -79,6 +83,8 @@ class NodeConfig:
                                   f"{self.name}={self.raft}/{self.grpc}")
         if self.request_timeout <= 0:
             raise ConfigError("request_timeout must be positive")
+        if not isinstance(self.batch_entries, bool):
+            raise ConfigError(f"batch_entries must be true or false (got {self.batch_entries!r})")
         if self.fsync not in durable.FSYNC_POLICIES:
             raise ConfigError(f"fsync must be {' or '.join(durable.FSYNC_POLICIES)} "
                               f"(got {self.fsync!r})")

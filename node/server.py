@@ -16,7 +16,7 @@ from sealkv.node import durable, file_modes, plugin_loader
 from sealkv.node.config import MAX_VALUE_BYTES, NodeConfig
 from sealkv.node.data_dir import DataDirError, DataDirLock, refuse_disabled_plugin_data
 from sealkv.node.replication.adapter import ReplicationAdapter
-from sealkv.node.replication.proposer import Proposer
+from sealkv.node.replication.proposer import UNBATCHED_ENTRIES, Proposer
 from sealkv.node.replication.membership import MemberRecord, Membership, raft_id
 from sealkv.node.serving.audit import AuditDamaged, AuditInterceptor, AuditLog
 from sealkv.node.serving.cluster_service import ClusterService
@@ -90,7 +90,8 @@ class Node:
                                      config.raft, config.request_timeout)
         # Every KV write and linearizable read goes through the proposer: concurrent ones
         # share Raft entries.
-        self.proposer = Proposer(self.adapter, lost_after=2 * config.request_timeout)
+        self.proposer = Proposer(self.adapter, lost_after=2 * config.request_timeout,
+                                 **({} if config.batch_entries else UNBATCHED_ENTRIES))
         self.kv_service = KVService(config.name, config.request_timeout, self.proposer,
                                     self.state_machine, self.admit_write)
         self.status_view = NodeStatus(config, self.adapter, self.state_machine.member_directory,

@@ -48,11 +48,15 @@ def node():
 @click.option("--fsync", type=click.Choice(["always", "never"]),
               help="always (default): the log, term and vote are on disk before they count; "
                    "never: faster, but a power loss may forget acknowledged writes.")
+@click.option("--batch-entries/--no-batch-entries", default=None,
+              help="Concurrent writes share one Raft entry (default); --no-batch-entries "
+                   "proposes one entry per write, for a rolling upgrade from a version "
+                   "without the BATCH opcode (see the README).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, secret_file,
           plugins_, encryption, kek_file, kek_provider, kek_options, request_timeout,
-          fsync, log_level):
+          fsync, batch_entries, log_level):
     """Runs one node in the foreground until SIGTERM or SIGINT."""
     from sealkv.node.config import ConfigError, build_config, load_toml
     from sealkv.node.server import run
@@ -63,7 +67,8 @@ def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, sec
     values = load_toml(config_file) if config_file else {}
     flags = {"name": name, "data_dir": data_dir, "raft": raft, "grpc": grpc,
              "learner": learner, "initial_cluster": initial_cluster,
-             "secret_file": secret_file, "request_timeout": request_timeout, "fsync": fsync}
+             "secret_file": secret_file, "request_timeout": request_timeout, "fsync": fsync,
+             "batch_entries": batch_entries}
     values.update({k: v for k, v in flags.items() if v is not None})
     if plugins_ is not None:
         values["plugins"] = [p.strip() for p in plugins_.split(",") if p.strip()]

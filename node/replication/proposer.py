@@ -33,6 +33,8 @@ MAX_ENTRY_COMMANDS = 512
 # Below pysyncobj's appendEntriesBatchSizeBytes (64 KiB), whose chunked path is slow.
 MAX_ENTRY_BYTES = 32 * 1024
 MAX_IN_FLIGHT = 1
+# --no-batch-entries: one write per entry (never a BATCH), pipelined instead of grouped.
+UNBATCHED_ENTRIES = {"max_commands": 1, "max_in_flight": 64}
 # A read barrier that failed with one of these is proposed again while its deadline allows
 # (leader changed, discarded, no leader yet, not committed in its time): it is a no-op.
 BARRIER_RETRYABLE = (errors.Aborted, errors.OutcomeUnknown, errors.Unavailable)
@@ -185,15 +187,16 @@ class Proposer:
             oldest.live = False
             self._in_flight.pop(0)
         size = count = 0
-        cut = 0
-        for cut, request in enumerate(self._pending):
-            n = 0 if request.command is None else len(request.command)
+        cut = len(self._pending)
+        for i, request in enumerate(self._pending):
+            if request.command is None:  # a read riding along: no bytes, no command
+                continue
+            n = len(request.command)
             if count and (count + 1 > self.max_commands or size + n > self.max_bytes):
+                cut = i
                 break
             size += n
             count += 1
-        else:
-            cut = len(self._pending)
         taken, self._pending = self._pending[:cut], self._pending[cut:]
         for request in taken:
             request.state = "sent"

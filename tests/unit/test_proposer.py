@@ -185,3 +185,19 @@ def test_a_dropped_read_barrier_is_proposed_again_and_a_read_never_is_outcome_un
     assert result == [1]
     with pytest.raises(errors.ReadTimeout, match="a read changes nothing"):
         p.barrier(timeout=0.1)
+
+
+def test_unbatched_entries_carry_one_write_each_and_pipeline_instead():
+    from sealkv.node.replication.proposer import UNBATCHED_ENTRIES
+
+    adapter = HeldAdapter()
+    p = Proposer(adapter, **UNBATCHED_ENTRIES)
+    reads = collect()
+    for i in range(5):
+        p.submit(put(b"k%d" % i), lambda r, e: None, far())
+    p.submit(None, reads[1], far())
+    assert [e[0] for e in adapter.entries] == [put(b"k%d" % i) for i in range(5)] + [
+        cmd.encode(cmd.Barrier())]  # all in flight at once, no BATCH entry
+    for i in range(6):
+        adapter.commit(i)
+    assert reads[0][0][0].revision == 6
