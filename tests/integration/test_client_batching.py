@@ -118,3 +118,22 @@ def test_client_tls_arguments_are_accepted_and_checked():
         Client(["127.0.0.1:1"], cert="c.pem")
     with pytest.raises(ValueError, match="cacert"):
         AsyncClient(["127.0.0.1:1"], key="k.pem")
+
+
+def test_no_batch_entries_proposes_one_entry_per_write(make_cluster):
+    cluster = make_cluster(3, extra_args=["--no-batch-entries"])
+    leader = cluster.leader()
+    with Client([cluster.nodes[leader].grpc], timeout=20) as c:
+        before = counters(cluster, leader)
+        done = []
+        threads = [threading.Thread(target=lambda i=i: done.append(
+            c.put(b"unbatched/%d" % i, b"v").header.revision)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        after = counters(cluster, leader)
+        assert len(done) == 24 and len(set(done)) == 24  # every write its own log index
+        assert after.entry_commands - before.entry_commands == 24
+        assert after.entries - before.entries == 24
+        assert c.range(b"unbatched/", prefix=True).count == 24
