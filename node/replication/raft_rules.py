@@ -60,9 +60,6 @@ from pysyncobj.syncobj import _RAFT_STATE
 
 log = logging.getLogger(__name__)
 
-# How early an election timeout is acted on (see `_election_tick`), in seconds.
-ELECTION_GUARD = 0.05
-
 # A journal entry as pysyncobj stores it: (command bytes, raft index, term).
 Entry = tuple
 
@@ -408,17 +405,19 @@ class RaftRulesSyncObj(SyncObj):
             self._election_tick()
         SyncObj._onTick(self, timeToWait)
 
+    def _SyncObj__connectedToAnyone(self):
+        # pysyncobj asks this only to decide whether to start its own election (which raises
+        # the term at once): never. `_election_tick` runs elections.
+        return False
+
     def _election_tick(self) -> None:
         """Runs before pysyncobj's tick: when the election timeout has passed, starts a
-        pre-vote round, or the election a won round (or a leadership transfer) calls for.
-        Either way the election deadline moves on, so pysyncobj's own election code (which
-        raises the term at once) never fires."""
+        pre-vote round, or the election a won round (or a leadership transfer) calls for."""
         if self._SyncObj__selfNode is None or self._SyncObj__raftState == _RAFT_STATE.LEADER:
             return
         now = monotonic_time()
-        # Act slightly early: pysyncobj checks the same deadline a moment later in this tick.
-        if (self._SyncObj__raftElectionDeadline > now + ELECTION_GUARD
-                or not self._SyncObj__connectedToAnyone()):
+        if (self._SyncObj__raftElectionDeadline >= now
+                or not SyncObj._SyncObj__connectedToAnyone(self)):
             return
         self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
         transfer = self._SyncObj__transferInProgress

@@ -396,3 +396,12 @@ def test_new_messages_pass_the_whitelist_unpickler():
                     {'type': 'next_node_idx', 'next_node_idx': 4, 'reset': True,
                      'success': False, 'rejected': 9}):
         assert safe_pickle.safe_loads(safe_pickle._dumps(message)) == message
+
+
+def test_pysyncobj_s_own_election_never_fires_in_a_whole_tick(raft):
+    for _ in range(3):
+        expire_election_timeout(raft)
+        raft._onTick(0.0)
+    assert term_of(raft) == 0
+    assert sent_of_type(raft, 'request_vote') == []
+    assert len(sent_of_type(raft, 'pre_vote')) >= 4  # the first tick loads the dump first
