@@ -186,18 +186,29 @@ class Proposer:
                 return None
             oldest.live = False
             self._in_flight.pop(0)
-        size = count = 0
-        cut = len(self._pending)
-        for i, request in enumerate(self._pending):
+        # Two writes to one key never share an entry: they would share its index as their
+        # mod_revision, and a compare-and-swap by revision must name exactly one version. The
+        # later ones wait for the next entry, in order.
+        taken: list[_Request] = []
+        waiting: list[_Request] = []
+        keys: set = set()
+        size = 0
+        full = False
+        for request in self._pending:
             if request.command is None:  # a read riding along: no bytes, no command
+                taken.append(request)
                 continue
             n = len(request.command)
-            if count and (count + 1 > self.max_commands or size + n > self.max_bytes):
-                cut = i
-                break
+            full = full or (bool(keys) and (len(keys) + 1 > self.max_commands
+                                            or size + n > self.max_bytes))
+            key = cmd.key_of(request.command)
+            if full or key in keys:
+                waiting.append(request)
+                continue
+            keys.add(key)
             size += n
-            count += 1
-        taken, self._pending = self._pending[:cut], self._pending[cut:]
+            taken.append(request)
+        self._pending = waiting
         for request in taken:
             request.state = "sent"
         entry = _Entry(taken, self.lost_after)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Optional
 
 BODY_V1 = 0x01
 
@@ -143,6 +144,18 @@ def encode_batch(commands) -> bytes:
         parts.append(_U32.pack(len(command)))
         parts.append(command)
     return b"".join(parts)
+
+
+def key_of(command: bytes) -> Optional[bytes]:
+    """Returns the key an encoded PUT, DELETE or CAS writes (None for any other command)."""
+    opcode = command[0] if command else None
+    if opcode in (OP_PUT, OP_DELETE):
+        start = 4
+    elif opcode == OP_CAS:
+        start = 2 + _CAS_HEAD.size
+    else:
+        return None
+    return command[start:start + _U16.unpack_from(command, start - 2)[0]]
 
 
 class _Reader:

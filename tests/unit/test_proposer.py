@@ -201,3 +201,32 @@ def test_unbatched_entries_carry_one_write_each_and_pipeline_instead():
     for i in range(6):
         adapter.commit(i)
     assert reads[0][0][0].revision == 6
+
+
+def test_writes_to_one_key_never_share_an_entry_and_keep_their_order():
+    adapter = HeldAdapter()
+    p = Proposer(adapter)
+    p.submit(put(b"first"), lambda r, e: None, far())
+    seen = []
+    for value in (b"1", b"2", b"3"):
+        p.submit(cmd.encode(cmd.Put(b"k", value)), lambda r, e, v=value: seen.append((v, r)),
+                 far())
+    p.submit(put(b"other"), lambda r, e: None, far())
+    p.submit(cmd.encode(cmd.CompareAndSwap(b"k", b"4", cmd.CAS_BY_REVISION, 1)),
+             lambda r, e: seen.append((b"cas", r)), far())
+    for n in range(5):
+        adapter.wait_entries(n + 1)
+        adapter.commit(n)
+    entries = [cmd.decode(e[0]) for e in adapter.entries]
+    assert entries[1] == cmd.Batch((cmd.Put(b"k", b"1"), cmd.Put(b"other", b"v")))
+    assert entries[2:4] == [cmd.Put(b"k", b"2"), cmd.Put(b"k", b"3")]
+    assert isinstance(entries[4], cmd.CompareAndSwap)
+    assert [v for v, _ in seen] == [b"1", b"2", b"3", b"cas"]
+    assert len({r.revision for _, r in seen[:3]}) == 3
+
+
+def test_key_of_reads_the_key_of_each_write_command():
+    assert cmd.key_of(cmd.encode(cmd.Put(b"pk", b"v"))) == b"pk"
+    assert cmd.key_of(cmd.encode(cmd.Delete(b"dk"))) == b"dk"
+    assert cmd.key_of(cmd.encode(cmd.CompareAndSwap(b"ck", b"v", cmd.CAS_BY_REVISION, 9))) == b"ck"
+    assert cmd.key_of(cmd.encode(cmd.Barrier())) is None
