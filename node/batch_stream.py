@@ -30,7 +30,8 @@ MAX_OPS_PER_MESSAGE = 512
 
 
 class StreamUnsupported(errors.Unavailable):
-    """The endpoint does not serve KV.Batch (an older node): nothing was submitted."""
+    """The endpoint does not serve KV.Batch (an older node) or refused one more stream
+    (RESOURCE_EXHAUSTED before any request): nothing was submitted."""
 
 
 def request_op(op_id: int, kind: str, request, timeout: float) -> kv_pb2.RequestOp:
@@ -50,9 +51,9 @@ def unpack(answer: kv_pb2.ResponseOp, kind: str, read: bool):
 
 def stream_error(exc: BaseException) -> errors.SealkvError:
     """What a write still waiting on a stream that failed with `exc` gets (see `for_read`)."""
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") \
-            and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-        return StreamUnsupported("the node does not serve KV.Batch")
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") and exc.code() in (
+            grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return StreamUnsupported(f"the node serves no Batch stream here: {exc.code().name}")
     if isinstance(exc, grpc.RpcError):
         return errors.from_rpc_error(exc)
     return errors.OutcomeUnknown(f"batch stream failed ({type(exc).__name__}): outcome unknown")

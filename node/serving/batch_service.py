@@ -30,6 +30,10 @@ from sealkv.v1 import kv_pb2
 log = logging.getLogger(__name__)
 
 MAX_REQUESTS_PER_MESSAGE = 1024
+# Each open stream holds one gRPC worker thread for its lifetime: beyond this many, a new
+# stream is refused (RESOURCE_EXHAUSTED; the client library then uses unary calls), so
+# unary calls always find a worker.
+MAX_STREAMS = 16
 # Answer a little before the client's own deadline, so it hears the node's verdict.
 _DEADLINE_MARGIN = 0.05
 
@@ -62,13 +66,32 @@ class BatchService:
         self.request_timeout = request_timeout
         self.admit_write = admit_write
         self.counters = BatchCounters()
+        self.max_streams = MAX_STREAMS
+        self._open = 0
+        self._open_lock = threading.Lock()
 
     def serve(self, request_iterator, context):
-        """The servicer method body: returns the iterator of `BatchResponse` messages."""
+        """The servicer method body: returns the iterator of `BatchResponse` messages.
+
+        Raises `ResourceExhausted` when `max_streams` streams are open already.
+        """
+        with self._open_lock:
+            if self._open >= self.max_streams:
+                raise errors.ResourceExhausted(
+                    f"this node serves at most {self.max_streams} Batch streams at once; use "
+                    "unary calls or retry later")
+            self._open += 1
         stream = _Stream(self, context)
         threading.Thread(target=stream.read, args=(request_iterator,), daemon=True,
                          name="kv-batch-reader").start()
-        return stream.answers()
+        return self._counted(stream.answers())
+
+    def _counted(self, answers):
+        try:
+            yield from answers
+        finally:
+            with self._open_lock:
+                self._open -= 1
 
 
 class _Op:

@@ -266,4 +266,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             request, self._write(self.ops.compare_and_swap_command(request), context))
 
     def Batch(self, request_iterator, context):
-        return self.batches.serve(request_iterator, context)
+        try:
+            return self.batches.serve(request_iterator, context)
+        except errors.SealkvError as exc:
+            errors.abort_with(context, exc)

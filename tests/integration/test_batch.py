@@ -160,3 +160,29 @@ def test_status_counts_batch_messages_and_shared_entries(cluster):
     assert after.entries - before.entries < 40
     revisions = {a.put.header.revision for a in answers.values()}
     assert len(revisions) < 40
+
+
+def test_streams_beyond_the_cap_are_refused_and_clients_fall_back_to_unary(cluster):
+    from sealkv.node.client import Client
+    from sealkv.node.serving.batch_service import MAX_STREAMS
+
+    endpoint = cluster.nodes["n3"].grpc
+    streams = [Stream(endpoint) for _ in range(MAX_STREAMS)]
+    for i, s in enumerate(streams):  # each is open once it has answered
+        s.send(op(1, get=kv_pb2.GetRequest(key=b"cap", consistency=kv_pb2.SERIALIZABLE)))
+        ok(s.collect(1)[1], "get")
+    extra = Stream(endpoint)
+    extra.send(op(1, get=kv_pb2.GetRequest(key=b"cap", consistency=kv_pb2.SERIALIZABLE)))
+    with pytest.raises(grpc.RpcError) as refused:
+        next(extra.responses)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    extra.channel.close()
+    with Client([endpoint]) as c:  # its stream is refused: the call goes unary, and succeeds
+        assert c.put(b"cap/unary", b"v").header.revision > 0
+        assert c.get(b"cap/unary").kv.value == b"v"
+    streams.pop().close()
+    again = Stream(endpoint)
+    again.send(op(1, get=kv_pb2.GetRequest(key=b"cap/unary")))
+    assert ok(again.collect(1)[1], "get").kv.value == b"v"
+    for s in streams + [again]:
+        s.close()
