@@ -64,15 +64,13 @@ class Node:
                 plugin = cls(PluginContext(config.name, self.raft_id, config.data_dir,
                                            config.plugin_options.get(name, {})))
                 stack = plugin.wrap(stack)
-                for opcode, handler in plugin.command_handlers().items():
-                    if opcode in handlers or opcode in cmd.CORE_OPCODES:
-                        raise StartupError(f"plugin {name!r} claims opcode 0x{opcode:02x}, "
-                                           "which is already taken")
-                    handlers[opcode] = handler
+                plugin_handlers = plugin.command_handlers()
+                cmd.claim_opcodes(handlers, f"plugin {name!r}", plugin_handlers)
+                handlers.update(plugin_handlers)
                 self.storage_plugins.append(plugin)
             self.admin_plugin_classes = plugin_loader.load(config.plugins,
                                                            plugin_loader.ADMIN_GROUP)
-        except (plugin_loader.PluginError, StartupRefused) as exc:
+        except (plugin_loader.PluginError, StartupRefused, cmd.OpcodeClash) as exc:
             raise StartupError(str(exc)) from exc
         self.state_machine = StateMachine(
             stack, config.initial_cluster or [self._self_record()], handlers,

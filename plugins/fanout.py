@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DEADLINE = 5.0
 DEFAULT_MAX_ROUNDS = 3
 
-ROLE_NAMES = {cmd.ROLE_VOTER: "voter", cmd.ROLE_LEARNER: "learner"}
-
 
 @dataclass(frozen=True)
 class ProbeAnswer:
@@ -176,7 +174,7 @@ def _targets(members, expected_id: ExpectedId) -> tuple[list[_Target], list[Capa
     targets: dict[tuple, _Target] = {}
     malformed: list[CapabilityVerdict] = []
     for m in members:
-        role = ROLE_NAMES.get(m.role, "unknown role")
+        role = cmd.ROLE_NAMES.get(m.role, "unknown role")
         if not m.name or not m.grpc_address:
             what = "no name" if not m.name else "no gRPC address"
             label = m.name or (f"voter at raft {m.raft_address}" if m.raft_address else "")
@@ -264,6 +262,6 @@ def _verdict(target: _Target, ok: bool, reason: str,
     details = dict(answer.details) if answer is not None else {}
     if len(target.names) > 1:
         details["merged_rows"] = ",".join(target.names)
-    return CapabilityVerdict(m.name, m.grpc_address, ROLE_NAMES.get(m.role, "unknown role"), ok,
-                             reason, target.expected_id,
+    return CapabilityVerdict(m.name, m.grpc_address, cmd.ROLE_NAMES.get(m.role, "unknown role"),
+                             ok, reason, target.expected_id,
                              answer.responder_id if answer is not None else 0, details)

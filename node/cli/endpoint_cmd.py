@@ -7,7 +7,8 @@ import time
 import click
 
 from sealkv.node import errors
-from sealkv.node.cli.main import EXIT_UNREACHABLE, ROLE_NAMES, Ctx, pass_ctx
+from sealkv.node.cli.main import EXIT_UNREACHABLE, Ctx, pass_ctx
+from sealkv.node.state.commands import ROLE_NAMES
 from sealkv.node.cli.member_cmd import member_json
 from sealkv.node.cli.output import emit
 

@@ -15,7 +15,6 @@ from sealkv.node import errors
 from sealkv.node.cli import local
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-ROLE_NAMES = {1: "voter", 2: "learner"}
 
 
 class CliError(click.ClickException):

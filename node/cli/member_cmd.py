@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from sealkv.node.cli.main import ROLE_NAMES, Ctx, pass_ctx
+from sealkv.node.cli.main import Ctx, pass_ctx
+from sealkv.node.state.commands import ROLE_NAMES
 from sealkv.node.cli.output import emit
 
 

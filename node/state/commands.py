@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Mapping, Optional
 
 BODY_V1 = 0x01
 
@@ -45,6 +45,7 @@ CAS_MUST_NOT_EXIST = 1
 
 ROLE_VOTER = 1
 ROLE_LEARNER = 2
+ROLE_NAMES = {ROLE_VOTER: "voter", ROLE_LEARNER: "learner"}
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -53,6 +54,20 @@ _CAS_HEAD = struct.Struct(">BQH")
 
 class CommandError(ValueError):
     """A command body that cannot be decoded."""
+
+
+class OpcodeClash(ValueError):
+    """A plugin claims an opcode that is a core opcode or another plugin's."""
+
+
+def claim_opcodes(taken: Mapping[int, object], owner: str, opcodes: Iterable[int]) -> None:
+    """Raises `OpcodeClash` when one of `opcodes` (claimed by `owner`) is a core opcode or
+    already in `taken`: the one rule the node (at plugin load) and the state machine apply."""
+    for opcode in opcodes:
+        if opcode in CORE_OPCODES or opcode in taken:
+            other = "a core opcode" if opcode in CORE_OPCODES else "another plugin's"
+            raise OpcodeClash(f"{owner} claims opcode 0x{opcode:02x}, which clashes with "
+                              f"{other}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,40 +173,58 @@ def key_of(command: bytes) -> Optional[bytes]:
     return command[start:start + _U16.unpack_from(command, start - 2)[0]]
 
 
-class _Reader:
-    """Reads fields from a body and insists on consuming it exactly."""
 
-    def __init__(self, body: bytes):
-        self.body = body
+class BodyReader:
+    """The one reader of sealkv's binary bodies: a cursor that checks every length first.
+
+    Core commands and plugin codecs (the encryption plugin's commands and snapshot) read with
+    it. Every read raises `error` (a `CommandError` unless a codec passes its own class) when
+    the input is too short; `end()` raises when bytes are left over. `what` names the field
+    in the message.
+    """
+
+    def __init__(self, data: bytes, error: type[Exception] = CommandError):
+        self.data = bytes(data)
         self.pos = 0
+        self.error = error
 
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.body):
-            raise CommandError("command body is truncated")
-        chunk = self.body[self.pos:self.pos + n]
-        self.pos += n
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+    def take(self, size: int, what: str = "command body") -> bytes:
+        if size < 0 or self.pos + size > len(self.data):
+            raise self.error(f"truncated: {what} needs {size} bytes, {self.remaining()} left")
+        chunk = self.data[self.pos:self.pos + size]
+        self.pos += size
         return chunk
 
-    def u8(self) -> int:
-        return self.take(1)[0]
+    def u8(self, what: str = "u8") -> int:
+        return self.take(1, what)[0]
 
-    def u16(self) -> int:
-        return _U16.unpack(self.take(2))[0]
+    def u16(self, what: str = "u16") -> int:
+        return int.from_bytes(self.take(2, what), "big")
 
-    def string(self) -> str:
+    def u32(self, what: str = "u32") -> int:
+        return int.from_bytes(self.take(4, what), "big")
+
+    def u64(self, what: str = "u64") -> int:
+        return int.from_bytes(self.take(8, what), "big")
+
+    def string(self, what: str = "string") -> str:
+        """Reads a u16-length-prefixed UTF-8 string."""
         try:
-            return self.take(self.u16()).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise CommandError("command string is not UTF-8") from exc
+            return self.take(self.u16(f"{what} length"), what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.error(f"{what} is not UTF-8") from None
 
     def rest(self) -> bytes:
-        chunk = self.body[self.pos:]
-        self.pos = len(self.body)
+        chunk = self.data[self.pos:]
+        self.pos = len(self.data)
         return chunk
 
     def end(self) -> None:
-        if self.pos != len(self.body):
-            raise CommandError("command body has trailing bytes")
+        if self.remaining():
+            raise self.error(f"{self.remaining()} trailing bytes")
 
 
 def decode(command: bytes):
@@ -203,7 +236,7 @@ def decode(command: bytes):
         raise CommandError(f"unknown opcode 0x{opcode:02x}")
     if version != BODY_V1:
         raise CommandError(f"unknown body version {version} for opcode 0x{opcode:02x}")
-    r = _Reader(memoryview(command)[2:].tobytes())
+    r = BodyReader(memoryview(command)[2:])
     if opcode == OP_PUT:
         key = r.take(r.u16())
         result = Put(key, r.rest())

@@ -55,9 +55,7 @@ class StateMachine:
         self.storage = storage
         self.base = base_store(storage)
         self.handlers = dict(handlers or {})
-        clash = set(self.handlers) & cmd.CORE_OPCODES
-        if clash:
-            raise ValueError(f"plugin opcodes clash with core opcodes: {sorted(clash)}")
+        cmd.claim_opcodes({}, "a plugin", self.handlers)
         self.plugin_states = dict(plugin_states or {})
         self.members: dict[str, MemberRecord] = {m.name: m for m in initial_members}
         self.config_version = 0

@@ -32,6 +32,8 @@ import struct
 from dataclasses import dataclass
 from typing import Union
 
+from sealkv.node.state.commands import BodyReader as CoreBodyReader
+
 from .nonce import epoch_in_range
 from .purpose import PURPOSE_RAFT, PURPOSE_STORAGE
 
@@ -104,43 +106,12 @@ class RotationCommand:
 Command = Union[RegisterCommand, BootstrapCommand, RotationCommand]
 
 
-class BodyReader:
-    """A cursor over a binary body that checks every length before slicing.
-
-    Every read raises `CommandDecodeError` when the input is too short; `end()` raises when
-    bytes are left over. Shared with the snapshot codec of `state.py`.
-    """
+class BodyReader(CoreBodyReader):
+    """The core body reader (`sealkv.node.state.commands.BodyReader`) raising
+    `CommandDecodeError`; shared with the snapshot codec of `state.py`."""
 
     def __init__(self, data: bytes):
-        self.data = bytes(data)
-        self.pos = 0
-
-    def remaining(self) -> int:
-        return len(self.data) - self.pos
-
-    def take(self, size: int, what: str) -> bytes:
-        if size < 0 or self.remaining() < size:
-            raise CommandDecodeError(f"truncated: {what} needs {size} bytes, "
-                                     f"{self.remaining()} left")
-        chunk = self.data[self.pos:self.pos + size]
-        self.pos += size
-        return chunk
-
-    def u8(self, what: str) -> int:
-        return self.take(1, what)[0]
-
-    def u16(self, what: str) -> int:
-        return int.from_bytes(self.take(2, what), "big")
-
-    def u32(self, what: str) -> int:
-        return int.from_bytes(self.take(4, what), "big")
-
-    def u64(self, what: str) -> int:
-        return int.from_bytes(self.take(8, what), "big")
-
-    def end(self) -> None:
-        if self.remaining():
-            raise CommandDecodeError(f"{self.remaining()} trailing bytes")
+        super().__init__(data, CommandDecodeError)
 
 
 def _read_version(reader: BodyReader) -> None:

@@ -62,11 +62,6 @@ class KeyStore:
         with self._lock:
             return self._keys.pop(key_id, None) is not None
 
-    def clear(self) -> None:
-        """Forgets every key (used when a snapshot replaces the replicated state)."""
-        with self._lock:
-            self._keys.clear()
-
     def __contains__(self, key_id: object) -> bool:
         with self._lock:
             return key_id in self._keys

@@ -21,8 +21,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from sealkv.node.errors import FailedPrecondition
-from sealkv.node.errors import ApplyHalt
+from sealkv.node.errors import ApplyHalt, FailedPrecondition, where
 
 from .reencryption import ReencryptJob
 from .commands import (
@@ -484,8 +483,9 @@ def _installing(install: Installer, key_id: int, purpose: int, wrapped: bytes) -
     except ApplyHalt:
         raise
     except Exception as error:
+        # Type and location only: an unwrap error's text could carry key material.
         raise ApplyHalt(f"cannot install {PURPOSE_NAMES[purpose]} key {key_id}: "
-                        f"{type(error).__name__}: {error}") from error
+                        f"{type(error).__name__} at {where(error)}") from error
 
 
 def _trial_unwrap(unwrap: Unwrapper, key_id: int, wrapped: bytes) -> None:
