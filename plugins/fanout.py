@@ -13,12 +13,14 @@ probe. The contract (ENCRYPTION.md §7 steps 4-6):
   the deadline, and an answer that arrives after it is ignored.
 - A member passes only if it answered, says it is capable, and the responder's id is the
   expected one. No partial success: any failure, or an empty member set, makes `ok` false.
-- After probing, the snapshot is taken again; if the configuration version changed, the whole
-  fan-out runs again (at most `max_rounds` rounds), so a member that joined mid-check is probed.
+- After probing, the snapshot is taken again; if the configuration version changed, the
+  new membership is probed (at most `max_rounds` rounds in all, one loop: `_rounds`), so a
+  member that joined mid-check is probed.
 
-The result only describes the membership at `result.config_version`. A caller that acts on it
-should hold `handle.membership_lock` and check that `membership_snapshot().config_version` is
-still that version while it acts, so no member can join between the check and the action.
+`fan_out` returns the verdicts; they describe the membership at `result.config_version` only.
+A caller that acts on them uses `fan_out_and_act`, which takes that last snapshot while holding
+`handle.membership_lock` and runs the action under it, so no member can join between the check
+and the action.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import grpc
 
+from sealkv.node import errors
 from sealkv.node.state import commands as cmd
 from sealkv.node.replication.membership import MemberRecord
 
@@ -136,31 +139,97 @@ def fan_out(handle: Any, probe: Probe, expected_id: ExpectedId, *,
     """
     if deadline <= 0:
         raise ValueError("deadline must be positive")
+    result, _ = _rounds(handle, probe, expected_id, lambda: deadline, max_rounds,
+                        lambda _result: (handle.membership_snapshot(), _NO_ACTION))
+    return result
+
+
+def fan_out_and_act(handle: Any, probe: Probe, expected_id: ExpectedId,
+                    action: Callable[[Any], Any], *, what: str, end: float,
+                    reserve: float = 1.0, deadline: float = DEFAULT_DEADLINE,
+                    max_rounds: int = DEFAULT_MAX_ROUNDS) -> tuple[FanOutResult, Any]:
+    """Runs the fan-out, then `action(snapshot)` while holding `handle.membership_lock` at the
+    probed configuration version, so no member can join between the check and the action.
+
+    `end` is the caller's deadline (a `time.monotonic()` value); each round gets at most
+    `deadline` seconds and leaves `reserve` seconds of `end` for what follows. When the
+    membership changed during a round, the new membership is probed (at most `max_rounds`
+    rounds in all). Returns (the fan-out's result, what `action` returned). Raises
+    `FailedPrecondition` naming `what` and the members that failed (or that the membership
+    kept changing, or could not be read), and `Unavailable` when `end` leaves no time for a
+    round or the membership lock stays busy. Called on a gRPC worker thread.
+    """
+    def budget() -> float:
+        left = min(deadline, end - time.monotonic() - reserve)
+        if left <= 0.1:
+            raise errors.Unavailable(f"{what}: the request deadline is too short for the "
+                                     "capability check; retry with a longer deadline")
+        return left
+
+    def settle(result: FanOutResult) -> tuple[Any, Any]:
+        lock = handle.membership_lock
+        if not lock.acquire(timeout=max(0.0, end - time.monotonic())):
+            raise errors.Unavailable(f"{what}: the membership lock is busy: retry")
+        try:
+            snapshot = handle.membership_snapshot()
+            if snapshot.config_version != result.config_version:
+                return snapshot, _NO_ACTION
+            if not result.ok:
+                raise errors.FailedPrecondition(f"{what} refused: {result.summary()}")
+            return snapshot, action(snapshot)
+        finally:
+            lock.release()
+
+    result, value = _rounds(handle, probe, expected_id, budget, max_rounds, settle)
+    if value is _NO_ACTION:
+        raise errors.FailedPrecondition(f"{what} refused: {result.summary()}")
+    return result, value
+
+
+_NO_ACTION = object()
+
+
+def _rounds(handle: Any, probe: Probe, expected_id: ExpectedId, budget: Callable[[], float],
+            max_rounds: int, settle: Callable[[FanOutResult], tuple[Any, Any]]
+            ) -> tuple[FanOutResult, Any]:
+    """The one bounded loop of the membership re-check.
+
+    Each round probes the members of the current snapshot under `budget()` seconds, then
+    `settle(result)` takes the snapshot again and returns (that snapshot, a value). When the
+    configuration version held still, the loop ends with (result, value); otherwise it probes
+    the new membership, at most `max_rounds` rounds in all. A snapshot that cannot be taken
+    ends it with a result whose `problem` says so, and the value `_NO_ACTION`.
+    """
     if max_rounds < 1:
         raise ValueError("max_rounds must be at least 1")
     try:
         snapshot = handle.membership_snapshot()
-    except Exception as exc:
+    except Exception as exc:  # any failure to read the membership refuses the check
         return FanOutResult((), 0, 0, f"the membership snapshot could not be taken "
-                                      f"({type(exc).__name__}: {exc})")
+                                      f"({type(exc).__name__}: {exc})"), _NO_ACTION
     verdicts: tuple[CapabilityVerdict, ...] = ()
     for round_ in range(1, max_rounds + 1):
         version = snapshot.config_version
+        timeout = budget()
         log.info("capability fan-out round %d: probing %d members (configuration version %d)",
                  round_, len(snapshot.members), version)
-        verdicts = _probe_round(handle, snapshot.members, probe, expected_id, deadline)
+        verdicts = _probe_round(handle, snapshot.members, probe, expected_id, timeout)
+        result = FanOutResult(verdicts, version, round_)
         try:
-            snapshot = handle.membership_snapshot()
-        except Exception as exc:
+            snapshot, value = settle(result)
+        except errors.SealkvError:
+            raise
+        except Exception as exc:  # the membership could not be read again: refuse
             return FanOutResult(verdicts, version, round_,
                                 f"the membership snapshot could not be taken again "
-                                f"({type(exc).__name__}: {exc})")
+                                f"({type(exc).__name__}: {exc})"), _NO_ACTION
         if snapshot.config_version == version:
-            return FanOutResult(verdicts, version, round_)
+            return result, value
         log.info("membership changed during the capability fan-out (version %d -> %d); "
                  "probing again", version, snapshot.config_version)
     return FanOutResult(verdicts, snapshot.config_version, max_rounds,
-                        f"the membership kept changing during {max_rounds} rounds; retry")
+                        f"the membership kept changing during {max_rounds} rounds; retry"), \
+        _NO_ACTION
 
 
 def probe_member(handle: Any, member: MemberRecord, probe: Probe, expected: Optional[int],

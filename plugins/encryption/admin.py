@@ -27,7 +27,7 @@ from sealkv.node.serving.rpc import deadline, rpc_method
 from sealkv.node.replication.membership import MemberRecord, member_raft_id
 from sealkv.node.errors import ApplyHalt
 from sealkv.plugins.api import AdminPlugin
-from sealkv.plugins.fanout import FanOutResult, fan_out, probe_member
+from sealkv.plugins.fanout import FanOutResult, fan_out_and_act, probe_member
 from sealkv.v1 import encryption_admin_pb2 as pb
 from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
 
@@ -150,27 +150,11 @@ class EncryptionAdminPlugin(AdminPlugin):
     # ---- the checked action --------------------------------------------------------------------
 
     def run_checked(self, end: float, what: str, action) -> tuple[FanOutResult, Any]:
-        """Runs the fan-out, then `action(snapshot)` under the membership lock at the probed
-        configuration version (re-probing, bounded, when the membership changed)."""
-        for _ in range(CHECKED_ROUNDS):
-            budget = min(FANOUT_DEADLINE, end - time.monotonic() - PROPOSE_RESERVE)
-            if budget <= 0.1:
-                raise errors.Unavailable(f"{what}: the request deadline is too short for the "
-                                         "capability check; retry with a longer deadline")
-            result = fan_out(self.handle, probe_capability, expected_node_id, deadline=budget)
-            if not result.ok:
-                raise errors.FailedPrecondition(f"{what} refused: {result.summary()}")
-            lock = self.handle.membership_lock
-            if not lock.acquire(timeout=max(0.0, end - time.monotonic())):
-                raise errors.Unavailable(f"{what}: the membership lock is busy: retry")
-            try:
-                snapshot = self.handle.membership_snapshot()
-                if snapshot.config_version != result.config_version:
-                    continue
-                return result, action(snapshot)
-            finally:
-                lock.release()
-        raise errors.FailedPrecondition(f"{what} refused: the membership kept changing; retry")
+        """Runs the capability fan-out, then `action(snapshot)` under the membership lock at
+        the probed configuration version (`fanout.fan_out_and_act`)."""
+        return fan_out_and_act(self.handle, probe_capability, expected_node_id, action,
+                               what=what, end=end, reserve=PROPOSE_RESERVE,
+                               deadline=FANOUT_DEADLINE, max_rounds=CHECKED_ROUNDS)
 
     def propose(self, command: Any, end: float) -> Any:
         """Proposes an encryption command and waits until it is applied here."""
