@@ -173,7 +173,6 @@ def key_of(command: bytes) -> Optional[bytes]:
     return command[start:start + _U16.unpack_from(command, start - 2)[0]]
 
 
-
 class BodyReader:
     """The one reader of sealkv's binary bodies: a cursor that checks every length first.
 

@@ -65,6 +65,7 @@ class EncryptionAdminPlugin(AdminPlugin):
         super().__init__(node)
         self.handle = node
         self.admin_lock = threading.Lock()
+        self.probe = probe_capability  # the fan-out's probe (tests script it)
         node.add_member_check(self.check_new_member)
         self.driver = ReencryptionDriver(node, lambda: self.layer,
                                          lambda: compact_cluster_from_leader(node))
@@ -139,7 +140,7 @@ class EncryptionAdminPlugin(AdminPlugin):
                     f"already used by another node under key {dek_id}; give it another raft id")
         if not state.storage_envelope_active:
             return
-        verdict = probe_member(self.handle, member, probe_capability, new_id,
+        verdict = probe_member(self.handle, member, self.probe, new_id,
                                max(0.1, min(FANOUT_DEADLINE, timeout / 2)))
         if not verdict.ok:
             raise errors.FailedPrecondition(
@@ -152,7 +153,7 @@ class EncryptionAdminPlugin(AdminPlugin):
     def run_checked(self, end: float, what: str, action) -> tuple[FanOutResult, Any]:
         """Runs the capability fan-out, then `action(snapshot)` under the membership lock at
         the probed configuration version (`fanout.fan_out_and_act`)."""
-        return fan_out_and_act(self.handle, probe_capability, expected_node_id, action,
+        return fan_out_and_act(self.handle, self.probe, expected_node_id, action,
                                what=what, end=end, reserve=PROPOSE_RESERVE,
                                deadline=FANOUT_DEADLINE, max_rounds=CHECKED_ROUNDS)
 
