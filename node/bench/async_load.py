@@ -31,6 +31,8 @@ CALLERS_PER_PROCESS = 32
 MAX_PROCESSES = 4
 # A worker busier than this share of one core is the bottleneck, not the server.
 SATURATED = 0.85
+# Seconds of no load over which the servers' background CPU is measured (ticks, heartbeats).
+IDLE_WINDOW = 1.0
 _START_SLACK = 0.5
 
 
@@ -79,6 +81,11 @@ def run(w: Workload, endpoints: Sequence[str], *, name: str, mode: str = "batche
         except threading.BrokenBarrierError:
             raise RuntimeError("a worker could not prefill the keyspace (is the cluster "
                                "up?)") from None
+        idle = 0.0
+        if server_pids:  # what the servers burn with no load at all, per second
+            idle0 = sum(process_cpu(pid) for pid in server_pids)
+            time.sleep(IDLE_WINDOW)
+            idle = (sum(process_cpu(pid) for pid in server_pids) - idle0) / IDLE_WINDOW
         start_at.value = time.monotonic() + _START_SLACK
         ready.wait(timeout=30)
         measure_from = start_at.value + w.warmup
@@ -95,6 +102,7 @@ def run(w: Workload, endpoints: Sequence[str], *, name: str, mode: str = "batche
             merged.client_cpu += cpu
             busiest = max(busiest, cpu / w.duration)
         merged.server_cpu = server1 - server0 if server_pids else 0.0
+        merged.server_idle_cpu = idle * w.duration
         merged.client_busiest = busiest
         if busiest >= SATURATED:
             merged.note = (f"client side saturated: a load worker used {busiest:.0%} of a "

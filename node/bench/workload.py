@@ -86,6 +86,9 @@ class Result:
     client_cpu: float = 0.0
     server_cpu: float = 0.0
     client_busiest: float = 0.0
+    # What the servers would have used over the window with no load (their background: tick
+    # loops, heartbeats, timers), measured just before the run; 0 when not measured.
+    server_idle_cpu: float = 0.0
 
     def merge(self, other: "Result") -> None:
         self.ops += other.ops
@@ -118,11 +121,14 @@ class Result:
                 "errors": dict(sorted(self.errors.items())), "note": self.note,
                 "client_cpu_us_per_op": per_op(self.client_cpu),
                 "server_cpu_us_per_op": per_op(self.server_cpu),
+                "server_cpu_us_per_op_above_idle": per_op(
+                    max(0.0, self.server_cpu - self.server_idle_cpu)) if self.server_cpu
+                else None,
                 "client_busiest": round(self.client_busiest, 3)}
 
 
 SUMMARY_HEADERS = ["run", "clients", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
-                   "server µs/op", "client µs/op"]
+                   "server µs/op", "above idle", "client µs/op"]
 
 
 def summary_row(s: dict) -> list:
@@ -135,7 +141,8 @@ def summary_row(s: dict) -> list:
     errs = ",".join(f"{k}:{v}" for k, v in s["errors"].items()) or "0"
     return [s["name"], s["clients"], f"{s['ops_per_sec']:.0f}", ms(s["p50_ms"]),
             ms(s["p90_ms"]), ms(s["p99_ms"]), ms(s["max_ms"]), errs,
-            us(s.get("server_cpu_us_per_op")), us(s.get("client_cpu_us_per_op"))]
+            us(s.get("server_cpu_us_per_op")), us(s.get("server_cpu_us_per_op_above_idle")),
+            us(s.get("client_cpu_us_per_op"))]
 
 
 def to_dict(w: Workload) -> dict:

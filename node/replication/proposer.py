@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 OnDone = Callable[[object, Optional[errors.SealkvError]], None]
 
 MAX_ENTRY_COMMANDS = 512
-# Below pysyncobj's appendEntriesBatchSizeBytes (64 KiB), whose chunked path is slow.
+# A bound on what one entry carries (pysyncobj chunks large AppendEntries slowly).
 MAX_ENTRY_BYTES = 32 * 1024
 MAX_IN_FLIGHT = 1
 # --no-batch-entries: one write per entry (never a BATCH), pipelined instead of grouped.

@@ -130,6 +130,7 @@ def test_compare_runs_batched_unary_envelope_and_etcd_rows_with_ratios(tmp_path)
     for row in report["rows"]:
         assert row["ops"] > 0 and row["errors"] == {}, row
         assert row["server_cpu_us_per_op"] > 0 and row["client_cpu_us_per_op"] > 0, row
+        assert 0 <= row["server_cpu_us_per_op_above_idle"] <= row["server_cpu_us_per_op"]
     targets = {t["what"]: t for t in report["targets"]}
     put = targets["Put, 4 clients, ops/s"]
     assert put["sealkv"] == report["rows"][names.index("sealkv batched put c=4")]["ops_per_sec"]
