@@ -6,8 +6,9 @@ own network namespace when the machine allows it (see `tests.faults.netns`), els
 compare-and-swaps on a few keys and record every call and return (`tests.faults.history`);
 a nemesis thread injects one fault at a time from a schedule drawn from `random.Random(seed)`:
 kill -9 and restart of the leader or a follower, SIGSTOP/SIGCONT, the leader isolated, a
-minority/majority split, a voter added and removed under load, and encryption bootstrap,
-storage-envelope cutover and data-key rotation.
+minority/majority split, a voter added and removed under load, and the encryption steps:
+bootstrap, the storage and raft-log envelope cutovers, data-key rotations (both purposes),
+online re-encryption and key retirement.
 
 After the faults are healed the run checks four things: the history is linearizable
 (`tests.faults.lincheck`), every acknowledged write to the append-only ledger keys is
@@ -214,6 +215,7 @@ class Nemesis(threading.Thread):
         self.partitions = partitions
         self.bootstrapped = False
         self.enveloped = False
+        self.raft_enveloped = False
         self.extra_voter: Optional[str] = None
         self.error: Optional[BaseException] = None
 
@@ -222,10 +224,17 @@ class Nemesis(threading.Thread):
                  "membership"]
         if self.partitions:
             kinds += ["partition-leader", "partition-split"]
-        # The encryption step twice over: each seed should get through bootstrap, the
-        # cutover and a rotation while the other faults come and go.
-        kinds += 2 * ["enable-storage-envelope" if self.bootstrapped and not self.enveloped
-                      else "rotate-dek" if self.bootstrapped else "bootstrap"]
+        # The encryption steps twice over: each seed should get through bootstrap, both
+        # cutovers, then rotations, re-encryption and key retirement while the other faults
+        # come and go.
+        if not self.bootstrapped:
+            kinds += 2 * ["bootstrap"]
+        elif not self.enveloped:
+            kinds += 2 * ["enable-storage-envelope"]
+        elif not self.raft_enveloped:
+            kinds += 2 * ["enable-raft-envelope"]
+        else:
+            kinds += ["rotate-dek", "rotate-raft-dek", "reencrypt", "reencrypt", "retire-dek"]
         return kinds
 
     def run(self) -> None:
@@ -323,6 +332,8 @@ class Nemesis(threading.Thread):
             self.bootstrapped = True
         elif method == "EnableStorageEnvelope":
             self.enveloped = True
+        elif method == "EnableRaftEnvelope":
+            self.raft_enveloped = True
         return True
 
     def do_bootstrap(self) -> bool:
@@ -333,6 +344,32 @@ class Nemesis(threading.Thread):
 
     def do_rotate_dek(self) -> bool:
         return self._admin("RotateDEK", enc_pb.RotateDEKRequest(purpose=enc_pb.STORAGE))
+
+    def do_enable_raft_envelope(self) -> bool:
+        return self._admin("EnableRaftEnvelope", enc_pb.EnableRaftEnvelopeRequest())
+
+    def do_rotate_raft_dek(self) -> bool:
+        return self._admin("RotateDEK", enc_pb.RotateDEKRequest(purpose=enc_pb.RAFT))
+
+    def do_reencrypt(self) -> bool:
+        # Starts (or finds running) the job and returns: it goes on under the other faults.
+        return self._admin("StartReencryption",
+                           enc_pb.StartReencryptionRequest(rate=5000, batch_size=64))
+
+    def do_retire_dek(self) -> bool:
+        """Retires the oldest key that is not active; refused while values or log entries of
+        any member still use it (the usual outcome until a re-encryption has finished)."""
+        try:
+            with self.cluster.client(*self.live(), timeout=5) as c:
+                side = c.call(enc_grpc.EncryptionAdminStub, "GetSidecarState",
+                              enc_pb.GetSidecarStateRequest(), timeout=5)
+        except errors.SealkvError:
+            return False
+        active = {side.active_storage_key_id, side.active_raft_key_id}
+        retirable = sorted(k.key_id for k in side.keys if k.key_id not in active)
+        if not retirable:
+            return False
+        return self._admin("RetireDEK", enc_pb.RetireDEKRequest(key_id=retirable[0]))
 
 
 def heal_everything(cluster: Cluster) -> None:

@@ -122,7 +122,8 @@ def test_compare_runs_batched_unary_envelope_and_etcd_rows_with_ratios(tmp_path)
     assert [n for n in names if n.startswith("sealkv") and "envelope" not in n
             and "never" not in n] == sealkv_rows
     envelope = [] if any("envelope rows skipped" in n for n in report["notes"]) \
-        else ["sealkv envelope put c=1", "sealkv envelope put c=4"]
+        else ["sealkv envelope put c=1", "sealkv envelope put c=4",
+              "sealkv both envelopes put c=1", "sealkv both envelopes put c=4"]
     assert names[len(names) - len(envelope) - 2:] == envelope + [
         "sealkv batched put c=1 fsync=never", "sealkv batched put c=4 fsync=never"]
     assert any(n.startswith("cost of durability (--fsync always vs never)")
@@ -138,6 +139,9 @@ def test_compare_runs_batched_unary_envelope_and_etcd_rows_with_ratios(tmp_path)
         assert put["ratio"] == pytest.approx(put["sealkv"] / put["reference_value"], rel=0.01)
         assert isinstance(put["holds"], bool)
     assert targets["Put, 4 clients, ops/s: batched vs unary"]["ratio"] > 0
+    if envelope:
+        both = targets["Put, 4 clients, ops/s: both envelopes (storage + raft log) vs cleartext"]
+        assert both["ratio"] > 0 and isinstance(both["holds"], bool)
 
 
 def test_put_in_unary_mode_reports_client_cpu(endpoints):
