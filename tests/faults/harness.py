@@ -224,15 +224,15 @@ class Nemesis(threading.Thread):
                  "membership"]
         if self.partitions:
             kinds += ["partition-leader", "partition-split"]
-        # The encryption steps twice over: each seed should get through bootstrap, both
+        # The encryption steps three times over: each seed should get through bootstrap, both
         # cutovers, then rotations, re-encryption and key retirement while the other faults
         # come and go.
         if not self.bootstrapped:
-            kinds += 2 * ["bootstrap"]
+            kinds += 3 * ["bootstrap"]
         elif not self.enveloped:
-            kinds += 2 * ["enable-storage-envelope"]
+            kinds += 3 * ["enable-storage-envelope"]
         elif not self.raft_enveloped:
-            kinds += 2 * ["enable-raft-envelope"]
+            kinds += 3 * ["enable-raft-envelope"]
         else:
             kinds += ["rotate-dek", "rotate-raft-dek", "reencrypt", "reencrypt", "retire-dek"]
         return kinds
