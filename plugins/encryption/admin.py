@@ -7,7 +7,7 @@ one admin lock, confirm leadership through a quorum, and pre-check every command
 proposed, so nothing that would halt a replica is ever proposed. Bootstrap and the cutover run
 the capability fan-out (`sealkv.plugins.fanout`) first and act while holding the membership
 lock at the probed configuration version, so no member can join between check and action.
-Once the storage envelope is active, a member-add check (the capability fence) refuses any new
+Once either envelope is active, a member-add check (the capability fence) refuses any new
 member that does not pass the same probe.
 
 No RPC ever returns key bytes, wrapped or not; nothing here logs a key or a value.
@@ -123,7 +123,7 @@ class EncryptionAdminPlugin(AdminPlugin):
         """The capability fence: a member-add check run on the leader under the membership lock.
 
         Refuses (FAILED_PRECONDITION, naming the member) a member whose node_id16 collides with
-        another node's writer rows, and, once the storage envelope is active, a member that does
+        another node's writer rows, and, once either envelope is active, a member that does
         not pass the capability probe at its gRPC address.
         """
         layer = self.layer
@@ -138,14 +138,15 @@ class EncryptionAdminPlugin(AdminPlugin):
                 raise errors.FailedPrecondition(
                     f"member {member.name} cannot be added: its node_id16 0x{node16:04x} is "
                     f"already used by another node under key {dek_id}; give it another raft id")
-        if not state.storage_envelope_active:
+        if not (state.storage_envelope_active or state.raft_envelope_active):
             return
         verdict = probe_member(self.handle, member, self.probe, new_id,
                                max(0.1, min(FANOUT_DEADLINE, timeout / 2)))
         if not verdict.ok:
+            which = "storage" if state.storage_envelope_active else "raft-log"
             raise errors.FailedPrecondition(
                 f"member {member.name} ({member.grpc_address or 'no gRPC address'}) cannot be "
-                f"added: the storage envelope is active and it failed the capability probe: "
+                f"added: the {which} envelope is active and it failed the capability probe: "
                 f"{verdict.reason}")
 
     # ---- the checked action --------------------------------------------------------------------
