@@ -470,7 +470,12 @@ class ReplicationAdapter:
         def on_result(result, reason):
             on_done(result, None if reason == FAIL_REASON.SUCCESS else _proposal_failure(reason))
 
-        self._obj.apply_command(self.codec.seal(command, 0.0), callback=on_result)
+        try:
+            payload = self.codec.seal(command, 0.0)
+        except errors.SealkvError as exc:  # paused intake: refused, nothing submitted
+            on_done(None, exc)
+            return
+        self._obj.apply_command(payload, callback=on_result)
 
     def wait_leader(self, deadline: float) -> None:
         """Waits until a leader is known (`deadline` on the monotonic clock).
