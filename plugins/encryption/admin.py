@@ -327,13 +327,8 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
             result, (command, applied) = plugin.run_checked(end, "storage envelope cutover",
                                                             cut_over)
             state = layer.view().state
-            if command is None or applied.outcome is Outcome.ALREADY_ACTIVE:
+            if not _cutover_took_effect(state, PURPOSE_STORAGE, command, applied):
                 return _already_active(state)
-            if (applied.outcome is not Outcome.APPLIED or not state.storage_envelope_active
-                    or state.active_storage_id != command.dek_id):
-                raise errors.FailedPrecondition(
-                    "a key rotation raced the storage envelope cutover; nothing was enabled: "
-                    "retry")
             log.info("storage envelope active from index %d (key %d)",
                      state.storage_cutover_index, command.dek_id)
             return pb.EnableStorageEnvelopeResponse(
@@ -373,13 +368,8 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
                 result, (command, applied) = plugin.run_checked(end, "raft envelope cutover",
                                                                 cut_over)
                 state = layer.view().state
-                if command is None or applied.outcome is Outcome.ALREADY_ACTIVE:
+                if not _cutover_took_effect(state, PURPOSE_RAFT, command, applied):
                     return _raft_already_active(state)
-                if (applied.outcome is not Outcome.APPLIED or not state.raft_envelope_active
-                        or state.active_raft_id != command.dek_id):
-                    raise errors.FailedPrecondition(
-                        "a key rotation raced the raft envelope cutover; nothing was enabled: "
-                        "retry")
                 pending = self._wait_wraps_installed(result, end)
             finally:
                 # Known outcomes reopen here or when the marker applies (`cutover_applied`);
@@ -429,6 +419,22 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
             return pb.ResyncSidecarResponse(raft_applied_index=index,
                                             keys=_key_infos(sidecar) if sidecar else [],
                                             node_name=self.handle.name)
+
+
+def _cutover_took_effect(state: EncryptionState, purpose: int, command: Any,
+                         applied: Any) -> bool:
+    """Whether a cutover proposal enabled the envelope (False: it was already active, the
+    caller answers `was_already_active`); raises FailedPrecondition when a key rotation raced
+    it and nothing was enabled."""
+    if command is None or applied.outcome is Outcome.ALREADY_ACTIVE:
+        return False
+    active = (state.storage_envelope_active if purpose == PURPOSE_STORAGE
+              else state.raft_envelope_active)
+    if applied.outcome is not Outcome.APPLIED or not active \
+            or state.active[purpose] != command.dek_id:
+        raise errors.FailedPrecondition(f"a key rotation raced the {PURPOSE_NAMES[purpose]} "
+                                        "envelope cutover; nothing was enabled: retry")
+    return True
 
 
 def _raft_already_active(state: EncryptionState) -> pb.EnableRaftEnvelopeResponse:

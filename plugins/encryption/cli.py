@@ -122,17 +122,23 @@ def bootstrap(c: Ctx):
 def enable_storage_envelope(c: Ctx):
     """Switches the cluster to envelope storage, once every member proves it is capable."""
     r = _call(c, "EnableStorageEnvelope", pb.EnableStorageEnvelopeRequest())
+    _cutover_output(c, r, "storage", {"storage_key_id": r.storage_key_id},
+                    f"from index {r.cutover_index} (storage key {r.storage_key_id})")
+
+
+def _cutover_output(c: Ctx, r, what: str, fields: dict, active_line: str) -> bool:
+    """Prints a cutover answer; returns whether it enabled the envelope just now."""
     table, data = _summary(r.capability_summary)
     if c.write_out == "json":
         emit_json({"cutover_index": r.cutover_index, "was_already_active": r.was_already_active,
-                   "storage_key_id": r.storage_key_id, "capability_summary": data})
-        return
+                   **fields, "capability_summary": data})
+        return False
     if r.was_already_active:
-        click.echo(f"storage envelope was already active since index {r.cutover_index}")
-        return
+        click.echo(f"{what} envelope was already active since index {r.cutover_index}")
+        return False
     emit(c.write_out, SUMMARY_HEADERS, table, data)
-    click.echo(f"storage envelope active from index {r.cutover_index} "
-               f"(storage key {r.storage_key_id})")
+    click.echo(f"{what} envelope active {active_line}")
+    return True
 
 
 @encryption.command(name="enable-raft-envelope")
@@ -140,18 +146,10 @@ def enable_storage_envelope(c: Ctx):
 def enable_raft_envelope(c: Ctx):
     """Seals every later Raft log entry with the raft data key, once every member is capable."""
     r = _call(c, "EnableRaftEnvelope", pb.EnableRaftEnvelopeRequest())
-    table, data = _summary(r.capability_summary)
-    if c.write_out == "json":
-        emit_json({"cutover_index": r.cutover_index, "was_already_active": r.was_already_active,
-                   "raft_key_id": r.raft_key_id, "wrap_pending": list(r.wrap_pending),
-                   "capability_summary": data})
-        return
-    if r.was_already_active:
-        click.echo(f"raft envelope was already active since index {r.cutover_index}")
-        return
-    emit(c.write_out, SUMMARY_HEADERS, table, data)
-    click.echo(f"raft envelope active above index {r.cutover_index} (raft key {r.raft_key_id})")
-    if r.wrap_pending:
+    fresh = _cutover_output(c, r, "raft", {"raft_key_id": r.raft_key_id,
+                                           "wrap_pending": list(r.wrap_pending)},
+                            f"above index {r.cutover_index} (raft key {r.raft_key_id})")
+    if fresh and r.wrap_pending:
         click.echo(f"not yet confirmed by: {', '.join(r.wrap_pending)} (they seal once they "
                    "apply the cutover entry)", err=True)
 
