@@ -131,11 +131,17 @@ class AtRestAdminMixin:
         _, remaining = count_store(self.handle, state.active_storage_id) \
             if state.storage_envelope_active else (0, 0)
         status = pb.ReencryptionStatus(state="idle", node_name=self.handle.name,
-                                       remaining=remaining,
-                                       compaction=self.plugin.driver.compaction)
+                                       remaining=remaining)
         job = state.job
         if job is None:
             return status
+        local = self.plugin.driver.compaction
+        if job.compaction == reencryption.COMPACTION_DONE:
+            status.compaction = "done" + (local[4:] if local.startswith("done") else "")
+        elif job.compaction == reencryption.COMPACTION_FAILED:
+            status.compaction = local if local.startswith("failed") else "failed"
+        elif job.needs_compaction:
+            status.compaction = "running" if local == "running" else "pending"
         status.state, status.job_id, status.target_key_id = job.state, job.job_id, job.target_key
         status.done, status.total = job.done, max(job.total, job.done)
         status.rewritten, status.skipped = job.rewritten, job.skipped

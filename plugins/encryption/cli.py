@@ -264,7 +264,8 @@ def reencrypt(c: Ctx, rate, batch_size, no_compact, no_wait, wait_timeout):
     last = (time.monotonic(), status.done)
     own_rate = 0.0
     while not no_wait and (status.state == "running"
-                           or (not no_compact and status.compaction in ("", "running"))):
+                           or (not no_compact
+                               and status.compaction in ("", "running", "pending"))):
         if time.monotonic() > deadline:
             click.echo(f"Error: the job did not finish within {wait_timeout:.0f}s; it goes on "
                        "(see `sealkv encryption status`)", err=True)

@@ -18,6 +18,9 @@ Opcode 0x06 REENCRYPT, body = 0x01 | sub-op | fields (big-endian, exact lengths)
                  count x (key, mod_revision(8))                key = length(2) bytes
     0x03 FINISH  job_id(8) cursor_from(key) again(1) total(8)
                  (again = 1: a rotation left values behind; start another pass from the top)
+    0x04 COMPACTED job_id(8) ok(1)   the cluster-wide compaction that ends a finished job
+                 ran (ok = 1) or failed (0); a leader that finds a finished job not yet
+                 compacted runs it, so a leader change between the two does not lose it
 
 A BATCH or FINISH whose job id or cursor does not match the replicated job is stale (a
 retry, or a proposal of a former leader) and is consumed without effect.
@@ -37,6 +40,11 @@ BODY_VERSION = 0x01
 SUB_START = 0x01
 SUB_BATCH = 0x02
 SUB_FINISH = 0x03
+SUB_COMPACTED = 0x04
+
+COMPACTION_PENDING = 0
+COMPACTION_DONE = 1
+COMPACTION_FAILED = 2
 
 MAX_BATCH = 4096
 MAX_KEY = 4096
@@ -73,7 +81,13 @@ class ReencryptFinish:
     total: int
 
 
-Command = Union[ReencryptStart, ReencryptBatch, ReencryptFinish]
+@dataclass(frozen=True, slots=True)
+class ReencryptCompacted:
+    job_id: int
+    ok: bool
+
+
+Command = Union[ReencryptStart, ReencryptBatch, ReencryptFinish, ReencryptCompacted]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +108,12 @@ class ReencryptJob:
     batch_size: int
     compact: bool
     passes: int
+    compaction: int = COMPACTION_PENDING
+
+    @property
+    def needs_compaction(self) -> bool:
+        """A finished job that asked for compaction and has not had it yet."""
+        return self.state == DONE and self.compact and self.compaction == COMPACTION_PENDING
 
     def to_bytes(self) -> bytes:
         return (self.job_id.to_bytes(8, "big") + bytes((1 if self.state == DONE else 0,))
@@ -102,7 +122,7 @@ class ReencryptJob:
                     self.total, self.done, self.rewritten, self.skipped, self.started_index,
                     self.finished_index))
                 + self.rate.to_bytes(4, "big") + self.batch_size.to_bytes(2, "big")
-                + bytes((int(self.compact), self.passes)))
+                + bytes((int(self.compact), self.passes, self.compaction)))
 
     @classmethod
     def read(cls, reader: BodyReader) -> "ReencryptJob":
@@ -119,8 +139,12 @@ class ReencryptJob:
         batch = reader.u16("batch size")
         compact = reader.u8("compact")
         passes = reader.u8("passes")
+        compaction = reader.u8("compaction")
+        if compaction > COMPACTION_FAILED:
+            raise CommandDecodeError("unknown re-encryption compaction state")
         return cls(job_id, DONE if done_flag else RUNNING, target, cursor, total, done,
-                   rewritten, skipped, started, finished, rate, batch, bool(compact), passes)
+                   rewritten, skipped, started, finished, rate, batch, bool(compact), passes,
+                   compaction)
 
 
 # ---- codec --------------------------------------------------------------------------------
@@ -158,6 +182,9 @@ def encode_command(command: Command) -> bytes:
         return (head + bytes((SUB_FINISH,)) + command.job_id.to_bytes(8, "big")
                 + _key(command.cursor_from) + bytes((int(command.again),))
                 + command.total.to_bytes(8, "big"))
+    if isinstance(command, ReencryptCompacted):
+        return (head + bytes((SUB_COMPACTED,)) + command.job_id.to_bytes(8, "big")
+                + bytes((int(command.ok),)))
     raise TypeError(f"not a re-encryption command: {type(command).__name__}")
 
 
@@ -188,6 +215,12 @@ def decode_body(body: bytes) -> Command:
         if again > 1:
             raise CommandDecodeError("re-encryption finish flag out of range")
         command = ReencryptFinish(job_id, cursor, bool(again), reader.u64("total"))
+    elif sub == SUB_COMPACTED:
+        job_id = reader.u64("job id")
+        ok = reader.u8("ok")
+        if ok > 1:
+            raise CommandDecodeError("re-encryption compaction flag out of range")
+        command = ReencryptCompacted(job_id, bool(ok))
     else:
         raise CommandDecodeError(f"unknown re-encryption sub-op 0x{sub:02x}")
     reader.end()
@@ -234,6 +267,11 @@ def apply_command(job: Optional[ReencryptJob], index: int, command: Command,
         return ReencryptJob(index, RUNNING, active_storage_id, b"", command.total, 0, 0, 0,
                             index, 0, command.rate, command.batch_size, command.compact,
                             1), True
+    if isinstance(command, ReencryptCompacted):
+        if job is None or not job.needs_compaction or command.job_id != job.job_id:
+            return job, False
+        return dataclasses.replace(job, compaction=COMPACTION_DONE if command.ok
+                                   else COMPACTION_FAILED), True
     if job is None or job.state != RUNNING or command.job_id != job.job_id \
             or command.cursor_from != job.cursor:
         return job, False

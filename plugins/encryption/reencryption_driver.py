@@ -23,7 +23,7 @@ from sealkv.node import errors
 from sealkv.node.errors import IntegrityError
 
 from . import reencryption
-from .reencryption import ReencryptBatch, ReencryptFinish, needs_rewrite
+from .reencryption import ReencryptBatch, ReencryptCompacted, ReencryptFinish, needs_rewrite
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,9 @@ class ReencryptionDriver:
             pause = examined / max(job.rate, 1) - (time.monotonic() - started)
             if pause > 0 and self._stopping.wait(pause):  # the throttle (pacing only)
                 return
-            previous, job = job, self._job()
-            if job is not None and job.state == reencryption.DONE \
-                    and previous.state == reencryption.RUNNING:
-                self._finished(job)
+            job = self._job()
+        if job is not None and job.needs_compaction and self.handle.is_leader():
+            self._compact(job)
 
     def _step(self, job) -> int:
         """Proposes the next BATCH (or FINISH); returns the records it examined."""
@@ -146,14 +145,18 @@ class ReencryptionDriver:
         self.handle.propose(reencryption.encode_command(command), PROPOSE_TIMEOUT)
         return len(records)
 
-    def _finished(self, job) -> None:
+    def _compact(self, job) -> None:
+        """Compacts every member after a finished job, then records the outcome in the log
+        (so a leader change between the two cannot lose the compaction)."""
         log.info("re-encryption job %d done: %d values rewritten, %d skipped (newer client "
-                 "writes), %d pass(es)", job.job_id, job.rewritten, job.skipped, job.passes)
-        if not job.compact:
-            return
+                 "writes), %d pass(es); compacting every member", job.job_id, job.rewritten,
+                 job.skipped, job.passes)
         self.compaction = "running"
         try:
             self.compaction = self.compact_cluster()
         except errors.SealkvError as exc:
             self.compaction = f"failed: {exc.message}"
         log.info("compaction after re-encryption: %s", self.compaction)
+        ok = not self.compaction.startswith("failed")
+        self.handle.propose(reencryption.encode_command(ReencryptCompacted(job.job_id, ok)),
+                            PROPOSE_TIMEOUT)

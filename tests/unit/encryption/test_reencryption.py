@@ -16,7 +16,7 @@ from tests.unit.encryption.test_layer import DictStore, apply, kek_file, make_pl
 def test_commands_round_trip_and_reject_garbage():
     for command in (r.ReencryptStart(500, 64, True, 10),
                     r.ReencryptBatch(7, 3, b"a", b"c", ((b"a", 1), (b"b", 2))),
-                    r.ReencryptFinish(7, b"c", True, 12)):
+                    r.ReencryptFinish(7, b"c", True, 12), r.ReencryptCompacted(7, True)):
         data = r.encode_command(command)
         assert data[0] == r.OP_REENCRYPT and r.decode_body(data[1:]) == command
         for cut in range(1, len(data) - 1):
@@ -69,6 +69,14 @@ def test_a_job_rewrites_every_stale_value_and_loses_to_newer_writes(sealed):
     assert store.get(b"k1").mod_revision == 5  # a rewrite keeps the revisions
     handle(plugin, 13, r.ReencryptFinish(8, b"old", False, 3))
     assert plugin.state.job.state == r.DONE and plugin.state.job.finished_index == 13
+    assert not plugin.state.job.needs_compaction  # started without compaction
+    handle(plugin, 14, r.ReencryptStart(100, 2, True, 3))
+    handle(plugin, 15, r.ReencryptFinish(14, b"", False, 3))
+    assert plugin.state.job.needs_compaction
+    handle(plugin, 16, r.ReencryptCompacted(99, True))  # another job: no effect
+    assert plugin.state.job.needs_compaction
+    handle(plugin, 17, r.ReencryptCompacted(14, True))
+    assert plugin.state.job.compaction == r.COMPACTION_DONE
     # The job is in the snapshot (survives restarts and reaches late joiners).
     copy = EncryptionState.from_bytes(plugin.state.to_bytes())
     assert copy.job == plugin.state.job
