@@ -79,7 +79,74 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 
 class SealkvGroup(click.Group):
-    """The top-level group: admin plugins' commands are imported only when asked for."""
+    """The top-level group: admin plugins' commands are imported only when asked for.
+
+    Its own options (`-w`, `--endpoints`, `--timeout`, ...) are accepted anywhere on the line,
+    as etcdctl accepts them: `sealkv get k -w json` is `sealkv -w json get k`. One given after
+    the subcommand wins over one given before it. A subcommand that declares an option of the
+    same name keeps it; `--` ends the options.
+    """
+
+    def parse_args(self, ctx, args):
+        if ctx.parent is None:
+            args = self._hoist_global_options(ctx, list(args))
+        return super().parse_args(ctx, args)
+
+    def _global_options(self) -> dict[str, bool]:
+        """{option string: takes a value} of this group's own options."""
+        found = {}
+        for param in self.params:
+            if isinstance(param, click.Option) and not param.is_eager:
+                for name in param.opts + param.secondary_opts:
+                    found[name] = not (param.is_flag or param.count)
+        return found
+
+    def _hoist_global_options(self, ctx, args: list[str]) -> list[str]:
+        options = self._global_options()
+        front, rest, i = [], [], 0
+        # The part before the subcommand stays as it is.
+        while i < len(args) and args[i].startswith("-") and args[i] != "--":
+            takes = options.get(args[i].split("=", 1)[0])
+            front.append(args[i])
+            if takes and "=" not in args[i] and i + 1 < len(args):
+                front.append(args[i + 1])
+                i += 1
+            i += 1
+        taken = self._options_along(ctx, args[i:])
+        hoisted = []
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                rest.extend(args[i:])
+                break
+            name, short_value = arg.split("=", 1)[0], None
+            if name not in options and len(arg) > 2 and arg[:2] in options and arg[1] != "-":
+                name, short_value = arg[:2], arg[2:]  # -wjson
+            if name in options and name not in taken:
+                hoisted.append(arg)
+                if options[name] and "=" not in arg and short_value is None and i + 1 < len(args):
+                    hoisted.append(args[i + 1])
+                    i += 1
+            else:
+                rest.append(arg)
+            i += 1
+        return front + hoisted + rest
+
+    def _options_along(self, ctx, args: list[str]) -> set[str]:
+        """The option strings declared by the subcommands named in `args`."""
+        taken: set[str] = set()
+        group: Optional[click.Command] = self
+        for arg in args:
+            if not isinstance(group, click.Group) or arg.startswith("-"):
+                continue
+            command = group.get_command(ctx, arg)
+            if command is None:
+                continue
+            for param in command.params:
+                if isinstance(param, click.Option):
+                    taken.update(param.opts + param.secondary_opts)
+            group = command
+        return taken
 
     def get_command(self, ctx, name):
         command = super().get_command(ctx, name)
@@ -121,11 +188,11 @@ def cli(ctx, endpoints, write_out, timeout):
 
 def register_commands() -> click.Group:
     """Adds the command groups that live in their own modules; returns the CLI (idempotent)."""
-    from sealkv.node.cli import (audit_cmd, bench_cmd, cluster_cmd, endpoint_cmd, kv_cmd,
-                                 member_cmd, node_cmd, plugins_cmd)
+    from sealkv.node.cli import (audit_cmd, bench_cmd, cluster_cmd, endpoint_cmd, info_cmd,
+                                 kv_cmd, member_cmd, node_cmd, plugins_cmd)
 
     for module in (kv_cmd, member_cmd, endpoint_cmd, plugins_cmd, bench_cmd, cluster_cmd,
-                   node_cmd, audit_cmd):
+                   node_cmd, audit_cmd, info_cmd):
         module.register(cli)
     return cli
 

@@ -233,3 +233,16 @@ def test_cluster_down_without_a_record_is_a_usage_error(tmp_path):
     down = _sealkv("cluster", "down", "--data-dir", str(tmp_path / "none"), cwd=tmp_path)
     assert down.returncode == 2
     assert "Error: no local cluster recorded in" in down.stderr
+
+
+def test_global_flags_after_the_subcommand(sealkv, endpoints):
+    assert sealkv("put", "cli/anywhere", "v", "--endpoints", endpoints).exit_code == 0
+    r = sealkv("get", "cli/anywhere", "-w", "json", "--endpoints", endpoints)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["kvs"][0]["value"] == "v"
+    r = sealkv("member", "list", "-w", "table", "--endpoints", endpoints)
+    assert r.exit_code == 0 and r.stdout.startswith("+"), r.output
+    r = sealkv("--endpoints", endpoints, "version", "-w", "json")
+    assert r.exit_code == 0, r.output
+    servers = json.loads(r.stdout)["servers"]
+    assert len(servers) == 3 and all(servers.values())
