@@ -10,7 +10,6 @@ from typing import Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from sealkv.node import durable, file_modes, plugin_loader
 from sealkv.node.config import MAX_VALUE_BYTES, NodeConfig
@@ -18,6 +17,7 @@ from sealkv.node.data_dir import DataDirError, DataDirLock, refuse_disabled_plug
 from sealkv.node.replication.adapter import ReplicationAdapter
 from sealkv.node.replication.proposer import UNBATCHED_ENTRIES, Proposer
 from sealkv.node.replication.membership import MemberRecord, Membership, raft_id
+from sealkv.node.serving import reflection
 from sealkv.node.serving.audit import AuditDamaged, AuditInterceptor, AuditLog
 from sealkv.node.serving.cluster_service import ClusterService
 from sealkv.node.serving.handle import NodeHandle
@@ -174,10 +174,10 @@ class Node:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [kv_pb2.DESCRIPTOR.services_by_name["KV"].full_name,
                  cluster_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name,
-                 health.SERVICE_NAME, reflection.SERVICE_NAME]
+                 health.SERVICE_NAME]
         for plugin in self.admin_plugins:
             names.extend(plugin.add_services(server))
-        reflection.enable_server_reflection(names, server)
+        reflection.enable(names, server)
         port = server.add_insecure_port(address)
         if port == 0:
             raise StartupError(f"cannot bind gRPC address {address}")
