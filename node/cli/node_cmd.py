@@ -1,11 +1,11 @@
 """`sealkv node start`: run one node in the foreground."""
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
+from sealkv.node import logs
 from sealkv.node.cli.main import EXIT_USAGE, CliError
 
 
@@ -54,17 +54,17 @@ def node():
                    "without the BATCH opcode (see the README).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Log lines as text or one JSON object per line.")
 def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, secret_file,
           plugins_, encryption, kek_file, kek_provider, kek_options, request_timeout,
-          fsync, batch_entries, log_level):
+          fsync, batch_entries, log_level, log_format):
     """Runs one node in the foreground until SIGTERM or SIGINT."""
     from sealkv.node.config import ConfigError, build_config, load_toml
     from sealkv.node.server import run
 
-    logging.basicConfig(level=log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pysyncobj").setLevel(logging.WARNING if log_level != "DEBUG" else "DEBUG")
     values = load_toml(config_file) if config_file else {}
+    logs.configure(log_level, log_format, name or str(values.get("name", "")))
     flags = {"name": name, "data_dir": data_dir, "raft": raft, "grpc": grpc,
              "learner": learner, "initial_cluster": initial_cluster,
              "secret_file": secret_file, "request_timeout": request_timeout, "fsync": fsync,
