@@ -49,6 +49,7 @@ HELD_BACK_MAX = 16 * 1024 * 1024
 DUMP_RETRY_MIN = 1.0
 DUMP_RETRY_MAX = 60.0
 SWITCH_INTERVAL = 0.0005
+SEAL_WAIT = 5.0  # propose_async: the longest wait at a closed intake (raft envelope cutover)
 DUMP_MAGIC = b"SEALKVD2"       # header, snapshot, then a CRC-32C of everything before it
 LEGACY_DUMP_MAGIC = b"SEALKVD1"  # the same without the checksum (read, never written)
 
@@ -462,16 +463,18 @@ class ReplicationAdapter:
                       on_done: Callable[[object, Optional[errors.SealkvError]], None]) -> None:
         """Submits `command` without waiting; `on_done(result, error)` is called once.
 
-        For pipelining callers (the raw-engine benchmark). `on_done` runs on the tick thread
-        and must be short; `error` is the exception `propose` would raise. pysyncobj can
-        orphan a callback (a follower installing a snapshot), so callers must also keep a
-        deadline of their own.
+        For pipelining callers (the proposer, the raw-engine benchmark). `on_done` runs on the
+        tick thread and must be short; `error` is the exception `propose` would raise.
+        pysyncobj can orphan a callback (a follower installing a snapshot), so callers must
+        also keep a deadline of their own. The one wait: while a raft-log envelope cutover
+        holds this node's intake, sealing blocks the caller up to `SEAL_WAIT` seconds (the
+        barrier is meant to hold writes, not fail them).
         """
         def on_result(result, reason):
             on_done(result, None if reason == FAIL_REASON.SUCCESS else _proposal_failure(reason))
 
         try:
-            payload = self.codec.seal(command, 0.0)
+            payload = self.codec.seal(command, SEAL_WAIT)
         except errors.SealkvError as exc:  # paused intake: refused, nothing submitted
             on_done(None, exc)
             return
