@@ -134,6 +134,13 @@ class ClientMethods:
     def digest(self, **kw) -> cluster_pb2.DigestResponse:
         return self._cluster("Digest", cluster_pb2.DigestRequest(), idempotent=True, **kw)
 
+    def alarm_list(self, **kw) -> cluster_pb2.AlarmResponse:
+        return self._cluster("Alarm", cluster_pb2.AlarmRequest(), idempotent=True, **kw)
+
+    def alarm_disarm(self, **kw) -> cluster_pb2.AlarmResponse:
+        return self._cluster("Alarm", cluster_pb2.AlarmRequest(
+            action=cluster_pb2.AlarmRequest.DISARM), **kw)
+
 
 # The unary KV method of each batch request kind.
 UNARY_METHOD = {"put": "Put", "get": "Get", "delete": "Delete", "range": "Range",

@@ -12,6 +12,7 @@ TOML layout (every key optional except name, grpc and one of raft / learner):
     request_timeout = 5.0
     fsync = "always"                 # or "never": see the README's Durability section
     batch_entries = true             # false: one Raft entry per write (rolling upgrades)
+    quota_backend_bytes = 2147483648 # keys+values the database may hold (NOSPACE alarm above)
     [raft_settings]                  # RaftSettings fields
     log_compaction_min_entries = 50000
     [plugin_options.encryption]      # handed to the plugin as PluginContext.options
@@ -34,8 +35,13 @@ from sealkv.node.replication.membership import MemberRecord
 MAX_KEY_BYTES = 4096
 MAX_VALUE_BYTES = 1024 * 1024
 MAX_RANGE_LIMIT = 10000
+# A Range response stops before the pair that would take its keys and values past this
+# (`more` is then set; at least one pair is always returned).
+MAX_RANGE_BYTES = 4 * 1024 * 1024
 MAX_NAME_BYTES = 64
 SECRET_MIN_BYTES = 16
+DEFAULT_QUOTA_BACKEND_BYTES = 2 * 1024 ** 3
+MIN_QUOTA_BACKEND_BYTES = 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -62,6 +68,7 @@ class NodeConfig:
     # True: concurrent writes share one BATCH entry (opcode 0x12). False: one entry per write,
     # for a rolling upgrade from a version whose nodes cannot apply BATCH.
     batch_entries: bool = True
+    quota_backend_bytes: int = DEFAULT_QUOTA_BACKEND_BYTES
     raft_settings: RaftSettings = field(default_factory=RaftSettings)
 
     def validate(self) -> None:
@@ -88,10 +95,25 @@ class NodeConfig:
         if self.fsync not in durable.FSYNC_POLICIES:
             raise ConfigError(f"fsync must be {' or '.join(durable.FSYNC_POLICIES)} "
                               f"(got {self.fsync!r})")
+        if not isinstance(self.quota_backend_bytes, int) or \
+                self.quota_backend_bytes < MIN_QUOTA_BACKEND_BYTES:
+            raise ConfigError(f"quota_backend_bytes must be an integer of at least "
+                              f"{MIN_QUOTA_BACKEND_BYTES} (1 MiB)")
         try:
             self.raft_settings.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+
+    @property
+    def db_dir(self) -> str:
+        """Where the database lives: `<data-dir>/db`."""
+        return os.path.join(self.data_dir, "db")
+
+    @property
+    def db_map_bytes(self) -> int:
+        """The LMDB map (address space, not disk): twice the quota, so the quota alarm comes
+        first; a larger quota grows the map at the next start."""
+        return 2 * self.quota_backend_bytes + 64 * 1024 * 1024
 
     @property
     def partners(self) -> list[str]:

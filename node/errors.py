@@ -82,7 +82,8 @@ class ReadTimeout(SealkvError):
 
 
 class ResourceExhausted(SealkvError):
-    """The node's proposal queue is full: retry later."""
+    """The node's proposal queue is full (retry later), or a NOSPACE alarm refuses writes
+    (the message says which disk or quota; `sealkv alarm disarm` after freeing space)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

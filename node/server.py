@@ -5,13 +5,14 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sealkv.node import durable, file_modes, plugin_loader
+from sealkv.node import durable, errors, file_modes, plugin_loader
 from sealkv.node.config import MAX_VALUE_BYTES, NodeConfig
 from sealkv.node.data_dir import DataDirError, DataDirLock, refuse_disabled_plugin_data
 from sealkv.node.replication.adapter import ReplicationAdapter
@@ -23,10 +24,10 @@ from sealkv.node.serving.cluster_service import ClusterService
 from sealkv.node.serving.handle import NodeHandle
 from sealkv.node.serving.kv_service import KVService
 from sealkv.node.serving.status import LearnerProbe, NodeStatus
-from sealkv.node.state import alarms
 from sealkv.node.state import commands as cmd
+from sealkv.node.state.alarms import AlarmBoard
 from sealkv.node.state.machine import StateMachine
-from sealkv.node.state.storage.memory import MemoryStore
+from sealkv.node.state.storage.lmdb_store import LmdbStore
 from sealkv.plugins.api import PluginContext, StartupRefused
 from sealkv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
@@ -56,8 +57,13 @@ class Node:
         self.storage_plugins = []
         self.admin_plugins = []
         self._stopped = threading.Event()
+        self.db_index_at_start = 0
+        self.replayed_at_start = 0
 
-        stack = MemoryStore()
+        self.store = LmdbStore(config.db_dir, map_size=config.db_map_bytes,
+                               sync=config.fsync == durable.FSYNC_ALWAYS,
+                               on_commit=durable.record_synced)
+        stack = self.store
         handlers = {}
         try:
             for name, cls in plugin_loader.load(config.plugins, plugin_loader.STORAGE_GROUP):
@@ -75,6 +81,10 @@ class Node:
         self.state_machine = StateMachine(
             stack, config.initial_cluster or [self._self_record()], handlers,
             {p.name: p for p in self.storage_plugins})
+        self.alarms = AlarmBoard(config.name, self.state_machine,
+                                 lambda command, timeout: self.adapter.propose(command, timeout),
+                                 db_dir=config.db_dir, data_bytes=self.store.data_bytes,
+                                 quota_bytes=config.quota_backend_bytes)
         try:
             secret = config.read_secret()
             self.adapter = ReplicationAdapter(
@@ -91,7 +101,8 @@ class Node:
         self.proposer = Proposer(self.adapter, lost_after=2 * config.request_timeout,
                                  **({} if config.batch_entries else UNBATCHED_ENTRIES))
         self.kv_service = KVService(config.name, config.request_timeout, self.proposer,
-                                    self.state_machine, self.admit_write)
+                                    self.state_machine, self.admit_write,
+                                    self.alarms.write_refusal)
         self.status_view = NodeStatus(config, self.adapter, self.state_machine.member_directory,
                                       self.membership.leader_grpc_address, self.plugin_names,
                                       LearnerProbe(config.name, self.handle.channel))
@@ -108,7 +119,7 @@ class Node:
     def _on_disk_full(self, path: str) -> None:
         """Raises the NOSPACE alarm (called on the tick thread when a log write finds the
         disk full)."""
-        alarms.raise_alarm(alarms.NOSPACE, self.config.name)
+        self.alarms.raise_alarm(cmd.CAUSE_DISK_FULL)
 
     def _self_record(self) -> MemberRecord:
         role = cmd.ROLE_LEARNER if self.config.learner else cmd.ROLE_VOTER
@@ -132,12 +143,20 @@ class Node:
                 plugin.prepare_start()
         except StartupRefused as exc:
             raise StartupError(str(exc)) from exc
+        self._open_database()
+        started = time.monotonic()
         try:
             self.adapter.start()
         except durable.DamagedFile as exc:
             raise StartupError(str(exc)) from None
         if not self.adapter.wait_replayed(60):
             raise StartupError("the local raft log did not replay within 60s")
+        self.replayed_at_start = self.state_machine.applied_entries
+        log.info("replayed %d log entries after the database's applied index %d (%d already "
+                 "in the database skipped) in %.2fs", self.replayed_at_start,
+                 self.db_index_at_start, self.state_machine.skipped_entries,
+                 time.monotonic() - started)
+        self.alarms.start()
         try:
             for plugin in self.storage_plugins:
                 plugin.start(self.handle)
@@ -170,7 +189,7 @@ class Node:
         kv_pb2_grpc.add_KVServicer_to_server(self.kv_service, server)
         cluster_pb2_grpc.add_ClusterServicer_to_server(
             ClusterService(self.config.name, self.config.request_timeout, self.status,
-                           self.membership, self.state_machine), server)
+                           self.membership, self.state_machine, self.alarms), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [kv_pb2.DESCRIPTOR.services_by_name["KV"].full_name,
                  cluster_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name,
@@ -198,10 +217,27 @@ class Node:
                 log.error("plugin %s failed to stop: %s", plugin.name, type(exc).__name__)
         self.handle.close()
         self.proposer.close()
+        self.alarms.stop()
         self.adapter.stop()
+        self.adapter.wait_dump_written(10)
+        self.store.close()
         if self.audit is not None:
             self.audit.close()
         self._data_dir_lock.release()
+
+    def _open_database(self) -> None:
+        try:
+            self.store.open()
+        except OSError as exc:
+            raise StartupError(f"cannot open the database in {self.config.db_dir}: "
+                               f"{exc.strerror or exc}") from exc
+        except Exception as exc:
+            raise StartupError(f"cannot open the database in {self.config.db_dir}: "
+                               f"{type(exc).__name__}: {exc}; restore the data directory "
+                               "from a backup or remove it and rejoin the cluster") from exc
+        self.db_index_at_start = self.state_machine.load()
+        log.info("database %s opened at applied index %d", self.config.db_dir,
+                 self.db_index_at_start)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -211,8 +247,13 @@ class Node:
     def require_leader(self) -> None:
         self.membership.require_leader()
 
-    def admit_write(self, timeout: float) -> None:
-        """Runs every storage layer's write admission (a gRPC thread, before proposing)."""
+    def admit_write(self, timeout: float, cost: int = 0) -> None:
+        """Refuses a write of about `cost` bytes while a NOSPACE alarm is (or would be) on,
+        then runs every storage layer's write admission (a gRPC thread, before proposing)."""
+        self.alarms.check_space(cost)
+        refusal = self.alarms.write_refusal()
+        if refusal is not None:
+            raise errors.ResourceExhausted(refusal)
         for plugin in self.storage_plugins:
             plugin.admit_write(timeout)
 
@@ -221,7 +262,11 @@ class Node:
         counters = self.kv_service.batches.counters
         return {**self.status_view.status(), "kv_counters": {
             "batch_messages": counters.messages, "batch_requests": counters.requests,
-            "entries": self.proposer.entries, "entry_commands": self.proposer.commands}}
+            "entries": self.proposer.entries, "entry_commands": self.proposer.commands},
+            "alarms": self.alarms.alarms(), "db_size_in_use": self.store.data_bytes(),
+            "quota_backend_bytes": self.config.quota_backend_bytes,
+            "db_applied_index_at_start": self.db_index_at_start,
+            "replayed_at_start": self.replayed_at_start}
 
     def plugin_names(self) -> list[str]:
         return [f"storage:{p.name}" for p in self.storage_plugins] \

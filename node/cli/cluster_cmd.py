@@ -177,8 +177,8 @@ def cluster_status(c: Ctx, data_dir):
                 data.append(dict(status_json(n.grpc, s), pid=n.pid, running=alive))
             except errors.SealkvError as exc:
                 down_count += 1
-                rows.append([n.grpc, n.name, "-", "-", "-", "-", "-", "-",
-                             "down" if not alive else exc.message])
+                rows.append([n.grpc, n.name] + ["-"] * (len(STATUS_HEADERS) - 3)
+                            + ["down" if not alive else exc.message])
                 data.append({"endpoint": n.grpc, "name": n.name, "pid": n.pid,
                              "running": alive, "error": exc.message})
     emit(c.write_out, STATUS_HEADERS, rows, data)

@@ -7,6 +7,7 @@ import time
 import click
 
 from sealkv.node import errors
+from sealkv.node.cli.alarm_cmd import alarm_json
 from sealkv.node.cli.main import EXIT_UNREACHABLE, Ctx, pass_ctx
 from sealkv.node.state.commands import ROLE_NAMES
 from sealkv.node.cli.member_cmd import member_json
@@ -27,12 +28,21 @@ def _targets(c: Ctx, cluster: bool) -> list[str]:
 
 
 STATUS_HEADERS = ["endpoint", "name", "role", "leader", "term", "commit", "applied", "quorum",
-                  "plugins"]
+                  "db size", "alarms", "plugins"]
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def status_row(endpoint_: str, s) -> list:
     return [endpoint_, s.node_id, ROLE_NAMES.get(s.role, "?"), s.leader or "-", s.term,
             s.commit_index, s.applied_index, "yes" if s.has_quorum else "no",
+            _size(s.db_size_in_use),
+            ",".join(sorted({f"{a.alarm}:{a.member}" for a in s.alarms})) or "-",
             ",".join(s.plugins) or "-"]
 
 
@@ -42,7 +52,11 @@ def status_json(endpoint_: str, s) -> dict:
             "commit_index": s.commit_index, "applied_index": s.applied_index,
             "has_quorum": s.has_quorum, "plugins": list(s.plugins), "version": s.version,
             "config_version": s.config_version, "log_size": s.log_size,
-            "members": [member_json(m) for m in s.members]}
+            "members": [member_json(m) for m in s.members],
+            "db_size_in_use": s.db_size_in_use, "quota_backend_bytes": s.quota_backend_bytes,
+            "alarms": [alarm_json(a) for a in s.alarms],
+            "db_applied_index_at_start": s.db_applied_index_at_start,
+            "replayed_at_start": s.replayed_at_start}
 
 
 @endpoint.command(name="status")

@@ -188,11 +188,11 @@ def cli(ctx, endpoints, write_out, timeout):
 
 def register_commands() -> click.Group:
     """Adds the command groups that live in their own modules; returns the CLI (idempotent)."""
-    from sealkv.node.cli import (audit_cmd, bench_cmd, cluster_cmd, endpoint_cmd, info_cmd,
-                                 kv_cmd, member_cmd, node_cmd, plugins_cmd)
+    from sealkv.node.cli import (alarm_cmd, audit_cmd, bench_cmd, cluster_cmd, endpoint_cmd,
+                                 info_cmd, kv_cmd, member_cmd, node_cmd, plugins_cmd)
 
-    for module in (kv_cmd, member_cmd, endpoint_cmd, plugins_cmd, bench_cmd, cluster_cmd,
-                   node_cmd, audit_cmd, info_cmd):
+    for module in (kv_cmd, member_cmd, endpoint_cmd, alarm_cmd, plugins_cmd, bench_cmd,
+                   cluster_cmd, node_cmd, audit_cmd, info_cmd):
         module.register(cli)
     return cli
 

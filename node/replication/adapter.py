@@ -6,6 +6,16 @@ can orphan callbacks), coalesces linearizable-read barriers, persists the state 
 own snapshot format (no pickle), halts the node when an entry cannot be applied, and owns the
 membership lock under which every membership change and `membership_snapshot()` run.
 
+Group commit: the state machine applies the entries of one tick into one database transaction
+(`StateMachine.defer_commit`); the adapter commits it before the tick takes new proposals, and
+only then resolves the callers of those entries, so an acknowledged write is in the database.
+
+Snapshots ("dumps"): the database is the local state; a restart replays only the log after
+its applied index (`StateMachine.load`). The dump file exists for pysyncobj's compaction and
+for followers that lag behind it. It is written on a background thread from a read
+transaction opened on the tick thread at the exact index pysyncobj asks for, never under the
+state lock; a dump the database already covers is not loaded at start-up.
+
 Settings (see `RaftSettings`) are chosen for low single-request latency on loopback while
 keeping pipelined throughput: pysyncobj's defaults batch every 100 ms.
 """
@@ -20,6 +30,7 @@ import time
 from typing import Callable, Optional
 
 from pysyncobj import FAIL_REASON, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj import pickle as raft_pickle
 from pysyncobj.node import TCPNode
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
@@ -35,6 +46,7 @@ from sealkv.node.replication.membership import MemberRecord, MembershipSnapshot
 from sealkv.node.replication.payload_codec import IdentityCodec, PayloadCodec
 from sealkv.node.replication.settings import RaftSettings
 from sealkv.node.state.machine import StateMachine
+from sealkv.node.state.storage.base import StorageFull
 
 safe_pickle.install()
 raft_journal.install()
@@ -47,6 +59,9 @@ DISK_RETRY_PERIOD = 1.0
 HELD_BACK_MAX = 16 * 1024 * 1024
 # A dump that failed is retried after this long (doubling up to the maximum), not every tick.
 DUMP_RETRY_MIN = 1.0
+# A database commit that found no space is retried after this long (the entries wait).
+STALL_RETRY = 1.0
+_STALLED = object()  # what _apply returns for an entry it will apply again later
 DUMP_RETRY_MAX = 60.0
 SWITCH_INTERVAL = 0.0005
 SEAL_WAIT = 5.0  # propose_async: the longest wait at a closed intake (raft envelope cutover)
@@ -94,6 +109,9 @@ class _RaftObject(RaftRulesSyncObj):
     # entry it does not hold.
 
     def _checkCommandsToApply(self):
+        # The entries this tick applied commit to the database before new proposals are
+        # taken and before their callers hear about them (see ReplicationAdapter).
+        self._adapter._commit_applied()
         self._with_group_commit(super()._checkCommandsToApply)
 
     def _SyncObj__onBecomeLeader(self):
@@ -176,6 +194,9 @@ class _RaftObject(RaftRulesSyncObj):
             adapter._disk_recovered()
         try:
             super()._onTick(timeToWait)
+            # Ticks that apply without reaching _checkCommandsToApply (transport not ready at
+            # start-up) commit here.
+            adapter._commit_applied()
         except raft_journal.MetaNotDurable:
             # The term or vote could not be saved: pysyncobj raised before sending the vote
             # or message that needed it. The alarm and its one warning are already raised.
@@ -303,6 +324,16 @@ class ReplicationAdapter:
         self._barrier_inflight: Optional[_BarrierGroup] = None
         self._barrier_next: Optional[_BarrierGroup] = None
         self._halted = False
+        # Tick thread only: callbacks of applied entries waiting for their group's commit.
+        self._after_commit: list[Callable[[], None]] = []
+        self._dump = _BackgroundDump(self)
+        # Disk-full stall (tick thread only): pysyncobj's applied index at the last commit,
+        # when applying may resume, and callers of entries to apply again, by index.
+        self._committed_raft_index: Optional[int] = None
+        self._stalled_until = 0.0
+        self._stalled = False
+        self._applying_index = 0
+        self._orphans: dict[int, list[Callable[[object], None]]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -313,6 +344,7 @@ class ReplicationAdapter:
         or meta file cannot be trusted.
         """
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        self.sm.defer_commit = True
         self.journal = raft_journal.FileJournal(self.data_dir, self.fsync,
                                                 on_disk_full=self._on_disk_full)
         raft_journal.register_directory(self.data_dir, self.fsync)
@@ -332,7 +364,8 @@ class ReplicationAdapter:
             dynamicMembershipChange=True,
             journalFile=self.journal,
             fullDumpFile=os.path.join(self.data_dir, "raft.dump"),
-            serializer=self._write_dump,
+            serializer=self._dump.start,
+            serializeChecker=self._dump.check,
             deserializer=self._read_dump,
             appendEntriesUseBatch=s.append_entries_use_batch,
             appendEntriesPeriod=s.append_entries_period,
@@ -359,6 +392,10 @@ class ReplicationAdapter:
             while self._obj.tick_thread_alive() and time.monotonic() < deadline:
                 time.sleep(0.02)
 
+    def wait_dump_written(self, timeout: float) -> None:
+        """Waits for a background snapshot writer to finish (before closing the database)."""
+        self._dump.join(timeout)
+
     def wait_replayed(self, timeout: float) -> bool:
         """Waits until the dump and the journal entries known committed at start are applied."""
         target = self._obj.raftCommitIndex
@@ -382,8 +419,20 @@ class ReplicationAdapter:
 
     def _apply(self, payload: bytes):
         index = self._obj.raftLastApplied + 1
+        self._applying_index = index
+        if self._stalled:
+            if time.monotonic() < self._stalled_until:
+                return _STALLED
+            self._stalled = False
         try:
-            return self.sm.apply(index, self.codec.open(index, payload))
+            result = self.sm.apply(index, self.codec.open(index, payload))
+            waiting = self._orphans.pop(index, None)
+            if waiting:
+                self._after_commit.extend(lambda r=result, w=w: w(r) for w in waiting)
+            return result
+        except StorageFull:
+            self._storage_full()
+            return _STALLED
         except ApplyHalt as exc:
             self._do_halt(str(exc))
         except BaseException as exc:  # apply must never raise into pysyncobj
@@ -400,6 +449,57 @@ class ReplicationAdapter:
             self.codec.on_leadership(True, unapplied)
         elif old == _RAFT_STATE.LEADER:
             self.codec.on_leadership(False, ())
+
+    def _commit_applied(self) -> None:
+        """Commits the applied group and resolves its callers (tick thread).
+
+        When the database cannot write (disk or map full), nothing of the group is kept: the
+        NOSPACE alarm is raised, pysyncobj is rewound to the last committed entry and the
+        group is applied again `STALL_RETRY` seconds later, until there is room. The
+        group's callers are resolved when it finally commits. The node keeps its raft role
+        meanwhile (heartbeats, votes, log replication): only applying waits.
+        """
+        if self._obj is None:
+            return
+        if self._stalled or self.sm.base.in_write and self._stall_commit_failed():
+            self._obj._SyncObj__raftLastApplied = self._committed_raft_index
+            return
+        self._committed_raft_index = self._obj.raftLastApplied
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
+
+    def _stall_commit_failed(self) -> bool:
+        try:
+            self.sm.commit()
+        except StorageFull:
+            self._storage_full()
+            return True
+        except BaseException as exc:
+            self._after_commit = []
+            self._do_halt(f"cannot commit applied entries to the database: "
+                          f"{type(exc).__name__} at {where(exc)}")
+            return True
+        return False
+
+    def _storage_full(self) -> None:
+        """The database is out of space: raise the alarm, drop the group, retry later."""
+        if not self._stalled:
+            log.error("the database cannot write (no space): applying pauses, retrying every "
+                      "%.0fs", STALL_RETRY)
+        self._on_disk_full(getattr(self.sm.base, "path", "the database"))
+        self.sm.rollback()
+        if self._committed_raft_index is None:
+            self._committed_raft_index = self.sm.applied_index
+        self._stalled = True
+        self._stalled_until = time.monotonic() + STALL_RETRY
+
+    def _when_committed(self, callback: Callable[[], None]) -> None:
+        """Runs `callback` once the entries applied so far are committed (tick thread)."""
+        if self.sm.base.in_write or self._stalled:
+            self._after_commit.append(callback)
+        else:
+            callback()
 
     def _do_halt(self, reason: str) -> None:
         self._halted = True
@@ -446,9 +546,16 @@ class ReplicationAdapter:
         done = threading.Event()
         box: list = []
 
-        def on_result(result, reason):
+        def resolve(result, reason):
             box.append((result, reason))
             done.set()
+
+        def on_result(result, reason):
+            if result is _STALLED:
+                self._orphans.setdefault(self._applying_index, []).append(
+                    lambda real: resolve(real, reason))
+            else:
+                self._when_committed(lambda: resolve(result, reason))
 
         self._obj.apply_command(payload, callback=on_result)
         if not done.wait(max(0.0, deadline - time.monotonic())):
@@ -471,7 +578,12 @@ class ReplicationAdapter:
         barrier is meant to hold writes, not fail them).
         """
         def on_result(result, reason):
-            on_done(result, None if reason == FAIL_REASON.SUCCESS else _proposal_failure(reason))
+            error = None if reason == FAIL_REASON.SUCCESS else _proposal_failure(reason)
+            if result is _STALLED:
+                self._orphans.setdefault(self._applying_index, []).append(
+                    lambda real: on_done(real, error))
+            else:
+                self._when_committed(lambda: on_done(result, error))
 
         try:
             payload = self.codec.seal(command, SEAL_WAIT)
@@ -695,10 +807,12 @@ class ReplicationAdapter:
 
     # -- dump files (tick thread) -----------------------------------------------------
 
-    def _write_dump(self, filename: str, data) -> None:
-        # pysyncobj renames `filename` (a temporary name) over the dump afterwards, through
-        # the durable rename the journal module installs; a failure here is retried with a
-        # back-off instead of on every tick (pysyncobj only logs "Failed to store full dump").
+    def _write_dump(self, filename: str, data, view=None) -> None:
+        # Writes the dump to `filename` (a temporary name, renamed over the dump afterwards
+        # through a durable rename); a failure is retried with a back-off instead of on every
+        # tick (pysyncobj only logs "Failed to store full dump"). `view` is a database read
+        # transaction opened at the dump's index (the background writer), else the current
+        # state is read.
         last, previous, cluster = data
         meta = {
             "last": [last[0].hex(), last[1], last[2]],
@@ -711,7 +825,15 @@ class ReplicationAdapter:
                 os.fchmod(f.fileno(), durable.FILE_MODE)
                 out = _ChecksumWriter(f)
                 out.write(DUMP_MAGIC + len(raw).to_bytes(4, "big") + raw)
-                self.sm.write_snapshot(out)
+                if view is not None:
+                    with self.sm.base.read_view(view):
+                        index = self.sm.write_snapshot(out)
+                else:
+                    index = self.sm.write_snapshot(out)
+                # pysyncobj's own entries (no-ops, membership) never reach the database: its
+                # index may be below the dump's, never above.
+                if index > last[1]:
+                    raise RuntimeError(f"snapshot at index {index}, dump claims {last[1]}")
                 f.write(out.crc.to_bytes(4, "big"))
                 f.flush()
                 durable.sync_file(f.fileno(), filename, self.fsync)
@@ -758,7 +880,10 @@ class ReplicationAdapter:
                                               "valid", DUMP_FIX) from None
                 offset = src.tell()
                 try:
-                    self.sm.read_snapshot(src)
+                    if not self.sm.read_snapshot(src, skip_if_covered=True):
+                        log.info("the database (applied index %d) covers the snapshot at index "
+                                 "%d in %s: not loading it", self.sm.applied_index, last[1],
+                                 filename)
                 except ApplyHalt as exc:
                     raise durable.DamagedFile(filename, offset, f"snapshot refused ({exc})",
                                               DUMP_FIX) from None
@@ -774,6 +899,83 @@ class ReplicationAdapter:
             raise
         # pysyncobj compares these with its own TCPNode to drop itself: strings never match.
         return last, previous, cluster
+
+
+class _DumpNotRenamed(Exception):
+    """Stops pysyncobj from renaming a dump a background thread is still writing."""
+
+
+class _BackgroundDump:
+    """Writes pysyncobj's dump from a database read transaction on a background thread.
+
+    pysyncobj calls `start(tmp, data)` (its serializer hook) on the tick thread, then renames
+    `tmp` over the dump. On an MVCC store, `start` opens the read transaction there (the
+    database holds every entry up to pysyncobj's last applied index: each tick's group is
+    committed before compaction runs) and raises `_DumpNotRenamed`, so pysyncobj renames
+    nothing; the worker writes, syncs and renames the dump itself, never holding the state
+    lock. `check()` (the serializeChecker hook) reports SERIALIZING, then SUCCESS or FAILED;
+    until SUCCESS pysyncobj keeps the log entries the dump will cover and sends no snapshot.
+    On the in-memory store (tests) the dump is written synchronously, as pysyncobj expects.
+    """
+
+    def __init__(self, adapter: "ReplicationAdapter"):
+        self.adapter = adapter
+        self._state = SERIALIZER_STATE.NOT_SERIALIZING
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def _set(self, state) -> None:
+        with self._lock:
+            self._state = state
+
+    def start(self, tmp_name: str, data) -> None:
+        adapter = self.adapter
+        sm = adapter.sm
+        if not getattr(sm.base, "mvcc", False):
+            try:
+                adapter._write_dump(tmp_name, data)
+            except Exception:
+                self._set(SERIALIZER_STATE.FAILED)
+                raise
+            self._set(SERIALIZER_STATE.SUCCESS)
+            return
+        if sm.base.in_write:  # never expected: each tick commits before compaction runs
+            self._set(SERIALIZER_STATE.FAILED)
+            raise _DumpNotRenamed("the database has uncommitted entries")
+        final = tmp_name[:-len(".tmp")] if tmp_name.endswith(".tmp") else tmp_name + ".dump"
+        view = sm.base.begin_read()
+        self._set(SERIALIZER_STATE.SERIALIZING)
+        self._thread = threading.Thread(target=self._write, args=(final, data, view),
+                                        daemon=True, name="dump-writer")
+        self._thread.start()
+        raise _DumpNotRenamed("the dump is written in the background")
+
+    def _write(self, final: str, data, view) -> None:
+        work = final + ".writing"
+        started = time.monotonic()
+        try:
+            self.adapter._write_dump(work, data, view)
+            durable.replace(work, final, self.adapter.fsync)
+        except Exception:  # _write_dump reported it and set the back-off
+            self._set(SERIALIZER_STATE.FAILED)
+            return
+        finally:
+            view.abort()
+        log.debug("wrote the snapshot at index %d in %.2fs", data[0][1],
+                  time.monotonic() - started)
+        self._set(SERIALIZER_STATE.SUCCESS)
+
+    def check(self):
+        with self._lock:
+            state = self._state
+            if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+                self._state = SERIALIZER_STATE.NOT_SERIALIZING
+            return state
+
+    def join(self, timeout: float) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
 
 class _ChecksumWriter:

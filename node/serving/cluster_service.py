@@ -13,6 +13,11 @@ from sealkv.v1 import cluster_pb2, cluster_pb2_grpc
 ROLE_TO_PB = {cmd.ROLE_VOTER: cluster_pb2.VOTER, cmd.ROLE_LEARNER: cluster_pb2.LEARNER}
 
 
+def alarm_pb(a) -> cluster_pb2.AlarmMember:
+    return cluster_pb2.AlarmMember(member=a.member, alarm=a.kind, cause=a.cause_name,
+                                   replicated=a.replicated, message=a.message)
+
+
 def member_pb(m: dict) -> cluster_pb2.Member:
     return cluster_pb2.Member(name=m["name"], raft_address=m["raft_address"],
                               grpc_address=m["grpc_address"], role=ROLE_TO_PB[m["role"]],
@@ -29,12 +34,13 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     """
 
     def __init__(self, member_name: str, request_timeout: float, status: Callable[[], dict],
-                 membership: Membership, state):
+                 membership: Membership, state, alarms):
         self._member_name = member_name
         self._request_timeout = request_timeout
         self._status = status
         self._membership = membership
         self._state = state
+        self._alarms = alarms  # AlarmBoard: alarms(), disarm(timeout)
 
     @rpc_method
     def Status(self, request, context):
@@ -47,7 +53,11 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             has_quorum=s["has_quorum"], is_leader=s["is_leader"],
             members=[member_pb(m) for m in s["members"]], plugins=s["plugins"],
             version=s["version"], config_version=s["config_version"], log_size=s["log_size"],
-            kv_counters=cluster_pb2.KVCounters(**s["kv_counters"]))
+            kv_counters=cluster_pb2.KVCounters(**s["kv_counters"]),
+            alarms=[alarm_pb(a) for a in s["alarms"]], db_size_in_use=s["db_size_in_use"],
+            quota_backend_bytes=s["quota_backend_bytes"],
+            db_applied_index_at_start=s["db_applied_index_at_start"],
+            replayed_at_start=s["replayed_at_start"])
 
     def _members(self):
         s = self._status()
@@ -94,6 +104,14 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                                              deadline(context, self._request_timeout))
         s = self._status()
         return cluster_pb2.TransferLeadershipResponse(leader=s["leader"], term=s["term"])
+
+    @rpc_method
+    def Alarm(self, request, context):
+        if request.action == cluster_pb2.AlarmRequest.DISARM:
+            self._alarms.disarm(deadline(context, self._request_timeout))
+        elif request.action != cluster_pb2.AlarmRequest.LIST:
+            raise errors.InvalidArgument(f"unknown alarm action {request.action}")
+        return cluster_pb2.AlarmResponse(alarms=[alarm_pb(a) for a in self._alarms.alarms()])
 
     @rpc_method
     def Digest(self, request, context):

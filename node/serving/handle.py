@@ -101,11 +101,11 @@ class NodeHandle:
         """Compacts this node: waits until `min_index` is applied here, writes a new snapshot
         and drops the log before it (new files, renamed into place). Returns
         {"snapshot_index", "dump_bytes", "journal_bytes"}; raises `OutcomeUnknown` on timeout.
-        A base store with the `compact_files()` capability rewrites its files too."""
+        The database file is rewritten with only its live pages first (see
+        `ReplicationAdapter.compact`)."""
         deadline = time.monotonic() + timeout
         self.wait_applied(min_index, timeout)
         index = self._node.adapter.compact(max(0.1, deadline - time.monotonic()))
-        self._node.state_machine.compact_storage()
         sizes = {"dump_bytes": 0, "journal_bytes": 0}
         raft_dir = os.path.join(self.data_dir, "raft")
         for name in os.listdir(raft_dir):

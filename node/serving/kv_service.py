@@ -5,9 +5,10 @@ from typing import Callable, Optional, Protocol
 
 from sealkv.node.state import commands as cmd
 from sealkv.node import errors
-from sealkv.node.config import MAX_KEY_BYTES, MAX_RANGE_LIMIT, MAX_VALUE_BYTES
+from sealkv.node.config import MAX_KEY_BYTES, MAX_RANGE_BYTES, MAX_RANGE_LIMIT, MAX_VALUE_BYTES
 from sealkv.node.serving.batch_service import BatchService
 from sealkv.node.serving.rpc import deadline, rpc_method
+from sealkv.node.state.alarms import alarm_message
 from sealkv.node.state.machine import WriteResult
 from sealkv.node.state.storage.base import Entry
 from sealkv.v1 import kv_pb2, kv_pb2_grpc
@@ -73,9 +74,12 @@ class KVState(Protocol):
     def get(self, key: bytes) -> tuple[Optional[Entry], int]:
         """Returns (the cleartext entry or None, the applied index it reflects)."""
 
-    def range(self, start: bytes, end: Optional[bytes], limit: int,
-              keys_only: bool) -> tuple[list[tuple[bytes, Entry]], int, int]:
-        """Returns (up to `limit` cleartext pairs, the total count, the applied index)."""
+    def range(self, start: bytes, end: Optional[bytes], limit: int, keys_only: bool,
+              max_bytes: Optional[int] = None) -> tuple[list[tuple[bytes, Entry]], int, int]:
+        """Returns (cleartext pairs, the total count, the applied index), from one read view.
+
+        Stops at `limit` pairs or before the pair that would pass `max_bytes` of keys and
+        values (at least one pair is returned)."""
 
     def reveal(self, key: bytes, entry: Optional[Entry]) -> Optional[Entry]:
         """Decodes an entry as stored (a `WriteResult.prev`) to cleartext."""
@@ -88,13 +92,23 @@ class KVOps:
     InvalidArgument); `*_response` builds the answer from the command's apply result;
     `check_get`/`check_range` validate a read and say whether it needs the read barrier;
     `get` and `range` read the local state (the caller has passed the read point first).
-    Called from gRPC worker threads, never from the tick thread.
+    Called from gRPC worker threads, never from the tick thread. `write_refusal()` returns
+    the NOSPACE alarm's message (for a write refused at apply), or None.
     """
 
-    def __init__(self, member_name: str, replication: KVReplication, state: KVState):
+    def __init__(self, member_name: str, replication: KVReplication, state: KVState,
+                 write_refusal: Callable[[], Optional[str]] = lambda: None):
         self._member_name = member_name
         self._replication = replication
         self._state = state
+        self._write_refusal = write_refusal
+
+    def _refuse_if_capped(self, result: WriteResult) -> None:
+        if result.refused:
+            # Admitted before the NOSPACE alarm, refused at apply on every replica alike:
+            # nothing was written.
+            raise errors.ResourceExhausted(self._write_refusal()
+                                           or alarm_message("a member", cmd.CAUSE_DISK_FULL))
 
     def header(self, revision: int) -> kv_pb2.ResponseHeader:
         return kv_pb2.ResponseHeader(member_id=self._member_name, revision=revision,
@@ -112,6 +126,7 @@ class KVOps:
         return cmd.encode(cmd.Put(request.key, request.value))
 
     def put_response(self, request, result: WriteResult) -> kv_pb2.PutResponse:
+        self._refuse_if_capped(result)
         response = kv_pb2.PutResponse(header=self.header(result.revision))
         self._prev_kv(response, request, result)
         return response
@@ -146,6 +161,7 @@ class KVOps:
 
     def compare_and_swap_response(self, request,
                                   result: WriteResult) -> kv_pb2.CompareAndSwapResponse:
+        self._refuse_if_capped(result)
         response = kv_pb2.CompareAndSwapResponse(header=self.header(result.revision),
                                                  succeeded=result.succeeded)
         if result.current is not None:
@@ -190,7 +206,7 @@ class KVOps:
     def range(self, request) -> kv_pb2.RangeResponse:
         start, end = range_bounds(request)
         pairs, total, revision = self._state.range(start, end, request.limit or MAX_RANGE_LIMIT,
-                                                   request.keys_only)
+                                                   request.keys_only, MAX_RANGE_BYTES)
         return kv_pb2.RangeResponse(header=self.header(revision), count=total,
                                     more=total > len(pairs),
                                     kvs=[to_kv(k, e, request.keys_only) for k, e in pairs])
@@ -223,11 +239,12 @@ class KVService(kv_pb2_grpc.KVServicer):
     """
 
     def __init__(self, member_name: str, request_timeout: float, replication: KVReplication,
-                 state: KVState, admit_write: Callable[[float], None]):
+                 state: KVState, admit_write: Callable[[float], None],
+                 write_refusal: Callable[[], Optional[str]] = lambda: None):
         self._request_timeout = request_timeout
         self._replication = replication
         self._admit_write = admit_write
-        self.ops = KVOps(member_name, replication, state)
+        self.ops = KVOps(member_name, replication, state, write_refusal)
         self.batches = BatchService(self.ops, replication, request_timeout,
                                     lambda timeout: self._admit_write(timeout))
 

@@ -17,6 +17,9 @@ Core opcodes (0x03-0x0F are reserved for the encryption plugin, 0x40-0x7F for ot
 |        |               | the command (PUT, DELETE, CAS or BARRIER, version byte incl.)  |
 | 0x20   | MEMBER_SET    | role u8, then three u16-length strings: name, raft, grpc       |
 | 0x21   | MEMBER_REMOVE | name_len u16, name                                             |
+| 0x30   | ALARM         | action u8 (1 raise, 2 disarm), cause u8 (1 disk full, 2 quota; |
+|        |               | 0 with disarm: every cause), member_len u16, member (empty     |
+|        |               | with disarm: every member)                                     |
 """
 from __future__ import annotations
 
@@ -33,9 +36,10 @@ OP_BARRIER = 0x11
 OP_BATCH = 0x12
 OP_MEMBER_SET = 0x20
 OP_MEMBER_REMOVE = 0x21
+OP_ALARM = 0x30
 
 CORE_OPCODES = frozenset({OP_PUT, OP_DELETE, OP_CAS, OP_BARRIER, OP_BATCH, OP_MEMBER_SET,
-                          OP_MEMBER_REMOVE})
+                          OP_MEMBER_REMOVE, OP_ALARM})
 # What a BATCH may carry: the key-value commands, never membership, plugin or nested batches.
 BATCHABLE_OPCODES = frozenset({OP_PUT, OP_DELETE, OP_CAS, OP_BARRIER})
 MAX_BATCH_COMMANDS = 4096
@@ -46,6 +50,13 @@ CAS_MUST_NOT_EXIST = 1
 ROLE_VOTER = 1
 ROLE_LEARNER = 2
 ROLE_NAMES = {ROLE_VOTER: "voter", ROLE_LEARNER: "learner"}
+
+ALARM_RAISE = 1
+ALARM_DISARM = 2
+CAUSE_ANY = 0
+CAUSE_DISK_FULL = 1
+CAUSE_QUOTA = 2
+ALARM_CAUSES = (CAUSE_DISK_FULL, CAUSE_QUOTA)
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -117,6 +128,15 @@ class MemberRemove:
     name: str
 
 
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """Raises or disarms the NOSPACE alarm of `member` (disarm: "" means every member)."""
+
+    action: int
+    cause: int
+    member: str
+
+
 def _string(text: str) -> bytes:
     raw = text.encode("utf-8")
     return _U16.pack(len(raw)) + raw
@@ -141,6 +161,8 @@ def encode(command) -> bytes:
                 + _string(command.raft_address) + _string(command.grpc_address))
     if isinstance(command, MemberRemove):
         return bytes((OP_MEMBER_REMOVE, BODY_V1)) + _string(command.name)
+    if isinstance(command, Alarm):
+        return bytes((OP_ALARM, BODY_V1, command.action, command.cause)) + _string(command.member)
     raise TypeError(f"not a core command: {type(command).__name__}")
 
 
@@ -265,6 +287,16 @@ def decode(command: bytes):
         if role not in (ROLE_VOTER, ROLE_LEARNER):
             raise CommandError(f"unknown member role {role}")
         result = MemberSet(r.string(), r.string(), r.string(), role)
+    elif opcode == OP_ALARM:
+        action, cause = r.u8(), r.u8()
+        member = r.string()
+        if action == ALARM_RAISE and (cause not in ALARM_CAUSES or not member):
+            raise CommandError("an alarm raise names a member and a known cause")
+        if action == ALARM_DISARM and cause not in ALARM_CAUSES + (CAUSE_ANY,):
+            raise CommandError(f"unknown alarm cause {cause}")
+        if action not in (ALARM_RAISE, ALARM_DISARM):
+            raise CommandError(f"unknown alarm action {action}")
+        result = Alarm(action, cause, member)
     else:
         result = MemberRemove(r.string())
     r.end()

@@ -6,8 +6,17 @@ clock, randomness, network or logging; the only I/O is what a plugin's apply han
 specified to do. A command that cannot be applied raises `ApplyHalt`, which the replication
 adapter turns into a deliberate halt of the node.
 
-Threading: `apply`, `snapshot` and `restore` run on the pysyncobj tick thread; reads run on
-gRPC worker threads. Everything goes through `self.lock`.
+Transactions: applied entries go into the base store's write transaction together with the
+applied index and, when they change, the member directory, the configuration version and the
+replicated plugin states (`META_*` keys). By default every `apply` commits; with
+`defer_commit` set (the replication adapter does, for group commit) entries accumulate until
+`commit()`, and a batch applies in one transaction by construction. `applied_index` is the
+committed index: what readers see.
+
+Threading: `apply`, `commit`, `load` and `read_snapshot` run on the pysyncobj tick thread (or
+the start-up thread before it runs) and hold `self.lock`. Reads run on gRPC worker threads:
+on an MVCC store (LMDB) each read uses one read transaction and never takes `self.lock`, so a
+read never blocks apply; on the in-memory store (tests) reads take `self.lock`.
 """
 from __future__ import annotations
 
@@ -15,18 +24,26 @@ import hashlib
 import json
 import struct
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Mapping, Optional, Sequence
 
 from sealkv.node.state import commands as cmd
 from sealkv.node.errors import ApplyHalt, IntegrityError, where
 from sealkv.node.replication.membership import MemberRecord
-from sealkv.node.state.storage.base import VALUE_CLEARTEXT, Entry, Storage, base_store
+from sealkv.node.state.storage.base import (VALUE_CLEARTEXT, Entry, Storage, StorageFull,
+                                            base_store)
 from sealkv.plugins.api import CommandHandler
 
 SNAPSHOT_MAGIC = b"SEALKVS1"
 _RECORD = struct.Struct(">IBQQQI")
 _U32 = struct.Struct(">I")
+
+META_APPLIED = b"applied_index"
+META_CONFIG_VERSION = b"config_version"
+META_MEMBERS = b"members"
+META_PLUGIN = b"plugin/"
+META_ALARMS = b"alarms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +54,8 @@ class WriteResult:
     prev: Optional[Entry] = None
     succeeded: bool = True
     current: Optional[Entry] = None
+    # A PUT or CAS refused because a NOSPACE alarm is active: nothing was written.
+    refused: bool = False
 
 
 class StateMachine:
@@ -59,30 +78,139 @@ class StateMachine:
         self.plugin_states = dict(plugin_states or {})
         self.members: dict[str, MemberRecord] = {m.name: m for m in initial_members}
         self.config_version = 0
+        # Active alarms, replicated: (member, cause) -> index of the entry that raised it.
+        self.alarms: dict[tuple[str, int], int] = {}
         self.applied_index = 0
+        self._pending_index = 0
+        self.defer_commit = False
+        self._group_touched_plugins = False
+        # Counters for start-up reporting: entries applied, entries skipped (already stored).
+        self.applied_entries = 0
+        self.skipped_entries = 0
+
+    def load(self) -> int:
+        """Loads what the base store holds (a restart) and returns its applied index.
+
+        Restores the applied index, the member directory, the configuration version and the
+        plugin states stored with the data. Returns 0 for an empty store (the initial members
+        stay). Call once on the start-up thread, after the plugins are prepared and before the
+        log replays: replay then skips every entry at or below the returned index.
+        """
+        with self.lock:
+            raw = self.base.get_meta(META_APPLIED)
+            if raw is None:
+                return 0
+            self._load_meta()
+            return self.applied_index
+
+    def _load_meta(self, plugins: bool = True) -> None:
+        self.applied_index = self._pending_index = int(self.base.get_meta(META_APPLIED) or 0)
+        members = self.base.get_meta(META_MEMBERS)
+        if members is not None:
+            self.members = {m[0]: MemberRecord(m[0], m[1], m[2], m[3])
+                            for m in json.loads(members)}
+        self.config_version = int(self.base.get_meta(META_CONFIG_VERSION) or 0)
+        self.alarms = _alarms_from_json(self.base.get_meta(META_ALARMS))
+        if plugins:
+            for name, state in self.plugin_states.items():
+                raw = self.base.get_meta(META_PLUGIN + name.encode())
+                if raw is not None:
+                    state.restore_state(raw)
+
+    def _save_members(self) -> None:
+        self.base.put_meta(META_MEMBERS, _members_json(self.members.values()))
+        self.base.put_meta(META_CONFIG_VERSION, b"%d" % self.config_version)
+
+    def _save_alarms(self) -> None:
+        self.base.put_meta(META_ALARMS, _alarms_json(self.alarms))
+
+    def _save_plugin_states(self) -> None:
+        for name, state in self.plugin_states.items():
+            self.base.put_meta(META_PLUGIN + name.encode(), state.snapshot_state())
 
     # -- replicated apply -------------------------------------------------------------
 
     def apply(self, index: int, command: bytes):
-        """Applies the committed command at log `index`; raises `ApplyHalt` if it cannot."""
+        """Applies the committed command at log `index`; raises `ApplyHalt` if it cannot.
+
+        An entry at or below the index already applied (the database is ahead of the log
+        after a restart, or the log re-sent a committed suffix) is skipped: returns None.
+        On `ApplyHalt` the open transaction is aborted, so nothing of the group is kept.
+        `StorageFull` (the store's disk or map is full) also aborts the group; the caller
+        runs `rollback()` and applies the group's entries again once there is room.
+        """
         with self.lock:
+            if index <= self._pending_index:
+                self.skipped_entries += 1
+                return None
+            if not self.base.in_write:
+                self.base.begin_write()
             opcode = command[0] if command else None
             try:
                 if opcode in self.handlers:
+                    self._group_touched_plugins = True
                     result = self.handlers[opcode](index, command[1:])
+                    self._save_plugin_states()
                 else:
                     result = self._apply_core(index, cmd.decode(command))
-            except ApplyHalt:
-                raise
-            except cmd.CommandError as exc:
-                raise ApplyHalt(f"entry {index}: undecodable command: {exc}") from exc
-            except Exception as exc:  # the message could carry a key or value: never log it
+                self.base.put_meta(META_APPLIED, b"%d" % index)
+            except BaseException as exc:
+                self.base.abort()
+                self._pending_index = self.applied_index
+                if isinstance(exc, (ApplyHalt, StorageFull)):
+                    raise
+                if isinstance(exc, cmd.CommandError):
+                    raise ApplyHalt(f"entry {index}: undecodable command: {exc}") from exc
+                # The message could carry a key or value: never log it.
                 raise ApplyHalt(f"entry {index}: apply failed: {type(exc).__name__} at "
                                 f"{where(exc)}") from exc
-            self.applied_index = index
+            self._pending_index = index
+            self.applied_entries += 1
+            if not self.defer_commit:
+                self.commit()
             return result
 
+    def commit(self) -> int:
+        """Commits the entries applied since the last commit; returns the committed index.
+
+        Tick thread. Raises `StorageFull` (from the LMDB store) when the disk or map is full:
+        the transaction is then aborted and `rollback()` must run before the next apply.
+        """
+        with self.lock:
+            if self.base.in_write:
+                self.base.commit()
+            self._group_touched_plugins = False
+            self.applied_index = self._pending_index
+            return self.applied_index
+
+    def rollback(self) -> int:
+        """After a failed commit: reloads the in-memory state from the store; returns its index.
+
+        The entries of the lost group must be applied again (the adapter rewinds the log).
+        """
+        with self.lock:
+            self.base.abort()
+            self._load_meta(plugins=self._group_touched_plugins)
+            self._group_touched_plugins = False
+            return self.applied_index
+
+    @contextmanager
+    def transaction(self):
+        """Applies everything inside the block in one store transaction (one commit)."""
+        with self.lock:
+            deferred, self.defer_commit = self.defer_commit, True
+            try:
+                yield self
+            finally:
+                self.defer_commit = deferred
+            if not deferred:
+                self.commit()
+
     def _apply_core(self, index: int, command):
+        if self.alarms and isinstance(command, (cmd.Put, cmd.CompareAndSwap)):
+            # Like etcd's capped applier: once a NOSPACE alarm is replicated, writes that
+            # were admitted before it are refused on every replica alike (deletes go on).
+            return WriteResult(index, succeeded=False, refused=True)
         if isinstance(command, cmd.Put):
             prev = self.base.get(command.key)
             self._store(index, command.key, command.value, prev)
@@ -113,11 +241,22 @@ class StateMachine:
             self.members[command.name] = MemberRecord(command.name, command.raft_address,
                                                       command.grpc_address, command.role)
             self.config_version = index
+            self._save_members()
             return WriteResult(index)
         if isinstance(command, cmd.MemberRemove):
             existed = self.members.pop(command.name, None) is not None
             self.config_version = index
+            self._save_members()
             return WriteResult(index, succeeded=existed)
+        if isinstance(command, cmd.Alarm):
+            if command.action == cmd.ALARM_RAISE:
+                self.alarms.setdefault((command.member, command.cause), index)
+            else:
+                self.alarms = {(member, cause): at for (member, cause), at in self.alarms.items()
+                               if (command.member and member != command.member)
+                               or (command.cause and cause != command.cause)}
+            self._save_alarms()
+            return WriteResult(index)
         raise ApplyHalt(f"entry {index}: no handler for {type(command).__name__}")
 
     def _store(self, index: int, key: bytes, value: bytes, prev: Optional[Entry]) -> Entry:
@@ -129,23 +268,50 @@ class StateMachine:
 
     # -- reads ------------------------------------------------------------------------
 
+    @contextmanager
+    def read_view(self):
+        """One consistent view for every read of this thread inside the block.
+
+        An MVCC store gives a read transaction (apply goes on meanwhile); the in-memory store
+        gives the state lock.
+        """
+        if getattr(self.base, "mvcc", False):
+            with self.base.read_view():
+                yield
+        else:
+            with self.lock:
+                yield
+
+    def _viewed_index(self) -> int:
+        if getattr(self.base, "mvcc", False):
+            return int(self.base.get_meta(META_APPLIED) or 0)
+        return self.applied_index
+
     def get(self, key: bytes) -> tuple[Optional[Entry], int]:
         """Returns (the decoded entry or None, the applied index it reflects)."""
-        with self.lock:
-            return _cleartext(self.storage.get(key)), self.applied_index
+        with self.read_view():
+            return _cleartext(self.storage.get(key)), self._viewed_index()
 
-    def range(self, start: bytes, end: Optional[bytes], limit: int,
-              keys_only: bool) -> tuple[list[tuple[bytes, Entry]], int, int]:
-        """Returns (up to `limit` decoded pairs, total count, applied index)."""
-        with self.lock:
+    def range(self, start: bytes, end: Optional[bytes], limit: int, keys_only: bool,
+              max_bytes: Optional[int] = None) -> tuple[list[tuple[bytes, Entry]], int, int]:
+        """Returns (decoded pairs, total count, applied index) from one read view.
+
+        Stops after `limit` pairs, or before the pair that would take the keys and values
+        past `max_bytes` (at least one pair is returned, so a caller always progresses).
+        """
+        with self.read_view():
             total = self.storage.count(start, end)
             pairs: list[tuple[bytes, Entry]] = []
+            size = 0
             source = self.base.scan(start, end) if keys_only else self.storage.scan(start, end)
             for key, entry in source:
                 if len(pairs) >= limit:
                     break
+                size += len(key) + (0 if keys_only else len(entry.value))
+                if max_bytes is not None and pairs and size > max_bytes:
+                    break
                 pairs.append((key, entry if keys_only else _cleartext(entry)))
-            return pairs, total, self.applied_index
+            return pairs, total, self._viewed_index()
 
     def reveal(self, key: bytes, entry: Optional[Entry]) -> Optional[Entry]:
         """Decodes a raw entry (as returned in `WriteResult.prev`) through the storage stack."""
@@ -163,8 +329,8 @@ class StateMachine:
 
     def stored_records(self, start: bytes, limit: int) -> list[tuple[bytes, Entry]]:
         """Returns up to `limit` records as stored at rest (sealed or not) with key >= `start`,
-        in key order. gRPC and plugin threads; holds the state lock while it reads."""
-        with self.lock:
+        in key order. gRPC and plugin threads; one read view (on LMDB it never blocks apply)."""
+        with self.read_view():
             out: list[tuple[bytes, Entry]] = []
             for pair in self.base.scan(start, None):
                 if len(out) >= limit:
@@ -172,30 +338,42 @@ class StateMachine:
                 out.append(pair)
             return out
 
-    def compact_storage(self) -> bool:
-        """Asks the base store to rewrite its files without free space (the optional store
-        capability `compact_files()`: a database that reuses freed pages may still hold old
-        bytes in them). Returns whether the store did; holds the state lock meanwhile."""
-        compact = getattr(self.base, "compact_files", None)
-        if compact is None:
-            return False
+    def active_alarms(self) -> dict[tuple[str, int], int]:
+        """Returns a copy of the replicated alarms: (member, cause) -> raising index."""
         with self.lock:
-            compact()
-        return True
+            return dict(self.alarms)
 
     def member_directory(self) -> tuple[dict[str, MemberRecord], int]:
         """Returns a copy of the member directory and its configuration version."""
         with self.lock:
             return dict(self.members), self.config_version
 
+    def _viewed_header(self) -> dict:
+        """The replicated state besides the records, as the current read view has it."""
+        members = self.base.get_meta(META_MEMBERS)
+        if members is None:
+            with self.lock:
+                members = _members_json(self.members.values())
+        plugins = {}
+        for name, state in self.plugin_states.items():
+            raw = self.base.get_meta(META_PLUGIN + name.encode())
+            plugins[name] = raw if raw is not None else state.snapshot_state()
+        return {
+            "applied_index": self._viewed_index(),
+            "config_version": int(self.base.get_meta(META_CONFIG_VERSION) or 0),
+            "members": json.loads(members),
+            "plugins": plugins,
+            "alarms": json.loads(self.base.get_meta(META_ALARMS) or b"[]"),
+        }
+
     def digest(self) -> tuple[str, int, int]:
         """Returns (SHA-256 hex of the logical state, number of keys, applied index).
 
         The digest covers decoded values and revisions, so replicas that hold different
-        ciphertexts of the same data have the same digest.
+        ciphertexts of the same data have the same digest. It streams one read view.
         """
         h = hashlib.sha256()
-        with self.lock:
+        with self.read_view():
             count = 0
             for key, entry in self.storage.scan(b"", None):
                 h.update(_U32.pack(len(key)) + key)
@@ -203,28 +381,28 @@ class StateMachine:
                                      entry.version))
                 h.update(_U32.pack(len(entry.value)) + entry.value)
                 count += 1
-            for name in sorted(self.members):
-                m = self.members[name]
-                h.update(repr((m.name, m.raft_address, m.grpc_address, m.role)).encode())
-            h.update(b"config_version %d" % self.config_version)
-            for name in sorted(self.plugin_states):
-                state = self.plugin_states[name].snapshot_state()
-                h.update(name.encode() + _U32.pack(len(state)) + state)
-            return h.hexdigest(), count, self.applied_index
+            header = self._viewed_header()
+        for m in sorted(header["members"]):
+            h.update(repr(tuple(m)).encode())
+        h.update(b"config_version %d" % header["config_version"])
+        if header["alarms"]:
+            h.update(b"alarms " + _alarms_json(_alarms_from_json(header["alarms"])))
+        for name in sorted(header["plugins"]):
+            state = header["plugins"][name]
+            h.update(name.encode() + _U32.pack(len(state)) + state)
+        return h.hexdigest(), count, header["applied_index"]
 
     # -- snapshots --------------------------------------------------------------------
 
-    def write_snapshot(self, out: BinaryIO) -> None:
-        """Writes the whole replicated state (records as stored at rest) to `out`."""
-        with self.lock:
-            header = {
-                "applied_index": self.applied_index,
-                "config_version": self.config_version,
-                "members": [[m.name, m.raft_address, m.grpc_address, m.role]
-                            for m in self.members.values()],
-                "plugins": {name: state.snapshot_state().hex()
-                            for name, state in self.plugin_states.items()},
-            }
+    def write_snapshot(self, out: BinaryIO) -> int:
+        """Writes the replicated state (records as stored at rest) to `out`; returns its index.
+
+        Reads one view: on LMDB it runs beside apply (call it inside `read_view()` opened at
+        the index the snapshot must reflect, possibly on another thread).
+        """
+        with self.read_view():
+            header = self._viewed_header()
+            header["plugins"] = {name: raw.hex() for name, raw in header["plugins"].items()}
             raw = json.dumps(header, sort_keys=True).encode()
             out.write(SNAPSHOT_MAGIC + _U32.pack(len(raw)) + raw)
             for key, e in self.base.dump():
@@ -233,20 +411,56 @@ class StateMachine:
                 out.write(key)
                 out.write(e.value)
             out.write(_RECORD.pack(0xFFFFFFFF, 0, 0, 0, 0, 0))
+            return header["applied_index"]
 
-    def read_snapshot(self, src: BinaryIO) -> None:
-        """Replaces the whole state with a snapshot written by `write_snapshot`."""
+    def read_snapshot(self, src: BinaryIO, *, skip_if_covered: bool = False) -> bool:
+        """Replaces the whole state with a snapshot written by `write_snapshot`.
+
+        Records stream into one store transaction (no full copy in memory). With
+        `skip_if_covered`, a snapshot at or below the applied index is not loaded (the
+        store already holds a later state of the same log) and False is returned.
+        """
         if src.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
             raise ValueError("not a sealkv snapshot")
         header = json.loads(src.read(_U32.unpack(src.read(4))[0]))
-        records = list(_read_records(src))
         with self.lock:
-            self.base.restore(records)
-            self.members = {m[0]: MemberRecord(m[0], m[1], m[2], m[3]) for m in header["members"]}
-            self.config_version = header["config_version"]
-            self.applied_index = header["applied_index"]
-            for name, state in self.plugin_states.items():
-                state.restore_state(bytes.fromhex(header["plugins"].get(name, "")))
+            if skip_if_covered and header["applied_index"] <= self._pending_index:
+                return False
+            self.commit()
+            self.base.begin_write()
+            try:
+                self.base.restore(_read_records(src))
+                self.members = {m[0]: MemberRecord(m[0], m[1], m[2], m[3])
+                                for m in header["members"]}
+                self.config_version = header["config_version"]
+                self._save_members()
+                self.alarms = _alarms_from_json(header.get("alarms", []))
+                self._save_alarms()
+                for name, state in self.plugin_states.items():
+                    state.restore_state(bytes.fromhex(header["plugins"].get(name, "")))
+                self._save_plugin_states()
+                self.base.put_meta(META_APPLIED, b"%d" % header["applied_index"])
+                self.base.commit()
+            except BaseException:
+                self.base.abort()
+                raise
+            self.applied_index = self._pending_index = header["applied_index"]
+            return True
+
+
+def _alarms_json(alarms: Mapping[tuple[str, int], int]) -> bytes:
+    return json.dumps(sorted([member, cause, index] for (member, cause), index in alarms.items()),
+                      separators=(",", ":")).encode()
+
+
+def _alarms_from_json(raw) -> dict[tuple[str, int], int]:
+    rows = json.loads(raw) if isinstance(raw, (bytes, str)) else (raw or [])
+    return {(member, cause): index for member, cause, index in rows}
+
+
+def _members_json(members: Iterable[MemberRecord]) -> bytes:
+    return json.dumps(sorted([m.name, m.raft_address, m.grpc_address, m.role]
+                             for m in members), separators=(",", ":")).encode()
 
 
 def _cleartext(entry: Optional[Entry]) -> Optional[Entry]:

@@ -21,7 +21,21 @@ CORE_COMMANDS = [
     cmd.MemberRemove("n2"),
     cmd.Batch((cmd.Put(b"a", b"1"), cmd.Delete(b"b"),
                cmd.CompareAndSwap(b"c", b"3", cmd.CAS_MUST_NOT_EXIST, 0), cmd.Barrier())),
+    cmd.Alarm(cmd.ALARM_RAISE, cmd.CAUSE_DISK_FULL, "n1"),
+    cmd.Alarm(cmd.ALARM_RAISE, cmd.CAUSE_QUOTA, "n2"),
+    cmd.Alarm(cmd.ALARM_DISARM, cmd.CAUSE_ANY, ""),
 ]
+
+
+def test_alarm_wire_bytes_and_refusals():
+    assert cmd.encode(cmd.Alarm(cmd.ALARM_RAISE, cmd.CAUSE_QUOTA, "n1")) == \
+        b"\x30\x01\x01\x02\x00\x02n1"
+    for bad in (b"\x30\x01\x01\x00\x00\x00",          # raise without a member
+                b"\x30\x01\x01\x09\x00\x02n1",        # unknown cause
+                b"\x30\x01\x07\x01\x00\x02n1",        # unknown action
+                b"\x30\x01\x02\x00\x00\x02n1x"):      # trailing bytes
+        with pytest.raises(cmd.CommandError):
+            cmd.decode(bad)
 
 
 @pytest.mark.parametrize("command", CORE_COMMANDS, ids=lambda c: type(c).__name__)

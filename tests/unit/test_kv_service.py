@@ -7,6 +7,7 @@ from sealkv.node import errors
 from sealkv.node.config import MAX_KEY_BYTES, MAX_RANGE_LIMIT, MAX_VALUE_BYTES
 from sealkv.node.serving.kv_service import KVService
 from sealkv.node.state import commands as cmd
+from sealkv.node.state.alarms import alarm_message
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.memory import MemoryStore
 from sealkv.v1 import kv_pb2
@@ -69,7 +70,8 @@ def kv():
     sm = StateMachine(MemoryStore())
     replication = FakeReplication(sm)
     admissions = []
-    service = KVService("n1", 5.0, replication, sm, admissions.append)
+    service = KVService("n1", 5.0, replication, sm,
+                        lambda timeout, cost: admissions.append(timeout))
     service.replication, service.admissions = replication, admissions
     return service
 
@@ -106,7 +108,7 @@ def test_put_refuses_bad_input_before_proposing(kv, key, value, message):
 
 
 def test_a_refused_admission_proposes_nothing(kv):
-    def refuse(timeout):
+    def refuse(timeout, cost):
         raise errors.Unavailable("writer not registered yet")
 
     kv._admit_write = refuse
@@ -219,3 +221,34 @@ def test_compare_and_swap_refuses_an_unclear_expectation(kv, request_, message):
     e = status_of(kv, "CompareAndSwap", request_)
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and message in e.details
     assert kv.replication.proposed == []
+
+
+def test_a_write_refused_at_apply_by_a_nospace_alarm_is_resource_exhausted(kv):
+    # Admitted before the alarm was applied: every replica refuses it at apply alike.
+    kv.replication.sm.apply(1, cmd.encode(cmd.Alarm(cmd.ALARM_RAISE, cmd.CAUSE_QUOTA, "n2")))
+    kv.replication.index = 1
+    kv._write_refusal = lambda: alarm_message("n2", cmd.CAUSE_QUOTA)
+    for method, request in (("Put", kv_pb2.PutRequest(key=b"k", value=b"v")),
+                            ("CompareAndSwap", kv_pb2.CompareAndSwapRequest(
+                                key=b"k", value=b"v", must_not_exist=True))):
+        e = status_of(kv, method, request)
+        assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert e.details == (
+            "NOSPACE alarm: the database of n2 reached its quota (--quota-backend-bytes); "
+            "delete keys or raise the quota, then run `sealkv alarm disarm`. Writes are refused "
+            "until then; reads are served")
+    assert call(kv, "Get", kv_pb2.GetRequest(key=b"k")).found is False
+    assert call(kv, "Delete", kv_pb2.DeleteRequest(key=b"k")).deleted == 0
+
+
+def test_range_stops_at_the_response_byte_limit_with_more_set(kv):
+    value = b"v" * (1024 * 1024)
+    for i in range(6):
+        call(kv, "Put", kv_pb2.PutRequest(key=b"big/%d" % i, value=value))
+    r = call(kv, "Range", kv_pb2.RangeRequest(key=b"big/", prefix=True))
+    assert [kv_.key for kv_ in r.kvs] == [b"big/0", b"big/1", b"big/2"]  # 4 MiB of 1 MiB + keys
+    assert r.more and r.count == 6
+    r = call(kv, "Range", kv_pb2.RangeRequest(key=b"big/2\0", range_end=b"big0"))
+    assert [kv_.key for kv_ in r.kvs] == [b"big/3", b"big/4", b"big/5"] and not r.more
+    r = call(kv, "Range", kv_pb2.RangeRequest(key=b"big/", prefix=True, keys_only=True))
+    assert len(r.kvs) == 6 and not r.more  # keys only: far below the byte limit

@@ -1,15 +1,20 @@
 """The replication adapter without a Raft process: secrets, halts and its dump format."""
+import os
+import time
+
 import pytest
+from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.node import TCPNode
 
 from sealkv.node.state import commands as cmd
 from sealkv.node import errors
 from sealkv.node.durable import DamagedFile
-from sealkv.node.replication.adapter import ReplicationAdapter
+from sealkv.node.replication.adapter import ReplicationAdapter, _DumpNotRenamed
 from sealkv.node.replication.settings import RaftSettings
 from sealkv.node.replication.membership import MemberRecord
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.base import Entry
+from sealkv.node.state.storage.lmdb_store import LmdbStore
 from sealkv.node.state.storage.memory import MemoryStore
 
 SELF = "127.0.0.1:7001"
@@ -129,11 +134,27 @@ def filled_state_machine():
     return sm
 
 
+def write_dump(a, path, data):
+    """Drives a dump the way pysyncobj does: the serializer hook (on LMDB it writes in the
+    background and renames the file itself), pysyncobj's rename otherwise, then the checker."""
+    try:
+        a._dump.start(path + ".tmp", data)
+        os.replace(path + ".tmp", path)
+    except _DumpNotRenamed:
+        pass
+    deadline = time.monotonic() + 10
+    while (state := a._dump.check()) == SERIALIZER_STATE.SERIALIZING:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert state == SERIALIZER_STATE.SUCCESS
+    assert not os.path.exists(path + ".tmp")
+
+
 def test_dump_round_trip_restores_state_and_log_position(tmp_path):
     source = adapter(tmp_path, sm=filled_state_machine())
     last, previous = (b"\x00(3)", 3, 1), (b"\x00(2)", 2, 1)
     path = str(tmp_path / "raft.dump")
-    source._write_dump(path, (last, previous, {TCPNode(p) for p in PEERS}))
+    write_dump(source, path, (last, previous, {TCPNode(p) for p in PEERS}))
 
     target = adapter(tmp_path)
     got_last, got_previous, cluster = target._read_dump(path)
@@ -174,7 +195,7 @@ def test_a_snapshot_the_state_machine_refuses_halts_and_is_not_acknowledged(tmp_
     source._write_dump(str(path), ((b"x", 3, 1), (b"y", 2, 1), {TCPNode(p) for p in PEERS}))
 
     class RefusingStateMachine(StateMachine):
-        def read_snapshot(self, src):
+        def read_snapshot(self, src, **kwargs):
             raise errors.ApplyHalt("the encryption plugin refuses this snapshot")
 
     halt = HaltRecorder()
@@ -187,8 +208,51 @@ def test_a_snapshot_the_state_machine_refuses_halts_and_is_not_acknowledged(tmp_
 def test_dump_cluster_entries_compare_equal_to_pysyncobj_nodes(tmp_path):
     source = adapter(tmp_path, sm=filled_state_machine())
     path = str(tmp_path / "raft.dump")
-    source._write_dump(path, ((b"x", 3, 1), (b"y", 2, 1), {TCPNode(p) for p in PEERS}))
+    write_dump(source, path, ((b"x", 3, 1), (b"y", 2, 1), {TCPNode(p) for p in PEERS}))
     _, _, cluster = adapter(tmp_path)._read_dump(path)
     self_node = TCPNode(SELF)
     # Exactly the filter pysyncobj applies when it loads a dump.
     assert [n for n in cluster if n != self_node] == [TCPNode(p) for p in PEERS[1:]]
+
+
+def lmdb_machine(path):
+    store = LmdbStore(str(path), map_size=64 * 1024 * 1024)
+    store.open()
+    return StateMachine(store, [N1]), store
+
+
+def test_on_lmdb_the_dump_is_written_from_a_read_transaction_in_the_background(tmp_path):
+    sm, store = lmdb_machine(tmp_path / "db")
+    for i in range(1, 4):
+        sm.apply(i, cmd.encode(cmd.Put(b"k%d" % i, b"v")))
+    source = adapter(tmp_path, sm=sm)
+    path = str(tmp_path / "raft.dump")
+    with pytest.raises(_DumpNotRenamed):  # pysyncobj must not rename: the writer does
+        source._dump.start(path + ".tmp", ((b"x", 3, 1), (b"y", 2, 1), set()))
+    sm.apply(4, cmd.encode(cmd.Put(b"late", b"v")))  # applying goes on meanwhile
+    deadline = time.monotonic() + 10
+    while (state := source._dump.check()) == SERIALIZER_STATE.SERIALIZING:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert state == SERIALIZER_STATE.SUCCESS and os.path.exists(path)
+
+    target_sm, target_store = lmdb_machine(tmp_path / "db2")
+    adapter(tmp_path, sm=target_sm)._read_dump(path)
+    assert target_sm.applied_index == 3 and target_sm.get(b"k3")[0] is not None
+    assert target_sm.get(b"late")[0] is None  # the view was opened at index 3
+    source.wait_dump_written(5)
+    store.close()
+    target_store.close()
+
+
+def test_a_dump_the_database_already_covers_is_checked_but_not_loaded(tmp_path):
+    sm, store = lmdb_machine(tmp_path / "db")
+    sm.apply(1, cmd.encode(cmd.Put(b"a", b"1")))
+    a = adapter(tmp_path, sm=sm)
+    path = str(tmp_path / "raft.dump")
+    write_dump(a, path, ((b"x", 1, 1), (b"y", 0, 1), set()))
+    sm.apply(2, cmd.encode(cmd.Put(b"b", b"2")))
+    last, _, _ = a._read_dump(path)
+    assert last == (b"x", 1, 1)
+    assert sm.applied_index == 2 and sm.get(b"b")[0] is not None  # not rolled back to 1
+    store.close()

@@ -393,3 +393,162 @@ def test_digest_sensitive_to_revisions_and_members():
     d.apply(6, cmd.encode(cmd.MemberRemove("n2")))
     c.apply(6, cmd.encode(cmd.Barrier()))
     assert c.digest()[0] != d.digest()[0]
+
+
+# -- on LMDB: one transaction per apply or group, restart from the database ----------------
+
+from sealkv.node.state.storage.lmdb_store import LmdbStore  # noqa: E402
+
+
+def lmdb_machine(path, plugin=None, members=(N1,)):
+    store = LmdbStore(str(path), map_size=64 * 1024 * 1024)
+    store.open()
+    handlers = {0x40: plugin.handler} if plugin else None
+    states = {"counter": plugin} if plugin else None
+    return StateMachine(store, members, handlers, states), store
+
+
+def test_restart_loads_the_applied_index_members_and_plugin_state_from_the_database(tmp_path):
+    sm, store = lmdb_machine(tmp_path / "db", CounterState())
+    put(sm, 1, b"a", b"1")
+    sm.apply(2, cmd.encode(cmd.MemberSet("n2", N2.raft_address, N2.grpc_address, N2.role)))
+    sm.apply(3, b"\x40body")
+    put(sm, 4, b"a", b"2")
+    digest = sm.digest()
+    store.close()
+
+    plugin = CounterState()
+    again, store = lmdb_machine(tmp_path / "db", plugin)
+    assert again.load() == 4
+    assert again.applied_index == 4 and plugin.count == 1
+    assert again.member_directory() == ({"n1": N1, "n2": N2}, 2)
+    assert again.digest() == digest
+    # Replaying the log from the start skips what the database holds: no double apply.
+    for index in range(1, 5):
+        assert again.apply(index, cmd.encode(cmd.Put(b"a", b"replayed"))) is None
+    assert again.get(b"a")[0].value == b"2" and again.get(b"a")[0].version == 2
+    put(again, 5, b"a", b"3")
+    assert again.get(b"a") == (Entry(b"3", 1, 5, 3), 5)
+    assert (again.applied_entries, again.skipped_entries) == (1, 4)
+    store.close()
+
+
+def test_deferred_commits_are_invisible_to_readers_until_the_group_commits(tmp_path):
+    sm, store = lmdb_machine(tmp_path / "db")
+    sm.defer_commit = True
+    put(sm, 1, b"a", b"1")
+    put(sm, 2, b"b", b"2")
+    import threading
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(sm.get(b"a")))
+    t.start()
+    t.join()
+    assert seen == [(None, 0)]
+    assert sm.commit() == 2
+    assert sm.get(b"b") == (Entry(b"2", 2, 2, 1), 2)
+    store.close()
+
+
+def test_a_halting_entry_aborts_its_whole_group(tmp_path):
+    sm, store = lmdb_machine(tmp_path / "db")
+    put(sm, 1, b"a", b"1")
+    sm.defer_commit = True
+    put(sm, 2, b"b", b"2")
+    with pytest.raises(ApplyHalt):
+        sm.apply(3, b"\x7f")
+    assert sm.commit() == 1
+    assert sm.get(b"b") == (None, 1)
+    store.close()
+
+
+def test_transaction_block_applies_a_batch_in_one_commit(tmp_path):
+    sm, store = lmdb_machine(tmp_path / "db")
+    with sm.transaction():
+        put(sm, 1, b"a", b"1")
+        put(sm, 2, b"b", b"2")
+        assert store.in_write and sm.applied_index == 0
+    assert not store.in_write and sm.applied_index == 2
+    store.close()
+
+
+def test_a_snapshot_the_database_already_covers_is_not_loaded(tmp_path):
+    source, s1 = lmdb_machine(tmp_path / "a")
+    put(source, 1, b"a", b"1")
+    put(source, 2, b"b", b"2")
+    out = io.BytesIO()
+    assert source.write_snapshot(out) == 2
+
+    ahead, s2 = lmdb_machine(tmp_path / "b")
+    for i in range(1, 4):
+        put(ahead, i, b"k%d" % i, b"v")
+    assert ahead.read_snapshot(io.BytesIO(out.getvalue()), skip_if_covered=True) is False
+    assert ahead.get(b"k3")[0] is not None
+
+    behind, s3 = lmdb_machine(tmp_path / "c")
+    put(behind, 1, b"zz", b"stale")
+    assert behind.read_snapshot(io.BytesIO(out.getvalue()), skip_if_covered=True) is True
+    assert behind.digest() == source.digest() and behind.get(b"zz")[0] is None
+    for s in (s1, s2, s3):
+        s.close()
+
+
+# -- the replicated NOSPACE alarm -----------------------------------------------------------
+
+def alarm(action, cause, member):
+    return cmd.encode(cmd.Alarm(action, cause, member))
+
+
+def test_a_raised_alarm_refuses_puts_and_cas_on_every_replica_but_not_deletes():
+    sm = make()
+    put(sm, 1, b"a", b"1")
+    sm.apply(2, alarm(cmd.ALARM_RAISE, cmd.CAUSE_DISK_FULL, "n2"))
+    assert sm.active_alarms() == {("n2", cmd.CAUSE_DISK_FULL): 2}
+    refused = sm.apply(3, cmd.encode(cmd.Put(b"b", b"2")))
+    assert refused.refused and not refused.succeeded
+    cas = sm.apply(4, cmd.encode(cmd.CompareAndSwap(b"c", b"v", cmd.CAS_MUST_NOT_EXIST, 0)))
+    assert cas.refused
+    assert sm.get(b"b")[0] is None and sm.get(b"c")[0] is None
+    assert sm.apply(5, cmd.encode(cmd.Delete(b"a"))).succeeded
+    sm.apply(6, alarm(cmd.ALARM_RAISE, cmd.CAUSE_QUOTA, "n1"))
+    sm.apply(7, alarm(cmd.ALARM_DISARM, cmd.CAUSE_ANY, ""))
+    assert sm.active_alarms() == {}
+    assert not sm.apply(8, cmd.encode(cmd.Put(b"b", b"2"))).refused
+    assert sm.get(b"b")[0].value == b"2"
+
+
+def test_disarm_can_target_one_member_and_alarms_travel_in_snapshots():
+    sm = make()
+    sm.apply(1, alarm(cmd.ALARM_RAISE, cmd.CAUSE_DISK_FULL, "n2"))
+    sm.apply(2, alarm(cmd.ALARM_RAISE, cmd.CAUSE_QUOTA, "n3"))
+    sm.apply(3, alarm(cmd.ALARM_RAISE, cmd.CAUSE_QUOTA, "n3"))  # raising twice keeps the first
+    sm.apply(4, alarm(cmd.ALARM_DISARM, cmd.CAUSE_ANY, "n2"))
+    assert sm.active_alarms() == {("n3", cmd.CAUSE_QUOTA): 2}
+    out = io.BytesIO()
+    sm.write_snapshot(out)
+    other = make()
+    other.read_snapshot(io.BytesIO(out.getvalue()))
+    assert other.active_alarms() == sm.active_alarms()
+    assert other.digest() == sm.digest()
+
+
+def test_alarms_survive_a_restart_from_the_database(tmp_path):
+    sm, store = lmdb_machine(tmp_path / "db")
+    sm.apply(1, alarm(cmd.ALARM_RAISE, cmd.CAUSE_DISK_FULL, "n1"))
+    store.close()
+    again, store = lmdb_machine(tmp_path / "db")
+    again.load()
+    assert again.active_alarms() == {("n1", cmd.CAUSE_DISK_FULL): 1}
+    assert again.apply(2, cmd.encode(cmd.Put(b"k", b"v"))).refused
+    store.close()
+
+
+def test_range_byte_limit_always_returns_at_least_one_pair():
+    sm = make()
+    put(sm, 1, b"a", b"x" * 100)
+    put(sm, 2, b"b", b"y" * 100)
+    pairs, total, _ = sm.range(b"", None, 10, False, max_bytes=10)
+    assert [k for k, _ in pairs] == [b"a"] and total == 2
+    pairs, _, _ = sm.range(b"", None, 10, False, max_bytes=202)
+    assert [k for k, _ in pairs] == [b"a", b"b"]
+    pairs, _, _ = sm.range(b"", None, 10, False, max_bytes=201)
+    assert [k for k, _ in pairs] == [b"a"]

@@ -1,8 +1,11 @@
-"""The in-memory base store and the forwarding storage layer."""
+"""The base stores (in-memory and LMDB) and the forwarding storage layer."""
+import itertools
+
 import pytest
 
 from sealkv.node.state.storage.base import (VALUE_ENCRYPTED, Entry, Storage, StorageLayer,
                                       base_store)
+from sealkv.node.state.storage.lmdb_store import LmdbStore
 from sealkv.node.state.storage.memory import MemoryStore
 
 
@@ -10,15 +13,35 @@ def e(value: bytes, rev: int = 1) -> Entry:
     return Entry(value, rev, rev, 1)
 
 
+@pytest.fixture(params=["memory", "lmdb"])
+def new_store(request, tmp_path):
+    """Makes empty stores of the parametrised kind (LMDB ones are closed at the end)."""
+    opened = []
+    counter = itertools.count()
+
+    def make():
+        if request.param == "memory":
+            return MemoryStore()
+        s = LmdbStore(str(tmp_path / f"db{next(counter)}"), map_size=64 * 1024 * 1024)
+        s.open()
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        s.close()
+
+
 @pytest.fixture
-def store():
-    s = MemoryStore()
+def store(new_store):
+    s = new_store()
     for i, key in enumerate([b"d", b"b", b"a", b"c", b"b\x00", b"\xff"], start=1):
         s.put(key, e(key, i))
     return s
 
 
-def test_memory_store_implements_the_protocol():
+def test_memory_store_implements_the_protocol(store):
+    assert isinstance(store, Storage)
     assert isinstance(MemoryStore(), Storage)
     assert isinstance(StorageLayer(MemoryStore()), Storage)
 
@@ -60,10 +83,10 @@ def test_delete_removes_from_lookups_and_ranges(store):
     assert [k for k, _ in store.scan(b"a", b"c")] == [b"a", b"b", b"b\x00"]
 
 
-def test_dump_and_restore_replace_everything(store):
+def test_dump_and_restore_replace_everything(store, new_store):
     dumped = list(store.dump())
     assert [k for k, _ in dumped] == [k for k, _ in store.scan(b"", None)]
-    other = MemoryStore()
+    other = new_store()
     other.put(b"stale", e(b"x"))
     other.restore(reversed(dumped))
     assert other.get(b"stale") is None
@@ -116,3 +139,98 @@ def test_base_store_finds_the_innermost():
     stack = Upper(StorageLayer(Upper(base)))
     assert base_store(stack) is base
     assert stack.inner.inner.inner is base
+
+
+# -- LMDB specifics -------------------------------------------------------------------------
+
+@pytest.fixture
+def lmdb_store(tmp_path):
+    s = LmdbStore(str(tmp_path / "db"), map_size=64 * 1024 * 1024)
+    s.open()
+    yield s
+    s.close()
+
+
+def test_long_keys_keep_key_order_beside_short_ones(new_store):
+    store = new_store()
+    prefix = b"p" * 400
+    keys = [prefix, prefix + b"\x00", prefix + b"b" * 600, prefix + b"a", prefix + b"a" * 3000,
+            b"p" * 399 + b"q", b"p" * 399, b"o" + b"z" * 1000, b"q"]
+    for i, key in enumerate(keys, start=1):
+        store.put(key, e(key[-8:], i))
+    assert [k for k, _ in store.scan(b"", None)] == sorted(keys)
+    assert [k for k, _ in store.scan(prefix + b"a", prefix + b"b")] == [
+        prefix + b"a", prefix + b"a" * 3000]
+    assert store.count(b"", None) == len(keys) and store.count(prefix, prefix + b"\xff") == 5
+    assert store.get(prefix + b"a" * 3000) == e(b"aaaaaaaa", 5)
+    assert store.get(prefix + b"a" * 2999) is None
+    assert store.delete(prefix + b"b" * 600) and not store.delete(prefix + b"b" * 600)
+    assert store.delete(prefix + b"a") and store.delete(prefix + b"a" * 3000)
+    assert [k for k, _ in store.scan(prefix, None)] == [prefix, prefix + b"\x00",
+                                                         b"p" * 399 + b"q", b"q"]
+
+
+def test_a_write_transaction_is_invisible_to_readers_until_commit(lmdb_store):
+    lmdb_store.put(b"a", e(b"old"))
+    lmdb_store.begin_write()
+    lmdb_store.put(b"a", e(b"new", 2))
+    lmdb_store.put_meta(b"applied_index", b"2")
+    assert lmdb_store.get(b"a") == e(b"new", 2)   # the writer sees its own writes
+
+    seen = []
+    import threading
+    t = threading.Thread(target=lambda: seen.append((lmdb_store.get(b"a"),
+                                                     lmdb_store.get_meta(b"applied_index"))))
+    t.start()
+    t.join()
+    assert seen == [(e(b"old"), None)]
+    lmdb_store.commit()
+    assert lmdb_store.get(b"a") == e(b"new", 2)
+    assert lmdb_store.get_meta(b"applied_index") == b"2"
+
+
+def test_an_aborted_write_transaction_leaves_nothing(lmdb_store):
+    lmdb_store.begin_write()
+    lmdb_store.put(b"a", e(b"x"))
+    lmdb_store.put_meta(b"applied_index", b"9")
+    lmdb_store.abort()
+    assert lmdb_store.get(b"a") is None and lmdb_store.get_meta(b"applied_index") is None
+    assert lmdb_store.data_bytes() == 0
+
+
+def test_a_read_view_is_a_stable_snapshot_while_writes_commit(lmdb_store):
+    for i in range(100):
+        lmdb_store.put(b"k%03d" % i, e(b"v"))
+    txn = lmdb_store.begin_read()
+    lmdb_store.delete(b"k000")
+    lmdb_store.put(b"k999", e(b"late"))
+    with lmdb_store.read_view(txn):
+        keys = [k for k, _ in lmdb_store.scan(b"", None)]
+    txn.abort()
+    assert len(keys) == 100 and keys[0] == b"k000" and b"k999" not in keys
+    assert lmdb_store.count(b"", None) == 100  # 99 old + k999
+
+
+def test_data_bytes_follow_puts_replacements_and_deletes(lmdb_store):
+    lmdb_store.put(b"k", e(b"x" * 100))
+    first = lmdb_store.data_bytes()
+    assert first >= 101
+    lmdb_store.put(b"k", e(b"x" * 300))
+    assert lmdb_store.data_bytes() == first + 200
+    lmdb_store.put(b"L" * 500, e(b"y"))
+    lmdb_store.delete(b"L" * 500)
+    lmdb_store.delete(b"k")
+    assert lmdb_store.data_bytes() == 0
+
+
+def test_data_survives_reopening(tmp_path):
+    path = str(tmp_path / "db")
+    s = LmdbStore(path, map_size=64 * 1024 * 1024)
+    s.open()
+    s.put(b"a", e(b"1"))
+    s.put(b"L" * 450, e(b"2"))
+    s.close()
+    s = LmdbStore(path, map_size=64 * 1024 * 1024)
+    s.open()
+    assert [k for k, _ in s.scan(b"", None)] == [b"L" * 450, b"a"]
+    s.close()

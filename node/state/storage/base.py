@@ -21,6 +21,10 @@ VALUE_STATE_MASK = 0x03
 VALUE_KNOWN_STATES = (VALUE_CLEARTEXT, VALUE_ENCRYPTED)
 
 
+class StorageFull(OSError):
+    """A store could not write: its disk or map is full. Nothing of the transaction is kept."""
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One stored key-value record.

@@ -1,6 +1,8 @@
 """The in-memory base store: a dict for lookups plus a sorted key list for ranges.
 
-Durability comes from the Raft journal and snapshots (dump files), not from this store.
+For unit tests: nodes use `LmdbStore`. It has the transactional capability's methods so the
+state machine has one code path, but neither isolation nor rollback: callers serialise reads
+and writes with the state machine's lock.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._entries: dict[bytes, Entry] = {}
         self._keys: list[bytes] = []
+        self._meta: dict[bytes, bytes] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -54,3 +57,30 @@ class MemoryStore:
     def restore(self, records: Iterable[tuple[bytes, Entry]]) -> None:
         self._entries = dict(records)
         self._keys = sorted(self._entries)
+
+    # -- the transactional capability, without isolation (unit tests only) ---------------
+
+    mvcc = False
+
+    def begin_write(self) -> None:
+        self._in_write = True
+
+    @property
+    def in_write(self) -> bool:
+        return getattr(self, "_in_write", False)
+
+    def commit(self) -> None:
+        self._in_write = False
+
+    def abort(self) -> None:
+        """Ends the write; the memory store cannot undo what was written (tests only)."""
+        self._in_write = False
+
+    def get_meta(self, name: bytes) -> Optional[bytes]:
+        return self._meta.get(name)
+
+    def put_meta(self, name: bytes, value: bytes) -> None:
+        self._meta[name] = value
+
+    def data_bytes(self) -> int:
+        return sum(len(k) + len(e.value) for k, e in self._entries.items())

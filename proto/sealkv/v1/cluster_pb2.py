@@ -24,43 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sealkv/v1/cluster.proto\x12\tsealkv.v1\"\xa0\x01\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x11\n\tis_leader\x18\x06 \x01(\x08\x12\x17\n\x0freplication_lag\x18\x07 \x01(\x03\"\x0f\n\rStatusRequest\"\x97\x03\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\x12\x0e\n\x06leader\x18\x05 \x01(\t\x12\x1b\n\x13leader_grpc_address\x18\x06 \x01(\t\x12\x0c\n\x04term\x18\x07 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x08 \x01(\x03\x12\x15\n\rapplied_index\x18\t \x01(\x03\x12\x12\n\nhas_quorum\x18\n \x01(\x08\x12\x11\n\tis_leader\x18\x0b \x01(\x08\x12\"\n\x07members\x18\x0c \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x0f\n\x07plugins\x18\r \x03(\t\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x16\n\x0e\x63onfig_version\x18\x0f \x01(\x03\x12\x10\n\x08log_size\x18\x10 \x01(\x03\x12*\n\x0bkv_counters\x18\x1e \x01(\x0b\x32\x15.sealkv.v1.KVCounters\"e\n\nKVCounters\x12\x16\n\x0e\x62\x61tch_messages\x18\x01 \x01(\x04\x12\x16\n\x0e\x62\x61tch_requests\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\x12\x16\n\x0e\x65ntry_commands\x18\x04 \x01(\x04\"\x13\n\x11MemberListRequest\"P\n\x12MemberListResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x02 \x01(\x03\"k\n\x10MemberAddRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\"r\n\x11MemberAddResponse\x12!\n\x06member\x18\x01 \x01(\x0b\x32\x11.sealkv.v1.Member\x12\"\n\x07members\x18\x02 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x03 \x01(\x03\"#\n\x13MemberRemoveRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x14MemberRemoveResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x02 \x01(\x03\"+\n\x19TransferLeadershipRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\":\n\x1aTransferLeadershipResponse\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\x0c\n\x04term\x18\x02 \x01(\x04\"\x0f\n\rDigestRequest\"V\n\x0e\x44igestResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rapplied_index\x18\x02 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x01(\x03*4\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05VOTER\x10\x01\x12\x0b\n\x07LEARNER\x10\x02\x32\xce\x03\n\x07\x43luster\x12=\n\x06Status\x12\x18.sealkv.v1.StatusRequest\x1a\x19.sealkv.v1.StatusResponse\x12I\n\nMemberList\x12\x1c.sealkv.v1.MemberListRequest\x1a\x1d.sealkv.v1.MemberListResponse\x12\x46\n\tMemberAdd\x12\x1b.sealkv.v1.MemberAddRequest\x1a\x1c.sealkv.v1.MemberAddResponse\x12O\n\x0cMemberRemove\x12\x1e.sealkv.v1.MemberRemoveRequest\x1a\x1f.sealkv.v1.MemberRemoveResponse\x12\x61\n\x12TransferLeadership\x12$.sealkv.v1.TransferLeadershipRequest\x1a%.sealkv.v1.TransferLeadershipResponse\x12=\n\x06\x44igest\x12\x18.sealkv.v1.DigestRequest\x1a\x19.sealkv.v1.DigestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sealkv/v1/cluster.proto\x12\tsealkv.v1\"\xa0\x01\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x11\n\tis_leader\x18\x06 \x01(\x08\x12\x17\n\x0freplication_lag\x18\x07 \x01(\x03\"\x0f\n\rStatusRequest\"\xb2\x04\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\x12\x0e\n\x06leader\x18\x05 \x01(\t\x12\x1b\n\x13leader_grpc_address\x18\x06 \x01(\t\x12\x0c\n\x04term\x18\x07 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x08 \x01(\x03\x12\x15\n\rapplied_index\x18\t \x01(\x03\x12\x12\n\nhas_quorum\x18\n \x01(\x08\x12\x11\n\tis_leader\x18\x0b \x01(\x08\x12\"\n\x07members\x18\x0c \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x0f\n\x07plugins\x18\r \x03(\t\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x16\n\x0e\x63onfig_version\x18\x0f \x01(\x03\x12\x10\n\x08log_size\x18\x10 \x01(\x03\x12*\n\x0bkv_counters\x18\x1e \x01(\x0b\x32\x15.sealkv.v1.KVCounters\x12&\n\x06\x61larms\x18\x11 \x03(\x0b\x32\x16.sealkv.v1.AlarmMember\x12\x16\n\x0e\x64\x62_size_in_use\x18\x12 \x01(\x03\x12\x1b\n\x13quota_backend_bytes\x18\x13 \x01(\x03\x12!\n\x19\x64\x62_applied_index_at_start\x18\x14 \x01(\x03\x12\x19\n\x11replayed_at_start\x18\x15 \x01(\x03\"e\n\nKVCounters\x12\x16\n\x0e\x62\x61tch_messages\x18\x01 \x01(\x04\x12\x16\n\x0e\x62\x61tch_requests\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\x12\x16\n\x0e\x65ntry_commands\x18\x04 \x01(\x04\"`\n\x0b\x41larmMember\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\r\n\x05\x61larm\x18\x02 \x01(\t\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\x12\x12\n\nreplicated\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\"^\n\x0c\x41larmRequest\x12.\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1e.sealkv.v1.AlarmRequest.Action\"\x1e\n\x06\x41\x63tion\x12\x08\n\x04LIST\x10\x00\x12\n\n\x06\x44ISARM\x10\x01\"7\n\rAlarmResponse\x12&\n\x06\x61larms\x18\x01 \x03(\x0b\x32\x16.sealkv.v1.AlarmMember\"\x13\n\x11MemberListRequest\"P\n\x12MemberListResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x02 \x01(\x03\"k\n\x10MemberAddRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\"r\n\x11MemberAddResponse\x12!\n\x06member\x18\x01 \x01(\x0b\x32\x11.sealkv.v1.Member\x12\"\n\x07members\x18\x02 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x03 \x01(\x03\"#\n\x13MemberRemoveRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x14MemberRemoveResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x02 \x01(\x03\"+\n\x19TransferLeadershipRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\":\n\x1aTransferLeadershipResponse\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\x0c\n\x04term\x18\x02 \x01(\x04\"\x0f\n\rDigestRequest\"V\n\x0e\x44igestResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rapplied_index\x18\x02 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x01(\x03*4\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05VOTER\x10\x01\x12\x0b\n\x07LEARNER\x10\x02\x32\x8a\x04\n\x07\x43luster\x12=\n\x06Status\x12\x18.sealkv.v1.StatusRequest\x1a\x19.sealkv.v1.StatusResponse\x12I\n\nMemberList\x12\x1c.sealkv.v1.MemberListRequest\x1a\x1d.sealkv.v1.MemberListResponse\x12\x46\n\tMemberAdd\x12\x1b.sealkv.v1.MemberAddRequest\x1a\x1c.sealkv.v1.MemberAddResponse\x12O\n\x0cMemberRemove\x12\x1e.sealkv.v1.MemberRemoveRequest\x1a\x1f.sealkv.v1.MemberRemoveResponse\x12\x61\n\x12TransferLeadership\x12$.sealkv.v1.TransferLeadershipRequest\x1a%.sealkv.v1.TransferLeadershipResponse\x12=\n\x06\x44igest\x12\x18.sealkv.v1.DigestRequest\x1a\x19.sealkv.v1.DigestResponse\x12:\n\x05\x41larm\x12\x17.sealkv.v1.AlarmRequest\x1a\x18.sealkv.v1.AlarmResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sealkv.v1.cluster_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1390
-  _globals['_ROLE']._serialized_end=1442
+  _globals['_ROLE']._serialized_start=1796
+  _globals['_ROLE']._serialized_end=1848
   _globals['_MEMBER']._serialized_start=39
   _globals['_MEMBER']._serialized_end=199
   _globals['_STATUSREQUEST']._serialized_start=201
   _globals['_STATUSREQUEST']._serialized_end=216
   _globals['_STATUSRESPONSE']._serialized_start=219
-  _globals['_STATUSRESPONSE']._serialized_end=626
-  _globals['_KVCOUNTERS']._serialized_start=628
-  _globals['_KVCOUNTERS']._serialized_end=729
-  _globals['_MEMBERLISTREQUEST']._serialized_start=731
-  _globals['_MEMBERLISTREQUEST']._serialized_end=750
-  _globals['_MEMBERLISTRESPONSE']._serialized_start=752
-  _globals['_MEMBERLISTRESPONSE']._serialized_end=832
-  _globals['_MEMBERADDREQUEST']._serialized_start=834
-  _globals['_MEMBERADDREQUEST']._serialized_end=941
-  _globals['_MEMBERADDRESPONSE']._serialized_start=943
-  _globals['_MEMBERADDRESPONSE']._serialized_end=1057
-  _globals['_MEMBERREMOVEREQUEST']._serialized_start=1059
-  _globals['_MEMBERREMOVEREQUEST']._serialized_end=1094
-  _globals['_MEMBERREMOVERESPONSE']._serialized_start=1096
-  _globals['_MEMBERREMOVERESPONSE']._serialized_end=1178
-  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_start=1180
-  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_end=1223
-  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_start=1225
-  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_end=1283
-  _globals['_DIGESTREQUEST']._serialized_start=1285
-  _globals['_DIGESTREQUEST']._serialized_end=1300
-  _globals['_DIGESTRESPONSE']._serialized_start=1302
-  _globals['_DIGESTRESPONSE']._serialized_end=1388
-  _globals['_CLUSTER']._serialized_start=1445
-  _globals['_CLUSTER']._serialized_end=1907
+  _globals['_STATUSRESPONSE']._serialized_end=781
+  _globals['_KVCOUNTERS']._serialized_start=783
+  _globals['_KVCOUNTERS']._serialized_end=884
+  _globals['_ALARMMEMBER']._serialized_start=886
+  _globals['_ALARMMEMBER']._serialized_end=982
+  _globals['_ALARMREQUEST']._serialized_start=984
+  _globals['_ALARMREQUEST']._serialized_end=1078
+  _globals['_ALARMREQUEST_ACTION']._serialized_start=1048
+  _globals['_ALARMREQUEST_ACTION']._serialized_end=1078
+  _globals['_ALARMRESPONSE']._serialized_start=1080
+  _globals['_ALARMRESPONSE']._serialized_end=1135
+  _globals['_MEMBERLISTREQUEST']._serialized_start=1137
+  _globals['_MEMBERLISTREQUEST']._serialized_end=1156
+  _globals['_MEMBERLISTRESPONSE']._serialized_start=1158
+  _globals['_MEMBERLISTRESPONSE']._serialized_end=1238
+  _globals['_MEMBERADDREQUEST']._serialized_start=1240
+  _globals['_MEMBERADDREQUEST']._serialized_end=1347
+  _globals['_MEMBERADDRESPONSE']._serialized_start=1349
+  _globals['_MEMBERADDRESPONSE']._serialized_end=1463
+  _globals['_MEMBERREMOVEREQUEST']._serialized_start=1465
+  _globals['_MEMBERREMOVEREQUEST']._serialized_end=1500
+  _globals['_MEMBERREMOVERESPONSE']._serialized_start=1502
+  _globals['_MEMBERREMOVERESPONSE']._serialized_end=1584
+  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_start=1586
+  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_end=1629
+  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_start=1631
+  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_end=1689
+  _globals['_DIGESTREQUEST']._serialized_start=1691
+  _globals['_DIGESTREQUEST']._serialized_end=1706
+  _globals['_DIGESTRESPONSE']._serialized_start=1708
+  _globals['_DIGESTRESPONSE']._serialized_end=1794
+  _globals['_CLUSTER']._serialized_start=1851
+  _globals['_CLUSTER']._serialized_end=2373
 # @@protoc_insertion_point(module_scope)

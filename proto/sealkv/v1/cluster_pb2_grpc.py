@@ -64,6 +64,11 @@ class ClusterStub:
                 request_serializer=sealkv_dot_v1_dot_cluster__pb2.DigestRequest.SerializeToString,
                 response_deserializer=sealkv_dot_v1_dot_cluster__pb2.DigestResponse.FromString,
                 _registered_method=True)
+        self.Alarm = channel.unary_unary(
+                '/sealkv.v1.Cluster/Alarm',
+                request_serializer=sealkv_dot_v1_dot_cluster__pb2.AlarmRequest.SerializeToString,
+                response_deserializer=sealkv_dot_v1_dot_cluster__pb2.AlarmResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -106,6 +111,13 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Alarm(self, request, context):
+        """Lists or disarms alarms (etcdctl alarm list|disarm).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +150,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.Digest,
                     request_deserializer=sealkv_dot_v1_dot_cluster__pb2.DigestRequest.FromString,
                     response_serializer=sealkv_dot_v1_dot_cluster__pb2.DigestResponse.SerializeToString,
+            ),
+            'Alarm': grpc.unary_unary_rpc_method_handler(
+                    servicer.Alarm,
+                    request_deserializer=sealkv_dot_v1_dot_cluster__pb2.AlarmRequest.FromString,
+                    response_serializer=sealkv_dot_v1_dot_cluster__pb2.AlarmResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +319,33 @@ class Cluster:
             '/sealkv.v1.Cluster/Digest',
             sealkv_dot_v1_dot_cluster__pb2.DigestRequest.SerializeToString,
             sealkv_dot_v1_dot_cluster__pb2.DigestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Alarm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealkv.v1.Cluster/Alarm',
+            sealkv_dot_v1_dot_cluster__pb2.AlarmRequest.SerializeToString,
+            sealkv_dot_v1_dot_cluster__pb2.AlarmResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,389 @@
+"""The LMDB base store: the node's data on disk, under `<data-dir>/db/`.
+
+LMDB is a copy-on-write B+tree with one writer and MVCC readers. The state machine applies
+entries inside one write transaction (`begin_write` ... `commit`) that carries the data, the
+applied index and the replicated plugin state together, so the database is always a state
+the log reached. Readers (`read_view`) see the last committed state and never block the writer
+nor wait for it. Commits are fsynced (`sync=True`): a commit that returned is on disk.
+
+Threading contract: exactly one thread (the pysyncobj tick thread, or the start-up thread
+before it runs) writes, between `begin_write` and `commit`/`abort`. Any thread may read: inside
+`read_view()` every call of that thread uses one read transaction (a consistent snapshot);
+outside it each call uses a short read transaction of its own. The thread that holds the
+write transaction reads through it (it sees its own uncommitted writes).
+
+Keys longer than LMDB's 511-byte key limit: keys of at most `SHORT_KEY` bytes are LMDB keys
+as they are. A longer key lives in the `long` table under its first `SHORT_KEY` bytes plus the
+SHA-256 of the rest, and a marker `prefix + b"\\0"` in the main table holds its place in key
+order (every key that starts with a `SHORT_KEY`-byte prefix P is either P itself or long, so
+the marker sorts exactly where those keys belong). A scan sorts the keys of one marker's group
+in memory (keys only, values are read one by one).
+
+Errors: `StorageFull` when the disk or the map is full (the write transaction is aborted and
+nothing of it is kept); anything else from LMDB is a bug or a damaged database.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import struct
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Optional
+
+import lmdb
+
+from sealkv.node.state.storage.base import Entry, StorageFull
+
+SHORT_KEY = 400
+_MARKER = b"\x00"
+_RECORD = struct.Struct(">BQQQ")
+_SUFFIX_LEN = struct.Struct(">H")
+# Per-record bookkeeping counted against the quota besides key and value (LMDB node header).
+RECORD_OVERHEAD = 16
+META_DATA_BYTES = b"data_bytes"
+MIN_MAP_SIZE = 64 * 1024 * 1024
+
+
+def _encode(entry: Entry) -> bytes:
+    return _RECORD.pack(entry.header, entry.create_revision, entry.mod_revision,
+                        entry.version) + entry.value
+
+
+def _decode(raw: bytes) -> Entry:
+    header, create, mod, version = _RECORD.unpack_from(raw)
+    return Entry(bytes(raw[_RECORD.size:]), create, mod, version, header)
+
+
+def _long_key(key: bytes) -> bytes:
+    return key[:SHORT_KEY] + hashlib.sha256(key[SHORT_KEY:]).digest()
+
+
+class LmdbStore:
+    """An ordered map on LMDB implementing `Storage`, plus transactions and named metadata."""
+
+    mvcc = True
+
+    def __init__(self, path: str, *, map_size: int = 4 * 1024 ** 3, sync: bool = True,
+                 max_readers: int = 512,
+                 on_commit: Optional[Callable[[str, int], None]] = None):
+        """Describes the store; `open()` opens it. `map_size` is the most the file may grow to
+        (address space only: the file grows with the data). With `sync` each commit is
+        fsynced (LMDB's default); without it a power loss may undo recent commits (never
+        the log's: the node replays them). `on_commit(path, size)` is told what a synced
+        commit made durable (the power-loss test's record)."""
+        self.path = path
+        self.on_commit = on_commit
+        self.map_size = max(MIN_MAP_SIZE, map_size)
+        self.sync = sync
+        self.max_readers = max_readers
+        self._env: Optional[lmdb.Environment] = None
+        self._local = threading.local()
+        self._write: Optional[lmdb.Transaction] = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Opens (creating if needed) the database directory, mode 0700, files 0600."""
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        try:
+            self._env = lmdb.open(self.path, map_size=self.map_size, max_dbs=4, sync=self.sync,
+                                  max_readers=self.max_readers, mode=0o600, readahead=False)
+        except lmdb.Error as exc:
+            _raise_full(exc)
+            raise
+        self._kv = self._env.open_db(b"kv")
+        self._long = self._env.open_db(b"long")
+        self._meta = self._env.open_db(b"meta")
+
+    def close(self) -> None:
+        if self._env is not None:
+            if self._write is not None:
+                self.abort()
+            self._env.close()
+            self._env = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._env is not None
+
+    # -- transactions -------------------------------------------------------------------
+
+    def begin_write(self) -> None:
+        """Opens the write transaction the calling thread's next writes go into."""
+        if self._write is not None:
+            raise RuntimeError("a write transaction is already open")
+        self._write = self._env.begin(write=True)
+        self._local.txn = self._write
+
+    @property
+    def in_write(self) -> bool:
+        return self._write is not None
+
+    def commit(self) -> None:
+        """Commits (and, with sync, fsyncs) the open write transaction; raises StorageFull."""
+        txn, self._write = self._write, None
+        self._local.txn = None
+        if txn is None:
+            return
+        try:
+            txn.commit()
+        except lmdb.Error as exc:
+            _raise_full(exc)
+            raise
+        if self.sync and self.on_commit is not None:
+            data = os.path.join(self.path, "data.mdb")
+            self.on_commit(data, os.path.getsize(data))
+
+    def abort(self) -> None:
+        """Drops the open write transaction and everything written in it."""
+        txn, self._write = self._write, None
+        self._local.txn = None
+        if txn is not None:
+            txn.abort()
+
+    def begin_read(self) -> lmdb.Transaction:
+        """Opens a read transaction to hand to `read_view(txn)`, possibly on another thread.
+
+        The caller aborts it when done (LMDB keeps the pages it sees until then).
+        """
+        return self._env.begin(buffers=True)
+
+    @contextmanager
+    def read_view(self, txn: Optional[lmdb.Transaction] = None):
+        """Makes every read of this thread inside the block use one read transaction.
+
+        `txn` (from `begin_read`) is used and left open; without it a new one is opened and
+        closed at the end of the block. Nested views share the outer transaction.
+        """
+        if getattr(self._local, "txn", None) is not None:
+            yield self
+            return
+        own = txn is None
+        if own:
+            txn = self._env.begin(buffers=True)
+        self._local.txn = txn
+        try:
+            yield self
+        finally:
+            self._local.txn = None
+            if own:
+                txn.abort()
+
+    @contextmanager
+    def _reading(self):
+        txn = getattr(self._local, "txn", None)
+        if txn is not None:
+            yield txn
+            return
+        with self._env.begin(buffers=True) as txn:
+            yield txn
+
+    @contextmanager
+    def _writing(self):
+        txn = getattr(self._local, "txn", None)
+        if txn is not None:
+            if txn is not self._write:
+                raise RuntimeError("a write inside a read view")
+            yield txn
+            return
+        self.begin_write()
+        try:
+            yield self._write
+        except BaseException:
+            self.abort()
+            raise
+        self.commit()
+
+    def __len__(self) -> int:
+        return self.count(b"", None)
+
+    # -- Storage ------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> Optional[Entry]:
+        with self._reading() as txn:
+            raw = self._get_raw(txn, key)
+            return None if raw is None else _decode(raw)
+
+    def _get_raw(self, txn, key: bytes):
+        if len(key) <= SHORT_KEY:
+            return txn.get(key, db=self._kv)
+        raw = txn.get(_long_key(key), db=self._long)
+        if raw is None:
+            return None
+        (n,) = _SUFFIX_LEN.unpack_from(raw)
+        if bytes(raw[2:2 + n]) != key[SHORT_KEY:]:
+            return None
+        return raw[2 + n:]
+
+    def put(self, key: bytes, entry: Entry) -> None:
+        record = _encode(entry)
+        with self._writing() as txn:
+            try:
+                if len(key) <= SHORT_KEY:
+                    old = txn.replace(key, record, db=self._kv)
+                else:
+                    suffix = key[SHORT_KEY:]
+                    old = txn.replace(_long_key(key), _SUFFIX_LEN.pack(len(suffix)) + suffix
+                                      + record, db=self._long)
+                    if old is not None:
+                        old = old[2 + len(suffix):]
+                    txn.put(key[:SHORT_KEY] + _MARKER, b"", db=self._kv)
+            except lmdb.Error as exc:
+                _raise_full(exc)
+                raise
+            delta = len(record) - (len(old) if old is not None else -len(key) - RECORD_OVERHEAD)
+            self._add_data_bytes(txn, delta)
+
+    def delete(self, key: bytes) -> bool:
+        with self._writing() as txn:
+            if len(key) <= SHORT_KEY:
+                old = txn.pop(key, db=self._kv)
+            else:
+                if self._get_raw(txn, key) is None:
+                    return False
+                old = txn.pop(_long_key(key), db=self._long)
+                old = old[2 + len(key) - SHORT_KEY:]
+                prefix = key[:SHORT_KEY]
+                cursor = txn.cursor(db=self._long)
+                if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
+                    txn.delete(prefix + _MARKER, db=self._kv)
+            if old is None:
+                return False
+            self._add_data_bytes(txn, -(len(old) + len(key) + RECORD_OVERHEAD))
+            return True
+
+    def scan(self, start: bytes, end: Optional[bytes]) -> Iterator[tuple[bytes, Entry]]:
+        """Yields entries in key order from the calling thread's transaction.
+
+        Call it inside `read_view()` (or the write transaction): outside, the scan holds its
+        own read transaction until the generator is exhausted or closed.
+        """
+        with self._reading() as txn:
+            yield from self._scan(txn, start, end)
+
+    def _scan(self, txn, start: bytes, end: Optional[bytes]):
+        cursor = txn.cursor(db=self._kv)
+        # A long start key: its group's marker sorts after its SHORT_KEY-byte prefix.
+        if not cursor.set_range(start[:SHORT_KEY]):
+            return
+        for raw_key, raw in cursor:
+            lkey = bytes(raw_key)
+            if len(lkey) == SHORT_KEY + 1:
+                yield from self._scan_group(txn, lkey[:SHORT_KEY], start, end)
+                continue
+            if lkey < start:
+                continue
+            if end is not None and lkey >= end:
+                return
+            yield lkey, _decode(raw)
+
+    def _scan_group(self, txn, prefix: bytes, start: bytes, end: Optional[bytes]):
+        cursor = txn.cursor(db=self._long)
+        suffixes = []
+        if cursor.set_range(prefix):
+            for raw_key, raw in cursor:
+                if not bytes(raw_key).startswith(prefix):
+                    break
+                (n,) = _SUFFIX_LEN.unpack_from(raw)
+                suffixes.append((bytes(raw[2:2 + n]), bytes(raw_key)))
+        for suffix, lkey in sorted(suffixes):
+            key = prefix + suffix
+            if key < start:
+                continue
+            if end is not None and key >= end:
+                return
+            raw = txn.get(lkey, db=self._long)
+            yield key, _decode(raw[2 + len(suffix):])
+
+    def count(self, start: bytes, end: Optional[bytes]) -> int:
+        if start == b"" and end is None:
+            with self._reading() as txn:
+                stat_kv = txn.stat(self._kv)["entries"]
+                if stat_kv == 0:
+                    return 0
+                markers = 0
+                if txn.stat(self._long)["entries"]:
+                    markers = sum(1 for k in txn.cursor(db=self._kv).iternext(values=False)
+                                  if len(k) == SHORT_KEY + 1)
+                return stat_kv - markers + txn.stat(self._long)["entries"]
+        return sum(1 for _ in self._keys(start, end))
+
+    def _keys(self, start: bytes, end: Optional[bytes]) -> Iterator[bytes]:
+        with self._reading() as txn:
+            cursor = txn.cursor(db=self._kv)
+            if not cursor.set_range(start[:SHORT_KEY]):
+                return
+            for raw_key in cursor.iternext(values=False):
+                lkey = bytes(raw_key)
+                if len(lkey) == SHORT_KEY + 1:
+                    for key, _ in self._scan_group(txn, lkey[:SHORT_KEY], start, end):
+                        yield key
+                    continue
+                if lkey < start:
+                    continue
+                if end is not None and lkey >= end:
+                    return
+                yield lkey
+
+    def dump(self) -> Iterator[tuple[bytes, Entry]]:
+        return self.scan(b"", None)
+
+    def restore(self, records: Iterable[tuple[bytes, Entry]]) -> None:
+        """Replaces every record (not the metadata) with `records`, streamed in."""
+        with self._writing() as txn:
+            txn.drop(self._kv, delete=False)
+            txn.drop(self._long, delete=False)
+            txn.put(META_DATA_BYTES, b"0", db=self._meta)
+            for key, entry in records:
+                self.put(key, entry)
+
+    # -- metadata and size --------------------------------------------------------------
+
+    def get_meta(self, name: bytes) -> Optional[bytes]:
+        """Returns the metadata value stored under `name` (applied index, members, ...)."""
+        with self._reading() as txn:
+            raw = txn.get(name, db=self._meta)
+            return None if raw is None else bytes(raw)
+
+    def put_meta(self, name: bytes, value: bytes) -> None:
+        with self._writing() as txn:
+            try:
+                txn.put(name, value, db=self._meta)
+            except lmdb.Error as exc:
+                _raise_full(exc)
+                raise
+
+    def _add_data_bytes(self, txn, delta: int) -> None:
+        raw = txn.get(META_DATA_BYTES, db=self._meta)
+        total = max(0, (int(bytes(raw)) if raw is not None else 0) + delta)
+        txn.put(META_DATA_BYTES, b"%d" % total, db=self._meta)
+
+    def data_bytes(self) -> int:
+        """Keys, values and per-record overhead in use: what the quota counts."""
+        raw = self.get_meta(META_DATA_BYTES)
+        return int(raw) if raw else 0
+
+    def file_bytes(self) -> int:
+        """The database file's high-water mark in bytes (LMDB reuses freed pages)."""
+        info = self._env.info()
+        return (info["last_pgno"] + 1) * self._env.stat()["psize"]
+
+    def sync_to_disk(self) -> None:
+        """Flushes everything committed so far (a no-op cost when `sync` is on)."""
+        self._env.sync(True)
+
+
+def _raise_full(exc: lmdb.Error) -> None:
+    if isinstance(exc, lmdb.MapFullError):
+        raise StorageFull(errno.ENOSPC, "the database map is full") from exc
+    text = str(exc)
+    if "No space left" in text or "ENOSPC" in text or "Disk quota" in text:
+        raise StorageFull(errno.ENOSPC, "no space left on the database's disk") from exc
+
+
+def dump_json(value) -> bytes:
+    """Deterministic JSON bytes for metadata."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
