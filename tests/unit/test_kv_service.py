@@ -71,7 +71,7 @@ def kv():
     replication = FakeReplication(sm)
     admissions = []
     service = KVService("n1", 5.0, replication, sm,
-                        lambda timeout, cost: admissions.append(timeout))
+                        admissions.append)
     service.replication, service.admissions = replication, admissions
     return service
 
@@ -108,7 +108,7 @@ def test_put_refuses_bad_input_before_proposing(kv, key, value, message):
 
 
 def test_a_refused_admission_proposes_nothing(kv):
-    def refuse(timeout, cost):
+    def refuse(timeout):
         raise errors.Unavailable("writer not registered yet")
 
     kv._admit_write = refuse
@@ -227,7 +227,7 @@ def test_a_write_refused_at_apply_by_a_nospace_alarm_is_resource_exhausted(kv):
     # Admitted before the alarm was applied: every replica refuses it at apply alike.
     kv.replication.sm.apply(1, cmd.encode(cmd.Alarm(cmd.ALARM_RAISE, cmd.CAUSE_QUOTA, "n2")))
     kv.replication.index = 1
-    kv._write_refusal = lambda: alarm_message("n2", cmd.CAUSE_QUOTA)
+    kv.ops._write_refusal = lambda: alarm_message("n2", cmd.CAUSE_QUOTA)
     for method, request in (("Put", kv_pb2.PutRequest(key=b"k", value=b"v")),
                             ("CompareAndSwap", kv_pb2.CompareAndSwapRequest(
                                 key=b"k", value=b"v", must_not_exist=True))):
