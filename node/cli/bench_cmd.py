@@ -1,10 +1,11 @@
-"""`sealkv bench put|get|mixed|raft|compare|envelope|cutover`: load generators and their reports.
+"""`sealkv bench put|get|mixed|raft|compare|envelope|cutover|fill`: load generators and reports.
 
 put/get/mixed run closed-loop gRPC clients (spread over worker processes) against the given
 endpoints (default: the local cluster); `raft` measures the raw Raft engine configured like a
 node; `compare` runs raw engine, gRPC cleartext and gRPC through the storage envelope on fresh
 local clusters in one invocation; `envelope` times the storage envelope codec in-process;
-`cutover` measures Put latency around EnableStorageEnvelope on fresh local clusters. Output: a table (default) or `-w json`; a progress bar on
+`cutover` measures Put latency around EnableStorageEnvelope on fresh local clusters; `fill`
+writes a large dataset into a fresh cluster and restarts it (rate, memory, restart time). Output: a table (default) or `-w json`; a progress bar on
 stderr when stdout is a terminal. Exit codes: 0 ok (even if some requests failed: they are
 reported by status), 1 the benchmark could not run, 2 usage, 3 no endpoint or leader.
 """
@@ -332,6 +333,59 @@ def cutover_cmd(c: Ctx, nodes_, clients, duration_before, duration_after, warmup
                    f"cutover index {r['cutover_index']}  envelope active: "
                    f"{'yes' if r['storage_envelope_active'] else 'NO'}")
         emit_table(cutover.HEADERS, cutover.table_rows(r))
+
+
+@bench.command(name="fill")
+@click.option("--keys", type=click.IntRange(min=1), default=1_000_000, show_default=True)
+@click.option("--value-size", type=click.IntRange(0, 1024 * 1024), default=1024,
+              show_default=True)
+@click.option("--processes", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Client processes, each with one Batch stream.")
+@click.option("--max-seconds", type=click.FloatRange(min=1), default=1800.0, show_default=True,
+              help="Stop filling after this long and report how many keys were written.")
+@pass_ctx
+def fill_cmd(c: Ctx, keys, value_size, processes, max_seconds):
+    """A large dataset into a fresh 3-node local cluster, then a full restart.
+
+    Reports the write rate, the nodes' resident memory (anonymous and file-backed) at each
+    quarter of the fill, the database sizes, the time until every node serves again after a
+    restart of all of them, what each replayed, and a sampled read-back. The cluster lives in
+    a temporary directory and is removed afterwards.
+    """
+    from sealkv.node.bench import fill
+
+    s = fill.FillSettings(keys=keys, value_size=value_size, processes=processes,
+                          max_seconds=max_seconds)
+    log = (lambda m: click.echo(m, err=True)) if c.write_out != "json" else (lambda m: None)
+    try:
+        report = fill.run(s, log=log)
+    except CliError:
+        raise
+    except Exception as exc:
+        raise CliError(f"the fill benchmark did not run: {type(exc).__name__}: {exc}",
+                       EXIT_FAILED) from None
+    if c.write_out == "json":
+        emit_json(report)
+        return
+    from sealkv.node.cli.output import emit_table
+
+    f = report["fill"]
+    click.echo(f"filled {f['keys_acked']} of {keys} keys ({value_size} B values) in "
+               f"{f['seconds']}s: {f['keys_per_second']} keys/s; {f['keys_failed']} failed")
+    mib = 1024 * 1024
+    emit_table(["keys", "at s", "max rss MiB", "max anon MiB", "max file MiB"],
+               [[m["keys"], m["at_seconds"], round(m["max_rss"] / mib), round(m["max_anon"] / mib),
+                 round(m["max_file"] / mib)] for m in f["memory"]])
+    r = report["restart"]
+    click.echo(f"restart of every node: {r['seconds_until_all_serve_and_a_linearizable_read']}s "
+               f"until all serve and a linearizable read answers; sampled keys missing: "
+               f"{r['sampled_keys_missing']} of {r['sampled_keys']}")
+    emit_table(["node", "db index at start", "replayed", "db MiB", "rss MiB", "anon MiB"],
+               [[name, n["db_applied_index_at_start"], n["replayed_at_start"],
+                 round(report["db_file_bytes"][name] / mib),
+                 round(next(m["rss"] for m in r["memory_after"] if m["node"] == name) / mib),
+                 round(next(m["anon"] for m in r["memory_after"] if m["node"] == name) / mib)]
+                for name, n in r["nodes"].items()])
 
 
 def register(cli: click.Group) -> None:
