@@ -100,11 +100,11 @@ def _worker(endpoint: str, first: int, last: int, s: FillSettings, acked, failed
 def fill(endpoint: str, pids: list[int], s: FillSettings,
          log: Callable[[str], None]) -> dict:
     """Fills through `endpoint`; returns the rate and the memory samples."""
-    acked, failed = mp.Value("q", 0), mp.Value("q", 0)
+    ctx = mp.get_context("spawn")
+    acked, failed = ctx.Value("q", 0), ctx.Value("q", 0)
     start = time.monotonic()
     stop_at = start + s.max_seconds
     per = -(-s.keys // s.processes)
-    ctx = mp.get_context("spawn")
     workers = [ctx.Process(target=_worker, args=(endpoint, i * per, min(s.keys, (i + 1) * per),
                                                  s, acked, failed, stop_at), daemon=True)
                for i in range(s.processes)]
@@ -156,6 +156,7 @@ def run(s: FillSettings, log: Callable[[str], None] = lambda m: None) -> dict:
         log("stopping every node (SIGTERM), then restarting")
         for n in record.nodes:
             cluster.local.stop_process(n, timeout=60)
+            _wait_unlocked(n.data_dir, 30)
         started = time.monotonic()
         for n in record.nodes:
             n.pid = cluster.local.spawn(n, _node_args(record, n))
@@ -182,6 +183,28 @@ def run(s: FillSettings, log: Callable[[str], None] = lambda m: None) -> dict:
             "memory_after": [dict(rss(n.pid), node=n.name) for n in record.nodes],
             "sampled_keys_missing": missing, "sampled_keys": len(keys) * len(record.nodes)}
         return report
+
+
+def _wait_unlocked(data_dir: str, timeout: float) -> None:
+    """Waits until no process holds the data directory's lock (an exiting node may still hold
+    it after its command line is gone)."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    fd = os.open(os.path.join(data_dir, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"{data_dir} is still locked {timeout:.0f}s after its "
+                                       "node was stopped") from None
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
 
 
 def _dir_bytes(path: str) -> int:

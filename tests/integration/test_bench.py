@@ -232,3 +232,18 @@ def test_grpc_floor_runs_against_a_no_op_server():
     rows = json.loads(result.stdout)["results"]
     assert [r["clients"] for r in rows] == [1, 4]
     assert all(r["ops"] > 0 and not r["errors"] for r in rows), rows
+
+
+def test_fill_writes_every_key_restarts_the_cluster_and_reads_a_sample_back():
+    proc = sealkv("-w", "json", "bench", "fill", "--keys", "3000", "--value-size", "512",
+                  "--processes", "1", "--max-seconds", "120", timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    fill = report["fill"]
+    assert (fill["keys_acked"], fill["keys_failed"]) == (3000, 0)
+    assert fill["memory"] and all(m["max_rss"] > 0 for m in fill["memory"])
+    restart = report["restart"]
+    assert restart["sampled_keys_missing"] == 0 and restart["sampled_keys"] == 3000
+    for node in restart["nodes"].values():
+        assert node["db_applied_index_at_start"] > 0 and node["db_size_in_use"] > 3000 * 512
+    assert all(size > 3000 * 512 for size in report["db_file_bytes"].values())
