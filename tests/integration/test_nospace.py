@@ -182,16 +182,6 @@ def test_the_quota_raises_nospace_before_the_disk_fills(make_cluster):
         assert c.alarm_list().alarms == []
 
 
-class AlarmRecorder:
-    """Records what the adapter raises, for tests only (the real AlarmBoard proposes)."""
-
-    def __init__(self):
-        self.raised = []
-
-    def raise_alarm(self, cause):
-        self.raised.append(cause)
-
-
 def test_a_commit_that_hits_enospc_pauses_applying_and_resumes_when_space_returns(tmp_path):
     """The last line of defence, below the admission checks: the database write itself
     fails for lack of space. The node must neither halt nor skip the entries."""
@@ -203,7 +193,7 @@ def test_a_commit_that_hits_enospc_pauses_applying_and_resumes_when_space_return
     from tests.cluster import free_port
 
     raft = f"127.0.0.1:{free_port()}"
-    halts, alarms = [], AlarmRecorder()
+    halts, full = [], []  # the node raises the NOSPACE alarm from on_disk_full
     with tmpfs(str(tmp_path / "db"), "2m") as mount:
         store = LmdbStore(mount, map_size=64 * 1024 * 1024)
         store.open()
@@ -211,7 +201,7 @@ def test_a_commit_that_hits_enospc_pauses_applying_and_resumes_when_space_return
         sm.load()
         adapter = ReplicationAdapter(sm, raft_address=raft, partners=[],
                                      data_dir=str(tmp_path / "raft"), secret=None,
-                                     halt=halts.append, alarms=alarms)
+                                     halt=halts.append, on_disk_full=full.append)
         adapter.start()
         try:
             wait_for(lambda: adapter.is_leader, 20, "the single node to lead")
@@ -230,7 +220,7 @@ def test_a_commit_that_hits_enospc_pauses_applying_and_resumes_when_space_return
                     stalled = key
                     break
             assert stalled is not None, "the disk never filled"
-            assert halts == [] and alarms.raised[:1] == [cmd.CAUSE_DISK_FULL]
+            assert halts == [] and full and full[0] == mount
             assert sm.get(stalled)[0] is None  # not applied: nothing half-written
             assert all(sm.get(k)[0] is not None for k in acked)  # reads go on
             os.unlink(os.path.join(mount, "ballast"))
