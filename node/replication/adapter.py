@@ -777,14 +777,18 @@ class ReplicationAdapter:
         self._obj.forceLogCompaction()
 
     def compact(self, timeout: float) -> int:
-        """Writes a new snapshot of everything applied here and drops the log before it;
-        returns the index the snapshot covers.
+        """Rewrites the database without its free pages (`compact_database`), then writes a
+        new snapshot of everything applied here and drops the log before it; returns the
+        index the snapshot covers.
 
         The dump is written to a new file and renamed over the old one, and the journal keeps
         only the entries after the snapshot (pysyncobj keeps the last two applied entries).
         Called from a gRPC thread; waits on the tick thread's progress, bounded by `timeout`
         (`OutcomeUnknown` when it passes: the compaction may still finish).
         """
+        deadline = time.monotonic() + timeout
+        self.compact_database(timeout)
+        timeout = max(0.1, deadline - time.monotonic())
         obj = self._obj
         target = obj.raftLastApplied - 1
         done = threading.Event()
@@ -804,6 +808,40 @@ class ReplicationAdapter:
         finally:
             obj.removeOnTickCallback(check)
         return obj._SyncObj__lastSerializedEntry
+
+    def compact_database(self, timeout: float) -> None:
+        """Has the tick thread rewrite the database file with only its live pages (applying
+        pauses meanwhile, like etcd's defrag), after any snapshot being written. Called from
+        a gRPC thread; raises `OutcomeUnknown` when `timeout` passes first."""
+        done = threading.Event()
+        box: list = []
+
+        def job() -> None:  # tick thread
+            if done.is_set() or box:
+                return
+            box.append(None)
+            try:
+                self._dump.join(timeout)
+                result = self.sm.compact_store(timeout)
+                if result is not None:
+                    log.info("database compacted: %d -> %d bytes", *result)
+            except Exception as exc:
+                box[0] = exc
+            finally:
+                done.set()
+
+        self._obj.addOnTickCallback(job)
+        try:
+            if not done.wait(timeout):
+                raise errors.OutcomeUnknown(f"database compaction not finished within "
+                                            f"{timeout:.1f}s")
+        finally:
+            self._obj.removeOnTickCallback(job)
+        if isinstance(box[0], StorageFull):
+            raise errors.ResourceExhausted("no space to compact the database: free space first")
+        if box[0] is not None:
+            raise errors.Unavailable(f"database compaction did not run: "
+                                     f"{type(box[0]).__name__}")
 
     # -- dump files (tick thread) -----------------------------------------------------
 

@@ -194,6 +194,16 @@ class StateMachine:
             self._group_touched_plugins = False
             return self.applied_index
 
+    def compact_store(self, timeout: float) -> Optional[tuple[int, int]]:
+        """Commits what is applied and rewrites the base store without its free pages, when
+        it can (LMDB); returns (bytes before, after) or None. Tick thread."""
+        compact = getattr(self.base, "compact", None)
+        if compact is None:
+            return None
+        with self.lock:
+            self.commit()
+            return compact(timeout)
+
     @contextmanager
     def transaction(self):
         """Applies everything inside the block in one store transaction (one commit)."""

@@ -234,3 +234,50 @@ def test_data_survives_reopening(tmp_path):
     s.open()
     assert [k for k, _ in s.scan(b"", None)] == [b"L" * 450, b"a"]
     s.close()
+
+
+def test_compact_rewrites_the_file_without_old_bytes_and_keeps_every_record(tmp_path):
+    s = LmdbStore(str(tmp_path / "db"), map_size=64 * 1024 * 1024)
+    s.open()
+    secret = b"PLAINTEXT-CANARY-" * 64
+    for i in range(200):
+        s.put(b"k%03d" % i, e(secret))
+    for i in range(200):
+        s.put(b"k%03d" % i, e(b"sealed-%03d" % i))  # the old pages are freed, not wiped
+    data = tmp_path / "db" / "data.mdb"
+    assert secret[:32] in data.read_bytes()
+    before, after = s.compact(5.0)
+    assert after < before and secret[:32] not in data.read_bytes()
+    assert [en.value for _, en in s.scan(b"", None)] == [b"sealed-%03d" % i for i in range(200)]
+    s.put(b"after", e(b"x"))
+    s.close()
+    s = LmdbStore(str(tmp_path / "db"), map_size=64 * 1024 * 1024)
+    s.open()
+    assert s.count(b"", None) == 201 and s.get(b"after") == e(b"x")
+    s.close()
+
+
+def test_compact_waits_for_readers_and_gives_up_after_its_timeout(tmp_path):
+    import threading
+
+    s = LmdbStore(str(tmp_path / "db"), map_size=64 * 1024 * 1024)
+    s.open()
+    s.put(b"a", e(b"1"))
+    inside, release = threading.Event(), threading.Event()
+
+    def reader():
+        with s.read_view():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    inside.wait(5)
+    with pytest.raises(TimeoutError):
+        s.compact(0.2)
+    release.set()
+    t.join()
+    assert s.get(b"a") == e(b"1")
+    s.compact(5.0)
+    assert s.get(b"a") == e(b"1")
+    s.close()

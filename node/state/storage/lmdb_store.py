@@ -28,6 +28,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import struct
 import threading
 from contextlib import contextmanager
@@ -57,6 +58,42 @@ def _decode(raw: bytes) -> Entry:
     return Entry(bytes(raw[_RECORD.size:]), create, mod, version, header)
 
 
+class _ReaderGate:
+    """Readers pass together; `compact` waits until none is inside and holds new ones back."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._closed = False
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._closed)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self, timeout: float):
+        with self._cond:
+            self._closed = True
+            if not self._cond.wait_for(lambda: self._readers == 0, timeout):
+                self._closed = False
+                self._cond.notify_all()
+                raise TimeoutError(f"readers still inside after {timeout:.1f}s")
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._closed = False
+                self._cond.notify_all()
+
+
 def _long_key(key: bytes) -> bytes:
     return key[:SHORT_KEY] + hashlib.sha256(key[SHORT_KEY:]).digest()
 
@@ -82,6 +119,7 @@ class LmdbStore:
         self._env: Optional[lmdb.Environment] = None
         self._local = threading.local()
         self._write: Optional[lmdb.Transaction] = None
+        self._gate = _ReaderGate()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -161,15 +199,20 @@ class LmdbStore:
         if getattr(self._local, "txn", None) is not None:
             yield self
             return
-        own = txn is None
-        if own:
+        if txn is not None:  # a view handed over by begin_read: the caller owns it
+            self._local.txn = txn
+            try:
+                yield self
+            finally:
+                self._local.txn = None
+            return
+        with self._gate.shared():
             txn = self._env.begin(buffers=True)
-        self._local.txn = txn
-        try:
-            yield self
-        finally:
-            self._local.txn = None
-            if own:
+            self._local.txn = txn
+            try:
+                yield self
+            finally:
+                self._local.txn = None
                 txn.abort()
 
     @contextmanager
@@ -178,7 +221,7 @@ class LmdbStore:
         if txn is not None:
             yield txn
             return
-        with self._env.begin(buffers=True) as txn:
+        with self._gate.shared(), self._env.begin(buffers=True) as txn:
             yield txn
 
     @contextmanager
@@ -370,6 +413,55 @@ class LmdbStore:
         """The database file's high-water mark in bytes (LMDB reuses freed pages)."""
         info = self._env.info()
         return (info["last_pgno"] + 1) * self._env.stat()["psize"]
+
+    def compact(self, timeout: float) -> tuple[int, int]:
+        """Rewrites the database file with only its live pages; returns (bytes before, after).
+
+        Like etcd's defrag: LMDB reuses freed pages but never shrinks its file, and freed
+        pages keep old bytes (a value overwritten by its envelope, say) until reused. The
+        writer thread calls it with no write transaction open; readers wait while the live
+        pages are copied into a new file that is synced and renamed over the old one, then
+        the database is reopened. Raises `TimeoutError` (nothing changed) when readers stay
+        longer than `timeout`, `StorageFull` when the copy finds no space (nothing changed).
+        Callers must not hold a `begin_read` view meanwhile.
+        """
+        if self._write is not None:
+            raise RuntimeError("compact with a write transaction open")
+        data = os.path.join(self.path, "data.mdb")
+        before = os.path.getsize(data)
+        work = os.path.join(self.path, "compact")
+        shutil.rmtree(work, ignore_errors=True)
+        os.mkdir(work, 0o700)
+        try:
+            with self._gate.exclusive(timeout):
+                try:
+                    self._env.copy(work, compact=True)
+                except lmdb.Error as exc:
+                    _raise_full(exc)
+                    raise
+                copied = os.path.join(work, "data.mdb")
+                fd = os.open(copied, os.O_RDONLY)
+                try:
+                    os.fchmod(fd, 0o600)
+                    if self.sync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self._env.close()
+                self._env = None
+                os.replace(copied, data)
+                if self.sync:
+                    dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        os.fsync(dfd)
+                    finally:
+                        os.close(dfd)
+                self.open()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if self.sync and self.on_commit is not None:
+            self.on_commit(data, os.path.getsize(data))
+        return before, os.path.getsize(data)
 
     def sync_to_disk(self) -> None:
         """Flushes everything committed so far (a no-op cost when `sync` is on)."""
