@@ -61,8 +61,7 @@ class Node:
         self.replayed_at_start = 0
 
         self.store = LmdbStore(config.db_dir, map_size=config.db_map_bytes,
-                               sync=config.fsync == durable.FSYNC_ALWAYS,
-                               on_commit=durable.record_synced)
+                               sync=config.fsync == durable.FSYNC_ALWAYS)
         stack = self.store
         handlers = {}
         try:
