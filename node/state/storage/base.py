@@ -4,9 +4,15 @@ A store holds `Entry` records by key. Layers (the encryption envelope is one) wr
 store, change what they need to and forward the rest, like `io` streams do; each layer exposes
 the store it wraps as `inner`.
 
-Threading contract: the state machine calls every method with its state lock held, from the
-pysyncobj tick thread (writes, restore) or from gRPC worker threads (reads). A store need not
-be thread-safe on its own and must never block on the network or on Raft.
+Threading contract: writes and restore come from the pysyncobj tick thread with the state
+lock held. Reads come from gRPC worker threads: on a base store with `mvcc = True` (LMDB) they
+run inside the store's read view without the state lock, so a layer's read path must not
+depend on that lock; on other stores they hold the state lock. A store must never block on
+the network or on Raft.
+
+Optional capability of a base store (checked with getattr, see `StateMachine`): the
+transactional methods `begin_write`, `commit`, `abort`, `in_write`, `read_view`,
+`get_meta`/`put_meta`, `data_bytes`, and `compact(timeout)`.
 """
 from __future__ import annotations
 
