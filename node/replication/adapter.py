@@ -567,15 +567,16 @@ class ReplicationAdapter:
         raise _proposal_failure(reason)
 
     def propose_async(self, command: bytes,
-                      on_done: Callable[[object, Optional[errors.SealkvError]], None]) -> None:
+                      on_done: Callable[[object, Optional[errors.SealkvError]], None],
+                      seal_timeout: Optional[float] = None) -> None:
         """Submits `command` without waiting; `on_done(result, error)` is called once.
 
         For pipelining callers (the proposer, the raw-engine benchmark). `on_done` runs on the
         tick thread and must be short; `error` is the exception `propose` would raise.
         pysyncobj can orphan a callback (a follower installing a snapshot), so callers must
         also keep a deadline of their own. The one wait: while a raft-log envelope cutover
-        holds this node's intake, sealing blocks the caller up to `SEAL_WAIT` seconds (the
-        barrier is meant to hold writes, not fail them).
+        holds this node's intake, sealing blocks the caller up to `seal_timeout` seconds
+        (default `SEAL_WAIT`; the barrier is meant to hold writes, not fail them).
         """
         def on_result(result, reason):
             error = None if reason == FAIL_REASON.SUCCESS else _proposal_failure(reason)
@@ -586,7 +587,7 @@ class ReplicationAdapter:
                 self._when_committed(lambda: on_done(result, error))
 
         try:
-            payload = self.codec.seal(command, SEAL_WAIT)
+            payload = self.codec.seal(command, SEAL_WAIT if seal_timeout is None else seal_timeout)
         except errors.SealkvError as exc:  # paused intake: refused, nothing submitted
             on_done(None, exc)
             return

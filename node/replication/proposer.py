@@ -225,9 +225,13 @@ class Proposer:
             payload = cmd.encode_batch(writes)
         self.entries += 1
         self.commands += len(writes)
+        # A paused intake (the raft envelope cutover) may hold the entry as long as its last
+        # request still waits, as it would hold a unary proposal.
+        seal_timeout = max(0.0, max(r.deadline for r in entry.requests) - time.monotonic())
         try:
             self.adapter.propose_async(payload, lambda result, error: self._done(entry, result,
-                                                                                 error))
+                                                                                 error),
+                                       seal_timeout)
         except errors.SealkvError as exc:
             self._done(entry, None, exc)
 

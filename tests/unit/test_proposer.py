@@ -25,7 +25,7 @@ class HeldAdapter:
     def wait_leader(self, deadline):
         pass
 
-    def propose_async(self, payload, on_done):
+    def propose_async(self, payload, on_done, seal_timeout=0.0):
         self.entries.append((payload, on_done))
 
     def wait_entries(self, n):
