@@ -20,9 +20,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
-from sealkv.node.errors import ApplyHalt
+from sealkv.node.errors import ApplyHalt, IntegrityError
 from sealkv.node.replication.membership import MemberRecord
-from sealkv.node.state.storage.base import Storage
+from sealkv.node.state.storage.base import Entry, Storage
 from sealkv.plugins.api import PluginContext, StartupRefused, StorageLayerPlugin
 
 from . import commands, reencryption, startup
@@ -87,6 +87,10 @@ class EncryptionLayerAccess(Protocol):
 
     def resync_sidecar(self) -> int:
         """Rewrites the sidecar from the replicated state; returns its key-change index."""
+
+    def record_readable(self, key: bytes, entry: Entry) -> bool:
+        """Whether a record as stored decodes here (the re-encryption leader's pre-check:
+        a record that would fail at apply is never proposed)."""
 
 
 class EncryptionLayerPlugin(StorageLayerPlugin):
@@ -300,6 +304,14 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
             write_sidecar(self.context.data_dir, sidecar)
         except (OSError, SidecarError) as error:
             raise ApplyHalt(f"cannot write the encryption sidecar: {error}") from error
+
+    def record_readable(self, key: bytes, entry: Entry) -> bool:
+        """Whether a record as stored decodes here (see `EncryptionLayerAccess`)."""
+        try:
+            self.storage.decode_entry(key, entry)
+        except IntegrityError:
+            return False
+        return True
 
     def resync_sidecar(self) -> int:
         """Rewrites this node's sidecar from the replicated state and this process's epochs.

@@ -20,7 +20,6 @@ import time
 from typing import Any, Callable, Optional
 
 from sealkv.node import errors
-from sealkv.node.errors import IntegrityError
 
 from . import reencryption
 from .reencryption import ReencryptBatch, ReencryptCompacted, ReencryptFinish, needs_rewrite
@@ -50,9 +49,9 @@ def count_store(handle: Any, active_storage_id: int) -> tuple[int, int]:
 class ReencryptionDriver:
     """Drives the re-encryption job while this node leads (see the module docstring).
 
-    `layer()` returns the encryption storage-layer plugin (or None); `compact_cluster()` runs
-    the cluster-wide compaction and returns a one-line outcome. Methods other than `start` and
-    `stop` are safe from any thread.
+    `layer()` returns the encryption layer (its `EncryptionLayerAccess`, or None);
+    `compact_cluster()` runs the cluster-wide compaction and returns a one-line outcome.
+    Methods other than `start` and `stop` are safe from any thread.
     """
 
     def __init__(self, handle: Any, layer: Callable[[], Optional[Any]],
@@ -103,7 +102,7 @@ class ReencryptionDriver:
 
     def _job(self):
         layer = self.layer()
-        return None if layer is None else layer.state.job
+        return None if layer is None else layer.view().state.job
 
     def _drive(self) -> None:
         job = self._job()
@@ -122,7 +121,7 @@ class ReencryptionDriver:
     def _step(self, job) -> int:
         """Proposes the next BATCH (or FINISH); returns the records it examined."""
         layer = self.layer()
-        active = layer.state.active_storage_id
+        active = layer.view().state.active_storage_id
         start = reencryption.key_after(job.cursor) if job.cursor else b""
         records = self.handle.stored_records(start, job.batch_size)
         if records:
@@ -130,9 +129,7 @@ class ReencryptionDriver:
             for key, entry in records:
                 if not needs_rewrite(entry, active):
                     continue
-                try:
-                    layer.storage.decode_entry(key, entry)
-                except IntegrityError:
+                if not layer.record_readable(key, entry):
                     log.warning("re-encryption skips a value that fails authentication on the "
                                 "leader (it stays as it is; reads of it answer DATA_LOSS)")
                     continue
