@@ -69,6 +69,8 @@ class NodeConfig:
     # for a rolling upgrade from a version whose nodes cannot apply BATCH.
     batch_entries: bool = True
     quota_backend_bytes: int = DEFAULT_QUOTA_BACKEND_BYTES
+    # HOST:PORT of the Prometheus metrics and /health HTTP listener (None: no listener).
+    listen_metrics: Optional[str] = None
     raft_settings: RaftSettings = field(default_factory=RaftSettings)
 
     def validate(self) -> None:
@@ -88,6 +90,8 @@ class NodeConfig:
             if not mine or mine[0].raft_address != self.raft:
                 raise ConfigError(f"--initial-cluster must list this node as "
                                   f"{self.name}={self.raft}/{self.grpc}")
+        if self.listen_metrics is not None:
+            check_address(self.listen_metrics, "listen_metrics")
         if self.request_timeout <= 0:
             raise ConfigError("request_timeout must be positive")
         if not isinstance(self.batch_entries, bool):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from typing import Callable
 
 FSYNC_ALWAYS = "always"
@@ -74,12 +75,22 @@ def record_synced(path: str, size: int) -> None:
         os.close(fd)
 
 
+def _ignore(seconds: float) -> None:
+    pass
+
+
+# The node's metrics set this to their fsync-duration histogram (one node per process).
+observe_fsync: Callable[[float], None] = _ignore
+
+
 def sync_file(fd: int, path: str, policy: str,
               fdatasync: Callable[[int], None] = os.fdatasync) -> None:
     """Makes what was written to `fd` durable (fdatasync) under the "always" policy."""
     if policy != FSYNC_ALWAYS:
         return
+    started = time.perf_counter()
     fdatasync(fd)
+    observe_fsync(time.perf_counter() - started)
     record_synced(path, os.fstat(fd).st_size)
 
 

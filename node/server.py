@@ -23,6 +23,7 @@ from sealkv.node.serving.audit import AuditDamaged, AuditInterceptor, AuditLog
 from sealkv.node.serving.cluster_service import ClusterService
 from sealkv.node.serving.handle import NodeHandle
 from sealkv.node.serving.kv_service import KVService
+from sealkv.node.serving.metrics import MetricsListener, NodeMetrics
 from sealkv.node.serving.status import LearnerProbe, NodeStatus
 from sealkv.node.state import commands as cmd
 from sealkv.node.state.alarms import AlarmBoard
@@ -105,6 +106,10 @@ class Node:
         self.status_view = NodeStatus(config, self.adapter, self.state_machine.member_directory,
                                       self.membership.leader_grpc_address, self.plugin_names,
                                       LearnerProbe(config.name, self.handle.channel))
+        self.metrics = NodeMetrics(self.status, self.adapter.stats,
+                                   lambda: self.storage_plugins + self.admin_plugins,
+                                   self._disk_facts, config.data_dir)
+        self.metrics_listener: Optional[MetricsListener] = None
 
     def _payload_codec(self):
         """The payload codec of the first storage layer offering one (the optional capability
@@ -172,6 +177,16 @@ class Node:
         self.server, self.port = self.create_server(self.config.grpc)
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.config.listen_metrics:
+            try:
+                self.metrics_listener = MetricsListener(self.metrics, self.config.listen_metrics,
+                                                        self._healthy)
+            except OSError as exc:
+                self.stop()
+                raise StartupError(f"cannot listen for metrics on {self.config.listen_metrics}: "
+                                   f"{exc.strerror}") from exc
+            self.metrics_listener.start()
+            log.info("metrics and /health on http://%s", self.config.listen_metrics)
         log.info("node %s serving gRPC on %s (raft %s)", self.config.name, self.config.grpc,
                  self.config.raft or "learner")
         return self.port
@@ -181,7 +196,8 @@ class Node:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="grpc"),
             maximum_concurrent_rpcs=GRPC_WORKERS * 16,
-            interceptors=[AuditInterceptor(self.audit)] if self.audit else [],
+            interceptors=([AuditInterceptor(self.audit)] if self.audit else [])
+            + [self.metrics.interceptor()],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", 64 * 1024 * 1024),
                      ("grpc.so_reuseport", 0)])
@@ -207,6 +223,8 @@ class Node:
             return
         self._stopped.set()
         self.health.enter_graceful_shutdown()
+        if self.metrics_listener is not None:
+            self.metrics_listener.stop()
         if self.server is not None:
             self.server.stop(grace).wait(grace + 1)
         for plugin in self.admin_plugins + self.storage_plugins:
@@ -266,6 +284,18 @@ class Node:
             "quota_backend_bytes": self.config.quota_backend_bytes,
             "db_applied_index_at_start": self.db_index_at_start,
             "replayed_at_start": self.replayed_at_start}
+
+    def _disk_facts(self) -> dict:
+        """What the metrics show of the disk: the active alarms (metrics thread)."""
+        return {"alarms": sorted(alarms.active())}
+
+    def _healthy(self) -> tuple[bool, str]:
+        """Whether this node serves with a known leader, for the metrics listener's /health."""
+        if self._stopped.is_set():
+            return False, "stopping"
+        if not self.status().get("leader"):
+            return False, "no leader"
+        return True, ""
 
     def plugin_names(self) -> list[str]:
         return [f"storage:{p.name}" for p in self.storage_plugins] \

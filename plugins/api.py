@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 from sealkv.node.state.storage.base import Storage
 
@@ -132,3 +132,18 @@ class AdminPlugin:
 
     def stop(self) -> None:
         """Called once at shutdown."""
+
+
+@runtime_checkable
+class ProvidesMetrics(Protocol):
+    """An optional capability of a plugin: metrics read at scrape time.
+
+    `metrics()` is called on the metrics listener's thread for every scrape; it must be quick,
+    take no lock that apply holds for long, and never raise. It returns
+    `(name, kind, help, samples)` tuples: `kind` is "gauge" or "counter", `samples` a list of
+    `(labels, value)` with string labels. Names start with `sealkv_`; a label never carries a
+    key, a value or key material.
+    """
+
+    def metrics(self) -> list[tuple[str, str, str, list[tuple[dict, float]]]]:
+        ...

@@ -55,13 +55,16 @@ def node():
 @click.option("--quota-backend-bytes", type=int,
               help="Bytes of keys and values the database may hold before the NOSPACE alarm "
                    "refuses writes (default 2 GiB).")
+@click.option("--listen-metrics", metavar="HOST:PORT",
+              help="Serve Prometheus metrics (/metrics) and /health over HTTP here.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Log lines as text or one JSON object per line.")
 def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, secret_file,
           plugins_, encryption, kek_file, kek_provider, kek_options, request_timeout,
-          fsync, batch_entries, quota_backend_bytes, log_level, log_format):
+          fsync, batch_entries, quota_backend_bytes, listen_metrics, log_level,
+          log_format):
     """Runs one node in the foreground until SIGTERM or SIGINT."""
     from sealkv.node.config import ConfigError, build_config, load_toml
     from sealkv.node.server import run
@@ -71,7 +74,8 @@ def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, sec
     flags = {"name": name, "data_dir": data_dir, "raft": raft, "grpc": grpc,
              "learner": learner, "initial_cluster": initial_cluster,
              "secret_file": secret_file, "request_timeout": request_timeout, "fsync": fsync,
-             "batch_entries": batch_entries, "quota_backend_bytes": quota_backend_bytes}
+             "batch_entries": batch_entries, "quota_backend_bytes": quota_backend_bytes,
+             "listen_metrics": listen_metrics}
     values.update({k: v for k, v in flags.items() if v is not None})
     if plugins_ is not None:
         values["plugins"] = [p.strip() for p in plugins_.split(",") if p.strip()]

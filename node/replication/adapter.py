@@ -45,6 +45,7 @@ from sealkv.node.errors import ApplyHalt, where
 from sealkv.node.replication.membership import MemberRecord, MembershipSnapshot
 from sealkv.node.replication.payload_codec import IdentityCodec, PayloadCodec
 from sealkv.node.replication.settings import RaftSettings
+from sealkv.node.replication.stats import ReplicationStats
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.base import StorageFull
 
@@ -197,6 +198,8 @@ class _RaftObject(RaftRulesSyncObj):
             # Ticks that apply without reaching _checkCommandsToApply (transport not ready at
             # start-up) commit here.
             adapter._commit_applied()
+            leader = self._getLeader()
+            adapter.stats.leader_seen(getattr(leader, "address", None))
         except raft_journal.MetaNotDurable:
             # The term or vote could not be saved: pysyncobj raised before sending the vote
             # or message that needed it. The alarm and its one warning are already raised.
@@ -299,6 +302,7 @@ class ReplicationAdapter:
         quick and must not raise).
         """
         self.sm = state_machine
+        self.stats = ReplicationStats()
         self.raft_address = raft_address
         self.partners = [p for p in partners if p != raft_address]
         self.data_dir = data_dir
@@ -424,8 +428,10 @@ class ReplicationAdapter:
             if time.monotonic() < self._stalled_until:
                 return _STALLED
             self._stalled = False
+        started = time.perf_counter()
         try:
             result = self.sm.apply(index, self.codec.open(index, payload))
+            self.stats.observe_apply(time.perf_counter() - started)
             waiting = self._orphans.pop(index, None)
             if waiting:
                 self._after_commit.extend(lambda r=result, w=w: w(r) for w in waiting)
@@ -559,11 +565,13 @@ class ReplicationAdapter:
 
         self._obj.apply_command(payload, callback=on_result)
         if not done.wait(max(0.0, deadline - time.monotonic())):
+            self.stats.proposals_failed += 1
             raise errors.OutcomeUnknown(
                 f"outcome unknown: not committed within {timeout:.1f}s (it may still apply)")
         result, reason = box[0]
         if reason == FAIL_REASON.SUCCESS:
             return result
+        self.stats.proposals_failed += 1
         raise _proposal_failure(reason)
 
     def propose_async(self, command: bytes,
@@ -859,6 +867,7 @@ class ReplicationAdapter:
             "cluster": sorted(getattr(n, "address", str(n)) for n in cluster if n is not None),
         }
         raw = json.dumps(meta).encode()
+        started = time.perf_counter()
         try:
             with open(filename, "wb") as f:
                 os.fchmod(f.fileno(), durable.FILE_MODE)
@@ -880,6 +889,7 @@ class ReplicationAdapter:
             self._dump_failed(filename, exc)
             raise
         self._dump_backoff = DUMP_RETRY_MIN
+        self.stats.observe_snapshot(time.perf_counter() - started)
         self.codec.snapshot_taken(previous[1])
 
     def _dump_failed(self, filename: str, exc: Exception) -> None:

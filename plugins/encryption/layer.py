@@ -28,6 +28,7 @@ from sealkv.plugins.api import PluginContext, StartupRefused, StorageLayerPlugin
 from . import commands, reencryption, startup
 from .commands import CommandDecodeError, RegisterCommand
 from .core_dumps import disable_core_dumps
+from .counters import COUNTERS
 from .kek import KEKProvider
 from .keystore import KeyStore
 from .nonce import MAX_EPOCH, NonceFactory, full_node_id, node_id16
@@ -357,6 +358,39 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         with self._cond:
             return EncryptionView(self.state.copy(), self.full_node_id, dict(self._epochs),
                                   self.kek is not None, self.raft_codec.wrap_installed)
+
+    def metrics(self) -> list[tuple[str, str, str, list[tuple[dict, float]]]]:
+        """This node's encryption metrics (`sealkv.plugins.api.ProvidesMetrics`)."""
+        view = self.view()
+        state, counts = view.state, COUNTERS.snapshot()
+        events = {"seal": [], "open": [], "failure": []}
+        for (event, purpose, reason), n in sorted(counts.items()):
+            labels = {"purpose": purpose, **({"reason": reason} if reason else {})}
+            events[event].append((labels, n))
+        job = state.job
+        return [
+            ("sealkv_encryption_active_key_id", "gauge",
+             "The active data key id by purpose (0: none).",
+             [({"purpose": PURPOSE_NAMES[p]}, state.active.get(p, 0)) for p in PURPOSE_NAMES]),
+            ("sealkv_encryption_envelope_active", "gauge",
+             "Whether the storage and raft-log envelopes are active (1) or not (0).",
+             [({"envelope": "storage"}, int(state.storage_envelope_active)),
+              ({"envelope": "raft"}, int(state.raft_envelope_active))]),
+            ("sealkv_encryption_nonce_epoch", "gauge",
+             "This process's nonce epoch per data key id.",
+             [({"key_id": str(k)}, e) for k, e in sorted(view.epochs.items())]),
+            ("sealkv_encryption_envelope_seals", "counter", "Envelopes sealed, by purpose.",
+             events["seal"]),
+            ("sealkv_encryption_envelope_opens", "counter", "Envelopes opened, by purpose.",
+             events["open"]),
+            ("sealkv_encryption_auth_failures", "counter",
+             "Envelopes that failed to open, by purpose and reason.", events["failure"]),
+            ("sealkv_encryption_reencrypt_done", "gauge",
+             "Values the re-encryption job has examined (its total is _total).",
+             [({}, job.done if job else 0)]),
+            ("sealkv_encryption_reencrypt_total", "gauge",
+             "Values the re-encryption job has to examine.", [({}, job.total if job else 0)]),
+        ]
 
     def new_wrapped_key(self) -> bytes:
         """Returns a fresh random data key wrapped by this node's KEK."""

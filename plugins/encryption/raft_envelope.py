@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Optional
 from sealkv.node.errors import ApplyHalt, Unavailable
 
 from . import commands, envelope
+from .counters import COUNTERS
 from .keystore import KeyStore
 from .nonce import NonceFactory
 from .purpose import PURPOSE_RAFT
@@ -111,7 +112,9 @@ class RaftPayloadCodec:
         except (RuntimeError, ValueError) as error:  # exhausted nonces, no durable epoch
             raise Unavailable(f"cannot seal under raft key {key_id} on this node "
                               f"({type(error).__name__}): rotate the raft key") from None
-        return envelope.seal(dek, key_id, nonce, command, envelope.raft_aad(key_id))
+        sealed = envelope.seal(dek, key_id, nonce, command, envelope.raft_aad(key_id))
+        COUNTERS.add("seal", "raft")
+        return sealed
 
     # ---- the intake barrier (leader, admin thread) ---------------------------------------
 
@@ -166,9 +169,11 @@ class RaftPayloadCodec:
                 lambda key_id: self.keystore.get_for(key_id, PURPOSE_RAFT), payload,
                 lambda header6: envelope.raft_aad(int.from_bytes(header6[2:6], "big")))
         except envelope.EnvelopeError as error:
+            COUNTERS.add("failure", "raft", type(error).__name__)
             raise ApplyHalt(f"entry {index} is above the raft envelope cutover {cutover} and "
                             f"does not open as a raft envelope: {type(error).__name__}") from None
         self._sealed_at.setdefault(int.from_bytes(payload[2:6], "big"), []).append(index)
+        COUNTERS.add("open", "raft")
         return command
 
     def snapshot_taken(self, index: int) -> None:

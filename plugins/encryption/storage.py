@@ -17,6 +17,7 @@ from sealkv.node.state.storage.base import (
 )
 
 from . import envelope
+from .counters import COUNTERS
 from .keystore import KeyStore
 from .nonce import NonceFactory
 from .state import PURPOSE_STORAGE, EncryptionState
@@ -57,6 +58,7 @@ class EncryptionStorage(StorageLayer):
         header6 = envelope.envelope_header(dek_id)
         sealed = envelope.seal(dek, dek_id, self.nonces(dek_id).next(), entry.value,
                                envelope.storage_aad(header6, header, key, entry.mod_revision))
+        COUNTERS.add("seal", "storage")
         self.inner.put(key, dataclasses.replace(entry, value=sealed, header=header))
 
     def decode_entry(self, key: bytes, entry: Entry) -> Entry:
@@ -69,7 +71,9 @@ class EncryptionStorage(StorageLayer):
                     lambda header6: envelope.storage_aad(header6, entry.header, key,
                                                          entry.mod_revision))
             except envelope.EnvelopeError as error:
+                COUNTERS.add("failure", "storage", type(error).__name__)
                 raise IntegrityError(f"stored value failed decryption: {error}") from None
+            COUNTERS.add("open", "storage")
             return dataclasses.replace(entry, value=plaintext,
                                        header=entry.header & ~VALUE_STATE_MASK)
         if state == VALUE_CLEARTEXT:
