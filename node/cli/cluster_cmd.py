@@ -9,7 +9,8 @@ import click
 
 from sealkv.node import errors
 from sealkv.node.cli import local
-from sealkv.node.cli.endpoint_cmd import STATUS_HEADERS, status_json, status_row
+from sealkv.node.cli.endpoint_cmd import (STATUS_HEADERS, exit_for, status_json, status_row,
+                                          unreachable_row)
 from sealkv.node.cli.node_cmd import parse_kek_options
 from sealkv.node.cli.main import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, Ctx, pass_ctx
 from sealkv.node.cli.output import emit
@@ -38,6 +39,8 @@ def _node_args(c: local.LocalCluster, n: local.LocalNode) -> list[str]:
         args += ["--kek-option", f"{key}={value}"]
     if c.fsync != "always":
         args += ["--fsync", c.fsync]
+    if n.metrics:
+        args += ["--listen-metrics", n.metrics]
     return args
 
 
@@ -98,9 +101,11 @@ def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, k
             raft = base_port + 2 * (i - 1) if base_port else local.free_port()
             grpc_port = base_port + 100 + 2 * (i - 1) if base_port else local.free_port()
             node_dir = os.path.join(data_dir, f"n{i}")
+            metrics = base_port + 200 + 2 * (i - 1) if base_port else local.free_port()
             record.nodes.append(local.LocalNode(f"n{i}", f"127.0.0.1:{raft}",
                                                 f"127.0.0.1:{grpc_port}", node_dir,
-                                                os.path.join(data_dir, f"n{i}.log")))
+                                                os.path.join(data_dir, f"n{i}.log"),
+                                                metrics=f"127.0.0.1:{metrics}"))
     for n in record.nodes:
         n.pid = local.spawn(n, _node_args(record, n))
     record.save()
@@ -171,19 +176,20 @@ def cluster_status(c: Ctx, data_dir):
     with Client(record.endpoints, timeout=c.timeout) as client:
         for n in record.nodes:
             alive = local.is_our_process(n)
+            metrics = f"http://{n.metrics}/metrics" if n.metrics else "-"
             try:
                 s = client.status(endpoint=n.grpc)
-                rows.append(status_row(n.grpc, s))
-                data.append(dict(status_json(n.grpc, s), pid=n.pid, running=alive))
+                rows.append(status_row(n.grpc, s) + [metrics])
+                data.append(dict(status_json(n.grpc, s), pid=n.pid, running=alive,
+                                 metrics=metrics))
             except errors.SealkvError as exc:
                 down_count += 1
-                rows.append([n.grpc, n.name] + ["-"] * (len(STATUS_HEADERS) - 3)
-                            + ["down" if not alive else exc.message])
+                reason = "process not running" if not alive else f"unreachable: {exc.message}"
+                rows.append(unreachable_row(n.grpc, n.name, reason) + [metrics])
                 data.append({"endpoint": n.grpc, "name": n.name, "pid": n.pid,
-                             "running": alive, "error": exc.message})
-    emit(c.write_out, STATUS_HEADERS, rows, data)
-    if down_count:
-        raise SystemExit(EXIT_UNREACHABLE)
+                             "running": alive, "error": reason, "metrics": metrics})
+    emit(c.write_out, STATUS_HEADERS + ["metrics"], rows, data)
+    exit_for(down_count, len(record.nodes))
 
 
 def register(cli: click.Group) -> None:

@@ -8,7 +8,7 @@ import click
 
 from sealkv.node import errors
 from sealkv.node.cli.alarm_cmd import alarm_json
-from sealkv.node.cli.main import EXIT_UNREACHABLE, Ctx, pass_ctx
+from sealkv.node.cli.main import EXIT_FAILED, EXIT_UNREACHABLE, Ctx, pass_ctx
 from sealkv.node.state.commands import ROLE_NAMES
 from sealkv.node.cli.member_cmd import member_json
 from sealkv.node.cli.output import emit
@@ -28,7 +28,7 @@ def _targets(c: Ctx, cluster: bool) -> list[str]:
 
 
 STATUS_HEADERS = ["endpoint", "name", "role", "leader", "term", "commit", "applied", "quorum",
-                  "db size", "alarms", "plugins"]
+                  "db size", "alarms", "plugins", "error"]
 
 
 def _size(n: int) -> str:
@@ -43,7 +43,18 @@ def status_row(endpoint_: str, s) -> list:
             s.commit_index, s.applied_index, "yes" if s.has_quorum else "no",
             _size(s.db_size_in_use),
             ",".join(sorted({f"{a.alarm}:{a.member}" for a in s.alarms})) or "-",
-            ",".join(s.plugins) or "-"]
+            ",".join(s.plugins) or "-", "-"]
+
+
+def unreachable_row(endpoint_: str, name: str, reason: str) -> list:
+    """The row of a member that did not answer: every column "-" but its name and the reason."""
+    return [endpoint_, name or "-"] + ["-"] * (len(STATUS_HEADERS) - 3) + [reason]
+
+
+def exit_for(failed: int, total: int) -> None:
+    """Exits 1 when some members did not answer and 3 when none did (0 otherwise)."""
+    if failed:
+        sys.exit(EXIT_FAILED if failed < total else EXIT_UNREACHABLE)
 
 
 def status_json(endpoint_: str, s) -> dict:
@@ -65,18 +76,20 @@ def status_json(endpoint_: str, s) -> dict:
 def endpoint_status(c: Ctx, cluster):
     """Shows each endpoint's view: leader, term, indexes, plugins."""
     rows, data, failed = [], [], []
-    for target in _targets(c, cluster):
+    targets = _targets(c, cluster)
+    for target in targets:
         try:
             s = c.client.status(endpoint=target)
         except errors.SealkvError as exc:
             failed.append(target)
             click.echo(f"Error: {target}: {exc.message}", err=True)
+            rows.append(unreachable_row(target, "", f"unreachable: {exc.message}"))
+            data.append({"endpoint": target, "error": f"unreachable: {exc.message}"})
             continue
         rows.append(status_row(target, s))
         data.append(status_json(target, s))
     emit(c.write_out, STATUS_HEADERS, rows, data)
-    if failed:
-        sys.exit(EXIT_UNREACHABLE)
+    exit_for(len(failed), len(targets))
 
 
 @endpoint.command(name="health")

@@ -29,6 +29,7 @@ class LocalNode:
     data_dir: str
     log_file: str
     pid: int = 0
+    metrics: str = ""  # HOST:PORT of the node's metrics and /health listener
 
 
 @dataclass

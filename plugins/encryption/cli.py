@@ -11,7 +11,8 @@ import sys
 import click
 
 from sealkv.node import errors
-from sealkv.node.cli.main import EXIT_UNREACHABLE, CliError, Ctx, pass_ctx
+from sealkv.node.cli.endpoint_cmd import exit_for
+from sealkv.node.cli.main import CliError, Ctx, pass_ctx
 from sealkv.node.cli.output import emit, emit_json
 from sealkv.v1 import encryption_admin_pb2 as pb
 from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
@@ -57,12 +58,15 @@ def status(c: Ctx, cluster):
     for target in targets:
         try:
             cap = c.client.call(STUB, "GetCapability", pb.GetCapabilityRequest(),
-                                endpoint=target, follow_leader=False)
+                                endpoint=target, follow_leader=False, idempotent=True)
             side = c.client.call(STUB, "GetSidecarState", pb.GetSidecarStateRequest(),
-                                 endpoint=target, follow_leader=False)
+                                 endpoint=target, follow_leader=False, idempotent=True)
         except errors.SealkvError as exc:
             failed.append(target)
             click.echo(f"Error: {target}: {exc.message}", err=True)
+            rows.append([target] + ["-"] * (len(STATUS_HEADERS) - 2)
+                        + [f"unreachable: {exc.message}"])
+            data.append({"endpoint": target, "error": f"unreachable: {exc.message}"})
             continue
         key_ids = [k.key_id for k in side.keys]
         envelope = "active" if side.storage_envelope_active else "off"
@@ -88,9 +92,10 @@ def status(c: Ctx, cluster):
                       "local_epoch": k.local_epoch} for k in side.keys],
         })
     job = None
-    if rows:
+    if len(failed) < len(targets):
         try:
-            job = c.client.call(STUB, "GetReencryptionStatus", pb.GetReencryptionStatusRequest())
+            job = c.client.call(STUB, "GetReencryptionStatus", pb.GetReencryptionStatusRequest(),
+                                idempotent=True)
         except errors.SealkvError as exc:
             click.echo(f"Error: re-encryption status: {exc.message}", err=True)
     for row in data:  # the job is replicated: the same on every row
@@ -98,8 +103,7 @@ def status(c: Ctx, cluster):
     emit(c.write_out, STATUS_HEADERS, rows, data)
     if job is not None and c.write_out != "json":
         click.echo(_job_line(job))
-    if failed:
-        sys.exit(EXIT_UNREACHABLE)
+    exit_for(len(failed), len(targets))
 
 
 @encryption.command()
