@@ -286,8 +286,10 @@ class Node:
             "replayed_at_start": self.replayed_at_start}
 
     def _disk_facts(self) -> dict:
-        """What the metrics show of the disk: the active alarms (metrics thread)."""
-        return {"alarms": sorted(alarms.active())}
+        """What the metrics show of the disk (metrics thread)."""
+        return {"alarms": sorted({a.kind for a in self.alarms.alarms()}),
+                "db_size_bytes": self.store.file_bytes(), "db_size_in_use_bytes": self.store.data_bytes(),
+                "quota_bytes": self.config.quota_backend_bytes}
 
     def _healthy(self) -> tuple[bool, str]:
         """Whether this node serves with a known leader, for the metrics listener's /health."""

@@ -41,8 +41,8 @@ class NodeMetrics:
 
     `status` returns the node's status dict (see `NodeStatus.status`), `stats` is the
     replication adapter's `ReplicationStats`, `plugins` lists the node's plugins (those that
-    `ProvidesMetrics` add theirs), `disk` returns `{"db_size_bytes": n, "quota_bytes": n,
-    "alarms": [names]}` (empty when the store has none of these).
+    `ProvidesMetrics` add theirs), `disk` returns `{"db_size_bytes": n,
+    "db_size_in_use_bytes": n, "quota_bytes": n, "alarms": [kinds]}`.
     """
 
     def __init__(self, status: Callable[[], dict], stats, plugins: Callable[[], Iterable],
@@ -113,6 +113,9 @@ class _ScrapeTimeCollector:
         disk = m._disk()
         yield _gauge("sealkv_mvcc_db_total_size_in_bytes", "Size of the database files.",
                      disk.get("db_size_bytes", _dir_size(os.path.join(m._data_dir, "db"))))
+        yield _gauge("sealkv_mvcc_db_total_size_in_use_in_bytes",
+                     "Bytes of keys and values the database holds.",
+                     disk.get("db_size_in_use_bytes", 0))
         yield _gauge("sealkv_server_quota_backend_bytes", "The database size quota (0: none).",
                      disk.get("quota_bytes", 0))
         alarms = GaugeMetricFamily("sealkv_server_alarm", "Active alarms (1) by type.",

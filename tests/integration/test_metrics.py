@@ -12,6 +12,7 @@ from tests.integration.test_encryption_admin import admin, write_kek
 pytestmark = pytest.mark.integration
 
 NAMES = {
+    "sealkv_mvcc_db_total_size_in_use_in_bytes",
     "sealkv_server_has_leader", "sealkv_server_is_leader", "sealkv_server_leader_changes_seen",
     "sealkv_server_proposals_committed_total", "sealkv_server_proposals_applied_total",
     "sealkv_server_proposals_pending", "sealkv_server_proposals_failed",
