@@ -6,7 +6,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster import free_port, running_cluster
+from tests.cluster import free_port, running_cluster, wait_for
 from tests.integration.test_encryption_admin import admin, write_kek
 
 pytestmark = pytest.mark.integration
@@ -61,7 +61,8 @@ def test_names_are_exposed_and_counters_move(node):
     assert NAMES <= set(families), NAMES - set(families)
     assert value(before, "sealkv_server_has_leader") == 1
     assert value(before, "sealkv_server_is_leader") == 1
-    assert value(before, "sealkv_server_leader_changes_seen_total") >= 1
+    wait_for(lambda: value(scrape(url)[1], "sealkv_server_leader_changes_seen_total") >= 1, 10,
+             "the election counted as a leader change")
     with cluster.client() as client:
         admin(client, "BootstrapEncryption")
         admin(client, "EnableStorageEnvelope")
@@ -98,3 +99,16 @@ def test_health_on_the_metrics_listener(node):
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(url + "/nope", timeout=10)
     assert missing.value.code == 404
+
+
+def test_the_example_alerts_and_dashboard_use_only_metrics_a_node_exposes(node):
+    import pathlib
+    import re
+    _, url = node
+    families, _, _ = scrape(url)
+    examples = pathlib.Path(__file__).resolve().parents[2] / "examples" / "monitoring"
+    text = (examples / "alerts.yml").read_text() + (examples / "grafana-dashboard.json").read_text()
+    used = {re.sub(r"_(bucket|total|count|sum)$", "", name)
+            for name in re.findall(r"\b((?:sealkv|grpc_server)_[a-z0-9_]+)", text)}
+    exposed = {re.sub(r"_total$", "", name) for name in families}
+    assert used and used <= exposed, used - exposed
