@@ -29,7 +29,7 @@ from sealkv.node.state import commands as cmd
 from sealkv.node.state.alarms import AlarmBoard
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.lmdb_store import LmdbStore
-from sealkv.plugins.api import PluginContext, StartupRefused
+from sealkv.plugins.api import PluginContext, ProvidesPayloadCodec, StartupRefused
 from sealkv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,8 @@ class Node:
         """The payload codec of the first storage layer offering one (the optional capability
         `payload_codec()`: the encryption plugin's raft-log envelope), else None."""
         for plugin in self.storage_plugins:
-            make = getattr(plugin, "payload_codec", None)
-            if make is not None:
-                return make()
+            if isinstance(plugin, ProvidesPayloadCodec):
+                return plugin.payload_codec()
         return None
 
     def _on_disk_full(self, path: str) -> None:

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
+from sealkv.node.replication.payload_codec import PayloadCodec
 from sealkv.node.state.storage.base import Storage
 
 API_VERSION = 1
@@ -103,6 +104,18 @@ class StorageLayerPlugin:
 
     def stop(self) -> None:
         """Called once at shutdown."""
+
+
+@runtime_checkable
+class ProvidesPayloadCodec(Protocol):
+    """Optional capability of a storage layer plugin: it seals Raft command payloads.
+
+    The node checks it with `isinstance` when it builds the replication adapter and calls
+    `payload_codec()` once, on the start-up thread, before Raft starts; the first enabled
+    layer that offers one wins. The codec's own contract is `PayloadCodec`'s.
+    """
+
+    def payload_codec(self) -> PayloadCodec: ...
 
 
 class AdminPlugin:

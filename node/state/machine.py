@@ -31,8 +31,9 @@ from typing import BinaryIO, Iterable, Mapping, Optional, Sequence
 from sealkv.node.state import commands as cmd
 from sealkv.node.errors import ApplyHalt, IntegrityError, where
 from sealkv.node.replication.membership import MemberRecord
-from sealkv.node.state.storage.base import (VALUE_CLEARTEXT, Entry, Storage, StorageFull,
-                                            base_store)
+from sealkv.node.state.storage.base import (
+    VALUE_CLEARTEXT, Entry, Storage, StorageFull, base_store, layers_of,
+)
 from sealkv.plugins.api import CommandHandler
 
 SNAPSHOT_MAGIC = b"SEALKVS1"
@@ -327,13 +328,8 @@ class StateMachine:
         """Decodes a raw entry (as returned in `WriteResult.prev`) through the storage stack."""
         if entry is None:
             return None
-        layers = []
-        layer = self.storage
-        while hasattr(layer, "inner"):
-            layers.append(layer)
-            layer = layer.inner
         with self.lock:
-            for layer in reversed(layers):
+            for layer in reversed(layers_of(self.storage)):
                 entry = layer.decode_entry(key, entry)
         return _cleartext(entry)
 

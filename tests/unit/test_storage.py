@@ -281,3 +281,11 @@ def test_compact_waits_for_readers_and_gives_up_after_its_timeout(tmp_path):
     s.compact(5.0)
     assert s.get(b"a") == e(b"1")
     s.close()
+def test_wrapping_layers_are_found_by_their_declared_capability():
+    from sealkv.node.state.storage.base import base_store, layers_of
+
+    store = MemoryStore()
+    inner_layer = StorageLayer(store)
+    outer_layer = StorageLayer(inner_layer)
+    assert layers_of(outer_layer) == [outer_layer, inner_layer]
+    assert base_store(outer_layer) is store and layers_of(store) == []

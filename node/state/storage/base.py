@@ -123,8 +123,33 @@ class StorageLayer:
         return entry
 
 
+@runtime_checkable
+class WrappingLayer(Protocol):
+    """The optional capability of a storage layer that wraps another store (checked at runtime).
+
+    `inner` is the store it wraps; `decode_entry(key, entry)` turns a record as read from
+    `inner` into what the layer returns (the decode path of `get`/`scan`, also used for records
+    read around the layers, like `WriteResult.prev`). Same threads and lock as `Storage`;
+    `decode_entry` raises `IntegrityError` for a record it cannot trust. `StorageLayer`
+    implements it.
+    """
+
+    inner: Storage
+
+    def decode_entry(self, key: bytes, entry: Entry) -> Entry: ...
+
+
+def layers_of(storage: Storage) -> list[WrappingLayer]:
+    """Returns the wrapping layers of a storage stack, outermost first."""
+    layers = []
+    while isinstance(storage, WrappingLayer):
+        layers.append(storage)
+        storage = storage.inner
+    return layers
+
+
 def base_store(storage: Storage) -> Storage:
     """Returns the innermost store under any number of layers."""
-    while hasattr(storage, "inner"):
+    while isinstance(storage, WrappingLayer):
         storage = storage.inner
     return storage

@@ -267,3 +267,13 @@ def test_start_refuses_a_member_sharing_this_nodes_node_id16(tmp_path, kek_file)
     plugin.check_membership_collisions([friendly])  # no clash: no refusal
     with pytest.raises(StartupRefused, match="shares this node's node_id16"):
         plugin.check_membership_collisions([friendly, MemberRecord("c", clash, "x:1", 1)])
+
+
+def test_the_plugin_declares_its_optional_capabilities(tmp_path, kek_file):
+    from sealkv.node.state.storage.base import WrappingLayer
+    from sealkv.plugins.api import ProvidesPayloadCodec
+
+    plugin = make_plugin(tmp_path, kek_file)
+    assert isinstance(plugin, ProvidesPayloadCodec)
+    assert isinstance(plugin.wrap(DictStore()), WrappingLayer)
+    assert not isinstance(DictStore(), WrappingLayer)
