@@ -36,7 +36,7 @@ from .admin_at_rest import AtRestAdminMixin, compact_cluster_from_leader
 from .capability import answer_capability, capability_rows, expected_node_id, probe_capability
 from .commands import RegisterCommand, WriterRow
 from .layer import EncryptionLayerAccess
-from .nonce import epoch_in_range
+from .nonce import epoch_in_range, node_id16
 from .purpose import PURPOSE_NAMES, PURPOSE_RAFT, PURPOSE_STORAGE
 from .reencryption_driver import ReencryptionDriver
 from .sidecar import SidecarError, read_sidecar
@@ -134,7 +134,7 @@ class EncryptionAdminPlugin(AdminPlugin):
             return
         new_id = expected_node_id(member)
         for (dek_id, node16), record in sorted(state.registry.items()):
-            if node16 == new_id & 0xFFFF and record.full_node_id != new_id:
+            if node16 == node_id16(new_id) and record.full_node_id != new_id:
                 raise errors.FailedPrecondition(
                     f"member {member.name} cannot be added: its node_id16 0x{node16:04x} is "
                     f"already used by another node under key {dek_id}; give it another raft id")
@@ -309,11 +309,7 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
     def EnableStorageEnvelope(self, request, context):
         plugin = self.plugin
         with self._leader_mutation(context) as (end, layer):
-            state = layer.view().state
-            if not state.bootstrapped:
-                raise errors.FailedPrecondition(
-                    "encryption is not bootstrapped: run BootstrapEncryption first (the cutover "
-                    "never bootstraps implicitly)")
+            state = _bootstrapped_for_cutover(layer)
             if state.storage_envelope_active:
                 return _already_active(state)
 
@@ -339,11 +335,7 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
     def EnableRaftEnvelope(self, request, context):
         plugin = self.plugin
         with self._leader_mutation(context) as (end, layer):
-            state = layer.view().state
-            if not state.bootstrapped:
-                raise errors.FailedPrecondition(
-                    "encryption is not bootstrapped: run BootstrapEncryption first (the cutover "
-                    "never bootstraps implicitly)")
+            state = _bootstrapped_for_cutover(layer)
             if state.raft_envelope_active:
                 return _raft_already_active(state)
             codec = layer.raft_codec
@@ -435,6 +427,17 @@ def _cutover_took_effect(state: EncryptionState, purpose: int, command: Any,
         raise errors.FailedPrecondition(f"a key rotation raced the {PURPOSE_NAMES[purpose]} "
                                         "envelope cutover; nothing was enabled: retry")
     return True
+
+
+def _bootstrapped_for_cutover(layer: EncryptionLayerAccess) -> EncryptionState:
+    """Returns a copy of the state; FAILED_PRECONDITION before bootstrap (ENCRYPTION.md §7
+    step 2: a cutover never bootstraps implicitly)."""
+    state = layer.view().state
+    if not state.bootstrapped:
+        raise errors.FailedPrecondition(
+            "encryption is not bootstrapped: run BootstrapEncryption first (the cutover "
+            "never bootstraps implicitly)")
+    return state
 
 
 def _raft_already_active(state: EncryptionState) -> pb.EnableRaftEnvelopeResponse:

@@ -34,7 +34,7 @@ from typing import Union
 
 from sealkv.node.state.commands import BodyReader as CoreBodyReader
 
-from .nonce import epoch_in_range
+from .nonce import epoch_in_range, node_id16
 from .purpose import PURPOSE_RAFT, PURPOSE_STORAGE
 
 OP_REGISTER = 0x03
@@ -71,7 +71,7 @@ class WriterRow:
     @property
     def node_id16(self) -> int:
         """The low 16 bits of the full node id, as used in nonces."""
-        return self.full_node_id & 0xFFFF
+        return node_id16(self.full_node_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from .commands import (
     SUB_ENABLE_RAFT, SUB_ENABLE_STORAGE, SUB_RETIRE, SUB_ROTATE, BodyReader, BootstrapCommand,
     CommandDecodeError, RegisterCommand, RotationCommand, WriterRow, encode_body,
 )
+from .nonce import node_id16
 from .purpose import PURPOSE_NAMES, PURPOSE_RAFT, PURPOSE_STORAGE
 
 SNAPSHOT_VERSION = 0x01
@@ -417,7 +418,7 @@ class EncryptionState:
             record = WriterRecord(reader.u64("row full id"), reader.u16("row first epoch"),
                                   reader.u16("row last epoch"))
             if (slot <= last_slot or slot[0] not in state.keys
-                    or record.full_node_id & 0xFFFF != slot[1] or record.full_node_id == 0
+                    or node_id16(record.full_node_id) != slot[1] or record.full_node_id == 0
                     or record.first_epoch > record.last_epoch):
                 raise StateDecodeError("invalid or unordered writer registry row")
             last_slot = slot
