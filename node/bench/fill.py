@@ -27,7 +27,7 @@ class FillSettings:
     value_size: int = 1024
     processes: int = 2
     batch: int = 256
-    window: int = 4096
+    window: int = 1024
     max_seconds: float = 1800.0
     nodes: int = 3
     sample: int = 1000
@@ -48,7 +48,8 @@ def rss(pid: int) -> dict:
     return out
 
 
-def _worker(endpoint: str, first: int, last: int, s: FillSettings, acked, failed, stop_at: float):
+def _worker(endpoint: str, first: int, last: int, s: FillSettings, acked, failed, by_code,
+            stop_at: float):
     import grpc
 
     from sealkv.v1 import kv_pb2, kv_pb2_grpc
@@ -82,6 +83,10 @@ def _worker(endpoint: str, first: int, last: int, s: FillSettings, acked, failed
     try:
         for response in stub.Batch(requests()):
             ok = sum(1 for op in response.responses if op.status.code == 0)
+            with by_code.get_lock():
+                for op in response.responses:
+                    if op.status.code:
+                        by_code[min(op.status.code, 16)] += 1
             with acked.get_lock():
                 acked.value += ok
             with failed.get_lock():
@@ -101,12 +106,13 @@ def fill(endpoint: str, pids: list[int], s: FillSettings,
          log: Callable[[str], None]) -> dict:
     """Fills through `endpoint`; returns the rate and the memory samples."""
     ctx = mp.get_context("spawn")
-    acked, failed = ctx.Value("q", 0), ctx.Value("q", 0)
+    acked, failed, by_code = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Array("q", 17)
     start = time.monotonic()
     stop_at = start + s.max_seconds
     per = -(-s.keys // s.processes)
     workers = [ctx.Process(target=_worker, args=(endpoint, i * per, min(s.keys, (i + 1) * per),
-                                                 s, acked, failed, stop_at), daemon=True)
+                                                 s, acked, failed, by_code, stop_at),
+                           daemon=True)
                for i in range(s.processes)]
     for w in workers:
         w.start()
@@ -114,7 +120,7 @@ def fill(endpoint: str, pids: list[int], s: FillSettings,
     marks = [s.keys * q // 4 for q in (1, 2, 3)]
     while any(w.is_alive() for w in workers):
         time.sleep(1.0)
-        done = acked.value
+        done = acked.value + failed.value  # answered, either way
         if marks and done >= marks[0]:
             marks.pop(0)
             samples.append(_sample(done, start, pids))
@@ -123,7 +129,11 @@ def fill(endpoint: str, pids: list[int], s: FillSettings,
         w.join(5)
     elapsed = time.monotonic() - start
     samples.append(_sample(acked.value, start, pids))
+    import grpc
+
+    names = {c.value[0]: c.name for c in grpc.StatusCode}
     return {"keys_acked": acked.value, "keys_failed": failed.value,
+            "failed_by_status": {names.get(i, str(i)): n for i, n in enumerate(by_code) if n},
             "seconds": round(elapsed, 1), "keys_per_second": round(acked.value / elapsed, 1),
             "memory": samples}
 
@@ -166,8 +176,9 @@ def run(s: FillSettings, log: Callable[[str], None] = lambda m: None) -> dict:
             client.get(b"fill/probe")
             restart = time.monotonic() - started
             statuses = {n.name: client.status(endpoint=n.grpc) for n in record.nodes}
-            keys = random.Random(7).sample(range(report["fill"]["keys_acked"]),
-                                           min(s.sample, report["fill"]["keys_acked"]))
+            # Keys are sampled over every requested key: a failed request may or may not have
+            # written its key (DEADLINE_EXCEEDED is "outcome unknown").
+            keys = random.Random(7).sample(range(s.keys), min(s.sample, s.keys))
             missing = 0
             for n in record.nodes:
                 for i in keys:

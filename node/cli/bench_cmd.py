@@ -371,7 +371,8 @@ def fill_cmd(c: Ctx, keys, value_size, processes, max_seconds):
 
     f = report["fill"]
     click.echo(f"filled {f['keys_acked']} of {keys} keys ({value_size} B values) in "
-               f"{f['seconds']}s: {f['keys_per_second']} keys/s; {f['keys_failed']} failed")
+               f"{f['seconds']}s: {f['keys_per_second']} keys/s; {f['keys_failed']} failed "
+               f"{f['failed_by_status'] or ''}")
     mib = 1024 * 1024
     emit_table(["keys", "at s", "max rss MiB", "max anon MiB", "max file MiB"],
                [[m["keys"], m["at_seconds"], round(m["max_rss"] / mib), round(m["max_anon"] / mib),
