@@ -14,7 +14,8 @@ import grpc
 from sealkv.node import errors
 from sealkv.node.batch_stream import AsyncBatchStream, StreamUnsupported
 from sealkv.node.client import (_OPTIONS, LINEARIZABLE, SERIALIZABLE, UNARY_METHOD,
-                                ClientMethods, Route, tls_credentials)
+                                ClientMethods, Route, explain)
+from sealkv.node.security import tls
 from sealkv.v1 import cluster_pb2_grpc, kv_pb2_grpc
 
 __all__ = ["AsyncClient", "LINEARIZABLE", "SERIALIZABLE"]
@@ -35,7 +36,7 @@ class AsyncClient(ClientMethods):
         self.endpoints = list(endpoints)
         self.timeout = timeout
         self.batching = batching
-        self._credentials = tls_credentials(cacert, cert, key)
+        self.tls_files = tls.files_from(cacert, cert, key)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._streams: dict[str, AsyncBatchStream] = {}
         self._unary_only: set[str] = set()
@@ -58,9 +59,7 @@ class AsyncClient(ClientMethods):
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=_OPTIONS) \
-                if self._credentials is None else \
-                grpc.aio.secure_channel(endpoint, self._credentials, options=_OPTIONS)
+            ch = self._channels[endpoint] = tls.aio_channel(endpoint, self.tls_files, _OPTIONS)
         return ch
 
     def _stream(self, endpoint: str) -> AsyncBatchStream:
@@ -77,7 +76,7 @@ class AsyncClient(ClientMethods):
             try:
                 response = await attempt(target)
             except errors.SealkvError as exc:
-                route.failed(exc)
+                route.failed(explain(exc, self.tls_files))
                 continue
             if target in self.endpoints:
                 self._preferred = self.endpoints.index(target)

@@ -23,6 +23,8 @@ import grpc
 
 from sealkv.node import errors
 from sealkv.node.batch_stream import StreamUnsupported, SyncBatchStream
+from sealkv.node.security import tls
+from sealkv.node.security.pki import CertFiles
 from sealkv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 LINEARIZABLE = kv_pb2.LINEARIZABLE
@@ -140,6 +142,15 @@ class ClientMethods:
     def alarm_disarm(self, **kw) -> cluster_pb2.AlarmResponse:
         return self._cluster("Alarm", cluster_pb2.AlarmRequest(
             action=cluster_pb2.AlarmRequest.DISARM), **kw)
+    def revoke_certificate(self, serial: int, **kw) -> cluster_pb2.RevokeCertificateResponse:
+        """Adds a certificate serial to the cluster's replicated revocation list (admin)."""
+        return self._cluster("RevokeCertificate",
+                             cluster_pb2.RevokeCertificateRequest(serial=f"{serial:x}"), **kw)
+
+    def list_revoked(self, **kw) -> cluster_pb2.ListRevokedResponse:
+        """The revoked certificate serials (hex strings in `revoked`)."""
+        return self._cluster("ListRevoked", cluster_pb2.ListRevokedRequest(), idempotent=True,
+                             **kw)
 
 
 # The unary KV method of each batch request kind.
@@ -147,28 +158,12 @@ UNARY_METHOD = {"put": "Put", "get": "Get", "delete": "Delete", "range": "Range"
                 "compare_and_swap": "CompareAndSwap"}
 
 
-def tls_credentials(cacert: Optional[str], cert: Optional[str],
-                    key: Optional[str]) -> Optional[grpc.ChannelCredentials]:
-    """Mutual-TLS channel credentials from PEM files; None (plaintext) when none is given."""
-    if cacert is None and cert is None and key is None:
-        return None
-    if cacert is None or (cert is None) != (key is None):
-        raise ValueError("TLS needs cacert=, and cert= with key= for a client identity")
-
-    def read(path):
-        if path is None:
-            return None
-        with open(path, "rb") as f:
-            return f.read()
-
-    return grpc.ssl_channel_credentials(root_certificates=read(cacert),
-                                        private_key=read(key), certificate_chain=read(cert))
-
-
 class Client(ClientMethods):
     """A connection to one or more sealkv endpoints ("host:port"), safe to share by threads.
 
-    `cacert`, `cert` and `key` are PEM file paths for mutual TLS (none: plaintext).
+    Mutual TLS with `cacert` (the cluster CA), `cert` and `key` (this client's identity, e.g.
+    from `sealkv cert create-client`); with none of the three the channel is plaintext, which
+    only a node started with --insecure accepts.
     """
 
     def __init__(self, endpoints: Sequence[str], timeout: float = 5.0, *,
@@ -179,7 +174,7 @@ class Client(ClientMethods):
         self.endpoints = list(endpoints)
         self.timeout = timeout
         self.batching = batching
-        self._credentials = tls_credentials(cacert, cert, key)
+        self.tls_files: Optional[CertFiles] = tls.files_from(cacert, cert, key)
         self._channels: dict[str, grpc.Channel] = {}
         self._streams: dict[str, SyncBatchStream] = {}
         self._unary_only: set[str] = set()
@@ -205,9 +200,7 @@ class Client(ClientMethods):
         with self._lock:
             ch = self._channels.get(endpoint)
             if ch is None:
-                ch = self._channels[endpoint] = grpc.insecure_channel(endpoint, options=_OPTIONS) \
-                    if self._credentials is None else \
-                    grpc.secure_channel(endpoint, self._credentials, options=_OPTIONS)
+                ch = self._channels[endpoint] = tls.channel(endpoint, self.tls_files, _OPTIONS)
             return ch
 
     def _stream(self, endpoint: str) -> SyncBatchStream:
@@ -226,7 +219,7 @@ class Client(ClientMethods):
             try:
                 response = attempt(target)
             except errors.SealkvError as exc:
-                route.failed(exc)
+                route.failed(explain(exc, self.tls_files))
                 continue
             if target in self.endpoints:
                 self._preferred = self.endpoints.index(target)
@@ -280,11 +273,30 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def health(endpoint: str, timeout: float = 2.0) -> bool:
-    """Returns whether the standard gRPC health service at `endpoint` says SERVING."""
+def explain(error: errors.SealkvError, files: Optional[CertFiles]) -> errors.SealkvError:
+    """Adds what a connection closed while connecting usually means to the message.
+
+    A node refuses a client certificate inside the TLS handshake (another CA, expired, not a
+    client certificate; a plaintext client too), before gRPC can answer with a status: the
+    client only sees the socket close while connecting.
+    """
+    if isinstance(error, errors.Unavailable) and "socket closed" in error.message.lower():
+        how = ("this client's certificate (signed by another CA, expired, or not a client "
+               "certificate)") if files else "a plaintext client (give --cacert, --cert and --key)"
+        return errors.Unavailable(f"{error.message}: the node closed the connection while "
+                                  f"connecting; a sealkv node does that to {how}",
+                                  leader=error.leader)
+    return error
+
+
+def health(endpoint: str, timeout: float = 2.0, files: Optional[CertFiles] = None) -> bool:
+    """Returns whether the standard gRPC health service at `endpoint` says SERVING.
+
+    `files` are the caller's TLS files (None: plaintext, for an --insecure node).
+    """
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(endpoint) as ch:
+    with tls.channel(endpoint, files) as ch:
         try:
             response = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
                                                             timeout=timeout)

@@ -7,6 +7,9 @@ TOML layout (every key optional except name, grpc and one of raft / learner):
     raft = "127.0.0.1:7001"          # omit and set learner = true for a learner
     grpc = "127.0.0.1:9001"
     secret_file = "/etc/sealkv/secret"
+    cacert = "/etc/sealkv/certs/ca.crt"   # mutual TLS (default); or insecure = true
+    cert = "/etc/sealkv/certs/node.n1.crt"
+    key = "/etc/sealkv/certs/node.n1.key"
     initial_cluster = "n1=127.0.0.1:7001/127.0.0.1:9001,n2=...,n3=..."
     plugins = ["encryption"]
     request_timeout = 5.0
@@ -21,6 +24,7 @@ TOML layout (every key optional except name, grpc and one of raft / learner):
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import stat
 import tomllib
@@ -31,6 +35,7 @@ from sealkv.node import durable
 from sealkv.node.state import commands as cmd
 from sealkv.node.replication.settings import RaftSettings
 from sealkv.node.replication.membership import MemberRecord
+from sealkv.node.security.pki import CertFiles
 
 MAX_KEY_BYTES = 4096
 MAX_VALUE_BYTES = 1024 * 1024
@@ -39,7 +44,9 @@ MAX_RANGE_LIMIT = 10000
 # (`more` is then set; at least one pair is always returned).
 MAX_RANGE_BYTES = 4 * 1024 * 1024
 MAX_NAME_BYTES = 64
-SECRET_MIN_BYTES = 16
+SECRET_MIN_BYTES = 32
+# A data directory made before the 32-byte rule keeps working with its old secret (warned).
+LEGACY_SECRET_MIN_BYTES = 16
 DEFAULT_QUOTA_BACKEND_BYTES = 2 * 1024 ** 3
 MIN_QUOTA_BACKEND_BYTES = 1024 * 1024
 
@@ -72,6 +79,17 @@ class NodeConfig:
     # HOST:PORT of the Prometheus metrics and /health HTTP listener (None: no listener).
     listen_metrics: Optional[str] = None
     raft_settings: RaftSettings = field(default_factory=RaftSettings)
+    cacert: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    insecure: bool = False
+
+    @property
+    def tls_files(self) -> Optional[CertFiles]:
+        """This node's TLS material (its node certificate), or None when --insecure."""
+        if self.insecure:
+            return None
+        return CertFiles(self.cacert, self.cert, self.key)
 
     def validate(self) -> None:
         """Raises ConfigError naming the setting to change."""
@@ -92,6 +110,14 @@ class NodeConfig:
                                   f"{self.name}={self.raft}/{self.grpc}")
         if self.listen_metrics is not None:
             check_address(self.listen_metrics, "listen_metrics")
+        given = [p for p in (self.cacert, self.cert, self.key) if p]
+        if self.insecure and given:
+            raise ConfigError("--insecure serves plaintext: drop --cacert/--cert/--key, or drop "
+                              "--insecure to serve mutual TLS")
+        if not self.insecure and len(given) != 3:
+            raise ConfigError("gRPC serves mutual TLS by default: give --cacert, --cert and "
+                              "--key (or --certs-dir DIR holding ca.crt and node.NAME.crt|key; "
+                              "see `sealkv cert`), or --insecure for an experiment on one host")
         if self.request_timeout <= 0:
             raise ConfigError("request_timeout must be positive")
         if not isinstance(self.batch_entries, bool):
@@ -124,8 +150,12 @@ class NodeConfig:
         return [m.raft_address for m in self.initial_cluster
                 if m.role == cmd.ROLE_VOTER and m.raft_address != self.raft]
 
-    def read_secret(self) -> Optional[str]:
-        """Returns the cluster secret, or None; refuses files others can read."""
+    def read_secret(self, existing: bool = False) -> Optional[str]:
+        """Returns the cluster secret, or None; refuses files others can read.
+
+        A new cluster needs SECRET_MIN_BYTES; a node whose data directory already holds a
+        raft log (`existing`) is held to LEGACY_SECRET_MIN_BYTES only.
+        """
         if not self.secret_file:
             return None
         try:
@@ -142,9 +172,10 @@ class NodeConfig:
             secret = os.read(fd, 4096).decode("utf-8", "replace").strip()
         finally:
             os.close(fd)
-        if len(secret) < SECRET_MIN_BYTES:
+        minimum = LEGACY_SECRET_MIN_BYTES if existing else SECRET_MIN_BYTES
+        if len(secret.encode()) < minimum:
             raise ConfigError(f"secret file {self.secret_file} holds fewer than "
-                              f"{SECRET_MIN_BYTES} characters: write a longer random secret, "
+                              f"{minimum} bytes: write a longer random secret, "
                               f"e.g. `head -c 32 /dev/urandom | base64 > {self.secret_file}`")
         return secret
 
@@ -161,6 +192,28 @@ def check_address(address: str, what: str) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{what} address {address!r} must be HOST:PORT")
+
+
+def check_member_address(address: str, what: str) -> None:
+    """Raises ConfigError unless `address` is HOST:PORT that peers can dial: a port in
+    1-65535 and a host that is an IP address (not a wildcard or multicast one) or a DNS name."""
+    check_address(address, what)
+    host = address.rpartition(":")[0]
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if ip.is_unspecified or ip.is_multicast:
+            raise ConfigError(f"{what} address {address!r} is a wildcard or multicast address: "
+                              "give the address other members dial")
+        return
+    labels = bare.rstrip(".").split(".")
+    if len(bare) > 253 or not all(
+            0 < len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
+            and not label.startswith("-") for label in labels):
+        raise ConfigError(f"{what} address {address!r} must name an IP address or a DNS name")
 
 
 def parse_initial_cluster(text: str) -> list[MemberRecord]:

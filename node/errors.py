@@ -95,9 +95,15 @@ class IntegrityError(SealkvError):
 
 
 class PermissionDenied(SealkvError):
-    """The caller may not perform the request."""
+    """The caller's verified identity may not perform the request (its role is too low)."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(SealkvError):
+    """The caller has no verified identity: no client certificate, or a revoked one."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class Internal(SealkvError):
@@ -110,7 +116,7 @@ _BY_CODE = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Unavailable,
                 Aborted, OutcomeUnknown, ResourceExhausted, IntegrityError, PermissionDenied,
-                Internal)
+                Unauthenticated, Internal)
 }
 
 
@@ -177,6 +183,12 @@ def from_rpc_error(error: grpc.RpcError, *, read: bool = False) -> SealkvError:
                 from_server = True
     except Exception:  # trailing metadata is unavailable on some local failures
         pass
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and not from_server \
+            and "handshake failed" in (message or "").lower():
+        # This client refused the server's certificate (not signed by --cacert, or not
+        # naming the address dialled): nothing was sent.
+        return Unauthenticated(f"TLS handshake failed: the node's certificate is not trusted "
+                               f"by --cacert or does not name the address dialled ({message})")
     if read and code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ReadTimeout(message if from_server else f"read timed out: {message}",
                            leader=leader)

@@ -80,3 +80,47 @@ def load(names: list[str], group: str) -> list[tuple[str, Any]]:
                               f"{version}, this sealkv provides {API_VERSION}")
         loaded.append((name, cls))
     return loaded
+
+
+def method_rules(name: str, plugin: Any, service_names: list[str]) -> dict:
+    """Returns the authorization rules of an admin plugin's services, from its declarations.
+
+    Every method of every service the plugin serves must appear in its `method_roles`
+    (full method name "/package.Service/Method" -> "readonly", "readwrite" or "admin");
+    `peer_methods` names those node certificates may call too. A method left undeclared, an
+    unknown role, or a declaration for a method the plugin does not serve raises PluginError
+    naming the plugin (the node refuses to start: a method nobody declared would be denied to
+    everyone anyway).
+    """
+    from google.protobuf import descriptor_pool
+
+    from sealkv.node.security.authz import Rule
+
+    declared = dict(getattr(plugin, "method_roles", None) or {})
+    peers = set(getattr(plugin, "peer_methods", None) or ())
+    rules = {}
+    for service in service_names:
+        try:
+            descriptor = descriptor_pool.Default().FindServiceByName(service)
+        except KeyError:
+            raise PluginError(f"plugin {name!r} serves {service}, which no imported proto "
+                              "module describes") from None
+        for method in descriptor.methods:
+            path = f"/{service}/{method.name}"
+            role = declared.pop(path, None)
+            if role is None:
+                raise PluginError(f"plugin {name!r} does not declare the role {path} needs: "
+                                  "add it to the plugin's method_roles (readonly, readwrite "
+                                  "or admin)")
+            try:
+                rules[path] = Rule(role, peers=path in peers)
+            except ValueError as exc:
+                raise PluginError(f"plugin {name!r}, {path}: {exc}") from None
+    if declared:
+        raise PluginError(f"plugin {name!r} declares roles for methods it does not serve: "
+                          + ", ".join(sorted(declared)))
+    unknown_peers = peers - set(rules)
+    if unknown_peers:
+        raise PluginError(f"plugin {name!r} lists peer methods it does not serve: "
+                          + ", ".join(sorted(unknown_peers)))
+    return rules

@@ -29,6 +29,8 @@ from sealkv.node.state import commands as cmd
 from sealkv.node.state.alarms import AlarmBoard
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.lmdb_store import LmdbStore
+from sealkv.node.security import authz, tls
+from sealkv.node.security.revocation import Revocations
 from sealkv.plugins.api import PluginContext, ProvidesPayloadCodec, StartupRefused
 from sealkv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
@@ -86,7 +88,9 @@ class Node:
                                  db_dir=config.db_dir, data_bytes=self.store.data_bytes,
                                  quota_bytes=config.quota_backend_bytes)
         try:
-            secret = config.read_secret()
+            raft_dir = os.path.join(config.data_dir, "raft")
+            secret = config.read_secret(existing=os.path.isdir(raft_dir)
+                                        and bool(os.listdir(raft_dir)))
             self.adapter = ReplicationAdapter(
                 self.state_machine, raft_address=config.raft, partners=config.partners,
                 data_dir=os.path.join(config.data_dir, "raft"), secret=secret,
@@ -186,32 +190,60 @@ class Node:
                                    f"{exc.strerror}") from exc
             self.metrics_listener.start()
             log.info("metrics and /health on http://%s", self.config.listen_metrics)
-        log.info("node %s serving gRPC on %s (raft %s)", self.config.name, self.config.grpc,
+        if self.config.insecure:
+            log.warning("INSECURE: node %s serves plaintext gRPC on %s with no client "
+                        "identities: anyone who reaches the port may read, write and change "
+                        "membership. Use it for one-host experiments only.", self.config.name,
+                        self.config.grpc)
+        log.info("node %s serving gRPC (%s) on %s (raft %s)", self.config.name,
+                 tls.security_name(self.config.tls_files), self.config.grpc,
                  self.config.raft or "learner")
         return self.port
 
     def create_server(self, address: str) -> tuple[grpc.Server, int]:
-        """Builds the gRPC server with every service; port 0 in `address` picks a free one."""
+        """Builds the gRPC server with every service; port 0 in `address` picks a free one.
+
+        Unless the node runs --insecure, every call passes the authorization interceptor,
+        whose policy is the core table plus what each admin plugin declares (complete before
+        the server starts; a plugin leaving a method undeclared stops start-up).
+        """
+        policy = dict(authz.CORE_POLICY)
+        # The audit and metrics interceptors are outside the authorization, so they record
+        # and count its refusals.
+        interceptors = ([AuditInterceptor(self.audit)] if self.audit else []) \
+            + [self.metrics.interceptor()]
+        if not self.config.insecure:
+            interceptors.append(authz.AuthorizationInterceptor(policy,
+                                                               self.state_machine.is_revoked))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="grpc"),
+            interceptors=interceptors,
             maximum_concurrent_rpcs=GRPC_WORKERS * 16,
-            interceptors=([AuditInterceptor(self.audit)] if self.audit else [])
-            + [self.metrics.interceptor()],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", 64 * 1024 * 1024),
                      ("grpc.so_reuseport", 0)])
         kv_pb2_grpc.add_KVServicer_to_server(self.kv_service, server)
         cluster_pb2_grpc.add_ClusterServicer_to_server(
             ClusterService(self.config.name, self.config.request_timeout, self.status,
-                           self.membership, self.state_machine, self.alarms), server)
+                           self.membership, self.state_machine, self.alarms,
+                           Revocations(self.membership.require_leader, self.adapter.propose,
+                                       self.state_machine)), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [kv_pb2.DESCRIPTOR.services_by_name["KV"].full_name,
                  cluster_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name,
                  health.SERVICE_NAME]
         for plugin in self.admin_plugins:
-            names.extend(plugin.add_services(server))
+            services = plugin.add_services(server)
+            try:
+                policy.update(plugin_loader.method_rules(plugin.name, plugin, services))
+            except plugin_loader.PluginError as exc:
+                raise StartupError(str(exc)) from None
+            names.extend(services)
         reflection.enable(names, server)
-        port = server.add_insecure_port(address)
+        try:
+            port = tls.bind(server, address, self.config.tls_files)
+        except tls.TLSFilesError as exc:
+            raise StartupError(str(exc)) from None
         if port == 0:
             raise StartupError(f"cannot bind gRPC address {address}")
         return server, port

@@ -130,12 +130,19 @@ class AdminPlugin:
 
     api_version: int = API_VERSION
     name: str = ""
+    #: The role each method of the plugin's services needs: "/package.Service/Method" ->
+    #: "readonly", "readwrite" or "admin" (admin may call everything). Every method of every
+    #: service `add_services` returns must be declared, or the node refuses to start.
+    method_roles: Mapping[str, str] = {}
+    #: Methods that node certificates (peers) may call as well, e.g. a capability probe.
+    peer_methods: frozenset = frozenset()
 
     def __init__(self, node: Any):
         self.node = node
 
     def add_services(self, server: Any) -> list[str]:
-        """Adds gRPC services to `server`; returns their full names (for reflection)."""
+        """Adds gRPC services to `server`; returns their full names (for reflection and for
+        authorization: a service not returned here is denied to everyone)."""
         return []
 
     @classmethod

@@ -270,7 +270,8 @@ def _probe_round(handle: Any, members, probe: Probe, expected_id: ExpectedId,
                  deadline: float) -> tuple[CapabilityVerdict, ...]:
     targets, malformed = _targets(members, expected_id)
     end = time.monotonic() + deadline
-    slots = [_verdict(t, False, f"did not answer within {deadline:.1f}s") for t in targets]
+    slots = [_verdict(t, False, f"timeout: did not answer within {deadline:.1f}s")
+             for t in targets]
     cond = threading.Condition()
     state = {"finished": 0, "closed": False}
 
@@ -299,8 +300,8 @@ def _ask(handle: Any, target: _Target, probe: Probe, end: float) -> CapabilityVe
         answer = probe(m, channel, max(0.01, end - time.monotonic()))
     except grpc.RpcError as exc:
         return _verdict(target, False, _rpc_reason(exc))
-    except Exception as exc:
-        return _verdict(target, False, f"probe failed: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # a bug in the probe: its type only, never its message
+        return _verdict(target, False, f"probe failed ({type(exc).__name__})")
     if target.expected_id is not None and answer.responder_id != target.expected_id:
         return _verdict(target, False,
                         f"mismatched responder: answered as node id {answer.responder_id:#018x}, "
@@ -313,16 +314,24 @@ def _ask(handle: Any, target: _Target, probe: Probe, end: float) -> CapabilityVe
 
 
 def _rpc_reason(exc: grpc.RpcError) -> str:
+    """Returns the reason class of a failed probe: unreachable, timeout, refused TLS, not
+    capable, or the status name. Never the transport's error text: a member address is
+    operator input, and the text would tell a caller what answers at any address."""
     code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else ""
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
     if code == grpc.StatusCode.UNAVAILABLE:
-        return f"unreachable: {details or 'connection failed'}"
+        lowered = details.lower()
+        if "handshake" in lowered or "socket closed" in lowered or "ssl" in lowered:
+            return "refused TLS: no mutual TLS with this node's certificate"
+        return "unreachable"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "did not answer before the deadline"
+        return "timeout: did not answer before the deadline"
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return "refused TLS: it does not accept this node's certificate"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return "not capable: it does not serve the capability RPC (plugin not enabled there)"
     name = code.name if code is not None else "UNKNOWN"
-    return f"probe failed: {name}: {details}"
+    return f"probe failed ({name})"
 
 
 def _verdict(target: _Target, ok: bool, reason: str,

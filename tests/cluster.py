@@ -1,13 +1,16 @@
 """A test harness that runs real sealkv node processes on 127.0.0.1.
 
 Every node is a `python -m sealkv.node.cli node start` process with its own data directory
-and ephemeral ports. The harness only ever signals the PIDs it started, and `stop_all()`
+and ephemeral ports. Clusters serve mutual TLS by default: the harness makes a CA, a node
+certificate per node (for its gRPC host) and a `root` admin client under `<base>/pki`, so
+forwarding and the capability fan-out run over TLS; `tls=False` starts them --insecure. The harness only ever signals the PIDs it started, and `stop_all()`
 (called by the fixtures) kills whatever is left. Waits poll conditions with deadlines.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from sealkv.node import errors
-from sealkv.node.client import Client
+from sealkv.node.client import Client, health
+from sealkv.node.security import pki
+from sealkv.node.security.tls import client_kwargs
 
 PYTHON = sys.executable
 
@@ -73,12 +78,24 @@ class Cluster:
     """N voters (and any learners added later) as real processes."""
 
     def __init__(self, base_dir: str, size: int = 3, plugins: Optional[list[str]] = None,
-                 extra_args: Optional[list[str]] = None):
+                 extra_args: Optional[list[str]] = None, tls: bool = True,
+                 ca_from: Optional[str] = None):
+        """`ca_from` is another cluster's certificates directory whose CA signs this
+        cluster's certificates too (clusters of one test then trust each other's nodes)."""
         self.base_dir = base_dir
         self.secret_file = os.path.join(base_dir, "secret")
         fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, b"test-cluster-secret-" + os.urandom(8).hex().encode())
+        os.write(fd, b"test-cluster-secret-" + os.urandom(16).hex().encode())
         os.close(fd)
+        self.certs_dir: Optional[str] = os.path.join(base_dir, "pki") if tls else None
+        if self.certs_dir:
+            if ca_from:
+                os.makedirs(self.certs_dir, mode=0o700)
+                for name in ("ca.crt", "ca.key"):
+                    shutil.copy(os.path.join(ca_from, name), self.certs_dir)
+            else:
+                pki.create_ca(self.certs_dir)
+            pki.create_client(self.certs_dir, "root", pki.ROLE_ADMIN)
         self.plugins = plugins or []
         self.extra_args = extra_args or []
         self.nodes: dict[str, NodeProc] = {}
@@ -91,8 +108,43 @@ class Cluster:
         node = NodeProc(name, None if learner else raft, grpc_address,
                         os.path.join(self.base_dir, name),
                         os.path.join(self.base_dir, f"{name}.log"), list(self.extra_args))
+        if self.certs_dir:
+            host = grpc_address.rsplit(":", 1)[0]
+            pki.create_node(self.certs_dir, name, list(dict.fromkeys([host, "127.0.0.1"])))
+            node.extra_args += ["--certs-dir", self.certs_dir]
+        else:
+            node.extra_args.append("--insecure")
         self.nodes[name] = node
         return node
+
+    @property
+    def tls_files(self) -> Optional[pki.CertFiles]:
+        """The `root` (admin) client's TLS files, or None for an --insecure cluster."""
+        return pki.client_files(self.certs_dir, "root") if self.certs_dir else None
+
+    def client_files(self, name: str, role: str) -> pki.CertFiles:
+        """Creates (once) and returns a client certificate `name` with `role`."""
+        files = pki.client_files(self.certs_dir, name)
+        if not os.path.exists(files.cert):
+            pki.create_client(self.certs_dir, name, role)
+        return files
+
+    def cli_env(self) -> dict:
+        """SEALKV_CACERT/CERT/KEY of the `root` identity, for CLI runs (empty when insecure)."""
+        files = self.tls_files
+        if files is None:
+            return {}
+        return {"SEALKV_CACERT": files.cacert, "SEALKV_CERT": files.cert,
+                "SEALKV_KEY": files.key}
+
+    @property
+    def client_kwargs(self) -> dict:
+        """Client keyword arguments with the `root` admin identity (none when insecure)."""
+        return client_kwargs(self.tls_files)
+
+    def healthy(self, name: str) -> bool:
+        """Whether the node's gRPC health service says SERVING (as root)."""
+        return health(self.nodes[name].grpc, files=self.tls_files)
 
     def addresses(self, name: str) -> tuple[str, str]:
         """Returns (raft, grpc) addresses for a new node: ephemeral ports on 127.0.0.1."""
@@ -137,10 +189,10 @@ class Cluster:
 
     def client(self, *names: str, timeout: float = 5.0) -> Client:
         nodes = [self.nodes[n] for n in names] if names else list(self.nodes.values())
-        return Client([n.grpc for n in nodes], timeout=timeout)
+        return Client([n.grpc for n in nodes], timeout=timeout, **self.client_kwargs)
 
     def status(self, name: str):
-        with Client([self.nodes[name].grpc], timeout=2.0) as c:
+        with Client([self.nodes[name].grpc], timeout=2.0, **self.client_kwargs) as c:
             return c.status()
 
     def leader(self) -> Optional[str]:

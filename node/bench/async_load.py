@@ -140,12 +140,11 @@ class _Calls:
         self.timeout = w.timeout
         self.serializable = w.consistency == "serializable"
         if mode == "etcd":
-            import grpc
-
+            from sealkv.node.security import tls
             from sealkv.v1 import etcd_kv_pb2, etcd_kv_pb2_grpc
 
             self._pb = etcd_kv_pb2
-            self._channels = [grpc.aio.insecure_channel(e) for e in endpoints]
+            self._channels = [tls.aio_channel(e, None) for e in endpoints]  # etcd: plaintext
             self._stubs = {e: etcd_kv_pb2_grpc.KVStub(ch)
                            for e, ch in zip(endpoints, self._channels)}
             self.put, self.get = self._etcd_put, self._etcd_get

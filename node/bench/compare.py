@@ -3,7 +3,8 @@ measured in one invocation on fresh local clusters with the same asyncio load ge
 
 A fresh 3-node sealkv cluster with the encryption plugin (envelope inactive, every other
 setting at its default: TLS and fsync as a user gets them) serves the batched and the unary
-rows; the same cluster is then switched to the storage envelope for the envelope rows; a last
+rows; a fresh `--insecure` cluster runs the batched Put row in plaintext, the reference of the
+TLS target; the same cluster is then switched to the storage envelope for the envelope rows; a last
 fresh cluster like the first but with `--fsync never` runs the Put rows again, to name the
 cost of durability. With
 `--etcd`, a fresh 3-member etcd cluster (default flags) runs the same loads first, and the
@@ -32,7 +33,7 @@ class LocalNodeCluster:
     """A fresh local sealkv cluster in a temporary directory (stopped and removed on exit)."""
 
     def __init__(self, nodes: int = 3, encryption: bool = True, keep: bool = False,
-                 fsync: str = "always"):
+                 fsync: str = "always", insecure: bool = False):
         from sealkv.node.cli import local
 
         self.local = local
@@ -48,11 +49,16 @@ class LocalNodeCluster:
                 f.write(os.urandom(32))
         self.record = local.LocalCluster(base, secret, kek_file=kek,
                                          plugins=["encryption"] if encryption else [],
-                                         fsync=fsync)
+                                         fsync=fsync, insecure=insecure,
+                                         certs_dir=None if insecure else os.path.join(base, "pki"))
         for i in range(1, nodes + 1):
             self.record.nodes.append(local.LocalNode(
                 f"n{i}", f"127.0.0.1:{local.free_port()}", f"127.0.0.1:{local.free_port()}",
                 os.path.join(base, f"n{i}"), os.path.join(base, f"n{i}.log")))
+        if self.record.certs_dir:
+            local.make_pki(self.record.certs_dir, [(n.name, "127.0.0.1")
+                                                   for n in self.record.nodes])
+        self.files = self.record.client_files()
 
     def __enter__(self) -> "LocalNodeCluster":
         from sealkv.node.cli.cluster_cmd import _node_args, _wait_ready
@@ -73,18 +79,26 @@ class LocalNodeCluster:
         if not self.keep:
             shutil.rmtree(self.record.data_dir, ignore_errors=True)
 
+    @property
+    def client_kwargs(self) -> dict:
+        """cacert=, cert=, key= of the cluster's `root` client (none when --insecure)."""
+        from sealkv.node.security.tls import client_kwargs
+
+        return client_kwargs(self.files)
+
     def leader_endpoint(self) -> str:
-        return leader_endpoint(self.record.endpoints)
+        return leader_endpoint(self.record.endpoints, files=self.files)
 
 
-def leader_endpoint(endpoints: list[str], timeout: float = 10.0) -> str:
+def leader_endpoint(endpoints: list[str], timeout: float = 10.0, files=None) -> str:
     """Returns the gRPC address of the current leader, as the endpoints report it."""
     from sealkv.node import errors
     from sealkv.node.client import Client
+    from sealkv.node.security.tls import client_kwargs
 
     deadline = time.monotonic() + timeout
     last = "no endpoint answered"
-    with Client(endpoints, timeout=2.0) as client:
+    with Client(endpoints, timeout=2.0, **client_kwargs(files)) as client:
         while time.monotonic() < deadline:
             try:
                 s = client.status()
@@ -97,16 +111,18 @@ def leader_endpoint(endpoints: list[str], timeout: float = 10.0) -> str:
     raise RuntimeError(f"cannot find the leader: {last}")
 
 
-def enable_storage_envelope(endpoint: str, timeout: float = 30.0) -> None:
+def enable_storage_envelope(endpoint: str, timeout: float = 30.0, files=None) -> None:
     """Bootstraps encryption and activates the storage envelope through the admin RPCs."""
     import grpc
+
+    from sealkv.node.security import tls
 
     try:
         from sealkv.v1 import encryption_admin_pb2 as pb
         from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
     except ImportError as exc:
         raise RuntimeError(ENVELOPE_UNAVAILABLE.format(exc)) from None
-    with grpc.insecure_channel(endpoint) as ch:
+    with tls.channel(endpoint, files) as ch:
         stub = pb_grpc.EncryptionAdminStub(ch)
         try:
             stub.BootstrapEncryption(pb.BootstrapEncryptionRequest(), timeout=timeout)
@@ -116,14 +132,15 @@ def enable_storage_envelope(endpoint: str, timeout: float = 30.0) -> None:
                 f"{exc.code().name}: {exc.details()}")) from None
 
 
-def enable_raft_envelope(endpoint: str, timeout: float = 30.0) -> None:
+def enable_raft_envelope(endpoint: str, timeout: float = 30.0, files=None) -> None:
     """Activates the raft-log envelope (after `enable_storage_envelope`)."""
     import grpc
 
+    from sealkv.node.security import tls
     from sealkv.v1 import encryption_admin_pb2 as pb
     from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(endpoint) as ch:
+    with tls.channel(endpoint, files) as ch:
         try:
             pb_grpc.EncryptionAdminStub(ch).EnableRaftEnvelope(pb.EnableRaftEnvelopeRequest(),
                                                                timeout=timeout)
@@ -195,8 +212,12 @@ def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = F
         kw = cluster_client_kwargs(cluster)
         for mode in ("batched", "unary"):
             four(f"sealkv {mode}", mode, [cluster.leader_endpoint()], every, mode, pids, **kw)
+        log("sealkv: the TLS reference, a fresh 3-node --insecure cluster (plaintext gRPC)")
+        with LocalNodeCluster(encryption=True, insecure=True) as plain:
+            load(put, f"sealkv batched put c={C} --insecure", "insecure",
+                 [plain.leader_endpoint()], "batched", [n.pid for n in plain.record.nodes])
         try:
-            enable_storage_envelope(cluster.leader_endpoint())
+            enable_storage_envelope(cluster.leader_endpoint(), files=cluster.files)
         except RuntimeError as exc:
             notes.append(f"envelope rows skipped: {exc}")
         else:
@@ -204,7 +225,7 @@ def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = F
             load(one, "sealkv envelope put c=1", "envelope", leader, "batched", pids, **kw)
             load(put, f"sealkv envelope put c={C}", "envelope", leader, "batched", pids, **kw)
             try:
-                enable_raft_envelope(cluster.leader_endpoint())
+                enable_raft_envelope(cluster.leader_endpoint(), files=cluster.files)
             except RuntimeError as exc:
                 notes.append(f"both-envelope rows skipped: {exc}")
             else:
@@ -241,8 +262,9 @@ def _durability_cost(always1: dict, never1: dict, always: dict, never: dict, c: 
 
 
 def cluster_client_kwargs(cluster: "LocalNodeCluster") -> dict:
-    """The client keyword arguments (TLS files) a client of `cluster` needs."""
-    return dict(getattr(cluster, "client_kwargs", None) or {})
+    """The load generator's keyword arguments for `cluster`: `client_kwargs` with the TLS
+    files (cacert=, cert=, key=) of its `root` client."""
+    return {"client_kwargs": dict(cluster.client_kwargs)}
 
 
 def etcd_version() -> str:
@@ -278,6 +300,8 @@ TARGETS = [
      "sealkv unary put c={C}", "ops_per_sec", ""),
     ("Get linearizable, C clients: batched vs unary", "sealkv batched get linearizable c={C}",
      "sealkv unary get linearizable c={C}", "ops_per_sec", ""),
+    ("Put, C clients, ops/s: TLS (default) vs --insecure", "sealkv batched put c={C}",
+     "sealkv batched put c={C} --insecure", "ops_per_sec", ">= 0.9"),
 ]
 
 

@@ -65,14 +65,15 @@ def _sigterm_as_exit():
 class _Load:
     """C closed-loop Put clients on one endpoint; records (start, end, status) per Put."""
 
-    def __init__(self, endpoint: str, s: CutoverSettings):
+    def __init__(self, endpoint: str, s: CutoverSettings, files=None):
         import grpc
 
         from sealkv.node.client import _OPTIONS
+        from sealkv.node.security import tls
         from sealkv.v1 import kv_pb2, kv_pb2_grpc
 
         self.grpc, self.kv_pb2 = grpc, kv_pb2
-        self.channel = grpc.insecure_channel(endpoint, options=_OPTIONS)
+        self.channel = tls.channel(endpoint, files, _OPTIONS)
         self.stub = kv_pb2_grpc.KVStub(self.channel)
         self.s = s
         self.stop = threading.Event()
@@ -133,13 +134,12 @@ class _Load:
         return s
 
 
-def _admin(endpoint: str):
-    import grpc
-
+def _admin(endpoint: str, files=None):
+    from sealkv.node.security import tls
     from sealkv.v1 import encryption_admin_pb2 as pb
     from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
 
-    channel = grpc.insecure_channel(endpoint)
+    channel = tls.channel(endpoint, files)
     return channel, pb_grpc.EncryptionAdminStub(channel), pb
 
 
@@ -153,7 +153,8 @@ def run_one(nodes: int, s: CutoverSettings, log: Callable[[str], None] = lambda 
     with factory(nodes) as cluster:
         pids = [n.pid for n in cluster.record.nodes]
         leader = cluster.leader_endpoint()
-        channel, admin, pb = _admin(leader)
+        files = getattr(cluster, "files", None)
+        channel, admin, pb = _admin(leader, files)
         load: Optional[_Load] = None
         try:
             t = time.monotonic()
@@ -162,7 +163,7 @@ def run_one(nodes: int, s: CutoverSettings, log: Callable[[str], None] = lambda 
             bootstrap_ms = (time.monotonic() - t) * 1000.0
             log(f"cutover N={nodes}: bootstrapped in {bootstrap_ms:.0f} ms; Put load with "
                 f"{s.clients} clients on the leader {leader}")
-            load = _Load(leader, s)
+            load = _Load(leader, s, files)
             t0 = time.monotonic()
             load.start()
             time.sleep(s.warmup + s.duration_before)

@@ -17,6 +17,7 @@ import grpc
 
 from sealkv.node.bench import grpc_load
 from sealkv.node.bench.workload import Workload
+from sealkv.node.security import tls
 from sealkv.v1 import kv_pb2, kv_pb2_grpc
 
 
@@ -33,7 +34,7 @@ def serve(port: int) -> None:
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS))
     kv_pb2_grpc.add_KVServicer_to_server(NoopKV(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    tls.bind(server, f"127.0.0.1:{port}", None)  # the floor of plaintext gRPC itself
     server.start()
     server.wait_for_termination()
 
@@ -51,7 +52,7 @@ def run(workloads: list[Workload]) -> list:
                             stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with tls.channel(f"127.0.0.1:{port}", None) as ch:
             grpc.channel_ready_future(ch).result(timeout=max(0.1, deadline - time.monotonic()))
         return [grpc_load.run(w, [f"127.0.0.1:{port}"], name=f"no-op grpc put c={w.clients}",
                               prefill=False) for w in workloads]

@@ -29,8 +29,12 @@ def default_processes(clients: int) -> int:
 
 
 def run(w: Workload, endpoints: Sequence[str], *, name: str, processes: int = 0,
-        prefill: bool = True, progress: Optional[Callable[[float, int], None]] = None) -> Result:
-    """Runs `w` against `endpoints` (each client is pinned to one, round-robin)."""
+        prefill: bool = True, progress: Optional[Callable[[float, int], None]] = None,
+        files=None) -> Result:
+    """Runs `w` against `endpoints` (each client is pinned to one, round-robin).
+
+    `files` are the clients' TLS files (`CertFiles`; None: plaintext, for --insecure nodes).
+    """
     w.validate()
     processes = min(w.clients, processes or default_processes(w.clients))
     ctx = mp.get_context("spawn")
@@ -43,7 +47,7 @@ def run(w: Workload, endpoints: Sequence[str], *, name: str, processes: int = 0,
         ids = list(range(p, w.clients, processes))
         proc = ctx.Process(target=_worker, name=f"bench-worker-{p}", daemon=True,
                            args=(w, list(endpoints), ids, p, processes, prefill and w.op != "put",
-                                 counters, ready, start_at, results))
+                                 counters, ready, start_at, results, files))
         proc.start()
         procs.append(proc)
     try:
@@ -72,20 +76,21 @@ def run(w: Workload, endpoints: Sequence[str], *, name: str, processes: int = 0,
                 proc.kill()
 
 
-def _stub_calls(w: Workload, endpoints: list[str]):
+def _stub_calls(w: Workload, endpoints: list[str], files=None):
     import grpc
 
     from sealkv.node.client import _OPTIONS
+    from sealkv.node.security import tls
     from sealkv.v1 import kv_pb2, kv_pb2_grpc
 
-    stubs = [kv_pb2_grpc.KVStub(grpc.insecure_channel(e, options=_OPTIONS)) for e in endpoints]
+    stubs = [kv_pb2_grpc.KVStub(tls.channel(e, files, _OPTIONS)) for e in endpoints]
     level = kv_pb2.LINEARIZABLE if w.consistency == "linearizable" else kv_pb2.SERIALIZABLE
     return stubs, kv_pb2, level, grpc
 
 
 def _worker(w: Workload, endpoints, ids, index, processes, prefill, counters, ready, start_at,
-            results) -> None:
-    stubs, kv_pb2, level, grpc = _stub_calls(w, endpoints)
+            results, files=None) -> None:
+    stubs, kv_pb2, level, grpc = _stub_calls(w, endpoints, files)
     value = os.urandom(w.value_size)
     if prefill:
         stub = stubs[index % len(stubs)]

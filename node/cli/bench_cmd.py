@@ -109,12 +109,13 @@ def _grpc_command(op: str):
     def command(c: Ctx, target, processes, mode, **kw):
         from sealkv.node.bench import async_load, grpc_load
         from sealkv.node.bench.compare import leader_endpoint
+        from sealkv.node.security.tls import client_kwargs as tls_client_kwargs
 
         w = _workload(op, timeout=c.timeout, **kw)
         endpoints = c.endpoints
         if target == "leader":
             try:
-                endpoints = [leader_endpoint(endpoints)]
+                endpoints = [leader_endpoint(endpoints, files=c.tls_files)]
             except RuntimeError as exc:
                 raise CliError(str(exc), EXIT_UNREACHABLE) from None
         name = f"{op} c={w.clients}" + (f" {w.consistency}" if op != "put" else "") + \
@@ -122,6 +123,7 @@ def _grpc_command(op: str):
         try:
             result = async_load.run(w, endpoints, name=name, mode=mode, processes=processes,
                                     server_pids=local_server_pids(c.endpoints),
+                                    client_kwargs=tls_client_kwargs(c.tls_files),
                                     progress=grpc_load.progress_bar(name))
         except Exception as exc:
             raise CliError(f"the benchmark did not run: {type(exc).__name__}: {exc}",

@@ -10,9 +10,10 @@ import click
 from sealkv.node import errors
 from sealkv.node.cli import local
 from sealkv.node.cli.endpoint_cmd import (STATUS_HEADERS, exit_for, status_json, status_row,
-                                          unreachable_row)
+                                          unreachable_row, warn_insecure)
 from sealkv.node.cli.node_cmd import parse_kek_options
-from sealkv.node.cli.main import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, Ctx, pass_ctx
+from sealkv.node.cli.main import (EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, INSECURE_WARNING,
+                                  CliError, Ctx, pass_ctx)
 from sealkv.node.cli.output import emit
 
 
@@ -28,7 +29,7 @@ def _node_args(c: local.LocalCluster, n: local.LocalNode) -> list[str]:
     members = [MemberRecord(m.name, m.raft, m.grpc, 1) for m in c.nodes]
     args = ["--name", n.name, "--data-dir", n.data_dir, "--raft", n.raft, "--grpc", n.grpc,
             "--initial-cluster", format_initial_cluster(members),
-            "--secret-file", c.secret_file]
+            "--secret-file", c.secret_file, *c.node_tls_args(n)]
     if c.plugins:
         args += ["--plugins", ",".join(c.plugins)]
     if c.kek_file:
@@ -61,9 +62,11 @@ def _node_args(c: local.LocalCluster, n: local.LocalNode) -> list[str]:
               show_default=True, help="Every node's --fsync (see the README's Durability).")
 @click.option("--wait", type=float, default=60.0, show_default=True,
               help="Seconds to wait for a leader and every node serving.")
+@click.option("--insecure", is_flag=True,
+              help="Plaintext gRPC with no client identities (no PKI is made).")
 @pass_ctx
 def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, kek_options,
-       fsync, wait):
+       fsync, wait, insecure):
     """Starts N nodes in the background and waits until they serve with a leader.
 
     Re-running it on a stopped cluster restarts the same nodes with their data.
@@ -96,7 +99,8 @@ def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, k
         record = local.LocalCluster(
             data_dir, secret, kek_file=kek, plugins=plugin_names,
             kek_provider=None if kek_provider == "file" else kek_provider,
-            kek_options=parse_kek_options(kek_options), fsync=fsync)
+            kek_options=parse_kek_options(kek_options), fsync=fsync, insecure=insecure,
+            certs_dir=None if insecure else os.path.join(data_dir, "pki"))
         for i in range(1, nodes + 1):
             raft = base_port + 2 * (i - 1) if base_port else local.free_port()
             grpc_port = base_port + 100 + 2 * (i - 1) if base_port else local.free_port()
@@ -106,6 +110,8 @@ def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, k
                                                 f"127.0.0.1:{grpc_port}", node_dir,
                                                 os.path.join(data_dir, f"n{i}.log"),
                                                 metrics=f"127.0.0.1:{metrics}"))
+        if record.certs_dir and not os.path.exists(os.path.join(record.certs_dir, "ca.crt")):
+            local.make_pki(record.certs_dir, [(n.name, "127.0.0.1") for n in record.nodes])
     for n in record.nodes:
         n.pid = local.spawn(n, _node_args(record, n))
     record.save()
@@ -117,11 +123,19 @@ def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, k
           "nodes": [dict(zip(["name", "grpc", "raft", "pid", "role"], r)) for r in rows]})
     if c.write_out != "json":
         click.echo(f"export SEALKV_ENDPOINTS={','.join(record.endpoints)}", err=True)
+        files = record.client_files()
+        if files is None:
+            click.echo(INSECURE_WARNING, err=True)
+        else:
+            click.echo(f"export SEALKV_CACERT={files.cacert} SEALKV_CERT={files.cert} "
+                       f"SEALKV_KEY={files.key}", err=True)
 
 
 def _wait_ready(record: local.LocalCluster, wait: float) -> str:
     from sealkv.node.client import Client, health
+    from sealkv.node.security.tls import client_kwargs
 
+    files = record.client_files()
     deadline = time.monotonic() + wait
     pending = {n.name for n in record.nodes}
     while time.monotonic() < deadline:
@@ -129,10 +143,10 @@ def _wait_ready(record: local.LocalCluster, wait: float) -> str:
             if n.name in pending and not local.is_our_process(n):
                 raise CliError(f"node {n.name} exited during start-up; see {n.log_file}",
                                EXIT_FAILED)
-            if n.name in pending and health(n.grpc, timeout=0.5):
+            if n.name in pending and health(n.grpc, timeout=0.5, files=files):
                 pending.discard(n.name)
         if not pending:
-            with Client(record.endpoints, timeout=1.0) as client:
+            with Client(record.endpoints, timeout=1.0, **client_kwargs(files)) as client:
                 try:
                     s = client.status()
                     if s.leader and all(client.status(endpoint=e).leader for e in record.endpoints):
@@ -168,12 +182,14 @@ def down(data_dir, purge):
 def cluster_status(c: Ctx, data_dir):
     """Shows every node of the local cluster: process, leader, term, indexes."""
     from sealkv.node.client import Client
+    from sealkv.node.security.tls import client_kwargs
 
     record = local.LocalCluster.load(os.path.abspath(data_dir))
     if record is None:
         raise CliError(f"no local cluster recorded in {os.path.abspath(data_dir)}", EXIT_USAGE)
     rows, data, down_count = [], [], 0
-    with Client(record.endpoints, timeout=c.timeout) as client:
+    files = c.explicit_tls_files() or record.client_files()
+    with Client(record.endpoints, timeout=c.timeout, **client_kwargs(files)) as client:
         for n in record.nodes:
             alive = local.is_our_process(n)
             metrics = f"http://{n.metrics}/metrics" if n.metrics else "-"
@@ -189,6 +205,7 @@ def cluster_status(c: Ctx, data_dir):
                 data.append({"endpoint": n.grpc, "name": n.name, "pid": n.pid,
                              "running": alive, "error": reason, "metrics": metrics})
     emit(c.write_out, STATUS_HEADERS + ["metrics"], rows, data)
+    warn_insecure(data)
     exit_for(down_count, len(record.nodes))
 
 

@@ -8,7 +8,7 @@ import click
 
 from sealkv.node import errors
 from sealkv.node.cli.alarm_cmd import alarm_json
-from sealkv.node.cli.main import EXIT_FAILED, EXIT_UNREACHABLE, Ctx, pass_ctx
+from sealkv.node.cli.main import EXIT_FAILED, EXIT_UNREACHABLE, INSECURE_WARNING, Ctx, pass_ctx
 from sealkv.node.state.commands import ROLE_NAMES
 from sealkv.node.cli.member_cmd import member_json
 from sealkv.node.cli.output import emit
@@ -28,7 +28,7 @@ def _targets(c: Ctx, cluster: bool) -> list[str]:
 
 
 STATUS_HEADERS = ["endpoint", "name", "role", "leader", "term", "commit", "applied", "quorum",
-                  "db size", "alarms", "plugins", "error"]
+                  "db size", "alarms", "plugins", "security", "error"]
 
 
 def _size(n: int) -> str:
@@ -43,7 +43,7 @@ def status_row(endpoint_: str, s) -> list:
             s.commit_index, s.applied_index, "yes" if s.has_quorum else "no",
             _size(s.db_size_in_use),
             ",".join(sorted({f"{a.alarm}:{a.member}" for a in s.alarms})) or "-",
-            ",".join(s.plugins) or "-", "-"]
+            ",".join(s.plugins) or "-", _security(s), "-"]
 
 
 def unreachable_row(endpoint_: str, name: str, reason: str) -> list:
@@ -57,6 +57,16 @@ def exit_for(failed: int, total: int) -> None:
         sys.exit(EXIT_FAILED if failed < total else EXIT_UNREACHABLE)
 
 
+def _security(s) -> str:
+    return "INSECURE" if s.transport_security == "insecure" else (s.transport_security or "?")
+
+
+def warn_insecure(data: list[dict]) -> None:
+    """Prints INSECURE_WARNING on stderr when any status row says "insecure"."""
+    if any(d.get("transport_security") == "insecure" for d in data):
+        click.echo(INSECURE_WARNING, err=True)
+
+
 def status_json(endpoint_: str, s) -> dict:
     return {"endpoint": endpoint_, "name": s.node_id, "role": ROLE_NAMES.get(s.role, "?"),
             "leader": s.leader, "is_leader": s.is_leader, "term": s.term,
@@ -67,7 +77,8 @@ def status_json(endpoint_: str, s) -> dict:
             "db_size_in_use": s.db_size_in_use, "quota_backend_bytes": s.quota_backend_bytes,
             "alarms": [alarm_json(a) for a in s.alarms],
             "db_applied_index_at_start": s.db_applied_index_at_start,
-            "replayed_at_start": s.replayed_at_start}
+            "replayed_at_start": s.replayed_at_start,
+            "transport_security": s.transport_security}
 
 
 @endpoint.command(name="status")
@@ -89,6 +100,7 @@ def endpoint_status(c: Ctx, cluster):
         rows.append(status_row(target, s))
         data.append(status_json(target, s))
     emit(c.write_out, STATUS_HEADERS, rows, data)
+    warn_insecure(data)
     exit_for(len(failed), len(targets))
 
 
@@ -103,7 +115,7 @@ def endpoint_health(c: Ctx, cluster):
     for target in _targets(c, cluster):
         start = time.monotonic()
         try:
-            with Client([target], timeout=c.timeout) as one:
+            with Client([target], **c.client_kwargs) as one:
                 one.get(b"health", endpoint=target)
             ok, message = True, ""
         except errors.SealkvError as exc:

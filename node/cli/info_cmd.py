@@ -22,7 +22,8 @@ def version(c: Ctx):
 
     for endpoint in endpoints:
         try:
-            with Client([endpoint], timeout=min(c.timeout, 2.0)) as client:
+            with Client([endpoint], **dict(c.client_kwargs, timeout=min(c.timeout, 2.0))) \
+                    as client:
                 server = client.status(endpoint=endpoint).version or "?"
         except errors.SealkvError:
             server = None

@@ -17,8 +17,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from sealkv.node.security import pki
+from sealkv.node.security.pki import CertFiles
+
 DEFAULT_DIR = ".sealkv"
 RECORD = "cluster.json"
+ROOT_CLIENT = "root"
 
 
 @dataclass
@@ -42,10 +46,25 @@ class LocalCluster:
     kek_options: dict[str, str] = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)
     fsync: str = "always"
+    # <data-dir>/pki: the CA, one node certificate per node and the `root` admin client.
+    certs_dir: Optional[str] = None
+    insecure: bool = False
 
     @property
     def endpoints(self) -> list[str]:
         return [n.grpc for n in self.nodes]
+
+    def client_files(self) -> Optional[CertFiles]:
+        """The `root` (admin) client's TLS files, or None for an --insecure cluster."""
+        if self.insecure or not self.certs_dir:
+            return None
+        return pki.client_files(self.certs_dir, ROOT_CLIENT)
+
+    def node_tls_args(self, node: "LocalNode") -> list[str]:
+        """The `node start` flags of `node`'s transport security."""
+        if self.insecure or not self.certs_dir:
+            return ["--insecure"]
+        return ["--certs-dir", self.certs_dir]
 
     def save(self) -> None:
         path = os.path.join(self.data_dir, RECORD)
@@ -77,6 +96,14 @@ def write_secret(path: str, nbytes: int = 32) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(nbytes) + "\n")
+
+
+def make_pki(certs_dir: str, nodes: list[tuple[str, str]]) -> None:
+    """Creates a CA, a certificate per (name, host) node and the `root` admin client."""
+    pki.create_ca(certs_dir)
+    for name, host in nodes:
+        pki.create_node(certs_dir, name, list(dict.fromkeys([host, "localhost", "127.0.0.1"])))
+    pki.create_client(certs_dir, ROOT_CLIENT, pki.ROLE_ADMIN)
 
 
 def is_our_process(node: LocalNode) -> bool:

@@ -1,7 +1,8 @@
 """The `sealkv` command line, in the manner of etcdctl.
 
 Endpoints come from `--endpoints`, else `SEALKV_ENDPOINTS`, else the local cluster recorded
-in `./.sealkv`. Output: `-w table|json|simple`. Exit codes: 0 ok, 1 failed (including key not
+in `./.sealkv`. TLS files come from `--cacert/--cert/--key`, else `SEALKV_CACERT/SEALKV_CERT/
+SEALKV_KEY`, else the recorded cluster's `root` admin certificate (`<data-dir>/pki`). Output: `-w table|json|simple`. Exit codes: 0 ok, 1 failed (including key not
 found), 2 usage, 3 unreachable or no leader. Errors go to stderr as "Error: ...".
 """
 from __future__ import annotations
@@ -15,6 +16,9 @@ from sealkv.node import errors
 from sealkv.node.cli import local
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+INSECURE_WARNING = ("WARNING: the cluster serves plaintext gRPC with no client identities "
+                    "(--insecure): anyone who reaches a port may read, write and change "
+                    "membership")
 
 
 class CliError(click.ClickException):
@@ -50,8 +54,11 @@ def resolve_endpoints(flag: Optional[str], data_dir: str = local.DEFAULT_DIR) ->
 class Ctx:
     """Options shared by every client command."""
 
-    def __init__(self, endpoints: Optional[str], write_out: str, timeout: float):
+    def __init__(self, endpoints: Optional[str], write_out: str, timeout: float,
+                 cacert: Optional[str] = None, cert: Optional[str] = None,
+                 key: Optional[str] = None):
         self._endpoints = endpoints
+        self._tls = (cacert, cert, key)
         self.write_out = write_out
         self.timeout = timeout
         self._client = None
@@ -60,12 +67,37 @@ class Ctx:
     def endpoints(self) -> list[str]:
         return resolve_endpoints(self._endpoints)
 
+    def explicit_tls_files(self):
+        """The TLS files from flags or SEALKV_CACERT/CERT/KEY, or None."""
+        from sealkv.node.security.tls import TLSFilesError, files_from
+
+        try:
+            return files_from(*self._tls)
+        except TLSFilesError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+
+    @property
+    def tls_files(self):
+        """Flags > environment > the local cluster's `root` certificate > None (plaintext)."""
+        files = self.explicit_tls_files()
+        if files is None:
+            record = local.LocalCluster.load(local.DEFAULT_DIR)
+            files = record.client_files() if record is not None else None
+        return files
+
+    @property
+    def client_kwargs(self) -> dict:
+        """Keyword arguments for `Client` (timeout and TLS files)."""
+        from sealkv.node.security.tls import client_kwargs
+
+        return {"timeout": self.timeout, **client_kwargs(self.tls_files)}
+
     @property
     def client(self):
         from sealkv.node.client import Client
 
         if self._client is None:
-            self._client = Client(self.endpoints, timeout=self.timeout)
+            self._client = Client(self.endpoints, **self.client_kwargs)
         return self._client
 
     def run(self, fn, *args, **kwargs):
@@ -179,20 +211,25 @@ def _plugin_commands() -> dict:
               default="simple", show_default=True, help="Output format.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               help="Per-request timeout in seconds.")
+@click.option("--cacert", envvar="SEALKV_CACERT", help="The cluster CA certificate "
+              "(env SEALKV_CACERT; default: the local cluster's).")
+@click.option("--cert", envvar="SEALKV_CERT", help="Client certificate (env SEALKV_CERT).")
+@click.option("--key", envvar="SEALKV_KEY", help="Client private key (env SEALKV_KEY).")
 @click.version_option(package_name="sealkv")
 @click.pass_context
-def cli(ctx, endpoints, write_out, timeout):
+def cli(ctx, endpoints, write_out, timeout, cacert, cert, key):
     """sealkv: a replicated key-value store with envelope encryption."""
-    ctx.obj = Ctx(endpoints, write_out, timeout)
+    ctx.obj = Ctx(endpoints, write_out, timeout, cacert, cert, key)
 
 
 def register_commands() -> click.Group:
     """Adds the command groups that live in their own modules; returns the CLI (idempotent)."""
-    from sealkv.node.cli import (alarm_cmd, audit_cmd, bench_cmd, cluster_cmd, endpoint_cmd,
-                                 info_cmd, kv_cmd, member_cmd, node_cmd, plugins_cmd)
+    from sealkv.node.cli import (alarm_cmd, audit_cmd, bench_cmd, cert_cmd, cluster_cmd,
+                                 endpoint_cmd, info_cmd, kv_cmd, member_cmd, node_cmd,
+                                 plugins_cmd)
 
     for module in (kv_cmd, member_cmd, endpoint_cmd, alarm_cmd, plugins_cmd, bench_cmd,
-                   cluster_cmd, node_cmd, audit_cmd, info_cmd):
+                   cert_cmd, cluster_cmd, node_cmd, audit_cmd, info_cmd):
         module.register(cli)
     return cli
 

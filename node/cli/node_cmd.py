@@ -44,6 +44,12 @@ def node():
 @click.option("--kek-option", "kek_options", multiple=True, metavar="KEY=VALUE",
               help="An option of the KEK provider (repeatable), e.g. module=..., "
               "token_label=..., key_label=..., pin_file=... for pkcs11.")
+@click.option("--cacert", help="The cluster CA certificate (mutual TLS, the default).")
+@click.option("--cert", help="This node's certificate (`sealkv cert create-node`).")
+@click.option("--key", help="This node's private key (0600).")
+@click.option("--certs-dir", help="Shorthand: DIR/ca.crt and DIR/node.NAME.crt|key.")
+@click.option("--insecure", is_flag=True, default=None,
+              help="Serve plaintext gRPC with no client identities (one-host experiments only).")
 @click.option("--request-timeout", type=float, help="Seconds a request may wait (default 5).")
 @click.option("--fsync", type=click.Choice(["always", "never"]),
               help="always (default): the log, term and vote are on disk before they count; "
@@ -62,9 +68,9 @@ def node():
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Log lines as text or one JSON object per line.")
 def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, secret_file,
-          plugins_, encryption, kek_file, kek_provider, kek_options, request_timeout,
-          fsync, batch_entries, quota_backend_bytes, listen_metrics, log_level,
-          log_format):
+          plugins_, encryption, kek_file, kek_provider, kek_options, cacert, cert, key,
+          certs_dir, insecure, request_timeout, fsync, batch_entries, quota_backend_bytes,
+          listen_metrics, log_level, log_format):
     """Runs one node in the foreground until SIGTERM or SIGINT."""
     from sealkv.node.config import ConfigError, build_config, load_toml
     from sealkv.node.server import run
@@ -75,7 +81,8 @@ def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, sec
              "learner": learner, "initial_cluster": initial_cluster,
              "secret_file": secret_file, "request_timeout": request_timeout, "fsync": fsync,
              "batch_entries": batch_entries, "quota_backend_bytes": quota_backend_bytes,
-             "listen_metrics": listen_metrics}
+             "listen_metrics": listen_metrics,
+             "cacert": cacert, "cert": cert, "key": key, "insecure": insecure}
     values.update({k: v for k, v in flags.items() if v is not None})
     if plugins_ is not None:
         values["plugins"] = [p.strip() for p in plugins_.split(",") if p.strip()]
@@ -83,6 +90,12 @@ def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, sec
     if encryption and "encryption" not in plugin_list:
         plugin_list.insert(0, "encryption")
     values["plugins"] = plugin_list
+    if certs_dir:
+        from sealkv.node.security.pki import node_files
+
+        files = node_files(certs_dir, values.get("name") or "NAME")
+        for field_, path in (("cacert", files.cacert), ("cert", files.cert), ("key", files.key)):
+            values.setdefault(field_, path)
     encryption_options = values.setdefault("plugin_options", {}).setdefault("encryption", {})
     if kek_file:
         encryption_options["kek_file"] = kek_file

@@ -38,7 +38,7 @@ from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from sealkv.node import durable, errors
 from sealkv.node.state import commands as cmd
 from sealkv.node.replication import journal as raft_journal
-from sealkv.node.replication import safe_pickle
+from sealkv.node.replication import frames, safe_pickle
 from sealkv.node.replication.proposer import retry_barrier
 from sealkv.node.replication.raft_rules import RaftRulesSyncObj
 from sealkv.node.errors import ApplyHalt, where
@@ -360,6 +360,7 @@ class ReplicationAdapter:
         # The tick thread and the request threads hand the GIL back and forth on every
         # proposal; Python's default 5 ms switch interval can add that much to each hand-off.
         sys.setswitchinterval(SWITCH_INTERVAL)
+        frames.install()
         s = self.settings
         conf = SyncObjConf(
             password=self.secret,

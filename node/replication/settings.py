@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The raft port refuses frames above 16 MiB before decrypting them (replication/frames.py); a
+# batch, pickled and Fernet-encoded, must stay well below that.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+
 
 @dataclass
 class RaftSettings:
@@ -44,6 +48,9 @@ class RaftSettings:
             raise ValueError("raft.connection_timeout must be at least raft.max_timeout")
         if self.leader_fallback_timeout <= self.append_entries_period:
             raise ValueError("raft.leader_fallback_timeout must exceed raft.append_entries_period")
+        if not 0 < self.append_entries_batch_size_bytes <= MAX_BATCH_BYTES:
+            raise ValueError(f"raft.append_entries_batch_size_bytes must be 1-{MAX_BATCH_BYTES} "
+                             "(the raft port's frame cap is 4 times that)")
         if self.log_compaction_min_entries < 2:
             raise ValueError("raft.log_compaction_min_entries must be at least 2")
         if self.log_compaction_min_bytes < 1024 * 1024:

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 from sealkv.node import errors
 from sealkv.node.replication.proposer import BARRIER_RETRY_PAUSE, BARRIER_RETRYABLE, read_timeout
+from sealkv.node.security import authz
 from sealkv.node.serving.rpc import as_sealkv_error
 from sealkv.v1 import kv_pb2
 
@@ -115,6 +116,9 @@ class _Stream:
         self.ops = service.ops
         self.proposer = service.proposer
         self.context = context
+        # The interceptor let the stream open (readonly at least); each request is
+        # authorized by its operation here.
+        self.caller = authz.Caller(context)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.live: dict[int, _Op] = {}   # ids in flight: added by the reader, removed by the worker
         self.deadlines: list = []        # heap of (deadline, seq, op), guarded by _heap_lock
@@ -156,6 +160,9 @@ class _Stream:
                         f"a batch message carries at most {MAX_REQUESTS_PER_MESSAGE} requests")
                 if kind is None:
                     raise errors.InvalidArgument("request carries no operation")
+                refusal = self.caller.check_op(kind, f"/sealkv.v1.KV/Batch {kind}")
+                if refusal is not None:
+                    raise refusal
                 if kind in _WRITES:
                     self._submit_write(op, timeout)
                 elif getattr(self.ops, f"check_{kind}")(op.request):

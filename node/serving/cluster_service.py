@@ -8,6 +8,7 @@ from sealkv.node import config as cfg
 from sealkv.node import errors
 from sealkv.node.serving.rpc import deadline, rpc_method
 from sealkv.node.replication.membership import MemberRecord, Membership
+from sealkv.node.security.revocation import Revocations
 from sealkv.v1 import cluster_pb2, cluster_pb2_grpc
 
 ROLE_TO_PB = {cmd.ROLE_VOTER: cluster_pb2.VOTER, cmd.ROLE_LEARNER: cluster_pb2.LEARNER}
@@ -34,13 +35,14 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     """
 
     def __init__(self, member_name: str, request_timeout: float, status: Callable[[], dict],
-                 membership: Membership, state, alarms):
+                 membership: Membership, state, alarms, revocations: Revocations):
         self._member_name = member_name
         self._request_timeout = request_timeout
         self._status = status
         self._membership = membership
         self._state = state
         self._alarms = alarms  # AlarmBoard: alarms(), disarm(timeout)
+        self._revocations = revocations
 
     @rpc_method
     def Status(self, request, context):
@@ -57,7 +59,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             alarms=[alarm_pb(a) for a in s["alarms"]], db_size_in_use=s["db_size_in_use"],
             quota_backend_bytes=s["quota_backend_bytes"],
             db_applied_index_at_start=s["db_applied_index_at_start"],
-            replayed_at_start=s["replayed_at_start"])
+            replayed_at_start=s["replayed_at_start"],
+            transport_security=s["transport_security"])
 
     def _members(self):
         s = self._status()
@@ -76,9 +79,9 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             raise errors.InvalidArgument(f"unknown role {request.role}")
         try:
             cfg.check_name(request.name, "member name")
-            cfg.check_address(request.grpc_address, "grpc")
+            cfg.check_member_address(request.grpc_address, "grpc")
             if role == cmd.ROLE_VOTER:
-                cfg.check_address(request.raft_address, "raft")
+                cfg.check_member_address(request.raft_address, "raft")
             elif request.raft_address:
                 raise cfg.ConfigError("a learner has no raft address: leave raft_address empty")
         except cfg.ConfigError as exc:
@@ -118,3 +121,21 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         digest, keys, applied = self._state.digest()
         return cluster_pb2.DigestResponse(node_id=self._member_name, applied_index=applied,
                                           digest=digest, keys=keys)
+
+    @rpc_method
+    def RevokeCertificate(self, request, context):
+        try:
+            serial = int(request.serial.replace(":", ""), 16)
+            cmd.serial_bytes(serial)
+        except ValueError:
+            raise errors.InvalidArgument(f"serial {request.serial!r} is not a certificate serial "
+                                         "(1-20 bytes, hexadecimal)") from None
+        added = self._revocations.revoke(serial, deadline(context, self._request_timeout))
+        return cluster_pb2.RevokeCertificateResponse(added=added, revoked=self._revoked())
+
+    @rpc_method
+    def ListRevoked(self, request, context):
+        return cluster_pb2.ListRevokedResponse(revoked=self._revoked())
+
+    def _revoked(self) -> list[str]:
+        return [f"{serial:x}" for serial in self._revocations.revoked()]

@@ -16,6 +16,7 @@ import grpc
 
 from sealkv.node import errors
 from sealkv.node.replication.membership import MemberCheck, MemberRecord, MembershipSnapshot
+from sealkv.node.security import tls
 
 
 class NodeHandle:
@@ -117,11 +118,13 @@ class NodeHandle:
         return {"snapshot_index": index, **sizes}
 
     def channel(self, grpc_address: str) -> grpc.Channel:
-        """Returns a pooled insecure channel to a peer's gRPC address."""
+        """Returns a pooled channel to a peer's gRPC address, as this node (its node
+        certificate over mutual TLS; plaintext only when the node runs --insecure)."""
         with self._channels_lock:
             ch = self._channels.get(grpc_address)
             if ch is None:
-                ch = self._channels[grpc_address] = grpc.insecure_channel(grpc_address)
+                ch = self._channels[grpc_address] = tls.channel(
+                    grpc_address, self._node.config.tls_files)
             return ch
 
     def add_member_check(self, check: MemberCheck) -> None:

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sealkv.node import __version__
 from sealkv.node.config import NodeConfig
 from sealkv.node.replication.membership import MemberRecord
+from sealkv.node.security import tls
 from sealkv.node.state import commands as cmd
 
 LEARNER_PROBE_PERIOD = 2.0
@@ -113,4 +114,5 @@ class NodeStatus:
             "members": sorted(members, key=lambda m: m["name"]),
             "plugins": self._plugins(),
             "version": __version__, "config_version": version, "log_size": raft["log_size"],
+            "transport_security": tls.security_name(self._config.tls_files),
         }

@@ -20,6 +20,8 @@ Core opcodes (0x03-0x0F are reserved for the encryption plugin, 0x40-0x7F for ot
 | 0x30   | ALARM         | action u8 (1 raise, 2 disarm), cause u8 (1 disk full, 2 quota; |
 |        |               | 0 with disarm: every cause), member_len u16, member (empty     |
 |        |               | with disarm: every member)                                     |
+| 0x22   | REVOKE        | serial_len u8 (1-20), serial (big-endian unsigned): a client or |
+|        |               | node certificate serial added to the revocation list            |
 """
 from __future__ import annotations
 
@@ -38,11 +40,14 @@ OP_MEMBER_SET = 0x20
 OP_MEMBER_REMOVE = 0x21
 OP_ALARM = 0x30
 
+OP_REVOKE = 0x22
+
 CORE_OPCODES = frozenset({OP_PUT, OP_DELETE, OP_CAS, OP_BARRIER, OP_BATCH, OP_MEMBER_SET,
-                          OP_MEMBER_REMOVE, OP_ALARM})
+                          OP_MEMBER_REMOVE, OP_ALARM, OP_REVOKE})
 # What a BATCH may carry: the key-value commands, never membership, plugin or nested batches.
 BATCHABLE_OPCODES = frozenset({OP_PUT, OP_DELETE, OP_CAS, OP_BARRIER})
 MAX_BATCH_COMMANDS = 4096
+MAX_SERIAL_BYTES = 20  # RFC 5280 4.1.2.2
 
 CAS_BY_REVISION = 0
 CAS_MUST_NOT_EXIST = 1
@@ -137,6 +142,21 @@ class Alarm:
     member: str
 
 
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    serial: int
+
+
+def serial_bytes(serial: int) -> bytes:
+    """The big-endian bytes of a certificate serial; ValueError unless 1..20 bytes."""
+    if serial <= 0:
+        raise ValueError("a certificate serial is a positive integer")
+    raw = serial.to_bytes((serial.bit_length() + 7) // 8, "big")
+    if len(raw) > MAX_SERIAL_BYTES:
+        raise ValueError(f"a certificate serial has at most {MAX_SERIAL_BYTES} bytes")
+    return raw
+
+
 def _string(text: str) -> bytes:
     raw = text.encode("utf-8")
     return _U16.pack(len(raw)) + raw
@@ -163,6 +183,9 @@ def encode(command) -> bytes:
         return bytes((OP_MEMBER_REMOVE, BODY_V1)) + _string(command.name)
     if isinstance(command, Alarm):
         return bytes((OP_ALARM, BODY_V1, command.action, command.cause)) + _string(command.member)
+    if isinstance(command, Revoke):
+        raw = serial_bytes(command.serial)
+        return bytes((OP_REVOKE, BODY_V1, len(raw))) + raw
     raise TypeError(f"not a core command: {type(command).__name__}")
 
 
@@ -297,6 +320,14 @@ def decode(command: bytes):
         if action not in (ALARM_RAISE, ALARM_DISARM):
             raise CommandError(f"unknown alarm action {action}")
         result = Alarm(action, cause, member)
+    elif opcode == OP_REVOKE:
+        length = r.u8()
+        if not 1 <= length <= MAX_SERIAL_BYTES:
+            raise CommandError(f"certificate serial length {length} is not 1-{MAX_SERIAL_BYTES}")
+        serial = int.from_bytes(r.take(length), "big")
+        if serial == 0:
+            raise CommandError("certificate serial 0 is not a serial")
+        result = Revoke(serial)
     else:
         result = MemberRemove(r.string())
     r.end()

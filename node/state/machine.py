@@ -45,6 +45,7 @@ META_CONFIG_VERSION = b"config_version"
 META_MEMBERS = b"members"
 META_PLUGIN = b"plugin/"
 META_ALARMS = b"alarms"
+META_REVOKED = b"revoked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,9 @@ class StateMachine:
         self.config_version = 0
         # Active alarms, replicated: (member, cause) -> index of the entry that raised it.
         self.alarms: dict[tuple[str, int], int] = {}
+        # Revoked certificate serials, replicated. Replaced, never mutated, so `is_revoked`
+        # reads it on any thread without the lock.
+        self.revoked: frozenset[int] = frozenset()
         self.applied_index = 0
         self._pending_index = 0
         self.defer_commit = False
@@ -112,6 +116,7 @@ class StateMachine:
                             for m in json.loads(members)}
         self.config_version = int(self.base.get_meta(META_CONFIG_VERSION) or 0)
         self.alarms = _alarms_from_json(self.base.get_meta(META_ALARMS))
+        self.revoked = _revoked_from_json(self.base.get_meta(META_REVOKED))
         if plugins:
             for name, state in self.plugin_states.items():
                 raw = self.base.get_meta(META_PLUGIN + name.encode())
@@ -124,6 +129,9 @@ class StateMachine:
 
     def _save_alarms(self) -> None:
         self.base.put_meta(META_ALARMS, _alarms_json(self.alarms))
+
+    def _save_revoked(self) -> None:
+        self.base.put_meta(META_REVOKED, _revoked_json(self.revoked))
 
     def _save_plugin_states(self) -> None:
         for name, state in self.plugin_states.items():
@@ -268,6 +276,12 @@ class StateMachine:
                                or (command.cause and cause != command.cause)}
             self._save_alarms()
             return WriteResult(index)
+        if isinstance(command, cmd.Revoke):
+            new = command.serial not in self.revoked
+            if new:
+                self.revoked = self.revoked | {command.serial}
+                self._save_revoked()
+            return WriteResult(index, succeeded=new)
         raise ApplyHalt(f"entry {index}: no handler for {type(command).__name__}")
 
     def _store(self, index: int, key: bytes, value: bytes, prev: Optional[Entry]) -> Entry:
@@ -349,6 +363,10 @@ class StateMachine:
         with self.lock:
             return dict(self.alarms)
 
+    def is_revoked(self, serial: int) -> bool:
+        """Whether a certificate serial is on the replicated revocation list (any thread)."""
+        return serial in self.revoked
+
     def member_directory(self) -> tuple[dict[str, MemberRecord], int]:
         """Returns a copy of the member directory and its configuration version."""
         with self.lock:
@@ -370,6 +388,7 @@ class StateMachine:
             "members": json.loads(members),
             "plugins": plugins,
             "alarms": json.loads(self.base.get_meta(META_ALARMS) or b"[]"),
+            "revoked": json.loads(self.base.get_meta(META_REVOKED) or b"[]"),
         }
 
     def digest(self) -> tuple[str, int, int]:
@@ -393,6 +412,8 @@ class StateMachine:
         h.update(b"config_version %d" % header["config_version"])
         if header["alarms"]:
             h.update(b"alarms " + _alarms_json(_alarms_from_json(header["alarms"])))
+        if header["revoked"]:
+            h.update(b"revoked " + _revoked_json(_revoked_from_json(header["revoked"])))
         for name in sorted(header["plugins"]):
             state = header["plugins"][name]
             h.update(name.encode() + _U32.pack(len(state)) + state)
@@ -442,6 +463,8 @@ class StateMachine:
                 self._save_members()
                 self.alarms = _alarms_from_json(header.get("alarms", []))
                 self._save_alarms()
+                self.revoked = _revoked_from_json(header.get("revoked", []))
+                self._save_revoked()
                 for name, state in self.plugin_states.items():
                     state.restore_state(bytes.fromhex(header["plugins"].get(name, "")))
                 self._save_plugin_states()
@@ -452,6 +475,18 @@ class StateMachine:
                 raise
             self.applied_index = self._pending_index = header["applied_index"]
             return True
+
+
+def _revoked_json(revoked) -> bytes:
+    return json.dumps([f"{serial:x}" for serial in sorted(revoked)]).encode()
+
+
+def _revoked_from_json(raw) -> frozenset:
+    """Serials from META_REVOKED bytes or an already-decoded snapshot header list."""
+    if raw is None:
+        return frozenset()
+    items = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+    return frozenset(int(serial, 16) for serial in items)
 
 
 def _alarms_json(alarms: Mapping[tuple[str, int], int]) -> bytes:

@@ -60,6 +60,20 @@ class EncryptionAdminPlugin(AdminPlugin):
     """
 
     name = "encryption"
+    # Reads of state may be asked by any identity; every mutator is admin-only; peers probe
+    # each other's capability during the fan-out.
+    method_roles = {f"/{SERVICE_NAME}/{method}": role for method, role in (
+        ("GetCapability", "readonly"), ("GetSidecarState", "readonly"),
+        ("GetReencryptionStatus", "readonly"), ("GetKeyUsage", "readonly"),
+        ("BootstrapEncryption", "admin"), ("RotateDEK", "admin"),
+        ("RegisterEncryptionWriter", "admin"), ("EnableStorageEnvelope", "admin"),
+        ("EnableRaftEnvelope", "admin"), ("StartReencryption", "admin"),
+        ("RetireDEK", "admin"), ("Compact", "admin"), ("ResyncSidecar", "admin"))}
+    # What members ask each other: the capability probe; a follower forwards the
+    # re-encryption status to the leader; a cluster-wide compaction and key-usage count ask
+    # every member for its own part.
+    peer_methods = frozenset(f"/{SERVICE_NAME}/{method}" for method in (
+        "GetCapability", "GetReencryptionStatus", "GetKeyUsage", "Compact"))
 
     def __init__(self, node: Any):
         super().__init__(node)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from sealkv.node import errors
-from sealkv.node.client import Client, health
+from sealkv.node.client import Client
 from sealkv.v1 import encryption_admin_pb2 as enc_pb
 from sealkv.v1 import encryption_admin_pb2_grpc as enc_grpc
 from tests.cluster import Cluster, NodeProc, wait_for
@@ -112,13 +112,13 @@ class ClientThread(threading.Thread):
     """One client: a seeded mix of operations, each recorded with its call and return."""
 
     def __init__(self, index: int, endpoints: list[str], seed: int, recorder: Recorder,
-                 stop: threading.Event):
+                 stop: threading.Event, client_kwargs: Optional[dict] = None):
         super().__init__(daemon=True, name=f"fault-client-{index}")
         self.index = index
         self.rng = random.Random(seed * 1000 + index)
         endpoints = list(endpoints)
         self.rng.shuffle(endpoints)
-        self.client = Client(endpoints, timeout=OP_TIMEOUT)
+        self.client = Client(endpoints, timeout=OP_TIMEOUT, **(client_kwargs or {}))
         self.recorder = recorder
         self.stop = stop
         self.counter = 0
@@ -307,7 +307,7 @@ class Nemesis(threading.Thread):
                 if self.extra_voter is None:
                     name = f"x{self.result.faults['membership'] + 1}"
                     node = self.cluster.add_node(name)
-                    wait_for(lambda: health(node.grpc), 30, f"{name} to serve")
+                    wait_for(lambda: self.cluster.healthy(name), 30, f"{name} to serve")
                     c.member_add(name, node.raft, node.grpc, timeout=15)
                     self.extra_voter = name
                 else:
@@ -389,7 +389,7 @@ def converged(cluster: Cluster) -> bool:
     for node in cluster.nodes.values():
         if not node.alive():
             continue
-        with Client([node.grpc], timeout=3) as c:
+        with Client([node.grpc], timeout=3, **cluster.client_kwargs) as c:
             d = c.digest(endpoint=node.grpc)
         views.add((d.applied_index, d.digest))
     return len(views) == 1
@@ -415,7 +415,8 @@ def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
     stop = threading.Event()
     try:
         cluster.start(timeout=60)
-        threads = [ClientThread(i, [n.grpc for n in cluster.initial], seed, recorder, stop)
+        threads = [ClientThread(i, [n.grpc for n in cluster.initial], seed, recorder, stop,
+                                cluster.client_kwargs)
                    for i in range(clients)]
         nemesis = Nemesis(cluster, rng, stop, result, use_netns)
         for t in threads:

@@ -11,6 +11,8 @@ def make_cluster(tmp_path):
     def make(size=3, start=True, **kwargs):
         base = tmp_path / f"cluster{len(clusters)}"
         base.mkdir()
+        if clusters and clusters[0].certs_dir and kwargs.get("tls", True):
+            kwargs.setdefault("ca_from", clusters[0].certs_dir)  # one CA per test
         cluster = Cluster(str(base), size=size, **kwargs)
         clusters.append(cluster)
         if start:

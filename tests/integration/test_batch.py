@@ -5,6 +5,7 @@ import grpc
 import pytest
 
 from sealkv.node.config import MAX_VALUE_BYTES
+from sealkv.node.security import tls
 from sealkv.v1 import kv_pb2, kv_pb2_grpc
 from tests.cluster import running_cluster
 
@@ -23,8 +24,8 @@ def cluster(tmp_path_factory):
 class Stream:
     """One raw Batch stream: send messages, collect answers by id (for tests only)."""
 
-    def __init__(self, endpoint: str):
-        self.channel = grpc.insecure_channel(endpoint)
+    def __init__(self, endpoint: str, files=None):
+        self.channel = tls.channel(endpoint, files)
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.responses = kv_pb2_grpc.KVStub(self.channel).Batch(iter(self.outbox.get, None),
                                                                 timeout=30)
@@ -59,7 +60,8 @@ def ok(answer, kind):
 
 
 def test_mixed_operations_in_one_message_each_answered_by_id(cluster):
-    s = Stream(cluster.nodes["n2"].grpc)  # a follower: writes are forwarded as with unary
+    # A follower: writes are forwarded as with unary.
+    s = Stream(cluster.nodes["n2"].grpc, cluster.tls_files)
     s.send(op(10, put=kv_pb2.PutRequest(key=b"mix/a", value=b"1")),
            op(11, put=kv_pb2.PutRequest(key=b"mix/b", value=b"2")),
            op(12, compare_and_swap=kv_pb2.CompareAndSwapRequest(key=b"mix/c", value=b"3",
@@ -83,7 +85,7 @@ def test_mixed_operations_in_one_message_each_answered_by_id(cluster):
 
 
 def test_bad_requests_fail_alone_and_are_answered_before_slower_siblings(cluster):
-    s = Stream(cluster.nodes["n1"].grpc)
+    s = Stream(cluster.nodes["n1"].grpc, cluster.tls_files)
     s.send(op(1, put=kv_pb2.PutRequest(key=b"bad/ok", value=b"v")),
            op(2, put=kv_pb2.PutRequest(key=b"", value=b"v")),
            op(3),
@@ -107,7 +109,7 @@ def test_bad_requests_fail_alone_and_are_answered_before_slower_siblings(cluster
 
 
 def test_a_failed_compare_does_not_fail_its_siblings(cluster):
-    s = Stream(cluster.nodes["n1"].grpc)
+    s = Stream(cluster.nodes["n1"].grpc, cluster.tls_files)
     s.send(op(1, put=kv_pb2.PutRequest(key=b"cas/k", value=b"v1")))
     rev = ok(s.collect(1)[1], "put").header.revision
     s.send(op(2, compare_and_swap=kv_pb2.CompareAndSwapRequest(
@@ -130,7 +132,7 @@ def test_a_failed_compare_does_not_fail_its_siblings(cluster):
 
 
 def test_an_id_already_in_flight_is_refused_without_touching_the_first(cluster):
-    s = Stream(cluster.nodes["n1"].grpc)
+    s = Stream(cluster.nodes["n1"].grpc, cluster.tls_files)
     s.send(op(9, put=kv_pb2.PutRequest(key=b"dup/k", value=b"first")),
            op(9, put=kv_pb2.PutRequest(key=b"dup/k", value=b"second")))
     seen = []
@@ -147,7 +149,7 @@ def test_an_id_already_in_flight_is_refused_without_touching_the_first(cluster):
 def test_status_counts_batch_messages_and_shared_entries(cluster):
     leader = cluster.leader()
     before = cluster.status(leader).kv_counters
-    s = Stream(cluster.nodes[leader].grpc)
+    s = Stream(cluster.nodes[leader].grpc, cluster.tls_files)
     s.send(*[op(i, put=kv_pb2.PutRequest(key=b"count/%d" % i, value=b"v")) for i in range(40)])
     answers = s.collect(40)
     assert all(a.status.code == OK for a in answers.values())

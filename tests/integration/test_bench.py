@@ -120,7 +120,10 @@ def test_compare_runs_batched_unary_envelope_and_etcd_rows_with_ratios(tmp_path)
     else:
         assert any("etcd-server" in n for n in report["notes"]), report["notes"]
     assert [n for n in names if n.startswith("sealkv") and "envelope" not in n
-            and "never" not in n] == sealkv_rows
+            and "never" not in n and "insecure" not in n] == sealkv_rows
+    # The TLS reference: the same batched Put load on a fresh --insecure cluster.
+    assert names[names.index("sealkv unary get serializable c=4") + 1] == \
+        "sealkv batched put c=4 --insecure"
     envelope = [] if any("envelope rows skipped" in n for n in report["notes"]) \
         else ["sealkv envelope put c=1", "sealkv envelope put c=4",
               "sealkv both envelopes put c=1", "sealkv both envelopes put c=4"]
@@ -142,6 +145,9 @@ def test_compare_runs_batched_unary_envelope_and_etcd_rows_with_ratios(tmp_path)
     if envelope:
         both = targets["Put, 4 clients, ops/s: both envelopes (storage + raft log) vs cleartext"]
         assert both["ratio"] > 0 and isinstance(both["holds"], bool)
+    tls_row = targets["Put, 4 clients, ops/s: TLS (default) vs --insecure"]
+    assert tls_row["reference"] == "sealkv batched put c=4 --insecure"
+    assert tls_row["ratio"] > 0 and isinstance(tls_row["holds"], bool)
 
 
 def test_put_in_unary_mode_reports_client_cpu(endpoints):

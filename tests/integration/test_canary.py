@@ -65,7 +65,7 @@ def test_no_canary_survives_reencrypt_and_compaction(make_cluster, tmp_path):
     assert not set(found) & (set(phases[2]) | set(phases[3])), "sealed values found in clear"
 
     result = cli(["--endpoints", endpoints, "-w", "json", "encryption", "reencrypt",
-                  "--rate", "100000", "--batch-size", "1000"])
+                  "--rate", "100000", "--batch-size", "1000"], cluster)
     assert result.exit_code == 0, result.output
     job = json.loads(result.output)
     assert job["state"] == "done" and job["remaining"] == 0, job

@@ -29,13 +29,16 @@ def endpoints(cluster):
 
 
 @pytest.fixture
-def sealkv(tmp_path, monkeypatch):
-    """Runs the CLI in an empty directory (no ./.sealkv) without SEALKV_ENDPOINTS."""
+def sealkv(tmp_path, monkeypatch, cluster):
+    """Runs the CLI in an empty directory (no ./.sealkv) without SEALKV_ENDPOINTS, as the
+    test cluster's `root` identity (SEALKV_CACERT/CERT/KEY)."""
     runner = CliRunner()
     monkeypatch.chdir(tmp_path)
+    files = cluster.tls_files
 
     def run(*args, env=None):
-        merged = {"SEALKV_ENDPOINTS": None}
+        merged = {"SEALKV_ENDPOINTS": None, "SEALKV_CACERT": files.cacert,
+                  "SEALKV_CERT": files.cert, "SEALKV_KEY": files.key}
         merged.update(env or {})
         return runner.invoke(cli, list(args), env=merged, catch_exceptions=False)
 
@@ -178,8 +181,8 @@ def _running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _sealkv(*args, cwd, timeout=120):
-    env = {k: v for k, v in os.environ.items() if k != "SEALKV_ENDPOINTS"}
+def _sealkv(*args, cwd, timeout=120, env=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEALKV_")} | (env or {})
     return subprocess.run([sys.executable, "-m", "sealkv.node.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -207,11 +210,22 @@ def test_local_cluster_up_status_down(tmp_path):
         rows = json.loads(status.stdout)
         assert [r["running"] for r in rows] == [True, True, True]
         assert len({r["leader"] for r in rows}) == 1
+        assert {r["transport_security"] for r in rows} == {"mutual-tls"}
+        assert "WARNING" not in status.stderr
+        pki_dir = data_dir / "pki"
+        for key in ("ca.key", "client.root.key", "node.n1.key", "node.n3.key"):
+            assert oct(os.stat(pki_dir / key).st_mode & 0o777) == "0o600", key
 
-        # The recorded endpoints serve a client command run from the same directory.
-        put = _sealkv("--endpoints", ",".join(n["grpc"] for n in started["nodes"]),
-                      "put", "k", "v", cwd=tmp_path)
+        # The recorded endpoints serve a client command run with the `root` identity that
+        # `cluster up` made (it prints the exports); without it, TLS refuses the client.
+        eps = ",".join(n["grpc"] for n in started["nodes"])
+        root = {"SEALKV_CACERT": str(pki_dir / "ca.crt"),
+                "SEALKV_CERT": str(pki_dir / "client.root.crt"),
+                "SEALKV_KEY": str(pki_dir / "client.root.key")}
+        put = _sealkv("--endpoints", eps, "put", "k", "v", cwd=tmp_path, env=root)
         assert put.returncode == 0, put.stderr
+        plain = _sealkv("--endpoints", eps, "--timeout", "2", "put", "k", "v", cwd=tmp_path)
+        assert plain.returncode != 0
 
         down = _sealkv("cluster", "down", "--data-dir", str(data_dir), cwd=tmp_path)
         assert down.returncode == 0, down.stderr
@@ -246,3 +260,33 @@ def test_global_flags_after_the_subcommand(sealkv, endpoints):
     assert r.exit_code == 0, r.output
     servers = json.loads(r.stdout)["servers"]
     assert len(servers) == 3 and all(servers.values())
+
+
+def test_an_insecure_cluster_is_flagged_in_every_status(tmp_path):
+    data_dir = tmp_path / "plain"
+    pids: list[int] = []
+    try:
+        up = _sealkv("cluster", "up", "--nodes", "1", "--insecure", "--data-dir", str(data_dir),
+                     cwd=tmp_path)
+        record = data_dir / "cluster.json"
+        if record.exists():
+            pids = [n["pid"] for n in json.loads(record.read_text())["nodes"]]
+        assert up.returncode == 0, up.stderr
+        assert "WARNING: the cluster serves plaintext gRPC" in up.stderr
+        assert not (data_dir / "pki").exists()
+        status = _sealkv("-w", "table", "cluster", "status", "--data-dir", str(data_dir),
+                         cwd=tmp_path)
+        assert status.returncode == 0, status.stderr
+        assert "| INSECURE" in status.stdout and "WARNING" in status.stderr
+        eps = json.loads(record.read_text())["nodes"][0]["grpc"]
+        endpoint = _sealkv("--endpoints", eps, "-w", "json", "endpoint", "status", cwd=tmp_path)
+        assert endpoint.returncode == 0, endpoint.stderr
+        assert json.loads(endpoint.stdout)[0]["transport_security"] == "insecure"
+        assert "WARNING" in endpoint.stderr
+        log = (data_dir / "n1.log").read_text()
+        assert "WARNING" in log and "INSECURE: node n1 serves plaintext gRPC" in log
+    finally:
+        _sealkv("cluster", "down", "--data-dir", str(data_dir), cwd=tmp_path, timeout=60)
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -48,9 +48,11 @@ def sealkv(tmp_path):
     """Runs the `sealkv` CLI as a new process in an empty directory, without SEALKV_ENDPOINTS."""
     env = {k: v for k, v in os.environ.items() if k != "SEALKV_ENDPOINTS"}
 
-    def run(*args, timeout=60):
+    def run(*args, timeout=60, cluster=None):
+        """`cluster`: run as its `root` identity (else plaintext, for the test doubles)."""
         return subprocess.run([sys.executable, "-m", "sealkv.node.cli", *args], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=timeout)
+                              env=env | (cluster.cli_env() if cluster else {}),
+                              capture_output=True, text=True, timeout=timeout)
 
     return run
 
@@ -63,7 +65,7 @@ def check_via(example, c: Cluster, name: str, wait_ms: int = 10_000):
     """Calls CheckConsistency on the node `name` itself (no failover, no leader following)."""
     _, pb, pb_grpc = example
     address = c.nodes[name].grpc
-    with Client([address], timeout=15) as client:
+    with Client([address], timeout=15, **c.client_kwargs) as client:
         return client.call(pb_grpc.ConsistencyAdminStub, "CheckConsistency",
                            pb.CheckConsistencyRequest(wait_ms=wait_ms), endpoint=address,
                            follow_leader=False)
@@ -90,7 +92,7 @@ def test_check_sees_every_member_agree_before_and_after_writes(example, cluster)
     assert first.compared_index >= first.target_index
     # The agreed digest is what every node itself reports (the cluster is idle).
     for node in cluster.nodes.values():
-        with Client([node.grpc]) as client:
+        with Client([node.grpc], **cluster.client_kwargs) as client:
             own = client.digest(endpoint=node.grpc)
         assert (own.digest, own.applied_index) == (first.agreed_digest, first.compared_index)
 
@@ -112,7 +114,8 @@ def test_check_sees_every_member_agree_before_and_after_writes(example, cluster)
 
 
 def test_cli_check_prints_every_member_and_exits_0(example, cluster, sealkv):
-    r = sealkv("--endpoints", endpoints(cluster), "-w", "json", "consistency", "check")
+    r = sealkv("--endpoints", endpoints(cluster), "-w", "json", "consistency", "check",
+               cluster=cluster)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["verdict"] == "consistent"
@@ -121,7 +124,8 @@ def test_cli_check_prints_every_member_and_exits_0(example, cluster, sealkv):
         "n1": "agrees", "n2": "agrees", "n3": "agrees"}
     assert {m["digest"] for m in out["members"]} == {out["agreed_digest"]}
 
-    r = sealkv("--endpoints", endpoints(cluster), "-w", "table", "consistency", "check")
+    r = sealkv("--endpoints", endpoints(cluster), "-w", "table", "consistency", "check",
+               cluster=cluster)
     assert r.returncode == 0, r.stderr
     assert "| NAME" in r.stdout and "| STATE" in r.stdout
     assert r.stdout.count("| agrees ") == 3
@@ -131,7 +135,8 @@ def test_cli_check_prints_every_member_and_exits_0(example, cluster, sealkv):
 
 def test_plugins_list_shows_the_installed_plugin(example, cluster, sealkv):
     package, _, _ = example
-    r = sealkv("--endpoints", endpoints(cluster), "-w", "json", "plugins", "list")
+    r = sealkv("--endpoints", endpoints(cluster), "-w", "json", "plugins", "list",
+               cluster=cluster)
     assert r.returncode == 0, r.stderr
     rows = [p for p in json.loads(r.stdout) if p["name"] == "consistency"]
     assert rows == [{"kind": "admin", "name": "consistency", "distribution": DIST,
@@ -146,7 +151,7 @@ def test_cli_check_exits_3_naming_an_unreachable_member(example, make_cluster, s
     c.kill("n3")
     c.wait_leader()
     r = sealkv("--endpoints", endpoints(c, "n1", "n2"), "-w", "json", "consistency", "check",
-               "--wait", "3")
+               "--wait", "3", cluster=c)
     assert r.returncode == 3, (r.stdout, r.stderr)
     out = json.loads(r.stdout)
     assert out["verdict"] == "incomplete"

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from sealkv.node.client import SERIALIZABLE, health
+from sealkv.node.client import SERIALIZABLE
 from tests.cluster import PYTHON, wait_for
 from tests.integration.test_encryption_admin import admin, write_compaction_config, write_kek
 
@@ -32,7 +32,7 @@ def start_fails(cluster, name, *extra) -> str:
     args = [PYTHON, "-m", "sealkv.node.cli", "node", "start", "--name", name,
             "--data-dir", node.data_dir, "--grpc", node.grpc, "--raft", node.raft,
             "--initial-cluster", cluster.initial_cluster(), "--secret-file",
-            cluster.secret_file, *extra]
+            cluster.secret_file, "--certs-dir", cluster.certs_dir, *extra]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0, result.stderr[-2000:]
     return result.stderr
@@ -122,7 +122,7 @@ def test_a_node_added_after_log_compaction_reads_older_envelopes(make_cluster, t
         wait_for(lambda: os.path.exists(os.path.join(node.data_dir, "raft", "raft.dump")), 30,
                  f"{node.name} to compact its log")
     n4 = cluster.add_node("n4")
-    wait_for(lambda: health(n4.grpc), 30, "n4 to serve (the capability fence probes it)")
+    wait_for(lambda: cluster.healthy("n4"), 30, "n4 to serve (the capability fence probes it)")
     with cluster.client() as c:
         c.member_add("n4", n4.raft, n4.grpc)
     with cluster.client("n4") as c:

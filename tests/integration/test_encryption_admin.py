@@ -88,11 +88,12 @@ def at_rest(node):
     return raw, dict(sm.base.dump())
 
 
-def cli(args):
-    """Runs the `sealkv` CLI (the `encryption` group comes from the admin plugin's entry point)."""
+def cli(args, cluster):
+    """Runs the `sealkv` CLI as the cluster's `root` identity (the `encryption` group comes
+    from the admin plugin's entry point)."""
     from sealkv.node.cli.main import cli as root
 
-    return CliRunner().invoke(root, args)
+    return CliRunner().invoke(root, args, env=cluster.cli_env())
 
 
 def test_storage_envelope_cutover_behind_the_capability_fan_out(make_cluster, tmp_path):
@@ -127,7 +128,7 @@ def test_storage_envelope_cutover_behind_the_capability_fan_out(make_cluster, tm
 
         # Bootstrap through the CLI (any endpoint; the client follows the leader).
         result = cli(["--endpoints", cluster.nodes[follower].grpc, "-w", "json",
-                      "encryption", "bootstrap"])
+                      "encryption", "bootstrap"], cluster)
         assert result.exit_code == 0, result.output
         assert '"storage_key_id": 1' in result.output
         with pytest.raises(errors.FailedPrecondition, match="already bootstrapped"):
@@ -191,7 +192,7 @@ def test_storage_envelope_cutover_behind_the_capability_fan_out(make_cluster, tm
         retry = admin(c, "EnableStorageEnvelope")
         assert retry.was_already_active and retry.cutover_index == cutover
         assert not retry.capability_summary
-        result = cli(["--endpoints", endpoints, "encryption", "enable-storage-envelope"])
+        result = cli(["--endpoints", endpoints, "encryption", "enable-storage-envelope"], cluster)
         assert result.exit_code == 0, result.output
         assert f"already active since index {cutover}" in result.output
 
@@ -220,7 +221,7 @@ def test_storage_envelope_cutover_behind_the_capability_fan_out(make_cluster, tm
             wait_for(both_readable, 10, f"both values readable on {node.name}")
 
         status = cli(["--endpoints", endpoints, "-w", "json", "encryption", "status",
-                      "--cluster"])
+                      "--cluster"], cluster)
         assert status.exit_code == 0, status.output
         assert status.output.count('"storage_envelope_active": true') == 3
         assert status.output.count('"capable": true') == 3
@@ -250,7 +251,8 @@ def test_storage_envelope_cutover_behind_the_capability_fan_out(make_cluster, tm
     sidecar = os.path.join(cluster.nodes[follower].data_dir, "encryption", "keys.json")
     os.unlink(sidecar)
     assert not capability(cluster, follower).sidecar_present
-    result = cli(["--endpoints", cluster.nodes[follower].grpc, "encryption", "resync-sidecar"])
+    result = cli(["--endpoints", cluster.nodes[follower].grpc, "encryption", "resync-sidecar"],
+                 cluster)
     assert result.exit_code == 0, result.output
     state = sidecar_state(cluster, follower)
     assert state.present and state.storage_envelope_cutover_index == cutover
@@ -258,7 +260,7 @@ def test_storage_envelope_cutover_behind_the_capability_fan_out(make_cluster, tm
 
     # Rotation: a fresh id, trial-unwrapped by the leader; new writes use it.
     result = cli(["--endpoints", endpoints, "-w", "json", "encryption", "rotate-dek",
-                  "--purpose", "storage"])
+                  "--purpose", "storage"], cluster)
     assert result.exit_code == 0, result.output
     assert '"key_id": 3' in result.output
     with cluster.client() as c:

@@ -3,6 +3,7 @@ import grpc
 import pytest
 
 from sealkv.node import errors
+from sealkv.node.security import tls
 from sealkv.node.client import LINEARIZABLE, SERIALIZABLE, Client
 from sealkv.node.config import MAX_KEY_BYTES, MAX_VALUE_BYTES
 from tests.cluster import free_port, wait_for
@@ -113,7 +114,7 @@ def test_bad_input_is_invalid_argument_and_changes_nothing(cluster3, call, messa
 
 def test_malformed_request_is_refused_and_changes_nothing(cluster3):
     node = cluster3.nodes["n1"]
-    with grpc.insecure_channel(node.grpc) as ch:
+    with tls.channel(node.grpc, cluster3.tls_files) as ch:
         raw_put = ch.unary_unary("/sealkv.v1.KV/Put", request_serializer=lambda b: b,
                                  response_deserializer=lambda b: b)
         with pytest.raises(grpc.RpcError) as info:
@@ -131,6 +132,6 @@ def test_unreachable_endpoint_is_unavailable():
 
 def test_client_fails_over_to_a_live_endpoint(cluster3):
     dead = f"127.0.0.1:{free_port()}"
-    with Client([dead, cluster3.nodes["n2"].grpc], timeout=3) as c:
+    with Client([dead, cluster3.nodes["n2"].grpc], timeout=3, **cluster3.client_kwargs) as c:
         c.put(b"k", b"v")
         assert c.get(b"k", LINEARIZABLE).kv.value == b"v"

@@ -69,7 +69,7 @@ def test_raft_envelope_cutover_seals_every_later_entry(make_cluster, tmp_path):
             t.start()
         try:
             result = cli(["--endpoints", cluster.nodes[followers[0]].grpc, "-w", "json",
-                          "encryption", "enable-raft-envelope"])
+                          "encryption", "enable-raft-envelope"], cluster)
             assert result.exit_code == 0, result.output
             answer = json.loads(result.output)
             assert not answer["was_already_active"] and answer["raft_key_id"] == 2
@@ -84,7 +84,7 @@ def test_raft_envelope_cutover_seals_every_later_entry(make_cluster, tmp_path):
 
         # Idempotent: a retry reports the original index.
         again = json.loads(cli(["--endpoints", cluster.nodes[leader].grpc, "-w", "json",
-                                "encryption", "enable-raft-envelope"]).output)
+                                "encryption", "enable-raft-envelope"], cluster).output)
         assert again["was_already_active"] and again["cutover_index"] == cutover
         for name in cluster.nodes:
             cap = capability(cluster, name)

@@ -44,7 +44,7 @@ def test_reencrypt_resumes_after_a_leader_change_and_loses_to_client_writes(make
                  "every node to count the cleartext values")
 
     started = json.loads(cli(["--endpoints", endpoints, "-w", "json", "encryption", "reencrypt",
-                              "--rate", "150", "--batch-size", "25", "--no-wait"]).output)
+                              "--rate", "150", "--batch-size", "25", "--no-wait"], cluster).output)
     assert started["state"] == "running" and started["total"] == COUNT
 
     stop = threading.Event()
@@ -91,19 +91,20 @@ def test_reencrypt_resumes_after_a_leader_change_and_loses_to_client_writes(make
 
         # Rotate; the old key is still used by every value: refused with the count.
         admin(c, "RotateDEK", pb.RotateDEKRequest(purpose=pb.STORAGE), timeout=15)
-        refused = cli(["--endpoints", endpoints, "encryption", "retire-dek", "1"])
+        refused = cli(["--endpoints", endpoints, "encryption", "retire-dek", "1"], cluster)
         assert refused.exit_code == 1 and f"still used by {COUNT} stored values" \
             in refused.output, refused.output
-        raft = cli(["--endpoints", endpoints, "encryption", "retire-dek", "2"])
+        raft = cli(["--endpoints", endpoints, "encryption", "retire-dek", "2"], cluster)
         assert raft.exit_code == 1 and "active raft key" in raft.output, raft.output
         done = cli(["--endpoints", endpoints, "-w", "json", "encryption", "reencrypt",
-                    "--rate", "100000", "--batch-size", "1000"])
+                    "--rate", "100000", "--batch-size", "1000"], cluster)
         assert done.exit_code == 0 and json.loads(done.output)["remaining"] == 0, done.output
-        retired = cli(["--endpoints", endpoints, "-w", "json", "encryption", "retire-dek", "1"])
+        retired = cli(["--endpoints", endpoints, "-w", "json", "encryption", "retire-dek", "1"],
+                      cluster)
         assert retired.exit_code == 0, retired.output
         assert json.loads(retired.output)["purpose"] == "storage"
         assert read_all(c, b"v/") == expected
-        status = cli(["--endpoints", endpoints, "-w", "json", "encryption", "status"])
+        status = cli(["--endpoints", endpoints, "-w", "json", "encryption", "status"], cluster)
         rows = json.loads(status.output)
         assert all([k["key_id"] for k in row["keys"]] == [2, 3] for row in rows), rows
         assert rows[0]["reencryption"]["state"] == "done"

@@ -82,7 +82,7 @@ def test_multi_node_start_without_a_secret_is_refused(tmp_path):
          "--data-dir", str(tmp_path / "n1"), "--raft", f"127.0.0.1:{raft}",
          "--grpc", f"127.0.0.1:{grpc_port}",
          "--initial-cluster", f"n1=127.0.0.1:{raft}/127.0.0.1:{grpc_port},"
-                              f"n2=127.0.0.1:{other}/127.0.0.1:{free_port()}"],
+                              f"n2=127.0.0.1:{other}/127.0.0.1:{free_port()}", "--insecure"],
         capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "needs a cluster secret" in result.stderr
@@ -90,13 +90,74 @@ def test_multi_node_start_without_a_secret_is_refused(tmp_path):
 
 def test_secret_file_readable_by_others_is_refused(tmp_path):
     secret = tmp_path / "secret"
-    secret.write_text("a-long-enough-cluster-secret")
+    secret.write_text("a-long-enough-cluster-secret-of-32-bytes-or-more")
     secret.chmod(0o644)
     raft, grpc_port = free_port(), free_port()
     result = subprocess.run(
         [PYTHON, "-m", "sealkv.node.cli", "node", "start", "--name", "n1",
          "--data-dir", str(tmp_path / "n1"), "--raft", f"127.0.0.1:{raft}",
-         "--grpc", f"127.0.0.1:{grpc_port}", "--secret-file", str(secret)],
+         "--grpc", f"127.0.0.1:{grpc_port}", "--secret-file", str(secret), "--insecure"],
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"chmod 600 {secret}" in result.stderr
+
+
+def vm_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def test_an_oversized_raft_frame_is_dropped_before_it_is_buffered(cluster3):
+    node = cluster3.nodes["n1"]
+    host, port = node.raft.rsplit(":", 1)
+    before = vm_rss_bytes(node.pid)
+    offered, sent = 256 * 1024 * 1024, 0
+    chunk = os.urandom(1024 * 1024)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        try:
+            s.sendall(struct.pack("i", 1 << 30))  # announces a 1 GiB frame
+            while sent < offered:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            pass
+    # The node hung up at the length prefix: what it took is what the kernel buffered.
+    assert sent < 32 * 1024 * 1024, f"the node accepted {sent} bytes of a 1 GiB frame"
+    wait_for(lambda: "raft port: dropped the connection from 127.0.0.1: a frame of 1073741824 "
+             "bytes exceeds" in node.log(), 10, "the drop to be logged")
+    grown = vm_rss_bytes(node.pid) - before
+    assert grown < 16 * 1024 * 1024, f"RSS grew by {grown} bytes"
+    with cluster3.client("n1") as c:
+        c.put(b"after-flood", b"ok")
+        assert c.get(b"after-flood").found
+
+
+def test_unproven_raft_connections_per_host_are_capped(cluster3):
+    node = cluster3.nodes["n2"]
+    host, port = node.raft.rsplit(":", 1)
+    held = []
+    try:
+        for _ in range(24):
+            held.append(socket.create_connection((host, int(port)), timeout=5))
+        closed = 0
+        for s in held:
+            s.settimeout(0.5)
+            try:
+                closed += s.recv(1) == b""
+            except socket.timeout:
+                pass
+            except ConnectionError:
+                closed += 1
+        # At most 16 unproven connections from one host are kept; the rest are closed at once.
+        assert closed >= 24 - 16, closed
+        wait_for(lambda: "connections from it have not proven the cluster secret" in node.log(),
+                 10, "the refusal to be logged")
+    finally:
+        for s in held:
+            s.close()
+    with cluster3.client("n2") as c:
+        c.put(b"after-hold", b"ok")
+        assert c.get(b"after-hold").found

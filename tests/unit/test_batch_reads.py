@@ -26,6 +26,9 @@ class ActiveContext:
     def is_active(self):
         return True
 
+    def auth_context(self):
+        return {}  # a plaintext (--insecure) call: no verified identity
+
 
 def open_stream():
     adapter = TermAdapter()

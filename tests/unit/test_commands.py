@@ -24,6 +24,7 @@ CORE_COMMANDS = [
     cmd.Alarm(cmd.ALARM_RAISE, cmd.CAUSE_DISK_FULL, "n1"),
     cmd.Alarm(cmd.ALARM_RAISE, cmd.CAUSE_QUOTA, "n2"),
     cmd.Alarm(cmd.ALARM_DISARM, cmd.CAUSE_ANY, ""),
+    cmd.Revoke(0x1F2E3D4C5B6A79880011223344556677889900AA),
 ]
 
 
@@ -57,6 +58,7 @@ def test_opcodes_on_the_wire_are_stable():
         b"\x10\x01\x00" + struct.pack(">Q", 7) + b"\x00\x01kv")
     assert cmd.encode(cmd.Barrier()) == b"\x11\x01"
     assert cmd.encode(cmd.MemberRemove("n")) == b"\x21\x01\x00\x01n"
+    assert cmd.encode(cmd.Revoke(0x01F4)) == b"\x22\x01\x02\x01\xf4"
 
 
 def test_encode_refuses_a_non_command():
@@ -91,7 +93,7 @@ def test_decode_refuses_every_truncation(command):
 
 @pytest.mark.parametrize("command", [
     cmd.Delete(b"k"), cmd.Barrier(), cmd.MemberSet("n1", "a:1", "b:2", cmd.ROLE_VOTER),
-    cmd.MemberRemove("n1"), cmd.Batch((cmd.Put(b"k", b"v"),)),
+    cmd.MemberRemove("n1"), cmd.Batch((cmd.Put(b"k", b"v"),)), cmd.Revoke(7),
 ], ids=lambda c: type(c).__name__)
 def test_decode_refuses_trailing_bytes(command):
     with pytest.raises(cmd.CommandError, match="trailing"):
@@ -186,3 +188,19 @@ def test_valid_header_random_body_decodes_or_raises_command_error(opcode, body):
     except cmd.CommandError:
         return
     assert cmd.encode(decoded) == data
+
+
+@pytest.mark.parametrize("wire, message", [
+    (b"\x22\x01\x00", "serial length 0"),
+    (b"\x22\x01\x15" + b"\x01" * 21, "serial length 21"),
+    (b"\x22\x01\x01\x00", "serial 0"),
+])
+def test_decode_refuses_bad_revocations(wire, message):
+    with pytest.raises(cmd.CommandError, match=message):
+        cmd.decode(wire)
+
+
+@pytest.mark.parametrize("serial", [0, -1, 1 << 160])
+def test_encode_refuses_serials_outside_rfc5280(serial):
+    with pytest.raises(ValueError):
+        cmd.encode(cmd.Revoke(serial))

@@ -15,7 +15,7 @@ CLUSTER = "n1=127.0.0.1:7001/127.0.0.1:9001,n2=127.0.0.1:7002/127.0.0.1:9002"
 
 def values(**overrides):
     base = {"name": "n1", "grpc": "127.0.0.1:9001", "data_dir": "/tmp/sealkv-n1",
-            "raft": "127.0.0.1:7001", "initial_cluster": CLUSTER}
+            "raft": "127.0.0.1:7001", "initial_cluster": CLUSTER, "insecure": True}
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -77,9 +77,11 @@ def test_build_config_from_toml(tmp_path):
     path = tmp_path / "node.toml"
     path.write_text(f'name = "n1"\ngrpc = "127.0.0.1:9001"\ndata_dir = "{tmp_path}"\n'
                     f'raft = "127.0.0.1:7001"\ninitial_cluster = "{CLUSTER}"\n'
+                    'cacert = "/pki/ca.crt"\ncert = "/pki/node.n1.crt"\nkey = "/pki/node.n1.key"\n'
                     "[raft_settings]\nlog_compaction_min_entries = 7\n")
     config = build_config(load_toml(str(path)))
     assert config.raft_settings.log_compaction_min_entries == 7
+    assert config.tls_files.key == "/pki/node.n1.key"
 
 
 def test_unreadable_toml_names_the_file(tmp_path):
@@ -154,10 +156,13 @@ def write_secret(path, text, mode):
     return str(path)
 
 
+LONG_SECRET = "0123456789abcdef-0123456789abcdef-secret"
+
+
 def test_read_secret_accepts_a_private_file(tmp_path):
-    path = write_secret(tmp_path / "secret", "  0123456789abcdef-secret\n", 0o600)
+    path = write_secret(tmp_path / "secret", f"  {LONG_SECRET}\n", 0o600)
     config = build_config(values(secret_file=path))
-    assert config.read_secret() == "0123456789abcdef-secret"
+    assert config.read_secret() == LONG_SECRET
 
 
 def test_no_secret_file_means_no_secret():
@@ -166,15 +171,41 @@ def test_no_secret_file_means_no_secret():
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
 def test_read_secret_refuses_a_file_others_can_read(tmp_path, mode):
-    path = write_secret(tmp_path / "secret", "0123456789abcdef-secret", mode)
+    path = write_secret(tmp_path / "secret", LONG_SECRET, mode)
     with pytest.raises(ConfigError, match=re.escape(f"readable by group or others: run chmod 600 {path}")):
         build_config(values(secret_file=path)).read_secret()
 
 
 def test_read_secret_refuses_a_short_secret(tmp_path):
     path = write_secret(tmp_path / "secret", "short\n", 0o600)
-    with pytest.raises(ConfigError, match=re.escape(f"{path} holds fewer than 16 characters")):
+    with pytest.raises(ConfigError, match=re.escape(f"{path} holds fewer than 32 bytes")):
         build_config(values(secret_file=path)).read_secret()
+
+
+def test_a_new_cluster_refuses_a_secret_under_32_bytes_an_existing_one_keeps_16(tmp_path):
+    path = write_secret(tmp_path / "secret", "0123456789abcdef-secret\n", 0o600)
+    config = build_config(values(secret_file=path))
+    with pytest.raises(ConfigError, match="fewer than 32 bytes"):
+        config.read_secret()
+    assert config.read_secret(existing=True) == "0123456789abcdef-secret"
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+def test_tls_is_the_default_and_needs_three_files():
+    with pytest.raises(ConfigError, match="mutual TLS by default.*--insecure"):
+        build_config(values(insecure=None))
+    with pytest.raises(ConfigError, match="mutual TLS by default"):
+        build_config(values(insecure=None, cacert="ca.crt", cert="n1.crt"))
+    config = build_config(values(insecure=None, cacert="ca.crt", cert="n1.crt", key="n1.key"))
+    assert config.tls_files.cert == "n1.crt"
+
+
+def test_insecure_with_certificates_is_contradictory():
+    with pytest.raises(ConfigError, match="drop --cacert"):
+        build_config(values(cacert="ca.crt", cert="n1.crt", key="n1.key"))
+    assert build_config(values()).tls_files is None
 
 
 def test_read_secret_names_a_missing_file(tmp_path):
@@ -230,3 +261,23 @@ def test_cluster_up_passes_fsync_never_and_records_it(tmp_path):
     assert args[args.index("--fsync") + 1] == "never"
     never.save()
     assert local.LocalCluster.load(str(tmp_path)).fsync == "never"
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5:7001", "[::1]:9001", "node-1.example.com:9001",
+                                     "localhost:1"])
+def test_member_addresses_peers_can_dial_are_accepted(address):
+    from sealkv.node.config import check_member_address
+
+    check_member_address(address, "grpc")
+
+
+@pytest.mark.parametrize("address, message", [
+    ("0.0.0.0:9001", "wildcard"), ("[::]:9001", "wildcard"), ("224.0.0.1:9001", "multicast"),
+    ("*:9001", "IP address or a DNS name"), ("bad host:9001", "IP address or a DNS name"),
+    ("h:0", "HOST:PORT"), ("h:65536", "HOST:PORT"), ("h", "HOST:PORT"), (":9001", "HOST:PORT"),
+])
+def test_member_addresses_that_cannot_be_dialled_are_refused(address, message):
+    from sealkv.node.config import check_member_address
+
+    with pytest.raises(ConfigError, match=message):
+        check_member_address(address, "grpc")

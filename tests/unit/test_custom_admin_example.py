@@ -2,6 +2,7 @@
 
 Both are loaded from examples/custom_admin by path, so these tests need no install.
 """
+import importlib
 import importlib.util
 import pathlib
 import sys
@@ -108,3 +109,14 @@ def test_generated_modules_are_fresh(tmp_path):
     stale = sorted(n for n in fresh.keys() | committed.keys() if fresh.get(n) != committed.get(n))
     assert not stale, (f"the example's generated modules are stale: {', '.join(stale)}; run "
                        "`python examples/custom_admin/generate_proto.py` and commit the result")
+
+
+def test_the_example_declares_the_role_of_every_method(monkeypatch):
+    from sealkv.node import plugin_loader
+
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    admin = importlib.import_module("sealkv_consistency_admin.admin")
+    rules = plugin_loader.method_rules("consistency", admin.ConsistencyAdminPlugin,
+                                       [admin.SERVICE_NAME])
+    assert {path: rule.role for path, rule in rules.items()} == {
+        f"/{admin.SERVICE_NAME}/CheckConsistency": "admin"}

@@ -58,7 +58,8 @@ def test_not_leader_carries_the_leader_address():
 @pytest.mark.parametrize("cls", [errors.InvalidArgument, errors.NotFound, errors.AlreadyExists,
                                  errors.FailedPrecondition, errors.Aborted,
                                  errors.ResourceExhausted, errors.IntegrityError,
-                                 errors.PermissionDenied, errors.Internal])
+                                 errors.PermissionDenied, errors.Unauthenticated,
+                                 errors.Internal])
 def test_every_server_error_maps_back_to_its_type(cls):
     e = errors.from_rpc_error(FakeRpcError(cls.code, "m", SERVER))
     assert type(e) is cls and e.message == "m"
@@ -77,3 +78,11 @@ def test_a_read_whose_connection_broke_is_unavailable():
     e = errors.from_rpc_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed"),
                               read=True)
     assert type(e) is errors.Unavailable and "read" in e.message
+
+
+def test_a_server_certificate_this_client_does_not_trust_is_unauthenticated():
+    e = errors.from_rpc_error(FakeRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Tls "
+        "handshake failed (TSI_PROTOCOL_FAILURE): CERTIFICATE_VERIFY_FAILED"))
+    assert type(e) is errors.Unauthenticated and "--cacert" in e.message

@@ -558,3 +558,29 @@ def test_range_byte_limit_always_returns_at_least_one_pair():
     assert [k for k, _ in pairs] == [b"a", b"b"]
     pairs, _, _ = sm.range(b"", None, 10, False, max_bytes=201)
     assert [k for k, _ in pairs] == [b"a"]
+
+
+def test_revocations_apply_once_survive_a_snapshot_and_change_the_digest():
+    sm = make()
+    before = sm.digest()[0]
+    assert sm.apply(1, cmd.encode(cmd.Revoke(0xABC))).succeeded
+    assert not sm.apply(2, cmd.encode(cmd.Revoke(0xABC))).succeeded  # already revoked
+    assert sm.is_revoked(0xABC) and not sm.is_revoked(0xABD)
+    assert sm.digest()[0] != before
+    buf = io.BytesIO()
+    sm.write_snapshot(buf)
+    buf.seek(0)
+    target = make()
+    target.read_snapshot(buf)
+    assert target.is_revoked(0xABC) and target.digest() == sm.digest()
+
+
+def test_revocations_survive_a_restart_from_the_database(tmp_path):
+    sm, store = lmdb_machine(tmp_path / "db")
+    sm.apply(1, cmd.encode(cmd.Revoke(0xBEEF)))
+    digest = sm.digest()
+    store.close()
+    again, store = lmdb_machine(tmp_path / "db")
+    assert again.load() == 1
+    assert again.is_revoked(0xBEEF) and again.digest() == digest
+    store.close()

@@ -85,6 +85,11 @@ class ConsistencyAdminPlugin(AdminPlugin):
     """
 
     name = "consistency"
+    # Every method the plugin serves declares the role it needs (the node refuses to load a
+    # plugin that leaves one out). A check makes every member decrypt and hash its whole
+    # state: admin only. Its fan-out calls the core Cluster.Digest and KV.Get as this node,
+    # with its node certificate, which the core policy allows peers.
+    method_roles = {f"/{SERVICE_NAME}/CheckConsistency": "admin"}
 
     def __init__(self, node: Any):
         super().__init__(node)

@@ -24,51 +24,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sealkv/v1/cluster.proto\x12\tsealkv.v1\"\xa0\x01\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x11\n\tis_leader\x18\x06 \x01(\x08\x12\x17\n\x0freplication_lag\x18\x07 \x01(\x03\"\x0f\n\rStatusRequest\"\xb2\x04\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\x12\x0e\n\x06leader\x18\x05 \x01(\t\x12\x1b\n\x13leader_grpc_address\x18\x06 \x01(\t\x12\x0c\n\x04term\x18\x07 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x08 \x01(\x03\x12\x15\n\rapplied_index\x18\t \x01(\x03\x12\x12\n\nhas_quorum\x18\n \x01(\x08\x12\x11\n\tis_leader\x18\x0b \x01(\x08\x12\"\n\x07members\x18\x0c \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x0f\n\x07plugins\x18\r \x03(\t\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x16\n\x0e\x63onfig_version\x18\x0f \x01(\x03\x12\x10\n\x08log_size\x18\x10 \x01(\x03\x12*\n\x0bkv_counters\x18\x1e \x01(\x0b\x32\x15.sealkv.v1.KVCounters\x12&\n\x06\x61larms\x18\x11 \x03(\x0b\x32\x16.sealkv.v1.AlarmMember\x12\x16\n\x0e\x64\x62_size_in_use\x18\x12 \x01(\x03\x12\x1b\n\x13quota_backend_bytes\x18\x13 \x01(\x03\x12!\n\x19\x64\x62_applied_index_at_start\x18\x14 \x01(\x03\x12\x19\n\x11replayed_at_start\x18\x15 \x01(\x03\"e\n\nKVCounters\x12\x16\n\x0e\x62\x61tch_messages\x18\x01 \x01(\x04\x12\x16\n\x0e\x62\x61tch_requests\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\x12\x16\n\x0e\x65ntry_commands\x18\x04 \x01(\x04\"`\n\x0b\x41larmMember\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\r\n\x05\x61larm\x18\x02 \x01(\t\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\x12\x12\n\nreplicated\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\"^\n\x0c\x41larmRequest\x12.\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1e.sealkv.v1.AlarmRequest.Action\"\x1e\n\x06\x41\x63tion\x12\x08\n\x04LIST\x10\x00\x12\n\n\x06\x44ISARM\x10\x01\"7\n\rAlarmResponse\x12&\n\x06\x61larms\x18\x01 \x03(\x0b\x32\x16.sealkv.v1.AlarmMember\"\x13\n\x11MemberListRequest\"P\n\x12MemberListResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x02 \x01(\x03\"k\n\x10MemberAddRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\"r\n\x11MemberAddResponse\x12!\n\x06member\x18\x01 \x01(\x0b\x32\x11.sealkv.v1.Member\x12\"\n\x07members\x18\x02 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x03 \x01(\x03\"#\n\x13MemberRemoveRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x14MemberRemoveResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x02 \x01(\x03\"+\n\x19TransferLeadershipRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\":\n\x1aTransferLeadershipResponse\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\x0c\n\x04term\x18\x02 \x01(\x04\"\x0f\n\rDigestRequest\"V\n\x0e\x44igestResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rapplied_index\x18\x02 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x01(\x03*4\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05VOTER\x10\x01\x12\x0b\n\x07LEARNER\x10\x02\x32\x8a\x04\n\x07\x43luster\x12=\n\x06Status\x12\x18.sealkv.v1.StatusRequest\x1a\x19.sealkv.v1.StatusResponse\x12I\n\nMemberList\x12\x1c.sealkv.v1.MemberListRequest\x1a\x1d.sealkv.v1.MemberListResponse\x12\x46\n\tMemberAdd\x12\x1b.sealkv.v1.MemberAddRequest\x1a\x1c.sealkv.v1.MemberAddResponse\x12O\n\x0cMemberRemove\x12\x1e.sealkv.v1.MemberRemoveRequest\x1a\x1f.sealkv.v1.MemberRemoveResponse\x12\x61\n\x12TransferLeadership\x12$.sealkv.v1.TransferLeadershipRequest\x1a%.sealkv.v1.TransferLeadershipResponse\x12=\n\x06\x44igest\x12\x18.sealkv.v1.DigestRequest\x1a\x19.sealkv.v1.DigestResponse\x12:\n\x05\x41larm\x12\x17.sealkv.v1.AlarmRequest\x1a\x18.sealkv.v1.AlarmResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sealkv/v1/cluster.proto\x12\tsealkv.v1\"\xa0\x01\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x11\n\tis_leader\x18\x06 \x01(\x08\x12\x17\n\x0freplication_lag\x18\x07 \x01(\x03\"\x0f\n\rStatusRequest\"\xce\x04\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\x12\x0e\n\x06leader\x18\x05 \x01(\t\x12\x1b\n\x13leader_grpc_address\x18\x06 \x01(\t\x12\x0c\n\x04term\x18\x07 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x08 \x01(\x03\x12\x15\n\rapplied_index\x18\t \x01(\x03\x12\x12\n\nhas_quorum\x18\n \x01(\x08\x12\x11\n\tis_leader\x18\x0b \x01(\x08\x12\"\n\x07members\x18\x0c \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x0f\n\x07plugins\x18\r \x03(\t\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x16\n\x0e\x63onfig_version\x18\x0f \x01(\x03\x12\x10\n\x08log_size\x18\x10 \x01(\x03\x12*\n\x0bkv_counters\x18\x1e \x01(\x0b\x32\x15.sealkv.v1.KVCounters\x12&\n\x06\x61larms\x18\x11 \x03(\x0b\x32\x16.sealkv.v1.AlarmMember\x12\x16\n\x0e\x64\x62_size_in_use\x18\x12 \x01(\x03\x12\x1b\n\x13quota_backend_bytes\x18\x13 \x01(\x03\x12!\n\x19\x64\x62_applied_index_at_start\x18\x14 \x01(\x03\x12\x19\n\x11replayed_at_start\x18\x15 \x01(\x03\x12\x1a\n\x12transport_security\x18( \x01(\t\"e\n\nKVCounters\x12\x16\n\x0e\x62\x61tch_messages\x18\x01 \x01(\x04\x12\x16\n\x0e\x62\x61tch_requests\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\x12\x16\n\x0e\x65ntry_commands\x18\x04 \x01(\x04\"`\n\x0b\x41larmMember\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\r\n\x05\x61larm\x18\x02 \x01(\t\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\x12\x12\n\nreplicated\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\"^\n\x0c\x41larmRequest\x12.\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1e.sealkv.v1.AlarmRequest.Action\"\x1e\n\x06\x41\x63tion\x12\x08\n\x04LIST\x10\x00\x12\n\n\x06\x44ISARM\x10\x01\"7\n\rAlarmResponse\x12&\n\x06\x61larms\x18\x01 \x03(\x0b\x32\x16.sealkv.v1.AlarmMember\"\x13\n\x11MemberListRequest\"P\n\x12MemberListResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x02 \x01(\x03\"k\n\x10MemberAddRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.sealkv.v1.Role\"r\n\x11MemberAddResponse\x12!\n\x06member\x18\x01 \x01(\x0b\x32\x11.sealkv.v1.Member\x12\"\n\x07members\x18\x02 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x03 \x01(\x03\"#\n\x13MemberRemoveRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x14MemberRemoveResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.sealkv.v1.Member\x12\x16\n\x0e\x63onfig_version\x18\x02 \x01(\x03\"+\n\x19TransferLeadershipRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\":\n\x1aTransferLeadershipResponse\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\x0c\n\x04term\x18\x02 \x01(\x04\"\x0f\n\rDigestRequest\"V\n\x0e\x44igestResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rapplied_index\x18\x02 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x01(\x03\"*\n\x18RevokeCertificateRequest\x12\x0e\n\x06serial\x18\x01 \x01(\t\";\n\x19RevokeCertificateResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x08\x12\x0f\n\x07revoked\x18\x02 \x03(\t\"\x14\n\x12ListRevokedRequest\"&\n\x13ListRevokedResponse\x12\x0f\n\x07revoked\x18\x01 \x03(\t*4\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05VOTER\x10\x01\x12\x0b\n\x07LEARNER\x10\x02\x32\xb8\x05\n\x07\x43luster\x12=\n\x06Status\x12\x18.sealkv.v1.StatusRequest\x1a\x19.sealkv.v1.StatusResponse\x12I\n\nMemberList\x12\x1c.sealkv.v1.MemberListRequest\x1a\x1d.sealkv.v1.MemberListResponse\x12\x46\n\tMemberAdd\x12\x1b.sealkv.v1.MemberAddRequest\x1a\x1c.sealkv.v1.MemberAddResponse\x12O\n\x0cMemberRemove\x12\x1e.sealkv.v1.MemberRemoveRequest\x1a\x1f.sealkv.v1.MemberRemoveResponse\x12\x61\n\x12TransferLeadership\x12$.sealkv.v1.TransferLeadershipRequest\x1a%.sealkv.v1.TransferLeadershipResponse\x12=\n\x06\x44igest\x12\x18.sealkv.v1.DigestRequest\x1a\x19.sealkv.v1.DigestResponse\x12:\n\x05\x41larm\x12\x17.sealkv.v1.AlarmRequest\x1a\x18.sealkv.v1.AlarmResponse\x12^\n\x11RevokeCertificate\x12#.sealkv.v1.RevokeCertificateRequest\x1a$.sealkv.v1.RevokeCertificateResponse\x12L\n\x0bListRevoked\x12\x1d.sealkv.v1.ListRevokedRequest\x1a\x1e.sealkv.v1.ListRevokedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sealkv.v1.cluster_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1796
-  _globals['_ROLE']._serialized_end=1848
+  _globals['_ROLE']._serialized_start=1991
+  _globals['_ROLE']._serialized_end=2043
   _globals['_MEMBER']._serialized_start=39
   _globals['_MEMBER']._serialized_end=199
   _globals['_STATUSREQUEST']._serialized_start=201
   _globals['_STATUSREQUEST']._serialized_end=216
   _globals['_STATUSRESPONSE']._serialized_start=219
-  _globals['_STATUSRESPONSE']._serialized_end=781
-  _globals['_KVCOUNTERS']._serialized_start=783
-  _globals['_KVCOUNTERS']._serialized_end=884
-  _globals['_ALARMMEMBER']._serialized_start=886
-  _globals['_ALARMMEMBER']._serialized_end=982
-  _globals['_ALARMREQUEST']._serialized_start=984
-  _globals['_ALARMREQUEST']._serialized_end=1078
-  _globals['_ALARMREQUEST_ACTION']._serialized_start=1048
-  _globals['_ALARMREQUEST_ACTION']._serialized_end=1078
-  _globals['_ALARMRESPONSE']._serialized_start=1080
-  _globals['_ALARMRESPONSE']._serialized_end=1135
-  _globals['_MEMBERLISTREQUEST']._serialized_start=1137
-  _globals['_MEMBERLISTREQUEST']._serialized_end=1156
-  _globals['_MEMBERLISTRESPONSE']._serialized_start=1158
-  _globals['_MEMBERLISTRESPONSE']._serialized_end=1238
-  _globals['_MEMBERADDREQUEST']._serialized_start=1240
-  _globals['_MEMBERADDREQUEST']._serialized_end=1347
-  _globals['_MEMBERADDRESPONSE']._serialized_start=1349
-  _globals['_MEMBERADDRESPONSE']._serialized_end=1463
-  _globals['_MEMBERREMOVEREQUEST']._serialized_start=1465
-  _globals['_MEMBERREMOVEREQUEST']._serialized_end=1500
-  _globals['_MEMBERREMOVERESPONSE']._serialized_start=1502
-  _globals['_MEMBERREMOVERESPONSE']._serialized_end=1584
-  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_start=1586
-  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_end=1629
-  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_start=1631
-  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_end=1689
-  _globals['_DIGESTREQUEST']._serialized_start=1691
-  _globals['_DIGESTREQUEST']._serialized_end=1706
-  _globals['_DIGESTRESPONSE']._serialized_start=1708
-  _globals['_DIGESTRESPONSE']._serialized_end=1794
-  _globals['_CLUSTER']._serialized_start=1851
-  _globals['_CLUSTER']._serialized_end=2373
+  _globals['_STATUSRESPONSE']._serialized_end=809
+  _globals['_KVCOUNTERS']._serialized_start=811
+  _globals['_KVCOUNTERS']._serialized_end=912
+  _globals['_ALARMMEMBER']._serialized_start=914
+  _globals['_ALARMMEMBER']._serialized_end=1010
+  _globals['_ALARMREQUEST']._serialized_start=1012
+  _globals['_ALARMREQUEST']._serialized_end=1106
+  _globals['_ALARMREQUEST_ACTION']._serialized_start=1076
+  _globals['_ALARMREQUEST_ACTION']._serialized_end=1106
+  _globals['_ALARMRESPONSE']._serialized_start=1108
+  _globals['_ALARMRESPONSE']._serialized_end=1163
+  _globals['_MEMBERLISTREQUEST']._serialized_start=1165
+  _globals['_MEMBERLISTREQUEST']._serialized_end=1184
+  _globals['_MEMBERLISTRESPONSE']._serialized_start=1186
+  _globals['_MEMBERLISTRESPONSE']._serialized_end=1266
+  _globals['_MEMBERADDREQUEST']._serialized_start=1268
+  _globals['_MEMBERADDREQUEST']._serialized_end=1375
+  _globals['_MEMBERADDRESPONSE']._serialized_start=1377
+  _globals['_MEMBERADDRESPONSE']._serialized_end=1491
+  _globals['_MEMBERREMOVEREQUEST']._serialized_start=1493
+  _globals['_MEMBERREMOVEREQUEST']._serialized_end=1528
+  _globals['_MEMBERREMOVERESPONSE']._serialized_start=1530
+  _globals['_MEMBERREMOVERESPONSE']._serialized_end=1612
+  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_start=1614
+  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_end=1657
+  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_start=1659
+  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_end=1717
+  _globals['_DIGESTREQUEST']._serialized_start=1719
+  _globals['_DIGESTREQUEST']._serialized_end=1734
+  _globals['_DIGESTRESPONSE']._serialized_start=1736
+  _globals['_DIGESTRESPONSE']._serialized_end=1822
+  _globals['_REVOKECERTIFICATEREQUEST']._serialized_start=1824
+  _globals['_REVOKECERTIFICATEREQUEST']._serialized_end=1866
+  _globals['_REVOKECERTIFICATERESPONSE']._serialized_start=1868
+  _globals['_REVOKECERTIFICATERESPONSE']._serialized_end=1927
+  _globals['_LISTREVOKEDREQUEST']._serialized_start=1929
+  _globals['_LISTREVOKEDREQUEST']._serialized_end=1949
+  _globals['_LISTREVOKEDRESPONSE']._serialized_start=1951
+  _globals['_LISTREVOKEDRESPONSE']._serialized_end=1989
+  _globals['_CLUSTER']._serialized_start=2046
+  _globals['_CLUSTER']._serialized_end=2742
 # @@protoc_insertion_point(module_scope)

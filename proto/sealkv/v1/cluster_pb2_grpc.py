@@ -69,6 +69,16 @@ class ClusterStub:
                 request_serializer=sealkv_dot_v1_dot_cluster__pb2.AlarmRequest.SerializeToString,
                 response_deserializer=sealkv_dot_v1_dot_cluster__pb2.AlarmResponse.FromString,
                 _registered_method=True)
+        self.RevokeCertificate = channel.unary_unary(
+                '/sealkv.v1.Cluster/RevokeCertificate',
+                request_serializer=sealkv_dot_v1_dot_cluster__pb2.RevokeCertificateRequest.SerializeToString,
+                response_deserializer=sealkv_dot_v1_dot_cluster__pb2.RevokeCertificateResponse.FromString,
+                _registered_method=True)
+        self.ListRevoked = channel.unary_unary(
+                '/sealkv.v1.Cluster/ListRevoked',
+                request_serializer=sealkv_dot_v1_dot_cluster__pb2.ListRevokedRequest.SerializeToString,
+                response_deserializer=sealkv_dot_v1_dot_cluster__pb2.ListRevokedResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -118,6 +128,18 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeCertificate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRevoked(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +177,16 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.Alarm,
                     request_deserializer=sealkv_dot_v1_dot_cluster__pb2.AlarmRequest.FromString,
                     response_serializer=sealkv_dot_v1_dot_cluster__pb2.AlarmResponse.SerializeToString,
+            ),
+            'RevokeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificate,
+                    request_deserializer=sealkv_dot_v1_dot_cluster__pb2.RevokeCertificateRequest.FromString,
+                    response_serializer=sealkv_dot_v1_dot_cluster__pb2.RevokeCertificateResponse.SerializeToString,
+            ),
+            'ListRevoked': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevoked,
+                    request_deserializer=sealkv_dot_v1_dot_cluster__pb2.ListRevokedRequest.FromString,
+                    response_serializer=sealkv_dot_v1_dot_cluster__pb2.ListRevokedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +378,60 @@ class Cluster:
             '/sealkv.v1.Cluster/Alarm',
             sealkv_dot_v1_dot_cluster__pb2.AlarmRequest.SerializeToString,
             sealkv_dot_v1_dot_cluster__pb2.AlarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealkv.v1.Cluster/RevokeCertificate',
+            sealkv_dot_v1_dot_cluster__pb2.RevokeCertificateRequest.SerializeToString,
+            sealkv_dot_v1_dot_cluster__pb2.RevokeCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevoked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealkv.v1.Cluster/ListRevoked',
+            sealkv_dot_v1_dot_cluster__pb2.ListRevokedRequest.SerializeToString,
+            sealkv_dot_v1_dot_cluster__pb2.ListRevokedResponse.FromString,
             options,
             channel_credentials,
             insecure,
