@@ -49,13 +49,14 @@ def rss(pid: int) -> dict:
 
 
 def _worker(endpoint: str, first: int, last: int, s: FillSettings, acked, failed, by_code,
-            stop_at: float):
+            stop_at: float, files=None):
     import grpc
 
+    from sealkv.node.security import tls
     from sealkv.v1 import kv_pb2, kv_pb2_grpc
 
     value = os.urandom(s.value_size)
-    channel = grpc.insecure_channel(endpoint, options=[
+    channel = tls.channel(endpoint, files, options=[
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     stub = kv_pb2_grpc.KVStub(channel)
@@ -103,15 +104,16 @@ def _worker(endpoint: str, first: int, last: int, s: FillSettings, acked, failed
 
 
 def fill(endpoint: str, pids: list[int], s: FillSettings,
-         log: Callable[[str], None]) -> dict:
-    """Fills through `endpoint`; returns the rate and the memory samples."""
+         log: Callable[[str], None], files=None) -> dict:
+    """Fills through `endpoint` (as the client of TLS `files`; None: plaintext); returns the
+    rate and the memory samples."""
     ctx = mp.get_context("spawn")
     acked, failed, by_code = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Array("q", 17)
     start = time.monotonic()
     stop_at = start + s.max_seconds
     per = -(-s.keys // s.processes)
     workers = [ctx.Process(target=_worker, args=(endpoint, i * per, min(s.keys, (i + 1) * per),
-                                                 s, acked, failed, by_code, stop_at),
+                                                 s, acked, failed, by_code, stop_at, files),
                            daemon=True)
                for i in range(s.processes)]
     for w in workers:
@@ -158,7 +160,7 @@ def run(s: FillSettings, log: Callable[[str], None] = lambda m: None) -> dict:
         leader = cluster.leader_endpoint()
         log(f"cluster of {s.nodes} up; filling {s.keys} keys of {s.value_size} B via {leader}")
         report = {"settings": vars(s), "fill": fill(leader, [n.pid for n in record.nodes], s,
-                                                     log)}
+                                                     log, cluster.files)}
         db_bytes = {n.name: _dir_bytes(os.path.join(n.data_dir, "db")) for n in record.nodes}
         report["db_file_bytes"] = db_bytes
         report["journal_and_dump_bytes"] = {n.name: _dir_bytes(os.path.join(n.data_dir, "raft"))
@@ -172,7 +174,7 @@ def run(s: FillSettings, log: Callable[[str], None] = lambda m: None) -> dict:
             n.pid = cluster.local.spawn(n, _node_args(record, n))
         record.save()
         _wait_ready(record, 600)
-        with Client(record.endpoints, timeout=30) as client:
+        with Client(record.endpoints, timeout=30, **cluster.client_kwargs) as client:
             client.get(b"fill/probe")
             restart = time.monotonic() - started
             statuses = {n.name: client.status(endpoint=n.grpc) for n in record.nodes}

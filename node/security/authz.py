@@ -80,6 +80,8 @@ CORE_POLICY: dict[str, Rule] = {
     # Digest decrypts the whole database: admins, and peers running a consistency check.
     CLUSTER + "Digest": Rule(pki.ROLE_ADMIN, peers=True),
     CLUSTER + "RevokeCertificate": Rule(pki.ROLE_ADMIN),
+    # Lists or disarms alarms: admin, as etcd's Alarm.
+    CLUSTER + "Alarm": Rule(pki.ROLE_ADMIN),
     CLUSTER + "ListRevoked": Rule(pki.ROLE_READONLY),
     "/grpc.health.v1.Health/Check": Rule(OPEN, peers=True),
     "/grpc.health.v1.Health/Watch": Rule(OPEN, peers=True),

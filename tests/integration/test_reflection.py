@@ -5,6 +5,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2
 
+from sealkv.node.security import tls
 from tests.cluster import running_cluster
 
 pytestmark = pytest.mark.integration
@@ -29,7 +30,7 @@ def _ask(channel, service, **request):
                                      "grpc.reflection.v1alpha.ServerReflection"])
 def test_list_describe_and_call_from_descriptors_alone(cluster, service):
     node = next(iter(cluster.nodes.values()))
-    with grpc.insecure_channel(node.grpc) as channel:
+    with tls.channel(node.grpc, cluster.tls_files) as channel:
         listed = _ask(channel, service, list_services="")
         names = {s.name for s in listed.list_services_response.service}
         assert {"sealkv.v1.KV", "sealkv.v1.Cluster", "grpc.health.v1.Health",

@@ -164,3 +164,13 @@ def test_a_plugin_declaring_an_unknown_role_or_method_is_refused():
 
     with pytest.raises(plugin_loader.PluginError, match="does not serve: /x.Y/Z"):
         plugin_loader.method_rules("extra", Extra, [SERVICE_NAME])
+
+
+def test_every_core_method_has_a_rule():
+    from sealkv.v1 import cluster_pb2, kv_pb2
+
+    for module, service in ((kv_pb2, "KV"), (cluster_pb2, "Cluster")):
+        descriptor = module.DESCRIPTOR.services_by_name[service]
+        for method in descriptor.methods:
+            path = f"/{descriptor.full_name}/{method.name}"
+            assert path in authz.CORE_POLICY, f"{path} has no rule: it is denied to everyone"
