@@ -1,6 +1,5 @@
 """The reflection client flow a tool like grpcurl runs, under both reflection service names:
 list the services, describe a method, and call Put and Get built from the descriptors alone."""
-import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2
