@@ -409,11 +409,13 @@ def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
     os.close(fd)
     kwargs = dict(plugins=["encryption"], extra_args=["--kek-file", kek])
     network = Network(rng) if use_netns else None
-    cluster = NetnsCluster(base_dir, 3, network, **kwargs) if network \
-        else Cluster(base_dir, 3, **kwargs)
+    cluster: Optional[Cluster] = None
     recorder = Recorder()
     stop = threading.Event()
     try:
+        # Inside the try: a failure setting up hosts is a finding with its evidence too.
+        cluster = NetnsCluster(base_dir, 3, network, **kwargs) if network \
+            else Cluster(base_dir, 3, **kwargs)
         cluster.start(timeout=60)
         threads = [ClientThread(i, [n.grpc for n in cluster.initial], seed, recorder, stop,
                                 cluster.client_kwargs)
@@ -455,10 +457,11 @@ def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
         result.problems.append(f"the run failed: {type(exc).__name__}: {exc}")
     finally:
         stop.set()
-        cluster.stop_all()
+        if cluster is not None:
+            cluster.stop_all()
         if network is not None:
             network.close()
-        for node in cluster.nodes.values():
+        for node in _nodes(cluster):
             result.problems.extend(log_problems(node.name, node.log()))
         if result.problems:
             keep_evidence(seed, duration, cluster, recorder, result)
@@ -470,7 +473,11 @@ def replay_command(seed: int, duration: float) -> str:
     return f"pytest tests/faults -m faults --fault-seeds {seed} --fault-duration {duration:g}"
 
 
-def keep_evidence(seed: int, duration: float, cluster: Cluster, recorder: Recorder,
+def _nodes(cluster: Optional[Cluster]) -> list:
+    return list(cluster.nodes.values()) if cluster is not None else []
+
+
+def keep_evidence(seed: int, duration: float, cluster: Optional[Cluster], recorder: Recorder,
                   result: RunResult) -> None:
     """Saves the history and every node's full log under HISTORY_DIR; prints the replay."""
     os.makedirs(HISTORY_DIR, exist_ok=True)
@@ -479,7 +486,7 @@ def keep_evidence(seed: int, duration: float, cluster: Cluster, recorder: Record
         history = list(recorder.history)
     save_history(history, result.history_file)
     with open(os.path.join(HISTORY_DIR, f"seed-{seed}.logs.txt"), "w") as f:
-        for node in cluster.nodes.values():
+        for node in _nodes(cluster):
             f.write(f"--- {node.name} ---\n{node.log()}\n")
     print(f"seed {seed} failed; history and logs kept in {HISTORY_DIR}; replay: "
           f"{replay_command(seed, duration)}")

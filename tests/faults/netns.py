@@ -35,8 +35,13 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 class Network:
     """A bridge plus one namespace per host; partitions by blackhole routes."""
 
+    _made = itertools.count()
+
     def __init__(self, rng: random.Random):
-        self.tag = f"{os.getpid() % 10000:04d}{rng.randrange(100):02d}"
+        # Unique within this process: a network deleted a moment ago may still hold its
+        # interface names (the kernel frees a namespace's veths asynchronously).
+        self.tag = f"{os.getpid() % 10000:04d}{next(Network._made) % 100:02d}"
+        rng.randrange(100)  # drawn as before, so every seed keeps its fault schedule
         self.subnet = rng.randrange(1, 250)
         self.bridge = f"{PREFIX}b{self.tag}"
         self.hosts: dict[str, str] = {}      # name -> ip
@@ -144,7 +149,7 @@ class Network:
         self._lock.close()  # releases the lock: what is left of this tag is stale now
 
 
-TAG_LENGTH = 6  # `Network.tag`: 4 digits of the pid, 2 random digits
+TAG_LENGTH = 6  # `Network.tag`: 4 digits of the pid, 2 of a per-process counter
 
 
 def _lock_is_free(tag: str) -> bool:
