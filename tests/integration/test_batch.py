@@ -169,21 +169,22 @@ def test_streams_beyond_the_cap_are_refused_and_clients_fall_back_to_unary(clust
     from sealkv.node.serving.batch_service import MAX_STREAMS
 
     endpoint = cluster.nodes["n3"].grpc
-    streams = [Stream(endpoint) for _ in range(MAX_STREAMS)]
+    streams = [Stream(endpoint, cluster.tls_files) for _ in range(MAX_STREAMS)]
     for i, s in enumerate(streams):  # each is open once it has answered
         s.send(op(1, get=kv_pb2.GetRequest(key=b"cap", consistency=kv_pb2.SERIALIZABLE)))
         ok(s.collect(1)[1], "get")
-    extra = Stream(endpoint)
+    extra = Stream(endpoint, cluster.tls_files)
     extra.send(op(1, get=kv_pb2.GetRequest(key=b"cap", consistency=kv_pb2.SERIALIZABLE)))
     with pytest.raises(grpc.RpcError) as refused:
         next(extra.responses)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     extra.channel.close()
-    with Client([endpoint]) as c:  # its stream is refused: the call goes unary, and succeeds
+    # Its stream is refused: the call goes unary, and succeeds.
+    with Client([endpoint], **cluster.client_kwargs) as c:
         assert c.put(b"cap/unary", b"v").header.revision > 0
         assert c.get(b"cap/unary").kv.value == b"v"
     streams.pop().close()
-    again = Stream(endpoint)
+    again = Stream(endpoint, cluster.tls_files)
     again.send(op(1, get=kv_pb2.GetRequest(key=b"cap/unary")))
     assert ok(again.collect(1)[1], "get").kv.value == b"v"
     for s in streams + [again]:
