@@ -23,7 +23,7 @@ def counters(cluster, name):
 
 def test_a_lone_call_leaves_at_once_in_its_own_message(cluster):
     leader = cluster.leader()
-    with Client([cluster.nodes[leader].grpc]) as c:
+    with Client([cluster.nodes[leader].grpc], **cluster.client_kwargs) as c:
         c.put(b"lone/warm", b"v")
         before = counters(cluster, leader)
         for i in range(5):
@@ -36,7 +36,7 @@ def test_a_lone_call_leaves_at_once_in_its_own_message(cluster):
 def test_concurrent_calls_from_threads_share_messages_and_entries(cluster):
     leader = cluster.leader()
     n = 48
-    with Client([cluster.nodes[leader].grpc], timeout=20) as c:
+    with Client([cluster.nodes[leader].grpc], timeout=20, **cluster.client_kwargs) as c:
         c.put(b"warm", b"v")
         before = counters(cluster, leader)
         start = threading.Barrier(n)
@@ -69,7 +69,7 @@ def test_async_client_has_the_same_calls_and_batches_concurrent_ones(cluster):
     endpoints = [cluster.nodes[name].grpc for name in ("n1", "n2", "n3")]
 
     async def scenario():
-        async with AsyncClient(endpoints, timeout=20) as c:
+        async with AsyncClient(endpoints, timeout=20, **cluster.client_kwargs) as c:
             put = await c.put(b"aio/k", b"1")
             second = await c.put(b"aio/k", b"2", prev_kv=True)
             assert second.prev_kv.value == b"1"
@@ -100,13 +100,13 @@ def test_async_client_has_the_same_calls_and_batches_concurrent_ones(cluster):
 def test_both_clients_fail_over_from_a_dead_endpoint(cluster):
     dead = f"127.0.0.1:{free_port()}"
     live = cluster.nodes["n2"].grpc
-    with Client([dead, live], timeout=10) as c:
+    with Client([dead, live], timeout=10, **cluster.client_kwargs) as c:
         assert c.put(b"over/sync", b"v").header.revision > 0
         with pytest.raises(errors.Unavailable):
             c.get(b"over/sync", endpoint=dead)
 
     async def scenario():
-        async with AsyncClient([dead, live], timeout=10) as c:
+        async with AsyncClient([dead, live], timeout=10, **cluster.client_kwargs) as c:
             assert (await c.put(b"over/aio", b"v")).header.revision > 0
             assert (await c.get(b"over/sync")).kv.value == b"v"
 
@@ -123,7 +123,7 @@ def test_client_tls_arguments_are_accepted_and_checked():
 def test_no_batch_entries_proposes_one_entry_per_write(make_cluster):
     cluster = make_cluster(3, extra_args=["--no-batch-entries"])
     leader = cluster.leader()
-    with Client([cluster.nodes[leader].grpc], timeout=20) as c:
+    with Client([cluster.nodes[leader].grpc], timeout=20, **cluster.client_kwargs) as c:
         before = counters(cluster, leader)
         done = []
         threads = [threading.Thread(target=lambda i=i: done.append(

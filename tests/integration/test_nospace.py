@@ -84,7 +84,8 @@ def cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
     """Runs the `sealkv` command line against every node of `cluster`."""
     endpoints = ",".join(n.grpc for n in cluster.nodes.values())
     return subprocess.run([sys.executable, "-m", "sealkv.node.cli", "--endpoints", endpoints,
-                           *args], capture_output=True, text=True, timeout=60)
+                           *args], capture_output=True, text=True, timeout=60,
+                          env=os.environ | cluster.cli_env())
 
 
 def assert_every_acked_key_reads_back(cluster: Cluster, acked: list[bytes]) -> None:
