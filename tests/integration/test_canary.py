@@ -13,7 +13,7 @@ import signal
 
 import pytest
 
-from sealkv.node.client import SERIALIZABLE, health
+from sealkv.node.client import SERIALIZABLE
 from tests import canary
 from tests.cluster import wait_for
 from tests.integration.test_encryption_admin import admin, cli, write_kek
@@ -87,7 +87,7 @@ def test_no_canary_survives_reencrypt_and_compaction(make_cluster, tmp_path):
         assert read_all(c, b"canary/") == expected
         # A member added after the compaction gets everything through a snapshot.
         cluster.add_node("n4")
-        wait_for(lambda: health(cluster.nodes["n4"].grpc), 60, "n4 serving")
+        wait_for(lambda: cluster.healthy("n4"), 60, "n4 serving")
         c.member_add("n4", cluster.nodes["n4"].raft, cluster.nodes["n4"].grpc)
     with cluster.client("n4") as c4:
         wait_for(lambda: c4.get(b"after-restart", consistency=SERIALIZABLE).kv.value == b"x", 60,

@@ -11,7 +11,6 @@ import threading
 import pytest
 
 from sealkv.node import errors
-from sealkv.node.client import health
 from sealkv.node.replication.journal import JOURNAL_FILE
 from tests.cluster import wait_for
 from tests.integration.test_encryption_admin import admin, capability, cli, write_kek
@@ -116,7 +115,7 @@ def test_raft_envelope_cutover_seals_every_later_entry(make_cluster, tmp_path):
         c.put(b"rotated", after + b"-rotated")
         # A member added after the cutover catches up through sealed entries.
         cluster.add_node("n4")
-        wait_for(lambda: health(cluster.nodes["n4"].grpc), 60, "n4 serving")
+        wait_for(lambda: cluster.healthy("n4"), 60, "n4 serving")
         c.member_add("n4", cluster.nodes["n4"].raft, cluster.nodes["n4"].grpc)
     with cluster.client("n4") as c4:
         wait_for(lambda: c4.get(b"rotated").kv.value == after + b"-rotated", 60,
