@@ -42,7 +42,10 @@ def assert_sane(r: dict, clients: int) -> None:
 
 
 @pytest.fixture
-def endpoints(cluster3):
+def endpoints(cluster3, monkeypatch):
+    """The cluster's endpoints; the CLI runs as its `root` identity (SEALKV_CACERT/CERT/KEY)."""
+    for name, value in cluster3.cli_env().items():
+        monkeypatch.setenv(name, value)
     return ",".join(n.grpc for n in cluster3.nodes.values())
 
 
