@@ -106,6 +106,13 @@ class Unauthenticated(SealkvError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class Unimplemented(SealkvError):
+    """The node does not serve this RPC or feature (a plugin not enabled there, or not yet
+    built); retrying the same node will not help."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Internal(SealkvError):
     """A bug or an unexpected failure in the node."""
 
@@ -116,7 +123,7 @@ _BY_CODE = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Unavailable,
                 Aborted, OutcomeUnknown, ResourceExhausted, IntegrityError, PermissionDenied,
-                Unauthenticated, Internal)
+                Unauthenticated, Unimplemented, Internal)
 }
 
 

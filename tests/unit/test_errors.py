@@ -59,7 +59,7 @@ def test_not_leader_carries_the_leader_address():
                                  errors.FailedPrecondition, errors.Aborted,
                                  errors.ResourceExhausted, errors.IntegrityError,
                                  errors.PermissionDenied, errors.Unauthenticated,
-                                 errors.Internal])
+                                 errors.Unimplemented, errors.Internal])
 def test_every_server_error_maps_back_to_its_type(cls):
     e = errors.from_rpc_error(FakeRpcError(cls.code, "m", SERVER))
     assert type(e) is cls and e.message == "m"
