@@ -178,8 +178,7 @@ class _Stream:
 
     def _submit_write(self, op: _Op, timeout: float) -> None:
         command = getattr(self.ops, f"{op.kind}_command")(op.request)
-        if op.kind != "delete":  # deletes carry no plaintext: nothing for a layer to admit
-            self.service.admit_write(timeout)
+        self.service.admit_write(timeout)
         self.proposer.wait_leader(op.deadline)
         inbox = self.inbox
         op.ticket = self.proposer.submit(

@@ -165,11 +165,8 @@ class KVOps:
         response = kv_pb2.CompareAndSwapResponse(header=self.header(result.revision),
                                                  succeeded=result.succeeded)
         if result.current is not None:
-            # On success `current` is the entry as written (plaintext); on failure it is the
-            # stored entry, which may be an envelope.
-            current = result.current if result.succeeded else \
-                self._state.reveal(request.key, result.current)
-            response.kv.CopyFrom(to_kv(request.key, current))
+            response.kv.CopyFrom(to_kv(request.key, self._state.reveal(request.key,
+                                                                       result.current)))
         return response
 
     @staticmethod
@@ -233,8 +230,9 @@ def range_bounds(request) -> tuple[bytes, Optional[bytes]]:
 class KVService(kv_pb2_grpc.KVServicer):
     """Serves Put, Get, Delete, Range and CompareAndSwap for one node, and the Batch stream.
 
-    `admit_write(timeout)` runs the storage layers' write admission before a write is
-    proposed; it raises a `SealkvError` to refuse the write. The Batch stream also needs
+    Every write (Put, Delete, CompareAndSwap, unary or in a batch) passes `admit_write(timeout)`,
+    the storage layers' write admission, before it is proposed; it raises a `SealkvError` to
+    refuse the write. The Batch stream also needs
     `replication` to be a `Proposer` (`submit`, `withdraw`, `wait_leader`).
     """
 
@@ -248,10 +246,9 @@ class KVService(kv_pb2_grpc.KVServicer):
         self.batches = BatchService(self.ops, replication, request_timeout,
                                     lambda timeout: self._admit_write(timeout))
 
-    def _write(self, command: bytes, context, admit: bool = True):
+    def _write(self, command: bytes, context):
         timeout = deadline(context, self._request_timeout)
-        if admit:  # deletes carry no plaintext: nothing for a storage layer to admit
-            self._admit_write(timeout)
+        self._admit_write(timeout)
         return self._replication.propose(command, timeout)
 
     def _read_point(self, linearizable: bool, context) -> None:
@@ -270,7 +267,7 @@ class KVService(kv_pb2_grpc.KVServicer):
     @rpc_method
     def Delete(self, request, context):
         return self.ops.delete_response(
-            request, self._write(self.ops.delete_command(request), context, admit=False))
+            request, self._write(self.ops.delete_command(request), context))
 
     @rpc_method
     def Range(self, request, context):

@@ -50,7 +50,12 @@ META_REVOKED = b"revoked"
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """What a PUT, DELETE or CAS did. `prev` is the previous entry as stored (raw)."""
+    """What a PUT, DELETE or CAS did.
+
+    `prev` (the entry before the write) and `current` (a CAS's entry after it: the new one on
+    success, the unchanged one on failure) are always entries as stored, which may be
+    envelopes; `StateMachine.reveal` decodes them. Apply never decodes a value.
+    """
 
     revision: int
     prev: Optional[Entry] = None
@@ -247,8 +252,8 @@ class StateMachine:
                 ok = prev is not None and prev.mod_revision == command.expected_revision
             if not ok:
                 return WriteResult(index, prev, succeeded=False, current=prev)
-            entry = self._store(index, command.key, command.value, prev)
-            return WriteResult(index, prev, current=entry)
+            self._store(index, command.key, command.value, prev)
+            return WriteResult(index, prev, current=self.base.get(command.key))
         if isinstance(command, cmd.Barrier):
             return WriteResult(index)
         if isinstance(command, cmd.Batch):
@@ -284,12 +289,10 @@ class StateMachine:
             return WriteResult(index, succeeded=new)
         raise ApplyHalt(f"entry {index}: no handler for {type(command).__name__}")
 
-    def _store(self, index: int, key: bytes, value: bytes, prev: Optional[Entry]) -> Entry:
+    def _store(self, index: int, key: bytes, value: bytes, prev: Optional[Entry]) -> None:
         create = index if prev is None else prev.create_revision
         version = 1 if prev is None else prev.version + 1
-        entry = Entry(value, create, index, version, VALUE_CLEARTEXT)
-        self.storage.put(key, entry)
-        return entry
+        self.storage.put(key, Entry(value, create, index, version, VALUE_CLEARTEXT))
 
     # -- reads ------------------------------------------------------------------------
 

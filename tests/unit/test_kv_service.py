@@ -107,14 +107,23 @@ def test_put_refuses_bad_input_before_proposing(kv, key, value, message):
     assert kv.replication.proposed == [] and kv.admissions == []
 
 
-def test_a_refused_admission_proposes_nothing(kv):
+@pytest.mark.parametrize("method,request_", [
+    ("Put", kv_pb2.PutRequest(key=b"k", value=b"v")),
+    ("Delete", kv_pb2.DeleteRequest(key=b"k")),
+    ("CompareAndSwap", kv_pb2.CompareAndSwapRequest(key=b"k", value=b"v", must_not_exist=True)),
+])
+def test_every_write_passes_admission_and_a_refusal_proposes_nothing(kv, method, request_):
+    call(kv, method, request_)
+    assert kv.admissions == [5.0]
+
     def refuse(timeout):
         raise errors.Unavailable("writer not registered yet")
 
     kv._admit_write = refuse
-    e = status_of(kv, "Put", kv_pb2.PutRequest(key=b"k", value=b"v"))
+    proposed = len(kv.replication.proposed)
+    e = status_of(kv, method, request_)
     assert e.code == grpc.StatusCode.UNAVAILABLE and e.details == "writer not registered yet"
-    assert kv.replication.proposed == []
+    assert len(kv.replication.proposed) == proposed
 
 
 @pytest.mark.parametrize("error,code", [

@@ -6,7 +6,7 @@ import pytest
 from sealkv.node.state import commands as cmd
 from sealkv.node.replication.membership import MemberRecord
 from sealkv.node.state.machine import StateMachine
-from sealkv.node.state.storage.base import Entry, StorageLayer
+from sealkv.node.state.storage.base import VALUE_ENCRYPTED, Entry, StorageLayer
 from sealkv.node.state.storage.memory import MemoryStore
 from sealkv.node.errors import ApplyHalt
 
@@ -295,6 +295,32 @@ def test_failing_store_write_halts_and_keeps_applied_index():
     with pytest.raises(ApplyHalt, match="OSError"):
         put(sm, 1, b"a", b"1")
     assert sm.applied_index == 0
+
+
+class ReversingLayer(StorageLayer):
+    """Stores values reversed and marked encrypted, like an envelope layer; for tests only."""
+
+    def put(self, key, entry):
+        self.inner.put(key, Entry(entry.value[::-1], entry.create_revision, entry.mod_revision,
+                                  entry.version, VALUE_ENCRYPTED))
+
+    def decode_entry(self, key, entry):
+        return Entry(entry.value[::-1], entry.create_revision, entry.mod_revision,
+                     entry.version)
+
+
+def test_write_results_carry_entries_as_stored_and_reveal_decodes_them():
+    sm = StateMachine(ReversingLayer(MemoryStore()), [N1])
+    put(sm, 1, b"k", b"abc")
+    put_again = sm.apply(2, cmd.encode(cmd.Put(b"k", b"def")))
+    assert put_again.prev.value == b"cba" and put_again.prev.state == VALUE_ENCRYPTED
+    ok = sm.apply(3, cmd.encode(cmd.CompareAndSwap(b"k", b"ghi", cmd.CAS_BY_REVISION, 2)))
+    failed = sm.apply(4, cmd.encode(cmd.CompareAndSwap(b"k", b"x", cmd.CAS_BY_REVISION, 2)))
+    for result, value in ((ok, b"ghi"), (failed, b"ghi")):
+        assert result.current.value == value[::-1] and result.current.state == VALUE_ENCRYPTED
+        assert sm.reveal(b"k", result.current) == Entry(value, 1, 3, 3)
+    gone = sm.apply(5, cmd.encode(cmd.Delete(b"k")))
+    assert sm.reveal(b"k", gone.prev).value == b"ghi"
 
 
 def test_plugin_handler_receives_index_and_body():
