@@ -95,6 +95,10 @@ class _RaftObject(RaftRulesSyncObj):
     def _on_safety_violation(self, reason: str) -> None:
         self._adapter._do_halt(reason)
 
+    def _onTick(self, timeToWait=0.0):
+        super()._onTick(timeToWait)
+        self._adapter._after_tick()
+
     # Adaptive AppendEntries (tick thread only). With appendEntriesUseBatch=False pysyncobj
     # sends one AppendEntries per follower for every command it takes from its queue: a lone
     # request leaves at once (~1 ms instead of the ~100 ms batching period), but under load
@@ -338,6 +342,10 @@ class ReplicationAdapter:
         self._stalled = False
         self._applying_index = 0
         self._orphans: dict[int, list[Callable[[object], None]]] = {}
+        # Notified by the tick thread when the leader, the term or the applied index moved.
+        self._progress = threading.Condition()
+        self._generation = 0
+        self._seen: tuple = (None, 0, 0)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -393,9 +401,9 @@ class ReplicationAdapter:
         """Stops the tick thread and closes the raft port."""
         if self._obj is not None:
             self._obj.destroy()
-            deadline = time.monotonic() + 5
-            while self._obj.tick_thread_alive() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            thread = getattr(self._obj, "_SyncObj__thread", None)
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(5)
 
     def wait_dump_written(self, timeout: float) -> None:
         """Waits for a background snapshot writer to finish (before closing the database)."""
@@ -404,21 +412,41 @@ class ReplicationAdapter:
     def wait_replayed(self, timeout: float) -> bool:
         """Waits until the dump and the journal entries known committed at start are applied."""
         target = self._obj.raftCommitIndex
-        deadline = time.monotonic() + timeout
-        while self._obj.raftLastApplied < target:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        return self.wait_until(lambda: self._obj.raftLastApplied >= target, timeout)
 
-    def wait_caught_up(self, timeout: float) -> bool:
-        """Waits until this node has applied everything the leader reported committed."""
+    def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Waits until `condition()` holds; returns False if it did not within `timeout`.
+
+        `condition` is re-checked whenever the tick thread sees the leader, the term or the
+        applied index change; it must be cheap and must not wait. Call from any thread but
+        the pysyncobj tick thread.
+        """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._obj is not None and self._obj.isReady():
+        while True:
+            with self._progress:
+                generation = self._generation
+            if condition():  # outside the lock: it may take the state lock
                 return True
-            time.sleep(0.02)
-        return False
+            with self._progress:
+                while self._generation == generation:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._progress.wait(remaining)
+
+    def _after_tick(self) -> None:
+        # Tick thread: wake the waiters of wait_until when something they may wait for moved.
+        obj = self._obj
+        if obj is None:
+            return
+        leader = obj._getLeader()
+        seen = (None if leader is None else leader.address, obj.raftCurrentTerm,
+                obj.raftLastApplied)
+        if seen != self._seen:
+            self._seen = seen
+            with self._progress:
+                self._generation += 1
+                self._progress.notify_all()
 
     # -- apply (tick thread) ----------------------------------------------------------
 
@@ -613,10 +641,9 @@ class ReplicationAdapter:
     def _require_leader(self, deadline: float) -> None:
         if self._halted:
             raise errors.Unavailable("node halted")
-        while self._obj._getLeader() is None:
-            if time.monotonic() >= deadline:
-                raise errors.Unavailable("no leader: the cluster has no quorum or is electing")
-            time.sleep(0.01)
+        if not self.wait_until(lambda: self._obj._getLeader() is not None,
+                               deadline - time.monotonic()):
+            raise errors.Unavailable("no leader: the cluster has no quorum or is electing")
 
     def barrier(self, timeout: float) -> int:
         """Waits for a quorum-confirmed no-op to apply here and returns its index.
@@ -757,6 +784,7 @@ class ReplicationAdapter:
         while True:
             done = threading.Event()
             box: list = []
+            applied = self._obj.raftLastApplied
             change(raft_address, callback=lambda res, reason: (box.append(reason), done.set()))
             if not done.wait(max(0.0, deadline - time.monotonic())):
                 raise errors.OutcomeUnknown("outcome unknown: membership change not committed "
@@ -764,10 +792,11 @@ class ReplicationAdapter:
             if box[0] == FAIL_REASON.SUCCESS:
                 return
             # pysyncobj denies a change while the previous one or the leader's no-op is
-            # uncommitted: retry until the deadline.
+            # uncommitted: retry once the log moved (at most every 50 ms) until the deadline.
             if box[0] != FAIL_REASON.REQUEST_DENIED or time.monotonic() >= deadline:
                 raise _failure(box[0])
-            time.sleep(0.05)
+            self.wait_until(lambda: self._obj.raftLastApplied != applied,
+                            min(0.05, deadline - time.monotonic()))
 
     def transfer_leadership(self, raft_address: Optional[str], timeout: float) -> None:
         """Asks the leader to hand over to `raft_address` (None: most caught-up voter)."""
@@ -781,10 +810,6 @@ class ReplicationAdapter:
             raise errors.FailedPrecondition(
                 "leadership transfer refused: the target must be a connected, fully caught-up "
                 "voter and this node must be the leader")
-
-    def force_log_compaction(self) -> None:
-        """Asks pysyncobj to write a snapshot and drop the log before it (tests, operators)."""
-        self._obj.forceLogCompaction()
 
     def compact(self, timeout: float) -> int:
         """Rewrites the database without its free pages (`compact_database`), then writes a

@@ -96,6 +96,10 @@ class MembershipReplication(Protocol):
     def transfer_leadership(self, raft_address: Optional[str], timeout: float) -> None:
         """Asks this leader to hand over to `raft_address` (None: the most caught-up voter)."""
 
+    def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Waits until `condition()` holds, re-checked when the leader, term or applied index
+        changes; returns False if it did not within `timeout`."""
+
 
 class Membership:
     """Member add and remove on the leader, and where the leader serves gRPC.
@@ -193,10 +197,8 @@ class Membership:
                     raise errors.FailedPrecondition("cannot remove the last voter")
                 if member.raft_address == self._self_raft:
                     rep.transfer_leadership(None, timeout)
-                    while time.monotonic() < deadline:
-                        if not rep.is_leader and self.leader_grpc_address():
-                            break
-                        time.sleep(0.02)
+                    rep.wait_until(lambda: not rep.is_leader and bool(self.leader_grpc_address()),
+                                   deadline - time.monotonic())
                     leader = self.leader_grpc_address()
                     raise errors.NotLeader(f"{name} was the leader; leadership moved to "
                                            f"{leader or 'another voter'}: retry there",
@@ -204,8 +206,8 @@ class Membership:
                 rep.remove_voter(member.raft_address, timeout)
             rep.propose(cmd.encode(cmd.MemberRemove(name)), max(0.1, deadline - time.monotonic()))
 
-    def transfer_leadership(self, target: str, timeout: float) -> Optional[str]:
-        """Hands leadership to the voter named `target` ("" : the most caught-up voter).
+    def transfer_leadership(self, target: str, timeout: float) -> None:
+        """Hands leadership to the voter named `target` ("": the most caught-up voter).
 
         Returns once another voter (the target, when named) is seen leading; raises
         `OutcomeUnknown` when the hand-over was requested but not observed in time.
@@ -221,11 +223,13 @@ class Membership:
                 raise errors.InvalidArgument(f"{target} is already the leader")
             raft_target = member.raft_address
         start = time.monotonic()
-        self._replication.transfer_leadership(raft_target, timeout)
-        while time.monotonic() - start < timeout:
-            leader = self._replication.leader_raft_address
-            if leader and leader != self._self_raft and (raft_target is None
-                                                           or leader == raft_target):
-                return leader
-            time.sleep(0.02)
-        raise errors.OutcomeUnknown("leadership transfer requested but not observed in time")
+        rep = self._replication
+        rep.transfer_leadership(raft_target, timeout)
+
+        def moved() -> bool:
+            leader = rep.leader_raft_address
+            return bool(leader) and leader != self._self_raft and (raft_target is None
+                                                                    or leader == raft_target)
+
+        if not rep.wait_until(moved, timeout - (time.monotonic() - start)):
+            raise errors.OutcomeUnknown("leadership transfer requested but not observed in time")

@@ -79,19 +79,24 @@ class NodeHandle:
         return index
 
     def propose(self, command: bytes, timeout: float) -> Any:
-        """Replicates `command` (opcode byte + body) and returns its local apply result."""
+        """Replicates `command` (opcode byte + body) and returns its apply result on this node.
+
+        On return the command is applied here: the result comes from this node's apply.
+        """
         return self._node.adapter.propose(command, timeout)
 
     def applied_index(self) -> int:
         return self._node.state_machine.applied_index
 
     def wait_applied(self, index: int, timeout: float) -> None:
-        """Waits until this node has applied `index`; raises `OutcomeUnknown` on timeout."""
-        deadline = time.monotonic() + timeout
-        while self._node.state_machine.applied_index < index:
-            if time.monotonic() >= deadline:
-                raise errors.OutcomeUnknown(f"index {index} not applied within {timeout:.1f}s")
-            time.sleep(0.005)
+        """Waits until this node has applied `index`; raises `OutcomeUnknown` on timeout.
+
+        For an index another node's proposal reached (a follower catching up); after this
+        node's own `propose` the command is already applied here.
+        """
+        sm = self._node.state_machine
+        if not self._node.adapter.wait_until(lambda: sm.applied_index >= index, timeout):
+            raise errors.OutcomeUnknown(f"index {index} not applied within {timeout:.1f}s")
 
     def stored_records(self, start: bytes, limit: int) -> list:
         """Returns up to `limit` (key, Entry) records as stored at rest with key >= `start`, in

@@ -173,12 +173,9 @@ class EncryptionAdminPlugin(AdminPlugin):
                                deadline=FANOUT_DEADLINE, max_rounds=CHECKED_ROUNDS)
 
     def propose(self, command: Any, end: float) -> Any:
-        """Proposes an encryption command and waits until it is applied here."""
-        result = self.handle.propose(commands.encode_command(command),
-                                     max(0.1, end - time.monotonic()))
-        if getattr(result, "index", 0):
-            self.handle.wait_applied(result.index, max(0.1, end - time.monotonic()))
-        return result
+        """Proposes an encryption command; on return it is applied here (NodeHandle.propose)."""
+        return self.handle.propose(commands.encode_command(command),
+                                   max(0.1, end - time.monotonic()))
 
 
 class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
