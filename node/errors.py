@@ -188,7 +188,7 @@ def from_rpc_error(error: grpc.RpcError, *, read: bool = False) -> SealkvError:
                 leader = value
             elif key == SERVER_METADATA_KEY:
                 from_server = True
-    except Exception:  # trailing metadata is unavailable on some local failures
+    except AttributeError:  # an RpcError raised locally carries no trailing metadata
         pass
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and not from_server \
             and "handshake failed" in (message or "").lower():

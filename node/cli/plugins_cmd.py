@@ -23,8 +23,9 @@ def plugins_list(c: Ctx):
     try:
         s = c.client.status()
         enabled = set(s.plugins)
-    except (errors.SealkvError, CliError):
-        pass
+    except (errors.SealkvError, CliError) as exc:  # bounded by --timeout
+        click.echo(f"Warning: cannot ask the cluster which plugins it enables ({exc.message}); "
+                   "the enabled column says no", err=True)
     found = plugin_loader.installed()
     rows = [[p.kind, p.name, p.distribution, p.version, p.value,
              "yes" if f"{p.kind}:{p.name}" in enabled else "no"] for p in found]
