@@ -79,18 +79,19 @@ def coalescer(tmp_path, monkeypatch):
             gate.set()
 
 
-def readers_waiting(count: int) -> None:
+def start_readers(adapter, pool, count: int) -> list:
+    """Starts `count` linearizable reads and returns once each waits on its barrier."""
+    reads = [pool.submit(adapter.barrier, WAIT) for _ in range(count)]
     for _ in range(count):
         assert CountingEvent.entered.acquire(timeout=WAIT), "a reader never waited"
+    return reads
 
 
 def test_a_read_never_joins_a_barrier_proposed_before_it_started(coalescer):
     adapter, propose, pool = coalescer
-    first = pool.submit(adapter.barrier, WAIT)
+    [first] = start_readers(adapter, pool, 1)
     propose.wait_started(1)
-    readers_waiting(1)
-    later = [pool.submit(adapter.barrier, WAIT) for _ in range(3)]
-    readers_waiting(3)
+    later = start_readers(adapter, pool, 3)
     # One barrier in flight, one pending: the later readers wait for a barrier not yet proposed.
     assert propose.count == 1
     propose.release(1)
@@ -104,16 +105,13 @@ def test_a_read_never_joins_a_barrier_proposed_before_it_started(coalescer):
 
 def test_at_most_one_barrier_in_flight_and_one_pending(coalescer):
     adapter, propose, pool = coalescer
-    first = pool.submit(adapter.barrier, WAIT)
+    [first] = start_readers(adapter, pool, 1)
     propose.wait_started(1)
-    readers_waiting(1)
-    second = [pool.submit(adapter.barrier, WAIT) for _ in range(2)]
-    readers_waiting(2)
+    second = start_readers(adapter, pool, 2)
     propose.release(1)
     propose.wait_started(1)
     # Barrier 2 is in flight; new readers share one pending barrier 3.
-    third = [pool.submit(adapter.barrier, WAIT) for _ in range(2)]
-    readers_waiting(2)
+    third = start_readers(adapter, pool, 2)
     assert propose.count == 2
     propose.release(2)
     propose.wait_started(1)
