@@ -346,8 +346,7 @@ def run(config: NodeConfig) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
+    stop.wait()  # a signal interrupts the wait, and its handler sets the event
     log.info("node %s stopping", config.name)
     node.stop()
     return 0
