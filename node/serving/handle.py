@@ -1,9 +1,10 @@
 """The narrow node handle that plugins receive.
 
 It exposes what an admin or storage plugin needs and nothing else: identity, status, the
-membership snapshot, proposing replicated commands, waiting for the applied index, a pool of
-gRPC channels to peers, and member-add checks (the capability fence). Methods are safe to call
-from gRPC worker threads; none may be called from the pysyncobj tick thread (apply handlers).
+membership snapshot, proposing replicated commands, a pool of gRPC channels to peers, and
+member-add checks (the capability fence). Methods are safe to call from gRPC worker threads and
+plugin threads; none may be called from the pysyncobj tick thread (apply handlers), since the
+waiting ones wait for that thread. Failures are `SealkvError`s from the one error table.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class NodeHandle:
 
     @property
     def name(self) -> str:
+        """This member's name (unique in the cluster)."""
         return self._node.config.name
 
     @property
@@ -38,14 +40,17 @@ class NodeHandle:
 
     @property
     def data_dir(self) -> str:
+        """The node's data directory (a plugin keeps its files in `plugin_data_dir`)."""
         return self._node.config.data_dir
 
     @property
     def grpc_address(self) -> str:
+        """The gRPC address this node serves on."""
         return self._node.config.grpc
 
     @property
     def request_timeout(self) -> float:
+        """Seconds a request may wait by default (the node's configuration)."""
         return self._node.config.request_timeout
 
     def status(self) -> dict:
@@ -62,6 +67,7 @@ class NodeHandle:
         return self._node.adapter.membership_lock
 
     def is_leader(self) -> bool:
+        """Whether this node believes it leads: local state, not confirmed by a quorum."""
         return self._node.adapter.is_leader
 
     def require_leader(self) -> None:
@@ -86,6 +92,7 @@ class NodeHandle:
         return self._node.adapter.propose(command, timeout)
 
     def applied_index(self) -> int:
+        """The index of the last entry this node applied (never waits)."""
         return self._node.state_machine.applied_index
 
     def wait_applied(self, index: int, timeout: float) -> None:
@@ -148,10 +155,12 @@ class NodeHandle:
         return None
 
     def close(self) -> None:
+        """Closes the pooled channels (the node calls this once at shutdown)."""
         with self._channels_lock:
             for ch in self._channels.values():
                 ch.close()
             self._channels.clear()
 
     def leader_grpc_address(self) -> Optional[str]:
+        """The gRPC address of the leader this node knows, or None."""
         return self._node.leader_grpc_address()
