@@ -95,10 +95,6 @@ class _RaftObject(RaftRulesSyncObj):
     def _on_safety_violation(self, reason: str) -> None:
         self._adapter._do_halt(reason)
 
-    def _onTick(self, timeToWait=0.0):
-        super()._onTick(timeToWait)
-        self._adapter._after_tick()
-
     # Adaptive AppendEntries (tick thread only). With appendEntriesUseBatch=False pysyncobj
     # sends one AppendEntries per follower for every command it takes from its queue: a lone
     # request leaves at once (~1 ms instead of the ~100 ms batching period), but under load
@@ -213,6 +209,7 @@ class _RaftObject(RaftRulesSyncObj):
             # A journal record changed on disk under a running node: stop, do not serve it
             # (pysyncobj would log the same traceback on every tick).
             adapter._do_halt(str(exc))
+        adapter._after_tick()
 
     def _hold_off_election(self) -> None:
         self._SyncObj__raftElectionDeadline = (time.monotonic()
@@ -431,8 +428,10 @@ class ReplicationAdapter:
                 while self._generation == generation:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        return False
+                        break
                     self._progress.wait(remaining)
+            if time.monotonic() >= deadline:
+                return condition()
 
     def _after_tick(self) -> None:
         # Tick thread: wake the waiters of wait_until when something they may wait for moved.
