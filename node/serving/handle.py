@@ -16,7 +16,7 @@ from typing import Any, Optional
 import grpc
 
 from sealkv.node import errors
-from sealkv.node.replication.membership import MemberCheck, MemberRecord, MembershipSnapshot
+from sealkv.node.replication.membership import MemberCheck, MembershipSnapshot
 from sealkv.node.security import tls
 
 
