@@ -1,10 +1,10 @@
 """The narrow node handle that plugins receive.
 
 It exposes what an admin or storage plugin needs and nothing else: identity, status, the
-membership snapshot, proposing replicated commands, a pool of gRPC channels to peers, and
-member-add checks (the capability fence). Methods are safe to call from gRPC worker threads and
-plugin threads; none may be called from the pysyncobj tick thread (apply handlers), since the
-waiting ones wait for that thread. Failures are `SealkvError`s from the one error table.
+membership snapshot, proposing replicated commands, waiting for an index to apply, compaction,
+a pool of gRPC channels to peers, and member-add checks (the capability fence). Methods are
+safe to call from gRPC worker threads and plugin threads; none may be called from the
+pysyncobj tick thread (apply handlers), since the waiting ones wait for that thread. Failures are `SealkvError`s from the one error table.
 """
 from __future__ import annotations
 
