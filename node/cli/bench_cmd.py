@@ -11,12 +11,26 @@ reported by status), 1 the benchmark could not run, 2 usage, 3 no endpoint or le
 """
 from __future__ import annotations
 
-import functools
+import contextlib
+from typing import Iterator
 
 import click
 
 from sealkv.node.cli.main import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, Ctx, pass_ctx
 from sealkv.node.cli.output import emit, emit_json
+
+
+@contextlib.contextmanager
+def _failure_says(what: str) -> Iterator[None]:
+    """Turns a benchmark that fails to run into "Error: <what> did not run: <type>: <message>"
+    (exit 1). A benchmark is a tool an operator runs: any exception is its failure to report,
+    so this catches Exception (not BaseException: Ctrl-C still stops it); a CliError passes."""
+    try:
+        yield
+    except CliError:
+        raise
+    except Exception as exc:
+        raise CliError(f"{what} did not run: {type(exc).__name__}: {exc}", EXIT_FAILED) from None
 
 
 def workload_options(fn):
@@ -120,14 +134,11 @@ def _grpc_command(op: str):
                 raise CliError(str(exc), EXIT_UNREACHABLE) from None
         name = f"{op} c={w.clients}" + (f" {w.consistency}" if op != "put" else "") + \
             f" {mode}"
-        try:
+        with _failure_says("the benchmark"):
             result = async_load.run(w, endpoints, name=name, mode=mode, processes=processes,
                                     server_pids=local_server_pids(c.endpoints),
                                     client_kwargs=tls_client_kwargs(c.tls_files),
                                     progress=grpc_load.progress_bar(name))
-        except Exception as exc:
-            raise CliError(f"the benchmark did not run: {type(exc).__name__}: {exc}",
-                           EXIT_FAILED) from None
         _report(c, [result.summary()], {"workload": w.__dict__, "endpoints": endpoints,
                                         "target": target, "mode": mode})
         if result.note:
@@ -191,12 +202,9 @@ def compare_cmd(c: Ctx, processes, with_etcd, with_raw, **kw):
         kw["clients"] = 64
     w = _workload("put", timeout=c.timeout, **kw)
     log = (lambda m: click.echo(m, err=True)) if c.write_out != "json" else (lambda m: None)
-    try:
+    with _failure_says("the comparison"):
         report = compare.run(w, processes=processes, etcd=with_etcd, raw=with_raw,
                              progress=grpc_load.progress_bar, log=log)
-    except Exception as exc:
-        raise CliError(f"the comparison did not run: {type(exc).__name__}: {exc}",
-                       EXIT_FAILED) from None
     if c.write_out == "json":
         emit_json(report)
         return
@@ -242,11 +250,8 @@ def envelope_cmd(c: Ctx, sizes, iterations):
 
     if any(not 0 <= s <= 16 * 1024 * 1024 for s in sizes):
         raise CliError("--sizes must be between 0 and 16777216 bytes", EXIT_USAGE)
-    try:
+    with _failure_says("the envelope benchmark"):
         report = envelope.run(sizes, iterations)
-    except Exception as exc:
-        raise CliError(f"the envelope benchmark did not run: {type(exc).__name__}: {exc}",
-                       EXIT_FAILED) from None
     if c.write_out == "json":
         emit_json(report)
         return
@@ -273,11 +278,8 @@ def floor_cmd(c: Ctx, clients_, duration, warmup):
     from sealkv.node.bench import floor
 
     workloads = [_workload("put", n, duration, warmup, 16, 256, 1000) for n in clients_]
-    try:
+    with _failure_says("the floor benchmark"):
         results = floor.run(workloads)
-    except Exception as exc:
-        raise CliError(f"the floor benchmark did not run: {type(exc).__name__}: {exc}",
-                       EXIT_FAILED) from None
     _report(c, [r.summary() for r in results], {"server": "no-op grpc KV.Put"})
 
 
@@ -318,13 +320,8 @@ def cutover_cmd(c: Ctx, nodes_, clients, duration_before, duration_after, warmup
                                 warmup=warmup, value_size=value_size, keyspace=keyspace,
                                 timeout=c.timeout)
     log = (lambda m: click.echo(m, err=True)) if c.write_out != "json" else (lambda m: None)
-    try:
+    with _failure_says("the cutover benchmark"):
         report = cutover.run(nodes_, s, log=log)
-    except CliError:
-        raise
-    except Exception as exc:
-        raise CliError(f"the cutover benchmark did not run: {type(exc).__name__}: {exc}",
-                       EXIT_FAILED) from None
     if c.write_out == "json":
         emit_json(report)
         return
