@@ -176,7 +176,7 @@ def make_handle():
     layer = types.SimpleNamespace(name="encryption")
     node = types.SimpleNamespace(
         config=types.SimpleNamespace(name="n1", data_dir="/d", grpc=N1.grpc_address,
-                                     request_timeout=5.0),
+                                     request_timeout=5.0, tls_files=None),
         raft_id=raft_id("n1", N1.raft_address), adapter=replication, state_machine=sm,
         membership=membership, storage_plugins=[layer],
         require_leader=membership.require_leader,
