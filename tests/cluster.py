@@ -225,6 +225,14 @@ class Cluster:
             if sig in (signal.SIGKILL, signal.SIGTERM):
                 node.proc.wait(timeout=15)
 
+    def crash_restart_all(self, timeout: float = 60.0) -> str:
+        """Kills every node with SIGKILL, starts them all again, returns the agreed leader."""
+        for name in list(self.nodes):
+            self.kill(name, signal.SIGKILL)
+        for name in list(self.nodes):
+            self.start_node(name)
+        return self.wait_leader(timeout)
+
     def stop_all(self) -> None:
         for node in self.nodes.values():
             if node.alive():

@@ -9,7 +9,6 @@ scan must find the first two phases in the clear (so the scan works) and never t
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 
@@ -77,11 +76,7 @@ def test_no_canary_survives_reencrypt_and_compaction(make_cluster, tmp_path):
         assert read_all(c, b"canary/") == expected
 
     # A full cluster restart replays the compacted files.
-    for name in list(cluster.nodes):
-        cluster.kill(name, signal.SIGKILL)
-    for name in list(cluster.nodes):
-        cluster.start_node(name)
-    cluster.wait_leader(60)
+    cluster.crash_restart_all(60)
     with cluster.client() as c:
         wait_for(lambda: c.put(b"after-restart", b"x"), 30, "writes after the restart")
         assert read_all(c, b"canary/") == expected

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 
 import pytest
@@ -101,11 +100,7 @@ def test_raft_envelope_cutover_seals_every_later_entry(make_cluster, tmp_path):
     assert files_containing(cluster, after) == []
 
     # Restart every node: the journals replay through the envelope.
-    for name in list(cluster.nodes):
-        cluster.kill(name, signal.SIGKILL)
-    for name in list(cluster.nodes):
-        cluster.start_node(name)
-    cluster.wait_leader(60)
+    cluster.crash_restart_all(60)
     with cluster.client() as c:
         wait_for(lambda: c.put(b"post-restart", b"v"), 30, "writes after the restart")
         for name in cluster.nodes:
