@@ -295,13 +295,15 @@ class Node:
     def require_leader(self) -> None:
         self.membership.require_leader()
 
-    def admit_write(self, timeout: float, cost: int = 0) -> None:
+    def admit_write(self, timeout: float, cost: int = 0, *, delete: bool = False) -> None:
         """Refuses a write of about `cost` bytes while a NOSPACE alarm is (or would be) on,
-        then runs every storage layer's write admission (a gRPC thread, before proposing)."""
-        self.alarms.check_space(cost)
-        refusal = self.alarms.write_refusal()
-        if refusal is not None:
-            raise errors.ResourceExhausted(refusal)
+        then runs every storage layer's write admission (a gRPC thread, before proposing).
+        A delete frees space: the alarm never refuses it (as in etcd)."""
+        if not delete:
+            self.alarms.check_space(cost)
+            refusal = self.alarms.write_refusal()
+            if refusal is not None:
+                raise errors.ResourceExhausted(refusal)
         for plugin in self.storage_plugins:
             plugin.admit_write(timeout)
 

@@ -38,8 +38,11 @@ def _pip_install(source: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def installed_example(folder: str, dist: str, scratch: pathlib.Path):
-    """Installs examples/`folder` (distribution `dist`) for the duration of the block."""
+def installed_example(folder: str, dist: str, scratch: pathlib.Path, package: str):
+    """Installs examples/`folder` (distribution `dist`, import name `package`) for the block.
+
+    On the way out the package's modules leave `sys.modules` too, so a later test that imports
+    the example from its source folder is not handed the uninstalled copy."""
     was_installed = _installed_version(dist) is not None
     source = scratch / folder
     shutil.copytree(REPO / "examples" / folder, source,
@@ -53,3 +56,5 @@ def installed_example(folder: str, dist: str, scratch: pathlib.Path):
             subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", dist],
                            capture_output=True, timeout=120)
             importlib.invalidate_caches()
+            for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+                del sys.modules[name]

@@ -59,7 +59,7 @@ class BatchService:
     """Serves `KV.Batch` streams for one node (see the module docstring)."""
 
     def __init__(self, ops, proposer, request_timeout: float,
-                 admit_write: Callable[[float], None]):
+                 admit_write: Callable[..., None]):
         """`ops` is the node's `KVOps`; `proposer` its `Proposer` (`submit`, `withdraw`,
         `wait_leader`); `admit_write(timeout)` the storage layers' write admission."""
         self.ops = ops
@@ -178,7 +178,7 @@ class _Stream:
 
     def _submit_write(self, op: _Op, timeout: float) -> None:
         command = getattr(self.ops, f"{op.kind}_command")(op.request)
-        self.service.admit_write(timeout)
+        self.service.admit_write(timeout, delete=op.kind == "delete")
         self.proposer.wait_leader(op.deadline)
         inbox = self.inbox
         op.ticket = self.proposer.submit(

@@ -230,25 +230,25 @@ def range_bounds(request) -> tuple[bytes, Optional[bytes]]:
 class KVService(kv_pb2_grpc.KVServicer):
     """Serves Put, Get, Delete, Range and CompareAndSwap for one node, and the Batch stream.
 
-    Every write (Put, Delete, CompareAndSwap, unary or in a batch) passes `admit_write(timeout)`,
-    the storage layers' write admission, before it is proposed; it raises a `SealkvError` to
-    refuse the write. The Batch stream also needs
+    Every write (Put, Delete, CompareAndSwap, unary or in a batch) passes
+    `admit_write(timeout, delete=...)`, the node's write admission, before it is proposed; it
+    raises a `SealkvError` to refuse the write (a delete is never refused for lack of space). The Batch stream also needs
     `replication` to be a `Proposer` (`submit`, `withdraw`, `wait_leader`).
     """
 
     def __init__(self, member_name: str, request_timeout: float, replication: KVReplication,
-                 state: KVState, admit_write: Callable[[float], None],
+                 state: KVState, admit_write: Callable[..., None],
                  write_refusal: Callable[[], Optional[str]] = lambda: None):
         self._request_timeout = request_timeout
         self._replication = replication
         self._admit_write = admit_write
         self.ops = KVOps(member_name, replication, state, write_refusal)
         self.batches = BatchService(self.ops, replication, request_timeout,
-                                    lambda timeout: self._admit_write(timeout))
+                                    lambda timeout, **kw: self._admit_write(timeout, **kw))
 
-    def _write(self, command: bytes, context):
+    def _write(self, command: bytes, context, delete: bool = False):
         timeout = deadline(context, self._request_timeout)
-        self._admit_write(timeout)
+        self._admit_write(timeout, delete=delete)
         return self._replication.propose(command, timeout)
 
     def _read_point(self, linearizable: bool, context) -> None:
@@ -267,7 +267,7 @@ class KVService(kv_pb2_grpc.KVServicer):
     @rpc_method
     def Delete(self, request, context):
         return self.ops.delete_response(
-            request, self._write(self.ops.delete_command(request), context))
+            request, self._write(self.ops.delete_command(request), context, delete=True))
 
     @rpc_method
     def Range(self, request, context):

@@ -29,7 +29,8 @@ DIST = "sealkv-consistency-admin"
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     """Installs examples/custom_admin; returns its (package, pb, pb_grpc) modules."""
-    with installed_example("custom_admin", DIST, tmp_path_factory.mktemp("custom-admin-src")):
+    with installed_example("custom_admin", DIST, tmp_path_factory.mktemp("custom-admin-src"),
+                           "sealkv_consistency_admin"):
         package = importlib.import_module("sealkv_consistency_admin")
         pb = importlib.import_module("sealkv_consistency_admin.v1.consistency_pb2")
         pb_grpc = importlib.import_module("sealkv_consistency_admin.v1.consistency_pb2_grpc")

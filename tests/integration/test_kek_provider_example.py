@@ -16,7 +16,8 @@ SALT = "00112233445566778899aabbccddeeff"
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    with installed_example("kek_provider", DIST, tmp_path_factory.mktemp("kek-provider-src")):
+    with installed_example("kek_provider", DIST, tmp_path_factory.mktemp("kek-provider-src"),
+                           "sealkv_passphrase_kek"):
         yield
 
 

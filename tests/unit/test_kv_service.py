@@ -71,7 +71,7 @@ def kv():
     replication = FakeReplication(sm)
     admissions = []
     service = KVService("n1", 5.0, replication, sm,
-                        admissions.append)
+                        lambda timeout, delete=False: admissions.append(timeout))
     service.replication, service.admissions = replication, admissions
     return service
 
@@ -116,7 +116,7 @@ def test_every_write_passes_admission_and_a_refusal_proposes_nothing(kv, method,
     call(kv, method, request_)
     assert kv.admissions == [5.0]
 
-    def refuse(timeout):
+    def refuse(timeout, delete=False):
         raise errors.Unavailable("writer not registered yet")
 
     kv._admit_write = refuse
