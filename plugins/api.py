@@ -68,8 +68,10 @@ class StorageLayerPlugin:
 
         Handlers run inside replicated apply, on the pysyncobj tick thread, with the state
         lock held. They must be deterministic (no clock, randomness or network), fast, and
-        never wait. A handler raises `ApplyHalt` when the entry cannot be applied. Opcodes
-        0x03-0x0F are reserved for the built-in encryption plugin.
+        never wait. They write no node-local file either: a handler that changes what must be
+        durable on this node records it and lets the node perform it (`PersistsAfterApply`).
+        A handler raises `ApplyHalt` when the entry cannot be applied. Opcodes 0x03-0x0F are
+        reserved for the built-in encryption plugin.
         """
         return {}
 
@@ -116,6 +118,36 @@ class ProvidesPayloadCodec(Protocol):
     """
 
     def payload_codec(self) -> PayloadCodec: ...
+
+
+@runtime_checkable
+class PersistsAfterApply(Protocol):
+    """Optional capability of a storage layer plugin: node-local I/O that apply decided.
+
+    The etcd-io/raft Ready/Advance split for a plugin's side effects. A command handler and
+    `restore_state` never write a file: they change the plugin's in-memory state and record
+    what must be made durable (an "effect", e.g. "the encryption sidecar must reflect the key
+    table as of now"). The node then performs it by calling `persist_applied()`:
+
+    - Who calls: the state machine (`StateMachine.persist_applied`), which the replication
+      adapter calls right after every `StateMachine.apply` returns, and which
+      `StateMachine.load`, `read_snapshot` and `rollback` call themselves before returning.
+    - Which thread: the thread that applies (the pysyncobj tick thread; the start-up thread
+      before it runs), without the state lock held, always before the next entry is applied.
+      So the entry after the one that decided an effect is applied with the effect done.
+    - Nothing due: returns at once (it runs after every entry).
+    - Failure: raises `ApplyHalt` (with no key material in its message) and leaves the effect
+      due. The state machine then aborts the open transaction of the entries applied since
+      the last commit and the node halts, exactly as when apply itself fails: an effect is
+      never dropped silently.
+    - The "not durable yet" gate is the plugin's duty: until `persist_applied()` has made an
+      effect durable, nothing may depend on it. For the encryption plugin, no value or raft
+      payload is sealed under a nonce epoch whose sidecar record is not yet on disk (a crash
+      could otherwise reuse nonces): writers on other threads wait for the persist, within
+      their deadline; the applying thread itself is refused (it would wait for itself).
+    """
+
+    def persist_applied(self) -> None: ...
 
 
 class AdminPlugin:

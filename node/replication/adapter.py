@@ -459,6 +459,9 @@ class ReplicationAdapter:
         started = time.perf_counter()
         try:
             result = self.sm.apply(index, self.codec.open(index, payload))
+            # Ready/Advance: what apply decided to write (the encryption sidecar) is written
+            # here, on this thread, before the next entry applies; a failure halts below.
+            self.sm.persist_applied()
             self.stats.observe_apply(time.perf_counter() - started)
             waiting = self._orphans.pop(index, None)
             if waiting:

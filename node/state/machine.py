@@ -2,9 +2,15 @@
 
 `StateMachine.apply(index, command)` is the single replicated entry point: it decodes the
 versioned command bytes and changes the storage stack and the member directory. It has no
-clock, randomness, network or logging; the only I/O is what a plugin's apply handler is
-specified to do. A command that cannot be applied raises `ApplyHalt`, which the replication
-adapter turns into a deliberate halt of the node.
+clock, randomness, network or logging, and no I/O besides the store's transaction. A command
+that cannot be applied raises `ApplyHalt`, which the replication adapter turns into a
+deliberate halt of the node.
+
+Decide inside, act outside (etcd-io/raft Ready/Advance): a plugin whose apply decided
+node-local I/O (the encryption sidecar) only records it; the caller of `apply` then runs
+`persist_applied()` on the same thread, before the next entry (the contract is
+`sealkv.plugins.api.PersistsAfterApply`). `load`, `read_snapshot` and `rollback` run it
+themselves before returning.
 
 Transactions: applied entries go into the base store's write transaction together with the
 applied index and, when they change, the member directory, the configuration version and the
@@ -34,7 +40,7 @@ from sealkv.node.replication.membership import MemberRecord
 from sealkv.node.state.storage.base import (
     VALUE_CLEARTEXT, Entry, Storage, StorageFull, base_store, layers_of,
 )
-from sealkv.plugins.api import CommandHandler
+from sealkv.plugins.api import CommandHandler, PersistsAfterApply
 
 SNAPSHOT_MAGIC = b"SEALKVS1"
 _RECORD = struct.Struct(">IBQQQI")
@@ -75,7 +81,8 @@ class StateMachine:
 
         `storage` is the top of the storage stack; `handlers` maps plugin opcodes to their
         apply handlers; `plugin_states` maps plugin names to objects with
-        `snapshot_state() -> bytes` and `restore_state(bytes)`.
+        `snapshot_state() -> bytes` and `restore_state(bytes)`; those that also offer
+        `PersistsAfterApply` are run by `persist_applied()`.
         """
         self.lock = threading.RLock()
         self.storage = storage
@@ -83,6 +90,8 @@ class StateMachine:
         self.handlers = dict(handlers or {})
         cmd.claim_opcodes({}, "a plugin", self.handlers)
         self.plugin_states = dict(plugin_states or {})
+        self._persisters = [state for state in self.plugin_states.values()
+                            if isinstance(state, PersistsAfterApply)]
         self.members: dict[str, MemberRecord] = {m.name: m for m in initial_members}
         self.config_version = 0
         # Active alarms, replicated: (member, cause) -> index of the entry that raised it.
@@ -111,7 +120,8 @@ class StateMachine:
             if raw is None:
                 return 0
             self._load_meta()
-            return self.applied_index
+        self.persist_applied()
+        return self.applied_index
 
     def _load_meta(self, plugins: bool = True) -> None:
         self.applied_index = self._pending_index = int(self.base.get_meta(META_APPLIED) or 0)
@@ -152,6 +162,7 @@ class StateMachine:
         On `ApplyHalt` the open transaction is aborted, so nothing of the group is kept.
         `StorageFull` (the store's disk or map is full) also aborts the group; the caller
         runs `rollback()` and applies the group's entries again once there is room.
+        The caller runs `persist_applied()` after it returns, before the next entry.
         """
         with self.lock:
             if index <= self._pending_index:
@@ -184,6 +195,26 @@ class StateMachine:
                 self.commit()
             return result
 
+    def persist_applied(self) -> None:
+        """Performs the node-local I/O the applies so far decided (`PersistsAfterApply`).
+
+        Called on the applying thread after `apply` returns, before the next entry, without
+        the state lock (a reader is never blocked behind an fsync). Cheap when nothing is due.
+        When a plugin cannot persist, the open transaction is aborted as for a failed apply
+        (nothing of the group is kept) and `ApplyHalt` is raised: the node halts.
+        """
+        for persister in self._persisters:
+            try:
+                persister.persist_applied()
+            except BaseException as exc:
+                with self.lock:
+                    self.base.abort()
+                    self._pending_index = self.applied_index
+                if isinstance(exc, ApplyHalt):
+                    raise
+                raise ApplyHalt(f"cannot persist what apply decided: {type(exc).__name__} "
+                                f"at {where(exc)}") from exc
+
     def commit(self) -> int:
         """Commits the entries applied since the last commit; returns the committed index.
 
@@ -206,7 +237,8 @@ class StateMachine:
             self.base.abort()
             self._load_meta(plugins=self._group_touched_plugins)
             self._group_touched_plugins = False
-            return self.applied_index
+        self.persist_applied()
+        return self.applied_index
 
     def compact_store(self, timeout: float) -> Optional[tuple[int, int]]:
         """Commits what is applied and rewrites the base store without its free pages, when
@@ -427,21 +459,34 @@ class StateMachine:
     def write_snapshot(self, out: BinaryIO) -> int:
         """Writes the replicated state (records as stored at rest) to `out`; returns its index.
 
-        Reads one view: on LMDB it runs beside apply (call it inside `read_view()` opened at
-        the index the snapshot must reflect, possibly on another thread).
+        Snapshot, then persist (hashicorp/raft's `FSM.Snapshot`/`FSMSnapshot.Persist`): the
+        state is fixed at one instant and written without holding the state lock. On LMDB the
+        instant is one read transaction (call it inside `read_view()` opened at the index the
+        snapshot must reflect, possibly on another thread); on the in-memory store (tests) a
+        copy of the record references taken under the lock, which is released before writing.
         """
-        with self.read_view():
-            header = self._viewed_header()
+        with self._snapshot_source() as (header, records):
             header["plugins"] = {name: raw.hex() for name, raw in header["plugins"].items()}
             raw = json.dumps(header, sort_keys=True).encode()
             out.write(SNAPSHOT_MAGIC + _U32.pack(len(raw)) + raw)
-            for key, e in self.base.dump():
+            for key, e in records:
                 out.write(_RECORD.pack(len(key), e.header, e.create_revision, e.mod_revision,
                                        e.version, len(e.value)))
                 out.write(key)
                 out.write(e.value)
             out.write(_RECORD.pack(0xFFFFFFFF, 0, 0, 0, 0, 0))
             return header["applied_index"]
+
+    @contextmanager
+    def _snapshot_source(self):
+        """Yields (header, records) fixed at one instant, with the state lock not held."""
+        if getattr(self.base, "mvcc", False):
+            with self.read_view():  # a read transaction: apply goes on beside it
+                yield self._viewed_header(), self.base.dump()
+            return
+        with self.lock:
+            header, records = self._viewed_header(), list(self.base.dump())
+        yield header, records
 
     def read_snapshot(self, src: BinaryIO, *, skip_if_covered: bool = False) -> bool:
         """Replaces the whole state with a snapshot written by `write_snapshot`.
@@ -477,7 +522,8 @@ class StateMachine:
                 self.base.abort()
                 raise
             self.applied_index = self._pending_index = header["applied_index"]
-            return True
+        self.persist_applied()
+        return True
 
 
 def _revoked_json(revoked) -> bytes:

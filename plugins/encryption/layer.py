@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
@@ -40,6 +41,11 @@ from .state import ApplyResult, EncryptionState, Outcome, StateDecodeError
 from .storage import EncryptionStorage, EncryptionUnavailableError
 
 NEW_KEY_EPOCH = 1  # every node's epoch for a key it installs for the first time
+
+# Test hook, off unless set (the crash-safety integration test only): a key id. The process
+# SIGKILLs itself between the apply that installed that key and the sidecar write that would
+# first record it, the window the "not durable yet" gate protects.
+DIE_BEFORE_SIDECAR_ENV = "SEALKV_TEST_DIE_BEFORE_SIDECAR_KEY"
 
 
 @dataclass(frozen=True)
@@ -102,9 +108,17 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
     (a mapping for other providers), `catch_up_timeout` (seconds, default 60). `kek` may be
     passed directly by tests.
 
-    Threads: command handlers, `snapshot_state` and `restore_state` run on the tick thread;
-    `admit_write` and the `EncryptionLayerAccess` methods on gRPC threads; `prepare_start`
-    and `start` on the start-up thread. Everything shared goes through one condition.
+    Threads: command handlers, `snapshot_state`, `restore_state` and `persist_applied` run
+    on the tick thread; `admit_write` and the `EncryptionLayerAccess` methods on gRPC threads;
+    `prepare_start` and `start` on the start-up thread. Everything shared goes through one
+    condition.
+
+    The sidecar (the optional capability `sealkv.plugins.api.PersistsAfterApply`): apply
+    never writes it. A handler that changes the key
+    table, a cutover or this node's epochs marks the sidecar due; the node calls
+    `persist_applied()` right after, on the tick thread, which writes it. A key's nonce
+    epoch counts as durable only once a sidecar holding it is on disk, and `nonce_factory`
+    hands out no factory before that: nothing is sealed under an epoch a crash could forget.
     """
 
     name = "encryption"
@@ -119,6 +133,12 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         self._epochs: dict[int, int] = {}
         self._factories: dict[int, NonceFactory] = {}
         self._sidecar_at_start: Optional[Sidecar] = None
+        # Apply decided the sidecar must be rewritten (tick thread; `persist_applied` does it).
+        self._sidecar_due = False
+        # key id -> the epoch the sidecar on disk records for it (under `_cond`).
+        self._durable_epochs: dict[int, int] = {}
+        # Serialises sidecar writes (tick thread's persist, a gRPC thread's resync).
+        self._sidecar_lock = threading.Lock()
         self._prepared = False
         self._cond = threading.Condition(threading.RLock())
         self.raft_codec = RaftPayloadCodec(self.state, self.keystore, self.nonce_factory)
@@ -141,6 +161,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         found, epochs = startup.open_sidecar(self.context.data_dir, self.kek, self.keystore)
         self._sidecar_at_start = found
         self._epochs.update(epochs)
+        self._durable_epochs.update(epochs)  # open_sidecar wrote them
         self._prepared = True
 
     def start(self, node: Any) -> None:
@@ -198,17 +219,33 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         self.storage = EncryptionStorage(inner, self.state, self.keystore, self.nonce_factory)
         return self.storage
 
-    def nonce_factory(self, dek_id: int) -> NonceFactory:
-        """Returns this process's nonce factory for `dek_id` (its epoch is already durable)."""
+    def nonce_factory(self, dek_id: int, timeout: float = 0.0) -> NonceFactory:
+        """Returns this process's nonce factory for `dek_id`, once its epoch is durable.
+
+        The "not durable yet" gate: a key installed by apply has its epoch on disk only after
+        the node's `persist_applied()`. A caller on another thread (the raft envelope's
+        sealing, gRPC threads) waits up to `timeout` for it; the tick thread passes 0, as the
+        persist it would wait for runs on that thread (it ran before the next entry, so a
+        refusal there is a broken contract and halts). Raises `EncryptionUnavailableError`
+        when the key has no epoch here, or none durable within `timeout`.
+        """
         with self._cond:
             factory = self._factories.get(dek_id)
             if factory is None:
+                if not self._cond.wait_for(lambda: self._epochs.get(dek_id) is None
+                                           or self._epoch_durable(dek_id), timeout):
+                    raise EncryptionUnavailableError(
+                        f"the nonce epoch of key {dek_id} is not durable yet")
                 epoch = self._epochs.get(dek_id)
                 if epoch is None:
-                    raise EncryptionUnavailableError(f"no durable nonce epoch for key {dek_id}")
+                    raise EncryptionUnavailableError(f"no nonce epoch for key {dek_id}")
                 factory = NonceFactory(self.node_id16, epoch)
                 self._factories[dek_id] = factory
             return factory
+
+    def _epoch_durable(self, dek_id: int) -> bool:
+        epoch = self._epochs.get(dek_id)
+        return epoch is not None and self._durable_epochs.get(dek_id) == epoch
 
     def local_epoch(self, dek_id: int) -> Optional[int]:
         """Returns this node's current nonce epoch for `dek_id` (None: never used here)."""
@@ -256,7 +293,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         with self._cond:
             result = self.state.apply_bootstrap(index, command, self._install)
             if result.outcome is Outcome.APPLIED:
-                self._persist()
+                self._sidecar_due = True
             self._cond.notify_all()
         return result
 
@@ -269,7 +306,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
                 self._epochs.pop(command.dek_id, None)
                 self._factories.pop(command.dek_id, None)
             if result.outcome is Outcome.APPLIED:
-                self._persist()
+                self._sidecar_due = True
             self._cond.notify_all()
         if command.sub_tag == commands.SUB_ENABLE_RAFT:
             self.raft_codec.cutover_applied(index)
@@ -289,22 +326,45 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
                 raise ApplyHalt(f"nonce epoch of key {key_id} is exhausted on this node")
             self._epochs[key_id] = epoch
 
-    def _persist(self) -> None:
-        """Writes the sidecar from the replicated state (durable before the next encryption)."""
-        state = self.state
-        sidecar = Sidecar(
-            raft_applied_index=state.key_change_index,
-            storage_envelope_active=state.storage_envelope_active,
-            storage_envelope_cutover_index=state.storage_cutover_index,
-            raft_envelope_cutover_index=state.raft_cutover_index,
-            active={"storage": state.active_storage_id, "raft": state.active_raft_id},
-            keys={key_id: SidecarKey(PURPOSE_NAMES[key.purpose], key.wrapped, key.created,
-                                     self._epochs.get(key_id, 0))
-                  for key_id, key in state.keys.items()})
-        try:
-            write_sidecar(self.context.data_dir, sidecar)
-        except (OSError, SidecarError) as error:
-            raise ApplyHalt(f"cannot write the encryption sidecar: {error}") from error
+    def persist_applied(self) -> None:
+        """Writes the sidecar when apply decided it (`PersistsAfterApply`; tick thread).
+
+        Raises `ApplyHalt` when it cannot be written; the sidecar then stays due.
+        """
+        if not self._sidecar_due:
+            return
+        self._write_sidecar()
+        self._sidecar_due = False
+
+    def _write_sidecar(self) -> int:
+        """Writes the sidecar from the replicated state and this process's epochs, then marks
+        those epochs durable; returns the key-change index it reflects.
+
+        Any thread, holding no lock of the state machine. The content is taken under the
+        write lock, so of two writers the later one writes the later state.
+        """
+        with self._sidecar_lock:
+            with self._cond:
+                state = self.state
+                sidecar = Sidecar(
+                    raft_applied_index=state.key_change_index,
+                    storage_envelope_active=state.storage_envelope_active,
+                    storage_envelope_cutover_index=state.storage_cutover_index,
+                    raft_envelope_cutover_index=state.raft_cutover_index,
+                    active={"storage": state.active_storage_id, "raft": state.active_raft_id},
+                    keys={key_id: SidecarKey(PURPOSE_NAMES[key.purpose], key.wrapped,
+                                             key.created, self._epochs.get(key_id, 0))
+                          for key_id, key in state.keys.items()})
+            _die_here_if_testing(sidecar, self._durable_epochs)
+            try:
+                write_sidecar(self.context.data_dir, sidecar)
+            except (OSError, SidecarError) as error:
+                raise ApplyHalt(f"cannot write the encryption sidecar: {error}") from error
+            with self._cond:
+                self._durable_epochs = {key_id: key.local_epoch
+                                        for key_id, key in sidecar.keys.items()}
+                self._cond.notify_all()
+            return sidecar.raft_applied_index
 
     def record_readable(self, key: bytes, entry: Entry) -> bool:
         """Whether a record as stored decodes here (see `EncryptionLayerAccess`)."""
@@ -321,9 +381,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         Returns the key-change index the sidecar now reflects; raises `ApplyHalt` (carrying
         the reason) when the sidecar cannot be written.
         """
-        with self._cond:
-            self._persist()
-            return self.state.key_change_index
+        return self._write_sidecar()
 
     def snapshot_state(self) -> bytes:
         """Returns the replicated encryption state for a Raft snapshot."""
@@ -348,7 +406,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
                     raise ApplyHalt(f"cannot unwrap key {key_id} from the snapshot: "
                                     f"{type(error).__name__}") from error
             if restored.keys:
-                self._persist()
+                self._sidecar_due = True  # the state machine runs persist_applied next
             self._cond.notify_all()
 
     # ---- what the admin may use (EncryptionLayerAccess) --------------------------------------
@@ -425,3 +483,11 @@ def _decoded(decoder: Callable[[bytes], Any], body: bytes) -> Any:
         return decoder(body)
     except CommandDecodeError as error:
         raise ApplyHalt(f"malformed encryption command: {error}") from error
+
+
+def _die_here_if_testing(sidecar: Sidecar, durable: Mapping[int, int]) -> None:
+    """The crash-safety test's kill point (`DIE_BEFORE_SIDECAR_ENV`); nothing when unset."""
+    wanted = os.environ.get(DIE_BEFORE_SIDECAR_ENV)
+    if wanted and wanted.isdigit() and int(wanted) in sidecar.keys \
+            and int(wanted) not in durable:
+        os.kill(os.getpid(), signal.SIGKILL)

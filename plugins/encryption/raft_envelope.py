@@ -61,8 +61,8 @@ class RaftPayloadCodec:
     """The `PayloadCodec` of the encryption plugin (see the module docstring).
 
     `state` is the live replicated state (read here, changed only by apply), `keystore` the
-    unwrapped keys, `nonces(dek_id)` this process's nonce factory for a key (raises when the
-    key has no durable epoch here).
+    unwrapped keys, `nonces(dek_id, timeout)` this process's nonce factory for a key (waits
+    up to `timeout` for its epoch to be durable; raises when it has none here by then).
     """
 
     gates_appends = True
@@ -92,8 +92,8 @@ class RaftPayloadCodec:
     def seal(self, command: bytes, timeout: float) -> bytes:
         """Seals `command` with the active raft key once the wrap is installed; waits (up to
         `timeout`) while the intake is closed, except for the marker itself."""
+        deadline = time.monotonic() + timeout
         if self._intake_closed and not is_raft_marker(command):
-            deadline = time.monotonic() + timeout
             with self._cond:
                 while self._intake_closed and not self.wrap_installed:
                     remaining = deadline - time.monotonic()
@@ -108,7 +108,8 @@ class RaftPayloadCodec:
         if dek is None:
             raise Unavailable(f"raft key {key_id} is not loaded on this node yet: retry")
         try:
-            nonce = self.nonces(key_id).next()
+            # A key just installed by apply: wait for its epoch's sidecar write (the gate).
+            nonce = self.nonces(key_id, max(0.0, deadline - time.monotonic())).next()
         except (RuntimeError, ValueError) as error:  # exhausted nonces, no durable epoch
             raise Unavailable(f"cannot seal under raft key {key_id} on this node "
                               f"({type(error).__name__}): rotate the raft key") from None

@@ -1,5 +1,6 @@
 """The pure state machine: KV semantics, revisions, members, halts and snapshots."""
 import io
+import threading
 
 import pytest
 
@@ -384,6 +385,31 @@ def test_snapshot_round_trip_restores_everything():
     assert target_plugin.count == 2
 
 
+def test_a_snapshot_is_written_without_holding_the_state_lock():
+    sm = make()
+    put(sm, 1, b"a", b"1")
+    put(sm, 2, b"b", b"2")
+    free = []
+
+    class Probe(io.BytesIO):
+        """A snapshot sink for tests only: at each write, can another thread take the lock?"""
+
+        def write(self, data):
+            t = threading.Thread(target=lambda: free.append(sm.lock.acquire(blocking=False)
+                                                            and (sm.lock.release() or True)))
+            t.start()
+            t.join()
+            return super().write(data)
+
+    out = Probe()
+    assert sm.write_snapshot(out) == 2
+    assert free and all(free)
+    restored = make()
+    out.seek(0)
+    restored.read_snapshot(out)
+    assert restored.digest() == sm.digest()
+
+
 def test_snapshot_of_empty_state_round_trips():
     source = StateMachine(MemoryStore())
     buf = io.BytesIO()
@@ -488,6 +514,67 @@ def test_a_halting_entry_aborts_its_whole_group(tmp_path):
     put(sm, 2, b"b", b"2")
     with pytest.raises(ApplyHalt):
         sm.apply(3, b"\x7f")
+    assert sm.commit() == 1
+    assert sm.get(b"b") == (None, 1)
+    store.close()
+
+
+class JournalingState(CounterState):
+    """A plugin state for tests only whose apply decides a file write the node performs
+    (`PersistsAfterApply`); `fail` makes the write fail."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.due = False
+        self.fail = False
+
+    def handler(self, index, body):
+        self.due = True
+        return super().handler(index, body)
+
+    def restore_state(self, data: bytes) -> None:
+        super().restore_state(data)
+        self.due = True
+
+    def persist_applied(self) -> None:
+        if not self.due:
+            return
+        if self.fail:
+            raise OSError("disk says no")
+        self.path.write_text(str(self.count))
+        self.due = False
+
+
+def test_apply_decides_and_persist_applied_writes(tmp_path):
+    plugin = JournalingState(tmp_path / "effect")
+    sm, store = lmdb_machine(tmp_path / "db", plugin)
+    sm.apply(1, b"\x40body")
+    assert not plugin.path.exists()  # apply did no I/O of its own
+    sm.persist_applied()
+    assert plugin.path.read_text() == "1"
+    snapshot = io.BytesIO()
+    sm.write_snapshot(snapshot)
+    store.close()
+    joiner = JournalingState(tmp_path / "joiner-effect")
+    other, store = lmdb_machine(tmp_path / "db2", joiner)
+    snapshot.seek(0)
+    assert other.read_snapshot(snapshot)  # restoring persists before it returns
+    assert joiner.path.read_text() == "1"
+    store.close()
+
+
+def test_a_failed_persist_aborts_the_group_and_halts(tmp_path):
+    plugin = JournalingState(tmp_path / "effect")
+    sm, store = lmdb_machine(tmp_path / "db", plugin)
+    put(sm, 1, b"a", b"1")
+    sm.defer_commit = True
+    put(sm, 2, b"b", b"2")
+    sm.apply(3, b"\x40body")
+    plugin.fail = True
+    with pytest.raises(ApplyHalt, match="OSError"):
+        sm.persist_applied()
+    assert plugin.due  # never dropped silently
     assert sm.commit() == 1
     assert sm.get(b"b") == (None, 1)
     store.close()

@@ -18,7 +18,8 @@ from sealkv.node.data_dir import DataDirError, refuse_disabled_plugin_data
 from sealkv.plugins.encryption.layer import EncryptionLayerPlugin
 from sealkv.plugins.encryption.proposals import bootstrap_command, cutover_command
 from sealkv.plugins.encryption.nonce import full_node_id
-from sealkv.plugins.encryption.sidecar import read_sidecar
+from sealkv.plugins.encryption.sidecar import read_sidecar, sidecar_dir
+from sealkv.plugins.encryption.storage import EncryptionUnavailableError
 
 
 class DictStore:
@@ -68,8 +69,11 @@ def make_plugin(tmp_path, kek_file, raft_id="node-a", data="data-a"):
 
 
 def apply(plugin, index, command):
+    """Applies `command` as the node does: the handler, then the persist it decided."""
     data = c.encode_command(command)
-    return plugin.command_handlers()[data[0]](index, data[1:])
+    result = plugin.command_handlers()[data[0]](index, data[1:])
+    plugin.persist_applied()
+    return result
 
 
 def encrypted_cluster(tmp_path, kek_file, members=("node-a", "node-b")):
@@ -149,7 +153,7 @@ def test_rebadge_guard(tmp_path, kek_file):
     assert layer.get(b"k").value == lookalike
 
 
-def test_sidecar_written_at_apply_and_epoch_bumped_on_restart(tmp_path, kek_file):
+def test_sidecar_written_after_apply_and_epoch_bumped_on_restart(tmp_path, kek_file):
     plugin, layer, _ = encrypted_cluster(tmp_path, kek_file)
     sidecar = read_sidecar(plugin.context.data_dir)
     assert sidecar.storage_envelope_cutover_index == 4 and sidecar.raft_applied_index == 4
@@ -209,6 +213,11 @@ def test_late_joiner_gets_keys_from_snapshot(tmp_path, kek_file):
     joiner.restore_state(plugin.snapshot_state())
     joiner_layer.restore(store.dump())
     assert joiner_layer.get(b"k").value == b"value"
+    # Restoring decided the sidecar; until the node persists it, nothing is sealed.
+    assert read_sidecar(joiner.context.data_dir) is None
+    with pytest.raises(EncryptionUnavailableError, match="not durable yet"):
+        joiner_layer.put(b"early", entry(b"v", 12))
+    joiner.persist_applied()
     # node-b has a bootstrap row at epoch 1, so it must not reuse epoch 1 for this key.
     assert read_sidecar(joiner.context.data_dir).keys[1].local_epoch == 2
     stranger = make_plugin(tmp_path, kek_file, raft_id="node-c", data="data-c")
@@ -216,6 +225,44 @@ def test_late_joiner_gets_keys_from_snapshot(tmp_path, kek_file):
     assert stranger.local_epoch(1) == 1 and stranger.pending_registrations()
     joiner_layer.put(b"j", entry(b"mine", 12))
     assert joiner_layer.get(b"j").value == b"mine"
+
+
+def test_a_new_key_seals_only_once_its_epoch_is_durable(tmp_path, kek_file):
+    """The "not durable yet" gate: apply installs a key, the node persists after it."""
+    plugin = make_plugin(tmp_path, kek_file)
+    layer = plugin.wrap(DictStore())
+    data = c.encode_command(bootstrap_command(plugin, ["node-a"]))
+    plugin.command_handlers()[data[0]](3, data[1:])  # applied, not yet persisted
+    assert read_sidecar(plugin.context.data_dir) is None
+    with pytest.raises(EncryptionUnavailableError, match="not durable yet"):
+        plugin.nonce_factory(1)  # the applying thread is refused, never waits for itself
+    sealed = []
+    sealer = threading.Thread(target=lambda: sealed.append(plugin.nonce_factory(2, 30)))
+    sealer.start()  # another thread (the raft envelope's sealing) waits for the persist
+    plugin.persist_applied()
+    sealer.join(30)
+    assert [f.local_epoch for f in sealed] == [1]
+    assert read_sidecar(plugin.context.data_dir).keys[2].local_epoch == 1
+    apply(plugin, 4, cutover_command(plugin.view(), 1))
+    layer.put(b"k", entry(b"v", 5))
+    assert layer.get(b"k").value == b"v"
+
+
+def test_a_failed_sidecar_write_halts_and_stays_due(tmp_path, kek_file):
+    plugin = make_plugin(tmp_path, kek_file)
+    data = c.encode_command(bootstrap_command(plugin, ["node-a"]))
+    plugin.command_handlers()[data[0]](3, data[1:])
+    # A directory where the temp file goes: the write fails (even for root).
+    blocker = os.path.join(sidecar_dir(plugin.context.data_dir), "keys.json.tmp")
+    os.makedirs(blocker)
+    with pytest.raises(ApplyHalt, match="cannot write the encryption sidecar"):
+        plugin.persist_applied()
+    with pytest.raises(EncryptionUnavailableError):
+        plugin.nonce_factory(1)
+    os.rmdir(blocker)
+    plugin.persist_applied()  # still due: written now
+    assert set(read_sidecar(plugin.context.data_dir).keys) == {1, 2}
+    plugin.nonce_factory(1)
 
 
 def test_malformed_commands_halt(tmp_path, kek_file):
