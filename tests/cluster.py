@@ -158,7 +158,9 @@ class Cluster:
         members = members if members is not None else self.initial
         return ",".join(f"{n.name}={n.raft or 'learner'}/{n.grpc}" for n in members)
 
-    def start_node(self, name: str, initial: Optional[str] = None) -> NodeProc:
+    def start_node(self, name: str, initial: Optional[str] = None,
+                   env: Optional[dict] = None) -> NodeProc:
+        """Starts node `name`; `env` adds variables to its environment (a test hook)."""
         node = self.nodes[name]
         args = [PYTHON, "-m", "sealkv.node.cli", "node", "start", "--name", name,
                 "--data-dir", node.data_dir, "--grpc", node.grpc,
@@ -169,7 +171,8 @@ class Cluster:
             args += ["--plugins", ",".join(self.plugins)]
         log = open(node.log_file, "ab")
         node.proc = subprocess.Popen(self.launch_prefix(node) + args, stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **env} if env else None)
         log.close()
         return node
 
