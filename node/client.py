@@ -17,7 +17,7 @@ tried on the next endpoint.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import grpc
 
@@ -262,6 +262,35 @@ class Client(ClientMethods):
 
     def _cluster(self, method, request, **kw):
         return self.call(cluster_pb2_grpc.ClusterStub, method, request, **kw)
+
+    def snapshot(self, *, endpoint: Optional[str] = None,
+                 timeout: Optional[float] = None) -> Iterator[cluster_pb2.SnapshotChunk]:
+        """Streams a consistent snapshot (`Cluster.Snapshot`, admin) from the first endpoint
+        that answers, or only `endpoint`; `timeout` bounds the whole transfer (None: no
+        bound). Returns an iterator of the chunks; an error before the first chunk moves on
+        to the next endpoint, one after it is raised (typed) from the iterator."""
+        route = Route(self.endpoints, self._preferred, endpoint, follow_leader=False,
+                      idempotent=True)
+        while True:
+            target = route.next_target()
+            stream = cluster_pb2_grpc.ClusterStub(self.channel(target)).Snapshot(
+                cluster_pb2.SnapshotRequest(), timeout=timeout)
+            try:
+                first = next(stream)
+            except grpc.RpcError as exc:
+                route.failed(explain(errors.from_rpc_error(exc, read=True), self.tls_files))
+                continue
+            except StopIteration:
+                raise errors.Internal(f"{target} ended the snapshot stream at once") from None
+            return _typed_stream(first, stream)
+
+
+def _typed_stream(first, stream) -> Iterator:
+    yield first
+    try:
+        yield from stream
+    except grpc.RpcError as exc:
+        raise errors.from_rpc_error(exc, read=True) from None
 
 
 def __getattr__(name: str):

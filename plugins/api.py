@@ -150,6 +150,44 @@ class PersistsAfterApply(Protocol):
     def persist_applied(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class RestoredState:
+    """What a storage layer makes of its replicated state for a new cluster restored from a
+    backup (`RestoresSnapshots.restore_snapshot_state`).
+
+    `state` replaces the plugin's state in every member's database; `write_member_files(dir)`
+    writes the plugin's node-local files into one member's data directory (called once per
+    member, before any node starts); `summary` is what the restore prints (no key material).
+    """
+
+    state: bytes
+    write_member_files: Callable[[str], None] = lambda data_dir: None
+    summary: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class RestoresSnapshots(Protocol):
+    """Optional capability of a storage layer plugin class: it understands its replicated
+    state in a backup file (`sealkv snapshot status|restore`).
+
+    Both are class methods, called on the CLI's thread in a process where no node runs.
+    `describe_snapshot_state(state)` returns what `snapshot status` shows (JSON-able; an
+    `encrypted` flag says whether the backup's values are sealed); it needs no key and must
+    never return key material. `restore_snapshot_state(state, index, options)` returns the
+    `RestoredState` of a new cluster whose log starts after `index`, with the plugin's
+    options as a node would get them (the encryption plugin needs its KEK there); it raises
+    `StartupRefused` with the fix when it cannot (the restore then writes nothing). A plugin
+    without this capability has its state copied unchanged.
+    """
+
+    @classmethod
+    def describe_snapshot_state(cls, state: bytes) -> Mapping[str, Any]: ...
+
+    @classmethod
+    def restore_snapshot_state(cls, state: bytes, index: int,
+                               options: Mapping[str, Any]) -> RestoredState: ...
+
+
 class AdminPlugin:
     """Base class of an admin service plugin (entry point group `sealkv.admin_services`).
 

@@ -226,10 +226,10 @@ def register_commands() -> click.Group:
     """Adds the command groups that live in their own modules; returns the CLI (idempotent)."""
     from sealkv.node.cli import (alarm_cmd, audit_cmd, bench_cmd, cert_cmd, cluster_cmd,
                                  endpoint_cmd, info_cmd, kv_cmd, member_cmd, node_cmd,
-                                 plugins_cmd)
+                                 plugins_cmd, snapshot_cmd)
 
     for module in (kv_cmd, member_cmd, endpoint_cmd, alarm_cmd, plugins_cmd, bench_cmd,
-                   cert_cmd, cluster_cmd, node_cmd, audit_cmd, info_cmd):
+                   cert_cmd, cluster_cmd, node_cmd, audit_cmd, info_cmd, snapshot_cmd):
         module.register(cli)
     return cli
 

@@ -261,7 +261,9 @@ class AuditInterceptor(grpc.ServerInterceptor):
     """Writes the audit records around admin calls and for refused calls.
 
     Installed outermost, so a refusal by the authorization interceptor is seen as the call's
-    outcome. Unary calls only carry admin acts; a refused streaming call is recorded once.
+    outcome. Unary calls and server-streaming calls (Cluster.Snapshot) carry admin acts: the
+    request record is written before the handler runs, the outcome once the stream ended; a
+    refused bidirectional stream is recorded once.
     """
 
     def __init__(self, audit: AuditLog):
@@ -275,6 +277,11 @@ class AuditInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._unary_stream(handler.unary_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.stream_stream is not None:
@@ -306,6 +313,38 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 response = behavior(request, context)
                 code = context.code() or grpc.StatusCode.OK
                 return response
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                self._append_quietly("outcome", identity, peer, method, code)
+
+        return admin_act
+
+    def _unary_stream(self, behavior, method: str):
+        if not is_admin_method(method):
+            def refusals_only(request, context):
+                try:
+                    yield from behavior(request, context)
+                except BaseException:
+                    self._refused(method, context)
+                    raise
+
+            return refusals_only
+
+        def admin_act(request, context):
+            identity, peer = caller(context)
+            try:
+                self.audit.append("request", identity, peer, method, args=redact(request))
+            except AuditUnavailable as exc:
+                errors.abort_with(context, errors.Unavailable(str(exc)))
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                yield from behavior(request, context)
+                code = context.code() or grpc.StatusCode.OK
+            except GeneratorExit:
+                code = grpc.StatusCode.CANCELLED  # the client went away mid-stream
+                raise
             except BaseException:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise

@@ -32,7 +32,7 @@ import struct
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Mapping, Optional, Sequence
+from typing import BinaryIO, Iterable, Iterator, Mapping, Optional, Sequence
 
 from sealkv.node.state import commands as cmd
 from sealkv.node.errors import ApplyHalt, IntegrityError, where
@@ -456,6 +456,27 @@ class StateMachine:
 
     # -- snapshots --------------------------------------------------------------------
 
+    @contextmanager
+    def snapshot_view(self) -> Iterator[tuple[dict, Iterator[bytes]]]:
+        """Opens one read view and yields (header, pieces) of the snapshot at its index.
+
+        `header` is the replicated state besides the records (`applied_index`, `members`,
+        `config_version`, `plugins` as raw bytes, `alarms`, `revoked`); iterating `pieces`
+        gives the encoded snapshot (`encode_snapshot_header`, one `encode_record` per record
+        as stored at rest, `END_RECORD`), read from that same view. On LMDB apply goes on
+        meanwhile and the view closes at the end of the block; iterate `pieces` on the thread
+        that entered it (the view is the thread's).
+        """
+        with self._snapshot_source() as (header, records):
+            yield header, self._pieces(header, records)
+
+    @staticmethod
+    def _pieces(header: dict, records) -> Iterator[bytes]:
+        yield encode_snapshot_header(header)
+        for key, entry in records:
+            yield encode_record(key, entry)
+        yield END_RECORD
+
     def write_snapshot(self, out: BinaryIO) -> int:
         """Writes the replicated state (records as stored at rest) to `out`; returns its index.
 
@@ -465,16 +486,9 @@ class StateMachine:
         snapshot must reflect, possibly on another thread); on the in-memory store (tests) a
         copy of the record references taken under the lock, which is released before writing.
         """
-        with self._snapshot_source() as (header, records):
-            header["plugins"] = {name: raw.hex() for name, raw in header["plugins"].items()}
-            raw = json.dumps(header, sort_keys=True).encode()
-            out.write(SNAPSHOT_MAGIC + _U32.pack(len(raw)) + raw)
-            for key, e in records:
-                out.write(_RECORD.pack(len(key), e.header, e.create_revision, e.mod_revision,
-                                       e.version, len(e.value)))
-                out.write(key)
-                out.write(e.value)
-            out.write(_RECORD.pack(0xFFFFFFFF, 0, 0, 0, 0, 0))
+        with self.snapshot_view() as (header, pieces):
+            for piece in pieces:
+                out.write(piece)
             return header["applied_index"]
 
     @contextmanager
@@ -495,16 +509,14 @@ class StateMachine:
         `skip_if_covered`, a snapshot at or below the applied index is not loaded (the
         store already holds a later state of the same log) and False is returned.
         """
-        if src.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
-            raise ValueError("not a sealkv snapshot")
-        header = json.loads(src.read(_U32.unpack(src.read(4))[0]))
+        header = read_snapshot_header(src)
         with self.lock:
             if skip_if_covered and header["applied_index"] <= self._pending_index:
                 return False
             self.commit()
             self.base.begin_write()
             try:
-                self.base.restore(_read_records(src))
+                self.base.restore(read_records(src))
                 self.members = {m[0]: MemberRecord(m[0], m[1], m[2], m[3])
                                 for m in header["members"]}
                 self.config_version = header["config_version"]
@@ -514,7 +526,7 @@ class StateMachine:
                 self.revoked = _revoked_from_json(header.get("revoked", []))
                 self._save_revoked()
                 for name, state in self.plugin_states.items():
-                    state.restore_state(bytes.fromhex(header["plugins"].get(name, "")))
+                    state.restore_state(header["plugins"].get(name, b""))
                 self._save_plugin_states()
                 self.base.put_meta(META_APPLIED, b"%d" % header["applied_index"])
                 self.base.commit()
@@ -561,7 +573,46 @@ def _cleartext(entry: Optional[Entry]) -> Optional[Entry]:
     return entry
 
 
-def _read_records(src: BinaryIO) -> Iterable[tuple[bytes, Entry]]:
+def encode_snapshot_header(header: dict) -> bytes:
+    """The start of an encoded snapshot: magic, length, the header as JSON (plugin states as
+    hex)."""
+    doc = dict(header, plugins={name: bytes(raw).hex()
+                                for name, raw in header["plugins"].items()})
+    raw = json.dumps(doc, sort_keys=True).encode()
+    return SNAPSHOT_MAGIC + _U32.pack(len(raw)) + raw
+
+
+def encode_record(key: bytes, e: Entry) -> bytes:
+    """One record of an encoded snapshot, as stored at rest."""
+    return _RECORD.pack(len(key), e.header, e.create_revision, e.mod_revision, e.version,
+                        len(e.value)) + key + e.value
+
+
+END_RECORD = _RECORD.pack(0xFFFFFFFF, 0, 0, 0, 0, 0)
+
+
+def read_snapshot_header(src: BinaryIO) -> dict:
+    """Reads the header of an encoded snapshot (plugin states back to bytes); raises
+    ValueError when `src` does not start with one."""
+    if src.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+        raise ValueError("not a sealkv snapshot")
+    head = src.read(4)
+    if len(head) != 4:
+        raise ValueError("snapshot is truncated")
+    raw = src.read(_U32.unpack(head)[0])
+    try:
+        header = json.loads(raw)
+        header["plugins"] = {name: bytes.fromhex(text)
+                             for name, text in header["plugins"].items()}
+        int(header["applied_index"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError("snapshot header is not valid") from None
+    return header
+
+
+def read_records(src: BinaryIO) -> Iterator[tuple[bytes, Entry]]:
+    """Yields the records of an encoded snapshot after its header, up to the end mark;
+    raises ValueError when they are cut short."""
     while True:
         head = src.read(_RECORD.size)
         if len(head) != _RECORD.size:

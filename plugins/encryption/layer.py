@@ -24,9 +24,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 from sealkv.node.errors import ApplyHalt, IntegrityError
 from sealkv.node.replication.membership import MemberRecord
 from sealkv.node.state.storage.base import Entry, Storage
-from sealkv.plugins.api import PluginContext, StartupRefused, StorageLayerPlugin
+from sealkv.plugins.api import (
+    PluginContext, RestoredState, StartupRefused, StorageLayerPlugin,
+)
 
-from . import commands, reencryption, startup
+from . import commands, reencryption, restore, startup
 from .commands import CommandDecodeError, RegisterCommand
 from .core_dumps import disable_core_dumps
 from .counters import COUNTERS
@@ -144,6 +146,20 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         self.raft_codec = RaftPayloadCodec(self.state, self.keystore, self.nonce_factory)
         self.registration = WriterRegistration(self.state, self._epochs, self.full_node_id,
                                                self._cond)
+
+    # ---- backups (the RestoresSnapshots capability; see restore.py) --------------------------
+
+    @classmethod
+    def describe_snapshot_state(cls, state: bytes) -> Mapping[str, Any]:
+        """What `sealkv snapshot status` shows of a backup's encryption state (no key)."""
+        return restore.describe(state)
+
+    @classmethod
+    def restore_snapshot_state(cls, state: bytes, index: int,
+                               options: Mapping[str, Any]) -> RestoredState:
+        """The encryption state of a cluster restored from a backup: fresh data keys, an
+        empty writer registry, fresh epochs (needs the KEK in `options`)."""
+        return restore.restore_for_new_cluster(state, index, options)
 
     # ---- start-up ---------------------------------------------------------------------------
 

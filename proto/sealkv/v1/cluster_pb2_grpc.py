@@ -79,6 +79,11 @@ class ClusterStub:
                 request_serializer=sealkv_dot_v1_dot_cluster__pb2.ListRevokedRequest.SerializeToString,
                 response_deserializer=sealkv_dot_v1_dot_cluster__pb2.ListRevokedResponse.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_stream(
+                '/sealkv.v1.Cluster/Snapshot',
+                request_serializer=sealkv_dot_v1_dot_cluster__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=sealkv_dot_v1_dot_cluster__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -140,6 +145,13 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Streams a consistent snapshot of this node's state (admin; `sealkv snapshot save`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +199,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.ListRevoked,
                     request_deserializer=sealkv_dot_v1_dot_cluster__pb2.ListRevokedRequest.FromString,
                     response_serializer=sealkv_dot_v1_dot_cluster__pb2.ListRevokedResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=sealkv_dot_v1_dot_cluster__pb2.SnapshotRequest.FromString,
+                    response_serializer=sealkv_dot_v1_dot_cluster__pb2.SnapshotChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +449,33 @@ class Cluster:
             '/sealkv.v1.Cluster/ListRevoked',
             sealkv_dot_v1_dot_cluster__pb2.ListRevokedRequest.SerializeToString,
             sealkv_dot_v1_dot_cluster__pb2.ListRevokedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sealkv.v1.Cluster/Snapshot',
+            sealkv_dot_v1_dot_cluster__pb2.SnapshotRequest.SerializeToString,
+            sealkv_dot_v1_dot_cluster__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,
