@@ -283,7 +283,11 @@ class Node:
             raise StartupError(f"cannot open the database in {self.config.db_dir}: "
                                f"{type(exc).__name__}: {exc}; restore the data directory "
                                "from a backup or remove it and rejoin the cluster") from exc
-        self.db_index_at_start = self.state_machine.load()
+        try:
+            self.db_index_at_start = self.state_machine.load()
+        except errors.ApplyHalt as exc:  # a stored plugin state cannot be restored or persisted
+            raise StartupError(f"cannot load the database in {self.config.db_dir}: {exc}") \
+                from exc
         log.info("database %s opened at applied index %d", self.config.db_dir,
                  self.db_index_at_start)
 

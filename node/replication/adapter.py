@@ -525,7 +525,10 @@ class ReplicationAdapter:
             log.error("the database cannot write (no space): applying pauses, retrying every "
                       "%.0fs", STALL_RETRY)
         self._on_disk_full(getattr(self.sm.base, "path", "the database"))
-        self.sm.rollback()
+        try:
+            self.sm.rollback()
+        except ApplyHalt as exc:  # the reloaded plugin state could not be persisted
+            self._do_halt(str(exc))
         if self._committed_raft_index is None:
             self._committed_raft_index = self.sm.applied_index
         self._stalled = True
