@@ -7,7 +7,7 @@ one event loop; `await client.close()` when done (or `async with`).
 """
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Optional, Sequence
+from typing import Awaitable, Callable, Optional
 
 import grpc
 
@@ -24,23 +24,8 @@ __all__ = ["AsyncClient", "LINEARIZABLE", "SERIALIZABLE"]
 class AsyncClient(ClientMethods):
     """A connection to one or more sealkv endpoints for one asyncio event loop.
 
-    The same arguments as `Client`: `timeout` (seconds per call), `cacert`, `cert` and `key`
-    (PEM paths for mutual TLS; none: plaintext), `batching` (False: one unary RPC per call).
+    The same arguments as `Client` (`ClientMethods.__init__`).
     """
-
-    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0, *,
-                 cacert: Optional[str] = None, cert: Optional[str] = None,
-                 key: Optional[str] = None, batching: bool = True):
-        if not endpoints:
-            raise ValueError("at least one endpoint is required")
-        self.endpoints = list(endpoints)
-        self.timeout = timeout
-        self.batching = batching
-        self.tls_files = tls.files_from(cacert, cert, key)
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._streams: dict[str, AsyncBatchStream] = {}
-        self._unary_only: set[str] = set()
-        self._preferred = 0
 
     async def close(self) -> None:
         streams, self._streams = list(self._streams.values()), {}
@@ -78,8 +63,7 @@ class AsyncClient(ClientMethods):
             except errors.SealkvError as exc:
                 route.failed(explain(exc, self.tls_files))
                 continue
-            if target in self.endpoints:
-                self._preferred = self.endpoints.index(target)
+            self._prefer(target)
             return response
 
     async def call(self, stub_cls, method: str, request, *, endpoint: Optional[str] = None,

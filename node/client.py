@@ -82,6 +82,28 @@ class ClientMethods:
     failover), `follow_leader`.
     """
 
+    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0, *,
+                 cacert: Optional[str] = None, cert: Optional[str] = None,
+                 key: Optional[str] = None, batching: bool = True):
+        """The connection settings both clients share: `timeout` (seconds per call),
+        `cacert`, `cert` and `key` (PEM paths for mutual TLS; none: plaintext), `batching`
+        (False: one unary RPC per call)."""
+        if not endpoints:
+            raise ValueError("at least one endpoint is required")
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self.batching = batching
+        self.tls_files: Optional[CertFiles] = tls.files_from(cacert, cert, key)
+        self._channels: dict = {}
+        self._streams: dict = {}
+        self._unary_only: set[str] = set()
+        self._preferred = 0
+
+    def _prefer(self, target: str) -> None:
+        """Remembers the endpoint that answered: the next request tries it first."""
+        if target in self.endpoints:
+            self._preferred = self.endpoints.index(target)
+
     # -- KV -----------------------------------------------------------------------------
 
     def put(self, key: bytes, value: bytes, prev_kv: bool = False, **kw) -> kv_pb2.PutResponse:
@@ -166,20 +188,9 @@ class Client(ClientMethods):
     only a node started with --insecure accepts.
     """
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0, *,
-                 cacert: Optional[str] = None, cert: Optional[str] = None,
-                 key: Optional[str] = None, batching: bool = True):
-        if not endpoints:
-            raise ValueError("at least one endpoint is required")
-        self.endpoints = list(endpoints)
-        self.timeout = timeout
-        self.batching = batching
-        self.tls_files: Optional[CertFiles] = tls.files_from(cacert, cert, key)
-        self._channels: dict[str, grpc.Channel] = {}
-        self._streams: dict[str, SyncBatchStream] = {}
-        self._unary_only: set[str] = set()
-        self._lock = threading.Lock()
-        self._preferred = 0
+    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0, **options):
+        super().__init__(endpoints, timeout, **options)
+        self._lock = threading.Lock()  # guards the channel and stream maps
 
     def close(self) -> None:
         with self._lock:
@@ -221,8 +232,7 @@ class Client(ClientMethods):
             except errors.SealkvError as exc:
                 route.failed(explain(exc, self.tls_files))
                 continue
-            if target in self.endpoints:
-                self._preferred = self.endpoints.index(target)
+            self._prefer(target)
             return response
 
     def call(self, stub_cls, method: str, request, *, endpoint: Optional[str] = None,

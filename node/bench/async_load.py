@@ -15,15 +15,13 @@ the same window, so a result carries client and server CPU per operation.
 """
 from __future__ import annotations
 
-import array
 import asyncio
 import math
-import multiprocessing as mp
 import os
-import threading
 import time
 from typing import Callable, Optional, Sequence
 
+from sealkv.node.bench.workers import Tally, Workers, timeline
 from sealkv.node.bench.workload import KeyPicker, Result, Workload, key_for
 
 MODES = ("batched", "unary", "etcd")
@@ -33,7 +31,6 @@ MAX_PROCESSES = 4
 SATURATED = 0.85
 # Seconds of no load over which the servers' background CPU is measured (ticks, heartbeats).
 IDLE_WINDOW = 1.0
-_START_SLACK = 0.5
 
 
 def default_processes(clients: int) -> int:
@@ -61,43 +58,27 @@ def run(w: Workload, endpoints: Sequence[str], *, name: str, mode: str = "batche
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")
     processes = min(w.clients, processes or default_processes(w.clients))
-    ctx = mp.get_context("spawn")
-    counters = ctx.Array("q", processes, lock=False)
-    ready = ctx.Barrier(processes + 1)
-    start_at = ctx.Value("d", 0.0, lock=False)
-    results = ctx.Queue()
-    procs = []
-    for p in range(processes):
-        ids = list(range(p, w.clients, processes))
-        proc = ctx.Process(target=_worker, name=f"bench-worker-{p}", daemon=True,
-                           args=(w, mode, list(endpoints), dict(client_kwargs or {}), ids, p,
-                                 processes, prefill and w.op != "put", counters, ready,
-                                 start_at, results))
-        proc.start()
-        procs.append(proc)
+    workers = Workers(w, processes, _worker,
+                      lambda ids, p: (w, mode, list(endpoints), dict(client_kwargs or {}), ids,
+                                      p, processes, prefill and w.op != "put"))
     try:
-        try:
-            ready.wait(timeout=180)
-        except threading.BrokenBarrierError:
-            raise RuntimeError("a worker could not prefill the keyspace (is the cluster "
-                               "up?)") from None
+        workers.wait_prefilled(180)
         idle = 0.0
         if server_pids:  # what the servers burn with no load at all, per second
             idle0 = sum(process_cpu(pid) for pid in server_pids)
             time.sleep(IDLE_WINDOW)
             idle = (sum(process_cpu(pid) for pid in server_pids) - idle0) / IDLE_WINDOW
-        start_at.value = time.monotonic() + _START_SLACK
-        ready.wait(timeout=30)
-        measure_from = start_at.value + w.warmup
+        t0 = workers.start()
+        measure_from = t0 + w.warmup
         end = measure_from + w.duration
-        _sleep_until(measure_from, progress, start_at.value, w, counters)
+        _sleep_until(measure_from, progress, t0, w, workers)
         server0 = sum(process_cpu(pid) for pid in server_pids)
-        _sleep_until(end, progress, start_at.value, w, counters)
+        _sleep_until(end, progress, t0, w, workers)
         server1 = sum(process_cpu(pid) for pid in server_pids)
         merged = Result(name, clients=w.clients)
         busiest = 0.0
-        for _ in procs:
-            part, cpu = results.get(timeout=w.duration + w.timeout + 60)
+        for _ in workers.procs:
+            part, cpu = workers.results.get(timeout=w.duration + w.timeout + 60)
             merged.merge(part)
             merged.client_cpu += cpu
             busiest = max(busiest, cpu / w.duration)
@@ -108,22 +89,19 @@ def run(w: Workload, endpoints: Sequence[str], *, name: str, mode: str = "batche
             merged.note = (f"client side saturated: a load worker used {busiest:.0%} of a "
                            f"core; rerun with more --processes (the figures under-report)")
         if progress is not None:
-            progress(1.0, int(sum(counters)))
+            progress(1.0, workers.ops())
         return merged
     finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
+        workers.stop(10)
 
 
-def _sleep_until(t: float, progress, t0: float, w: Workload, counters) -> None:
+def _sleep_until(t: float, progress, t0: float, w: Workload, workers: Workers) -> None:
     while True:
         now = time.monotonic()
         if now >= t:
             return
         if progress is not None:
-            progress(max(0.0, now - t0) / (w.warmup + w.duration), int(sum(counters)))
+            progress(max(0.0, now - t0) / (w.warmup + w.duration), workers.ops())
         time.sleep(min(0.2, t - now))
 
 
@@ -203,24 +181,16 @@ async def _worker_main(w: Workload, mode, endpoints, client_kwargs, ids, index, 
         raise
     await asyncio.to_thread(ready.wait)
     await asyncio.to_thread(ready.wait)
-    t0 = start_at.value
-    measure_from, stop_at = t0 + w.warmup, t0 + w.warmup + w.duration
+    t0, measure_from, stop_at = timeline(w, start_at)
     out = Result("worker", clients=len(ids))
     loop = asyncio.get_running_loop()
 
     async def caller(cid: int) -> None:
         picker = KeyPicker(w, seed=cid * 7919 + os.getpid())
         endpoint = endpoints[cid % len(endpoints)]
-        lat = array.array("d")
-        ok = 0
-        errs: dict = {}
-        now = time.monotonic()
-        if now < t0:
-            await asyncio.sleep(t0 - now)
-        while True:
-            began = time.monotonic()
-            if began >= stop_at:
-                break
+        tally = Tally(measure_from, stop_at)
+        await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+        while (began := tally.next_start()) is not None:
             try:
                 if picker.is_read():
                     await calls.get(endpoint, picker.key())
@@ -229,15 +199,9 @@ async def _worker_main(w: Workload, mode, endpoints, client_kwargs, ids, index, 
                 status = None
             except Exception as exc:
                 status = _status_name(exc)
-            ended = time.monotonic()
             counters[index] += 1
-            if began >= measure_from and ended <= stop_at:
-                if status is None:
-                    ok += 1
-                    lat.append(ended - began)
-                else:
-                    errs[status] = errs.get(status, 0) + 1
-        out.merge(Result("c", ops=ok, seconds=w.duration, latencies=lat, errors=errs))
+            tally.record(began, time.monotonic(), status)
+        out.merge(tally.result)
 
     async def cpu_window() -> float:
         await asyncio.sleep(max(0.0, measure_from - time.monotonic()))

@@ -122,13 +122,8 @@ class _Load:
                     hit = lo <= b and e < hi
                 else:
                     hit = b < hi and e >= lo
-                if not hit:
-                    continue
-                if st is None:
-                    r.ops += 1
-                    r.latencies.append(e - b)
-                else:
-                    r.errors[st] = r.errors.get(st, 0) + 1
+                if hit:
+                    r.count(b, e, st)
         s = r.summary()
         s["window"] = name
         return s

@@ -7,20 +7,18 @@ by a single Python client process. Workers start together at a common monotonic 
 """
 from __future__ import annotations
 
-import array
 import math
-import multiprocessing as mp
 import os
 import sys
 import threading
 import time
 from typing import Callable, Optional, Sequence
 
+from sealkv.node.bench.workers import Tally, Workers, timeline
 from sealkv.node.bench.workload import KeyPicker, Result, Workload, key_for
 
 CLIENTS_PER_PROCESS = 16
 MAX_PROCESSES = 4
-_START_SLACK = 0.5
 
 
 def default_processes(clients: int) -> int:
@@ -37,43 +35,24 @@ def run(w: Workload, endpoints: Sequence[str], *, name: str, processes: int = 0,
     """
     w.validate()
     processes = min(w.clients, processes or default_processes(w.clients))
-    ctx = mp.get_context("spawn")
-    counters = ctx.Array("q", processes, lock=False)
-    ready = ctx.Barrier(processes + 1)
-    start_at = ctx.Value("d", 0.0, lock=False)
-    results = ctx.Queue()
-    procs = []
-    for p in range(processes):
-        ids = list(range(p, w.clients, processes))
-        proc = ctx.Process(target=_worker, name=f"bench-worker-{p}", daemon=True,
-                           args=(w, list(endpoints), ids, p, processes, prefill and w.op != "put",
-                                 counters, ready, start_at, results, files))
-        proc.start()
-        procs.append(proc)
+    workers = Workers(w, processes, _worker,
+                      lambda ids, p: (w, list(endpoints), ids, p, processes,
+                                      prefill and w.op != "put", files))
     try:
-        try:
-            ready.wait(timeout=120)
-        except threading.BrokenBarrierError:
-            raise RuntimeError("a worker could not prefill the keyspace (is the cluster "
-                               "up?)") from None
-        start_at.value = time.monotonic() + _START_SLACK
-        ready.wait(timeout=30)
-        end = start_at.value + w.warmup + w.duration
+        workers.wait_prefilled(120)
+        t0 = workers.start()
+        end = t0 + w.warmup + w.duration
         while progress is not None and time.monotonic() < end:
-            elapsed = time.monotonic() - start_at.value
-            progress(max(0.0, elapsed) / (w.warmup + w.duration), int(sum(counters)))
+            progress(max(0.0, time.monotonic() - t0) / (w.warmup + w.duration), workers.ops())
             time.sleep(0.2)
         merged = Result(name, clients=w.clients)
-        for _ in procs:
-            merged.merge(results.get(timeout=w.warmup + w.duration + w.timeout + 60))
+        for _ in workers.procs:
+            merged.merge(workers.results.get(timeout=w.warmup + w.duration + w.timeout + 60))
         if progress is not None:
-            progress(1.0, int(sum(counters)))
+            progress(1.0, workers.ops())
         return merged
     finally:
-        for proc in procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
+        workers.stop(5)
 
 
 def _stub_calls(w: Workload, endpoints: list[str], files=None):
@@ -88,8 +67,8 @@ def _stub_calls(w: Workload, endpoints: list[str], files=None):
     return stubs, kv_pb2, level, grpc
 
 
-def _worker(w: Workload, endpoints, ids, index, processes, prefill, counters, ready, start_at,
-            results, files=None) -> None:
+def _worker(w: Workload, endpoints, ids, index, processes, prefill, files, counters, ready,
+            start_at, results) -> None:
     stubs, kv_pb2, level, grpc = _stub_calls(w, endpoints, files)
     value = os.urandom(w.value_size)
     if prefill:
@@ -103,26 +82,17 @@ def _worker(w: Workload, endpoints, ids, index, processes, prefill, counters, re
             raise
     ready.wait()
     ready.wait()
-    t0 = start_at.value
-    measure_from, stop_at = t0 + w.warmup, t0 + w.warmup + w.duration
+    t0, measure_from, stop_at = timeline(w, start_at)
     out = Result("worker", clients=len(ids))
     lock = threading.Lock()
-    slot = index
 
     def client(cid: int) -> None:
         picker = KeyPicker(w, seed=cid * 7919 + os.getpid())
         stub = stubs[cid % len(stubs)]
         put, get = stub.Put, stub.Get
-        lat = array.array("d")
-        ok = 0
-        errs: dict = {}
-        now = time.monotonic()
-        if now < t0:
-            time.sleep(t0 - now)
-        while True:
-            began = time.monotonic()
-            if began >= stop_at:
-                break
+        tally = Tally(measure_from, stop_at)
+        time.sleep(max(0.0, t0 - time.monotonic()))
+        while (began := tally.next_start()) is not None:
             try:
                 if picker.is_read():
                     get(kv_pb2.GetRequest(key=picker.key(), consistency=level),
@@ -132,16 +102,10 @@ def _worker(w: Workload, endpoints, ids, index, processes, prefill, counters, re
                 status = None
             except grpc.RpcError as exc:
                 status = exc.code().name
-            ended = time.monotonic()
-            counters[slot] += 1
-            if began >= measure_from and ended <= stop_at:
-                if status is None:
-                    ok += 1
-                    lat.append(ended - began)
-                else:
-                    errs[status] = errs.get(status, 0) + 1
+            counters[index] += 1
+            tally.record(began, time.monotonic(), status)
         with lock:
-            out.merge(Result("c", ops=ok, seconds=w.duration, latencies=lat, errors=errs))
+            out.merge(tally.result)
 
     threads = [threading.Thread(target=client, args=(cid,), daemon=True) for cid in ids]
     for t in threads:

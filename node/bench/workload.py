@@ -90,6 +90,15 @@ class Result:
     # loops, heartbeats, timers), measured just before the run; 0 when not measured.
     server_idle_cpu: float = 0.0
 
+    def count(self, began: float, ended: float, status: Optional[str]) -> None:
+        """Counts one operation: a success (`status` None) with its latency, or a failure by
+        its status name."""
+        if status is None:
+            self.ops += 1
+            self.latencies.append(ended - began)
+        else:
+            self.errors[status] = self.errors.get(status, 0) + 1
+
     def merge(self, other: "Result") -> None:
         self.ops += other.ops
         self.seconds = max(self.seconds, other.seconds)

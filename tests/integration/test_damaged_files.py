@@ -13,6 +13,7 @@ import pytest
 
 from sealkv.node.replication import journal as j
 from tests.cluster import wait_for
+from tests.damage import flip_bits, middle
 
 KEYS = 20
 
@@ -94,9 +95,7 @@ def test_a_bit_flipped_record_refuses_the_start(stopped_node):
 def test_a_damaged_meta_file_refuses_the_start(stopped_node):
     cluster, node, raft_dir = stopped_node
     path = os.path.join(raft_dir, j.META_FILE)
-    raw = bytearray(open(path, "rb").read())
-    raw[len(j.META_MAGIC) + 5] ^= 0x20
-    open(path, "wb").write(bytes(raw))
+    flip_bits(path, len(j.META_MAGIC) + 5, 0x20)
     since = restart(cluster, node)
     line = assert_one_line_refusal(node, since, path, 1)
     assert "vote twice" in line
@@ -105,9 +104,7 @@ def test_a_damaged_meta_file_refuses_the_start(stopped_node):
 def test_a_damaged_dump_halts_before_loading(stopped_node):
     cluster, node, raft_dir = stopped_node
     path = os.path.join(raft_dir, "raft.dump")
-    raw = bytearray(open(path, "rb").read())
-    raw[len(raw) // 2] ^= 0x01
-    open(path, "wb").write(bytes(raw))
+    flip_bits(path, middle(path), 0x01)
     since = restart(cluster, node)
     line = assert_one_line_refusal(node, since, path, 70)
     assert "dump checksum mismatch" in line

@@ -9,6 +9,7 @@ import pytest
 from sealkv.node import durable
 from sealkv.node.durable import DamagedFile
 from sealkv.node.replication import journal as j
+from tests.damage import flip_bits
 
 
 class CountingSync:
@@ -124,9 +125,7 @@ def test_a_bit_flip_in_the_middle_refuses_to_open(tmp_path):
     offset = journal._offsets[2]
     journal._destroy()
     path = tmp_path / j.JOURNAL_FILE
-    raw = bytearray(path.read_bytes())
-    raw[offset + j.HEADER_SIZE + 1] ^= 0x01
-    path.write_bytes(bytes(raw))
+    flip_bits(path, offset + j.HEADER_SIZE + 1, 0x01)
     with pytest.raises(DamagedFile) as err:
         open_journal(tmp_path)
     message = str(err.value)
@@ -139,9 +138,7 @@ def test_a_damaged_header_in_the_middle_refuses_to_open(tmp_path):
     offset = journal._offsets[1]
     journal._destroy()
     path = tmp_path / j.JOURNAL_FILE
-    raw = bytearray(path.read_bytes())
-    raw[offset] ^= 0x80  # the length: without a header checksum this would look torn
-    path.write_bytes(bytes(raw))
+    flip_bits(path, offset, 0x80)  # the length: without a header checksum this would look torn
     with pytest.raises(DamagedFile, match=f"header checksum mismatch at offset {offset}"):
         open_journal(tmp_path)
 

@@ -16,6 +16,7 @@ from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.base import Entry
 from sealkv.node.state.storage.lmdb_store import LmdbStore
 from sealkv.node.state.storage.memory import MemoryStore
+from tests.damage import flip_bits, middle
 
 SELF = "127.0.0.1:7001"
 PEERS = ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
@@ -177,9 +178,7 @@ def test_a_flipped_bit_in_a_dump_is_refused_before_anything_is_restored(tmp_path
     source = adapter(tmp_path, sm=filled_state_machine())
     path = tmp_path / "raft.dump"
     source._write_dump(str(path), ((b"x", 3, 1), (b"y", 2, 1), {TCPNode(p) for p in PEERS}))
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x04
-    path.write_bytes(bytes(raw))
+    flip_bits(path, middle(path), 0x04)
     halt = HaltRecorder()
     target = adapter(tmp_path, halt=halt)
     before = target.sm.digest()
