@@ -20,6 +20,8 @@ TOML layout (every key optional except name, grpc and one of raft / learner):
     log_compaction_min_entries = 50000
     [plugin_options.encryption]      # handed to the plugin as PluginContext.options
     kek_file = "/etc/sealkv/kek"
+    next_kek_file = "/etc/sealkv/kek.next" # staged for `sealkv encryption rewrap-keys`
+                                     # (next_kek_provider, next_kek_options as for the KEK)
 """
 from __future__ import annotations
 

@@ -9,13 +9,13 @@ from sealkv.node import logs
 from sealkv.node.cli.main import EXIT_USAGE, CliError
 
 
-def parse_kek_options(pairs) -> dict[str, str]:
-    """Returns {KEY: VALUE} of repeated --kek-option KEY=VALUE flags; a bad pair is a usage error."""
+def parse_kek_options(pairs, flag: str = "--kek-option") -> dict[str, str]:
+    """Returns {KEY: VALUE} of repeated `flag` KEY=VALUE flags; a bad pair is a usage error."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise CliError(f"--kek-option takes KEY=VALUE, got {pair!r}", EXIT_USAGE)
+            raise CliError(f"{flag} takes KEY=VALUE, got {pair!r}", EXIT_USAGE)
         options[key.strip()] = value
     return options
 
@@ -44,6 +44,11 @@ def node():
 @click.option("--kek-option", "kek_options", multiple=True, metavar="KEY=VALUE",
               help="An option of the KEK provider (repeatable), e.g. module=..., "
               "token_label=..., key_label=..., pin_file=... for pkcs11.")
+@click.option("--next-kek-file", help="The next KEK file, staged for `sealkv encryption "
+              "rewrap-keys` (same checks as --kek-file).")
+@click.option("--next-kek-provider", help="The provider of the next KEK (like --kek-provider).")
+@click.option("--next-kek-option", "next_kek_options", multiple=True, metavar="KEY=VALUE",
+              help="An option of the next KEK's provider (repeatable, like --kek-option).")
 @click.option("--cacert", help="The cluster CA certificate (mutual TLS, the default).")
 @click.option("--cert", help="This node's certificate (`sealkv cert create-node`).")
 @click.option("--key", help="This node's private key (0600).")
@@ -68,7 +73,8 @@ def node():
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Log lines as text or one JSON object per line.")
 def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, secret_file,
-          plugins_, encryption, kek_file, kek_provider, kek_options, cacert, cert, key,
+          plugins_, encryption, kek_file, kek_provider, kek_options, next_kek_file,
+          next_kek_provider, next_kek_options, cacert, cert, key,
           certs_dir, insecure, request_timeout, fsync, batch_entries, quota_backend_bytes,
           listen_metrics, log_level, log_format):
     """Runs one node in the foreground until SIGTERM or SIGINT."""
@@ -103,6 +109,13 @@ def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, sec
         encryption_options["kek_provider"] = kek_provider
     if kek_options:
         encryption_options["kek_options"] = parse_kek_options(kek_options)
+    if next_kek_file:
+        encryption_options["next_kek_file"] = next_kek_file
+    if next_kek_provider:
+        encryption_options["next_kek_provider"] = next_kek_provider
+    if next_kek_options:
+        encryption_options["next_kek_options"] = parse_kek_options(next_kek_options,
+                                                                   "--next-kek-option")
     try:
         config = build_config(values)
     except ConfigError as exc:

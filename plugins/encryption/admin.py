@@ -2,11 +2,12 @@
 
 `EncryptionAdminPlugin` (entry point `encryption` of `sealkv.admin_services`) serves the
 capability probe and the sidecar view on every node, and the leader-only mutators: bootstrap,
-DEK rotation, writer registration and the storage envelope cutover. Mutators are serialized by
-one admin lock, confirm leadership through a quorum, and pre-check every command before it is
-proposed, so nothing that would halt a replica is ever proposed. Bootstrap and the cutover run
-the capability fan-out (`sealkv.plugins.fanout`) first and act while holding the membership
-lock at the probed configuration version, so no member can join between check and action.
+DEK rotation, writer registration, the envelope cutovers and the KEK rewrap. Mutators are
+serialized by one admin lock, confirm leadership through a quorum, and pre-check every command
+before it is proposed, so nothing that would halt a replica is ever proposed. Bootstrap, the
+cutovers and the rewrap run the capability fan-out (`sealkv.plugins.fanout`; the rewrap with
+its own probe, `capability.rewrap_probe`) first and act while holding the membership lock at
+the probed configuration version, so no member can join between check and action.
 Once either envelope is active, a member-add check (the capability fence) refuses any new
 member that does not pass the same probe.
 
@@ -33,7 +34,9 @@ from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
 
 from . import commands, proposals
 from .admin_at_rest import AtRestAdminMixin, compact_cluster_from_leader
-from .capability import answer_capability, capability_rows, expected_node_id, probe_capability
+from .capability import (
+    answer_capability, capability_rows, expected_node_id, probe_capability, rewrap_probe,
+)
 from .commands import RegisterCommand, WriterRow
 from .layer import EncryptionLayerAccess
 from .nonce import epoch_in_range, node_id16
@@ -68,7 +71,8 @@ class EncryptionAdminPlugin(AdminPlugin):
         ("BootstrapEncryption", "admin"), ("RotateDEK", "admin"),
         ("RegisterEncryptionWriter", "admin"), ("EnableStorageEnvelope", "admin"),
         ("EnableRaftEnvelope", "admin"), ("StartReencryption", "admin"),
-        ("RetireDEK", "admin"), ("Compact", "admin"), ("ResyncSidecar", "admin"))}
+        ("RetireDEK", "admin"), ("Compact", "admin"), ("ResyncSidecar", "admin"),
+        ("RewrapKeys", "admin"))}
     # What members ask each other: the capability probe; a follower forwards the
     # re-encryption status to the leader; a cluster-wide compaction and key-usage count ask
     # every member for its own part.
@@ -165,10 +169,12 @@ class EncryptionAdminPlugin(AdminPlugin):
 
     # ---- the checked action --------------------------------------------------------------------
 
-    def run_checked(self, end: float, what: str, action) -> tuple[FanOutResult, Any]:
-        """Runs the capability fan-out, then `action(snapshot)` under the membership lock at
-        the probed configuration version (`fanout.fan_out_and_act`)."""
-        return fan_out_and_act(self.handle, self.probe, expected_node_id, action,
+    def run_checked(self, end: float, what: str, action,
+                    probe=None) -> tuple[FanOutResult, Any]:
+        """Runs the capability fan-out (`probe`, default the capability probe), then
+        `action(snapshot)` under the membership lock at the probed configuration version
+        (`fanout.fan_out_and_act`)."""
+        return fan_out_and_act(self.handle, probe or self.probe, expected_node_id, action,
                                what=what, end=end, reserve=PROPOSE_RESERVE,
                                deadline=FANOUT_DEADLINE, max_rounds=CHECKED_ROUNDS)
 
@@ -386,6 +392,42 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
                 capability_summary=capability_rows(result), raft_key_id=command.dek_id,
                 wrap_pending=pending)
 
+    @rpc_method
+    def RewrapKeys(self, request, context):
+        plugin = self.plugin
+        with self._leader_mutation(context) as (end, layer):
+            state = layer.view().state
+            if not state.bootstrapped:
+                raise errors.FailedPrecondition("encryption is not bootstrapped: there is no "
+                                                "key table to rewrap")
+            if layer.next_kek_opens(state.kek_check):
+                return _rewrap_done(state)
+            ready, why, _ = layer.next_kek_status(state)
+            if not ready:
+                raise errors.FailedPrecondition(f"the leader cannot rewrap: {why}")
+            layer.rewrap_command(state)  # refuses early what the action would refuse
+
+
+            def rewrap(_snapshot):
+                command = layer.rewrap_command(layer.view().state)
+                return command, plugin.propose(command, end)
+
+            result, (command, applied) = plugin.run_checked(
+                end, "KEK rewrap", rewrap, probe=rewrap_probe(layer))
+            state = layer.view().state
+            if applied.outcome is Outcome.NOOP_REPLAY and state.kek_check == command.check:
+                return _rewrap_done(state)
+            if applied.outcome is not Outcome.APPLIED:
+                raise errors.FailedPrecondition(
+                    f"the rewrap did not apply ({applied.outcome.value}): the key table "
+                    "changed meanwhile (a rotation or retirement); retry")
+            log.info("key table rewrapped under a new KEK: generation %d at index %d (%d keys)",
+                     command.generation, applied.index, len(command.keys))
+            return pb.RewrapKeysResponse(
+                kek_generation=command.generation, index=applied.index,
+                key_ids=[key_id for key_id, _, _ in command.keys],
+                capability_summary=capability_rows(result))
+
     def _wait_wraps_installed(self, result: FanOutResult, end: float) -> list[str]:
         """Waits (bounded by the request deadline, at most FANOUT_DEADLINE) until every probed
         member reports the raft wrap installed; returns the members that did not."""
@@ -438,6 +480,13 @@ def _cutover_took_effect(state: EncryptionState, purpose: int, command: Any,
         raise errors.FailedPrecondition(f"a key rotation raced the {PURPOSE_NAMES[purpose]} "
                                         "envelope cutover; nothing was enabled: retry")
     return True
+
+
+def _rewrap_done(state: EncryptionState) -> pb.RewrapKeysResponse:
+    """The answer of a rewrap that already happened (the leader's next KEK is current)."""
+    return pb.RewrapKeysResponse(kek_generation=state.kek_generation,
+                                 index=state.kek_rewrap_index, was_already_done=True,
+                                 key_ids=sorted(state.keys))
 
 
 def _bootstrapped_for_cutover(layer: EncryptionLayerAccess) -> EncryptionState:

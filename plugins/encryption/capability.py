@@ -3,8 +3,9 @@
 Answering side: `answer_capability` builds this node's honest `GetCapability` answer
 (`encryption_capable` only when this node can really read and write envelopes: the layer is
 enabled, its KEK unwraps every key it holds, its nonce epoch is usable and its sidecar
-directory writable). Asking side: `probe_capability` is the fan-out probe that asks one
-member, `expected_node_id` the id a member must answer with, `capability_rows` the
+directory writable), and `next_kek_ready` for a KEK rewrap. Asking side: `probe_capability`
+is the fan-out probe that asks one member, `rewrap_probe` the one a KEK rewrap uses,
+`expected_node_id` the id a member must answer with, `capability_rows` the
 `capability_summary` rows of a fan-out. Both run on gRPC worker threads.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import grpc
 
 from sealkv.node import __version__
 from sealkv.node.replication.membership import MemberRecord, member_raft_id
-from sealkv.plugins.fanout import CapabilityVerdict, FanOutResult, ProbeAnswer
+from sealkv.plugins.fanout import CapabilityVerdict, FanOutResult, Probe, ProbeAnswer
 from sealkv.v1 import encryption_admin_pb2 as pb
 from sealkv.v1 import encryption_admin_pb2_grpc as pb_grpc
 
@@ -50,6 +51,13 @@ def answer_capability(node_name: str, data_dir: str,
     response.encryption_capable = not response.reason
     response.raft_envelope_cutover_index = state.raft_cutover_index
     response.raft_wrap_installed = view.raft_wrap_installed
+    response.kek_generation = state.kek_generation
+    if state.bootstrapped:
+        ready, why, check = layer.next_kek_status(state)
+        response.next_kek_ready, response.next_kek_reason = ready, why
+        response.next_kek_check = check
+    else:
+        response.next_kek_reason = "encryption is not bootstrapped: there is no key table"
     return response
 
 
@@ -99,6 +107,25 @@ def probe_capability(member: MemberRecord, channel: grpc.Channel, timeout: float
                            f"reported epoch {response.local_epoch} is above 0xFFFF", details)
     return ProbeAnswer(response.full_node_id, response.encryption_capable, response.reason,
                        details)
+
+
+def rewrap_probe(layer: EncryptionLayerAccess) -> Probe:
+    """Returns the fan-out probe of a KEK rewrap: a member passes only when it says
+    `next_kek_ready` and its next-KEK check blob opens under this node's (the leader's) next
+    KEK, i.e. both staged the same next KEK."""
+    def probe(member: MemberRecord, channel: grpc.Channel, timeout: float) -> ProbeAnswer:
+        response = pb_grpc.EncryptionAdminStub(channel).GetCapability(
+            pb.GetCapabilityRequest(), timeout=timeout)
+        details = {"build_version": response.build_version,
+                   "local_epoch": str(response.local_epoch), "node_name": response.node_name}
+        if not response.next_kek_ready:
+            return ProbeAnswer(response.full_node_id, False,
+                               response.next_kek_reason or "next KEK not ready", details)
+        if not layer.next_kek_opens(response.next_kek_check):
+            return ProbeAnswer(response.full_node_id, False,
+                               "its next KEK is not the leader's next KEK", details)
+        return ProbeAnswer(response.full_node_id, True, "", details)
+    return probe
 
 
 def capability_rows(result: FanOutResult) -> list[pb.CapabilityRow]:

@@ -171,6 +171,33 @@ def rotate_dek(c: Ctx, purpose):
         click.echo(f"{purpose} key {r.key_id} active from index {r.index}")
 
 
+@encryption.command(name="rewrap-keys")
+@pass_ctx
+def rewrap_keys(c: Ctx):
+    """Moves the key table to the next KEK staged on every member (--next-kek-*).
+
+    Every member must first prove it is ready (its KEK opens the table, its next KEK is the
+    leader's); then the table rewrapped under the next KEK goes through the log and every
+    node switches to it and rewrites its sidecar. Afterwards configure the next KEK as each
+    node's --kek-* (a node restarted with only the old KEK refuses to start). Safe to re-run.
+    """
+    r = _call(c, "RewrapKeys", pb.RewrapKeysRequest())
+    table, data = _summary(r.capability_summary)
+    if c.write_out == "json":
+        emit_json({"kek_generation": r.kek_generation, "index": r.index,
+                   "was_already_done": r.was_already_done, "key_ids": list(r.key_ids),
+                   "capability_summary": data})
+        return
+    if r.was_already_done:
+        click.echo(f"the key table was already rewrapped under the next KEK (KEK generation "
+                   f"{r.kek_generation}, index {r.index})")
+        return
+    emit(c.write_out, SUMMARY_HEADERS, table, data)
+    click.echo(f"key table rewrapped under the next KEK: KEK generation {r.kek_generation} at "
+               f"index {r.index} (keys {','.join(map(str, r.key_ids))}); now make the next KEK "
+               "each node's --kek-* and drop --next-kek-* at its next restart")
+
+
 @encryption.command(name="resync-sidecar")
 @pass_ctx
 def resync_sidecar(c: Ctx):

@@ -22,9 +22,14 @@ Layouts (sizes in bytes)::
                     sub_tag 0x04 enable storage envelope: purpose 1, length 0
                     sub_tag 0x05 enable raft envelope:    purpose 2, length 0
                     sub_tag 0x03 retire DEK:              length 0 (dek_id names the key)
-                    sub_tag 0x02 (rewrap) is reserved: decode error.
                     purpose 1 = storage, 2 = raft; dek_id != 0; the proposer row's dek_id
                     equals dek_id.
+    0x05 ROTATION, sub_tag 0x02 (rewrap the key table under a new KEK) has its own body:
+                    body = 0x01 | 0x02 | generation(4) | wrapped key (the new KEK's check
+                           blob) | key_count(4) | key_count x (key_id(4) purpose(1)
+                           wrapped key)
+                    (generation >= 1; 1 <= key_count <= 65535; key ids non-zero, strictly
+                     ascending; purposes 1 or 2)
 """
 from __future__ import annotations
 
@@ -44,13 +49,14 @@ OPCODES = (OP_REGISTER, OP_BOOTSTRAP, OP_ROTATION)
 
 BODY_VERSION = 0x01
 SUB_ROTATE = 0x01
-SUB_REWRAP_RESERVED = 0x02
+SUB_REWRAP = 0x02
 SUB_RETIRE = 0x03
 SUB_ENABLE_STORAGE = 0x04
 SUB_ENABLE_RAFT = 0x05
 
 MAX_WRITER_ROWS = 16384
 MAX_WRAPPED_LEN = 1024
+MAX_REWRAP_KEYS = 65535
 ROW_SIZE = 14
 
 _ROW = struct.Struct(">IQH")
@@ -103,7 +109,22 @@ class RotationCommand:
     proposer: WriterRow
 
 
-Command = Union[RegisterCommand, BootstrapCommand, RotationCommand]
+@dataclass(frozen=True, slots=True)
+class RewrapCommand:
+    """0x05 ROTATION sub-tag 0x02: the whole key table wrapped again under a new KEK.
+
+    `generation` is the KEK generation it moves the cluster to (the current one plus one),
+    `check` the new KEK's check blob (`kek.kek_check_blob`), `keys` every key of the table as
+    (key_id, purpose, wrapped under the new KEK), ascending by id. Only wrapped bytes: the
+    data keys themselves do not change.
+    """
+
+    generation: int
+    check: bytes
+    keys: tuple[tuple[int, int, bytes], ...]
+
+
+Command = Union[RegisterCommand, BootstrapCommand, RotationCommand, RewrapCommand]
 
 
 class BodyReader(CoreBodyReader):
@@ -172,6 +193,12 @@ def encode_body(command: Command) -> bytes:
                 + _check_id(command.raft_id) + _pack_wrapped(command.raft_wrapped)
                 + len(command.rows).to_bytes(4, "big")
                 + b"".join(_pack_row(row) for row in command.rows))
+    if isinstance(command, RewrapCommand):
+        _check_rewrap(command, ValueError)
+        return (version + bytes((SUB_REWRAP,)) + command.generation.to_bytes(4, "big")
+                + _pack_wrapped(command.check) + len(command.keys).to_bytes(4, "big")
+                + b"".join(key_id.to_bytes(4, "big") + bytes((purpose,)) + _pack_wrapped(wrapped)
+                           for key_id, purpose, wrapped in command.keys))
     if isinstance(command, RotationCommand):
         _check_rotation(command, ValueError)
         return (version + bytes((command.sub_tag,)) + _check_id(command.dek_id)
@@ -186,7 +213,7 @@ def opcode_of(command: Command) -> int:
         return OP_REGISTER
     if isinstance(command, BootstrapCommand):
         return OP_BOOTSTRAP
-    if isinstance(command, RotationCommand):
+    if isinstance(command, (RotationCommand, RewrapCommand)):
         return OP_ROTATION
     raise TypeError(f"not an encryption command: {type(command).__name__}")
 
@@ -231,11 +258,13 @@ def decode_bootstrap(body: bytes) -> BootstrapCommand:
     return BootstrapCommand(storage_id, storage_wrapped, raft_id, raft_wrapped, rows)
 
 
-def decode_rotation(body: bytes) -> RotationCommand:
-    """Decodes a 0x05 ROTATION body."""
+def decode_rotation(body: bytes) -> Union[RotationCommand, RewrapCommand]:
+    """Decodes a 0x05 ROTATION body (a `RewrapCommand` for sub-tag 0x02)."""
     reader = BodyReader(body)
     _read_version(reader)
     sub_tag = reader.u8("sub-tag")
+    if sub_tag == SUB_REWRAP:
+        return _decode_rewrap(reader)
     dek_id = reader.u32("dek id")
     purpose = reader.u8("purpose")
     length = reader.u16("wrapped length")
@@ -249,9 +278,43 @@ def decode_rotation(body: bytes) -> RotationCommand:
     return command
 
 
+def _decode_rewrap(reader: BodyReader) -> RewrapCommand:
+    generation = reader.u32("kek generation")
+    check = _read_wrapped(reader, "kek check")
+    count = reader.u32("key count")
+    if not 1 <= count <= MAX_REWRAP_KEYS:
+        raise CommandDecodeError(f"rewrap key count {count} is outside 1..{MAX_REWRAP_KEYS}")
+    if count * 8 > reader.remaining():  # id(4) purpose(1) length(2) + at least one byte
+        raise CommandDecodeError(f"{count} keys do not fit in {reader.remaining()} bytes")
+    keys = tuple((reader.u32("key id"), reader.u8("purpose"), _read_wrapped(reader, "wrapped key"))
+                 for _ in range(count))
+    reader.end()
+    command = RewrapCommand(generation, check, keys)
+    _check_rewrap(command, CommandDecodeError)
+    return command
+
+
+def _check_rewrap(command: RewrapCommand, error: type[Exception]) -> None:
+    if not 0 < command.generation <= 0xFFFFFFFF:
+        raise error("a rewrap's KEK generation must be in 1..2**32-1")
+    if not 1 <= len(command.check) <= MAX_WRAPPED_LEN:
+        raise error("a rewrap needs the new KEK's check blob")
+    if not 1 <= len(command.keys) <= MAX_REWRAP_KEYS:
+        raise error(f"a rewrap carries 1..{MAX_REWRAP_KEYS} keys")
+    previous = 0
+    for key_id, purpose, wrapped in command.keys:
+        if not previous < key_id <= 0xFFFFFFFF:
+            raise error("rewrap key ids must be non-zero and strictly ascending")
+        if purpose not in (PURPOSE_STORAGE, PURPOSE_RAFT):
+            raise error(f"unknown key purpose {purpose}")
+        if not 1 <= len(wrapped) <= MAX_WRAPPED_LEN:
+            raise error(f"a wrapped key must be 1..{MAX_WRAPPED_LEN} bytes")
+        previous = key_id
+
+
 def _check_rotation(command: RotationCommand, error: type[Exception]) -> None:
-    if command.sub_tag == SUB_REWRAP_RESERVED:
-        raise error(f"rotation sub-tag 0x{command.sub_tag:02x} is reserved")
+    if command.sub_tag == SUB_REWRAP:
+        raise error("rotation sub-tag 0x02 (rewrap) has its own body: use RewrapCommand")
     if command.sub_tag not in (SUB_ROTATE, SUB_ENABLE_STORAGE, SUB_ENABLE_RAFT, SUB_RETIRE):
         raise error(f"unknown rotation sub-tag 0x{command.sub_tag:02x}")
     if not 0 < command.dek_id <= 0xFFFFFFFF:

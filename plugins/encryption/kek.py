@@ -9,6 +9,8 @@ imports only the one it is asked for.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib
 import os
 import stat
@@ -25,6 +27,12 @@ KEK_SIZE = 32
 DEK_SIZE = 32
 WRAP_NONCE_SIZE = 12
 WRAPPED_SIZE = WRAP_NONCE_SIZE + DEK_SIZE + 16  # 60
+# The public plaintext of a KEK check value: a KEK's check blob is `wrap(KEK_CHECK_PLAINTEXT)`.
+# Anyone holding the same KEK opens it to this constant; under any other KEK it does not
+# authenticate. It identifies a KEK without revealing anything of it (the plaintext is
+# public, the nonce fresh), with every provider's own wrap (a PKCS#11 key never leaves its
+# token).
+KEK_CHECK_PLAINTEXT = hashlib.sha256(b"sealkv KEK check value v1").digest()
 
 # Built-in providers, used when the installed metadata predates their entry points (a source
 # checkout that has not been reinstalled). Entry points always win.
@@ -71,6 +79,21 @@ class KEKProvider:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} provider={self.name!r}>"
+
+
+def kek_check_blob(kek: KEKProvider) -> bytes:
+    """Returns a fresh check blob of `kek` (its wrap of the public `KEK_CHECK_PLAINTEXT`)."""
+    return kek.wrap(KEK_CHECK_PLAINTEXT)
+
+
+def opens_check(kek: Optional[KEKProvider], blob: bytes) -> bool:
+    """Whether `blob` is a check blob made under the same KEK as `kek` (False for None)."""
+    if kek is None or not blob:
+        return False
+    try:
+        return hmac.compare_digest(kek.unwrap(blob), KEK_CHECK_PLAINTEXT)
+    except Exception:  # any failure means "another KEK"; its text could carry bytes
+        return False
 
 
 def check_dek(dek: bytes) -> None:

@@ -29,17 +29,17 @@ from sealkv.plugins.api import (
 )
 
 from . import commands, reencryption, restore, startup
-from .commands import CommandDecodeError, RegisterCommand
+from .commands import CommandDecodeError, RegisterCommand, RewrapCommand
 from .core_dumps import disable_core_dumps
 from .counters import COUNTERS
-from .kek import KEKProvider
+from .kek import KEKProvider, kek_check_blob, opens_check
 from .keystore import KeyStore
 from .nonce import MAX_EPOCH, NonceFactory, full_node_id, node_id16
 from .purpose import PURPOSE_NAMES
 from .raft_envelope import RaftPayloadCodec
 from .registration import WriterRegistration
 from .sidecar import Sidecar, SidecarError, SidecarKey, write_sidecar
-from .state import ApplyResult, EncryptionState, Outcome, StateDecodeError
+from .state import ApplyResult, EncryptionState, Outcome, ProposalRefused, StateDecodeError
 from .storage import EncryptionStorage, EncryptionUnavailableError
 
 NEW_KEY_EPOCH = 1  # every node's epoch for a key it installs for the first time
@@ -94,6 +94,18 @@ class EncryptionLayerAccess(Protocol):
     def key_problem(self, state: EncryptionState) -> str:
         """Returns why this node cannot use every key of `state`, or "" when it can."""
 
+    def next_kek_status(self, state: EncryptionState) -> tuple[bool, str, bytes]:
+        """Returns (next KEK ready, why not, a fresh check blob of the next KEK): ready when
+        the current KEK opens every key of `state` and the staged next KEK wraps and unwraps."""
+
+    def next_kek_opens(self, check: bytes) -> bool:
+        """Whether `check` (another member's next-KEK check blob) was made under this node's
+        next KEK: the two members staged the same next KEK."""
+
+    def rewrap_command(self, state: EncryptionState) -> RewrapCommand:
+        """Returns `state`'s key table wrapped under the next KEK as a checked rewrap command
+        (`ProposalRefused` when it could not apply)."""
+
     def resync_sidecar(self) -> int:
         """Rewrites the sidecar from the replicated state; returns its key-change index."""
 
@@ -107,8 +119,9 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
 
     Options (`PluginContext.options`): `kek_provider` (default "file"), `kek_file` (path for
     the file provider), `kek_env` (variable for the env provider, tests only), `kek_options`
-    (a mapping for other providers), `catch_up_timeout` (seconds, default 60). `kek` may be
-    passed directly by tests.
+    (a mapping for other providers), `catch_up_timeout` (seconds, default 60), and the staged
+    next KEK for a rewrap: `next_kek_provider`, `next_kek_file`, `next_kek_env`,
+    `next_kek_options`. `kek` and `next_kek` may be passed directly by tests.
 
     Threads: command handlers, `snapshot_state`, `restore_state` and `persist_applied` run
     on the tick thread; `admit_write` and the `EncryptionLayerAccess` methods on gRPC threads;
@@ -125,11 +138,17 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
 
     name = "encryption"
 
-    def __init__(self, context: PluginContext, *, kek: Optional[KEKProvider] = None):
+    def __init__(self, context: PluginContext, *, kek: Optional[KEKProvider] = None,
+                 next_kek: Optional[KEKProvider] = None):
         super().__init__(context)
         self.state = EncryptionState()
         self.keystore = KeyStore()
+        # `kek` is the KEK the replicated key table is wrapped under; `next_kek` the staged
+        # one (options next_kek_*) a rewrap moves it to. After the rewrap applies, `kek` is the
+        # former next KEK (the same object). Replaced on the tick thread or at start-up, read
+        # anywhere (one reference).
         self.kek = kek
+        self.next_kek = next_kek
         self.full_node_id = full_node_id(context.raft_id)
         self.node_id16 = node_id16(self.full_node_id)
         self._epochs: dict[int, int] = {}
@@ -174,7 +193,10 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         disable_core_dumps()
         if self.kek is None:
             self.kek = startup.load_kek(self.context.options)
-        found, epochs = startup.open_sidecar(self.context.data_dir, self.kek, self.keystore)
+        if self.next_kek is None:
+            self.next_kek = startup.load_next_kek(self.context.options)
+        found, epochs = startup.open_sidecar(self.context.data_dir, self.kek, self.keystore,
+                                             self.next_kek)
         self._sidecar_at_start = found
         self._epochs.update(epochs)
         self._durable_epochs.update(epochs)  # open_sidecar wrote them
@@ -315,6 +337,8 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
 
     def _apply_rotation(self, index: int, body: bytes) -> ApplyResult:
         command = _decoded(commands.decode_rotation, body)
+        if isinstance(command, RewrapCommand):
+            return self._apply_rewrap(index, command)
         with self._cond:
             result = self.state.apply_rotation(index, command, self._install)
             if result.outcome is Outcome.APPLIED and command.sub_tag == commands.SUB_RETIRE:
@@ -327,6 +351,40 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         if command.sub_tag == commands.SUB_ENABLE_RAFT:
             self.raft_codec.cutover_applied(index)
         return result
+
+    def _apply_rewrap(self, index: int, command: RewrapCommand) -> ApplyResult:
+        """Applies a KEK rewrap: verify, switch this node's KEK, rewrite the sidecar."""
+        with self._cond:
+            result = self.state.apply_rewrap(index, command, self._rewrap)
+            if result.outcome is Outcome.APPLIED:
+                self._sidecar_due = True
+            self._cond.notify_all()
+        return result
+
+    def _rewrap(self, check: bytes, keys: tuple[tuple[int, int, bytes], ...]) -> None:
+        """Node-local part of a rewrap (tick thread, under the condition): the KEK that opens
+        `check` must open every rewrapped key to the key this node already holds; it then
+        becomes this node's KEK. Raises `ApplyHalt` naming the fix when this node has no such
+        KEK (it was not staged here)."""
+        target = self._kek_for(check, "the rewrap entry", self.state.kek_generation + 1)
+        for key_id, purpose, wrapped in keys:
+            dek = target.unwrap(wrapped)
+            held = self.keystore.get_for(key_id, purpose)
+            if held is None or not hmac.compare_digest(held, dek):
+                raise ApplyHalt(f"the rewrapped {PURPOSE_NAMES[purpose]} key {key_id} is not "
+                                "the key this node holds")
+        self.kek = target
+
+    def _kek_for(self, check: bytes, where: str, generation: int) -> KEKProvider:
+        """Returns which of this node's KEKs made `check` (the current one for an empty check,
+        generation 0); raises `ApplyHalt` with the fix when neither did."""
+        if self.kek is None:
+            raise ApplyHalt("no KEK is loaded: the encryption plugin was not prepared")
+        if not check or opens_check(self.kek, check):
+            return self.kek
+        if opens_check(self.next_kek, check):
+            return self.next_kek
+        raise ApplyHalt(startup.rewrapped_elsewhere(where, generation, self.kek))
 
     def _install(self, key_id: int, purpose: int, wrapped: bytes) -> None:
         """Unwraps a replicated key with the KEK, keeps it, and picks this node's epoch."""
@@ -370,7 +428,8 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
                     active={"storage": state.active_storage_id, "raft": state.active_raft_id},
                     keys={key_id: SidecarKey(PURPOSE_NAMES[key.purpose], key.wrapped,
                                              key.created, self._epochs.get(key_id, 0))
-                          for key_id, key in state.keys.items()})
+                          for key_id, key in state.keys.items()},
+                    kek_generation=state.kek_generation, kek_check=state.kek_check)
             _die_here_if_testing(sidecar, self._durable_epochs)
             try:
                 write_sidecar(self.context.data_dir, sidecar)
@@ -411,6 +470,9 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         except StateDecodeError as error:
             raise ApplyHalt(str(error)) from error
         with self._cond:
+            kek = self._kek_for(restored.kek_check, "the snapshot", restored.kek_generation)
+            if kek is not self.kek:
+                self.kek = kek  # a rewrap this node had not applied yet (staged next KEK)
             for field in dataclasses.fields(EncryptionState):
                 setattr(self.state, field.name, getattr(restored, field.name))
             for key_id, key in sorted(restored.keys.items()):
@@ -487,6 +549,52 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
             if held is None or not hmac.compare_digest(held, dek):
                 return f"{PURPOSE_NAMES[key.purpose]} key {key_id} is not loaded on this node"
         return ""
+
+    def next_kek_status(self, state: EncryptionState) -> tuple[bool, str, bytes]:
+        """See `EncryptionLayerAccess.next_kek_status`; never raises."""
+        next_kek = self.next_kek
+        if next_kek is None:
+            return False, ("no next KEK is staged on this node: restart it with "
+                           "--next-kek-file (or --next-kek-provider/--next-kek-option)"), b""
+        problem = self.key_problem(state)
+        if problem:
+            return False, f"the current KEK cannot open the key table: {problem}", b""
+        try:
+            check = kek_check_blob(next_kek)
+        except Exception as error:  # type only: a provider's text could carry bytes
+            return False, f"the next KEK ({next_kek.name}) cannot wrap: {type(error).__name__}", b""
+        if not opens_check(next_kek, check):
+            return False, f"the next KEK ({next_kek.name}) cannot unwrap what it wraps", b""
+        return True, "", check
+
+    def next_kek_opens(self, check: bytes) -> bool:
+        """See `EncryptionLayerAccess.next_kek_opens`."""
+        return opens_check(self.next_kek, check)
+
+    def rewrap_command(self, state: EncryptionState) -> RewrapCommand:
+        """See `EncryptionLayerAccess.rewrap_command` (gRPC thread, the leader)."""
+        next_kek = self.next_kek
+        if next_kek is None:
+            raise ProposalRefused("no next KEK is staged on the leader: restart it with "
+                                  "--next-kek-file (or --next-kek-provider/--next-kek-option)")
+        try:
+            next_kek.unwrap(state.keys[state.active_storage_id].wrapped)
+            same = True
+        except Exception:  # "cannot unwrap" is the expected answer
+            same = False
+        if same:
+            raise ProposalRefused("the next KEK is the KEK the key table is already wrapped "
+                                  "under: stage a new KEK as --next-kek-* on every member")
+        keys = []
+        for key_id, key in sorted(state.keys.items()):
+            dek = self.keystore.get_for(key_id, key.purpose)
+            if dek is None:
+                raise ProposalRefused(f"{PURPOSE_NAMES[key.purpose]} key {key_id} is not "
+                                      "loaded on the leader")
+            keys.append((key_id, key.purpose, next_kek.wrap(dek)))
+        command = RewrapCommand(state.kek_generation + 1, kek_check_blob(next_kek), tuple(keys))
+        state.check_rewrap(command, next_kek.unwrap)
+        return command
 
     def _require_kek(self) -> KEKProvider:
         if self.kek is None:

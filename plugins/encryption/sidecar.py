@@ -10,10 +10,13 @@ of this shape::
      "keys": {"1": {"purpose": "storage", "wrapped": "<base64 of 60 bytes>",
                     "created": 7, "local_epoch": 3}, ...}}
 
-An active id of 0 means "none". The content is validated on read and before every write, and
-written crash-safely: temp file (exclusive create, 0600) -> write -> fsync -> rename -> fsync
-of the directory. A crash at any point leaves either the old or the new file; a stale temp file
-from a crash is removed by the next write.
+After a KEK rewrap (`sealkv encryption rewrap-keys`) it also holds `"kek_generation": N` and
+`"kek_check": "<base64>"`, the check blob of the KEK its keys are wrapped under (a wrap of a
+public constant, `kek.KEK_CHECK_PLAINTEXT`): a node started with another KEK is told which
+fix applies. An active id of 0 means "none". The content is validated on read and before every
+write, and written crash-safely: temp file (exclusive create, 0600) -> write -> fsync ->
+rename -> fsync of the directory. A crash at any point leaves either the old or the new file;
+a stale temp file from a crash is removed by the next write.
 """
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ class Sidecar:
     raft_envelope_cutover_index: int = 0
     active: dict[str, int] = field(default_factory=lambda: {"storage": 0, "raft": 0})
     keys: dict[int, SidecarKey] = field(default_factory=dict)
+    kek_generation: int = 0
+    kek_check: bytes = b""
 
     def validate(self) -> None:
         """Raises `SidecarError` unless every field is well-formed and consistent."""
@@ -82,6 +87,11 @@ class Sidecar:
             raise SidecarError("active must have exactly the fields storage and raft")
         if not isinstance(self.keys, dict):
             raise SidecarError("keys must be an object")
+        if not _is_uint(self.kek_generation) or self.kek_generation > 0xFFFFFFFF:
+            raise SidecarError("kek_generation must be a 32-bit non-negative integer")
+        if not isinstance(self.kek_check, bytes) or bool(self.kek_check) != bool(
+                self.kek_generation):
+            raise SidecarError("kek_check must be present exactly when kek_generation is set")
         for key_id, key in self.keys.items():
             if not isinstance(key_id, int) or isinstance(key_id, bool) \
                     or not 0 < key_id <= 0xFFFFFFFF:
@@ -125,6 +135,9 @@ class Sidecar:
                 for key_id, key in sorted(self.keys.items())
             },
         }
+        if self.kek_generation:
+            document["kek_generation"] = self.kek_generation
+            document["kek_check"] = base64.b64encode(self.kek_check).decode("ascii")
         return (json.dumps(document, sort_keys=True, indent=1) + "\n").encode("utf-8")
 
     @classmethod
@@ -139,8 +152,12 @@ class Sidecar:
         expected = {"version", "raft_applied_index", "storage_envelope_active",
                     "storage_envelope_cutover_index", "raft_envelope_cutover_index",
                     "active", "keys"}
-        if set(document) != expected:
-            missing, extra = expected - set(document), set(document) - expected
+        rewrapped = {"kek_generation", "kek_check"}
+        if len(rewrapped & set(document)) == 1:
+            raise SidecarError("kek_generation and kek_check go together")
+        if set(document) not in (expected, expected | rewrapped):
+            missing = expected - set(document)
+            extra = set(document) - expected - rewrapped
             raise SidecarError(f"fields missing {sorted(missing)} or unknown {sorted(extra)}")
         keys_doc = document["keys"]
         if not isinstance(keys_doc, dict):
@@ -152,17 +169,18 @@ class Sidecar:
             if not isinstance(entry, dict) or set(entry) != {"purpose", "wrapped", "created",
                                                              "local_epoch"}:
                 raise SidecarError(f"key {text} must have purpose, wrapped, created, local_epoch")
-            try:
-                wrapped = base64.b64decode(entry["wrapped"], validate=True) \
-                    if isinstance(entry["wrapped"], str) else None
-            except (binascii.Error, ValueError):
-                wrapped = None
+            wrapped = _base64(entry["wrapped"])
             if wrapped is None:
                 raise SidecarError(f"key {text} wrapped is not base64")
             keys[int(text)] = SidecarKey(purpose=entry["purpose"], wrapped=wrapped,
                                          created=entry["created"],
                                          local_epoch=entry["local_epoch"])
         active = document["active"]
+        kek_check = b""
+        if "kek_check" in document:
+            kek_check = _base64(document["kek_check"])
+            if kek_check is None:
+                raise SidecarError("kek_check is not base64")
         sidecar = cls(
             version=document["version"],
             raft_applied_index=document["raft_applied_index"],
@@ -171,9 +189,21 @@ class Sidecar:
             raft_envelope_cutover_index=document["raft_envelope_cutover_index"],
             active=dict(active) if isinstance(active, dict) else active,
             keys=keys,
+            kek_generation=document.get("kek_generation", 0),
+            kek_check=kek_check,
         )
         sidecar.validate()
         return sidecar
+
+
+def _base64(text: Any) -> Optional[bytes]:
+    """Returns the bytes of a base64 string, or None when it is not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _is_uint(value: Any) -> bool:

@@ -12,12 +12,12 @@ Nothing here logs a key or key bytes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 from sealkv.node.replication.membership import MemberRecord, member_raft_id
 from sealkv.plugins.api import StartupRefused
 
-from .kek import KEKProvider, load_kek_provider
+from .kek import KEKProvider, load_kek_provider, opens_check
 from .keystore import KeyStore
 from .nonce import MAX_EPOCH, full_node_id, node_id16
 from .purpose import PURPOSE_BY_NAME
@@ -27,23 +27,50 @@ from .sidecar import (
 from .state import EncryptionState
 
 
-def load_kek(options: Mapping[str, Any]) -> KEKProvider:
-    """Loads the KEK provider named by the plugin options (`kek_provider`, default "file")."""
-    provider = options.get("kek_provider", "file")
+NEXT_PREFIX = "next_"
+KEK_OPTION_NAMES = ("kek_provider", "kek_file", "kek_env", "kek_options")
+
+
+def load_kek(options: Mapping[str, Any], prefix: str = "") -> KEKProvider:
+    """Loads the KEK provider named by the plugin options (`kek_provider`, default "file").
+
+    With `prefix="next_"` the same options spelled `next_kek_provider`, `next_kek_file`,
+    `next_kek_env`, `next_kek_options` are read instead (the staged next KEK): the provider
+    runs the same checks (a file KEK must be a regular 0600/0400 file of 32 bytes).
+    """
+    provider = options.get(prefix + "kek_provider") or "file"
     if provider == "file":
-        return load_kek_provider("file", path=options.get("kek_file") or "")
+        return load_kek_provider("file", path=options.get(prefix + "kek_file") or "")
     if provider == "env":
-        return load_kek_provider("env", var=options.get("kek_env") or "")
-    return load_kek_provider(provider, **dict(options.get("kek_options") or {}))
+        return load_kek_provider("env", var=options.get(prefix + "kek_env") or "")
+    return load_kek_provider(provider, **dict(options.get(prefix + "kek_options") or {}))
 
 
-def open_sidecar(data_dir: str, kek: KEKProvider,
-                 keystore: KeyStore) -> tuple[Sidecar, dict[int, int]]:
+def load_next_kek(options: Mapping[str, Any]) -> Optional[KEKProvider]:
+    """Loads the staged next KEK (`next_kek_*` options), or returns None when none is set.
+
+    The next KEK is what `sealkv encryption rewrap-keys` moves the key table to; an operator
+    stages it on every member by a rolling restart. Refuses (`StartupRefused`, naming the
+    option) exactly like the current KEK does.
+    """
+    if not any(options.get(NEXT_PREFIX + name) for name in KEK_OPTION_NAMES):
+        return None
+    try:
+        return load_kek(options, NEXT_PREFIX)
+    except StartupRefused as refused:
+        raise StartupRefused(f"the next KEK (--next-kek-*): {refused}") from None
+
+
+def open_sidecar(data_dir: str, kek: KEKProvider, keystore: KeyStore,
+                 next_kek: Optional[KEKProvider] = None) -> tuple[Sidecar, dict[int, int]]:
     """Reads the sidecar, unwraps its keys into `keystore` and bumps every epoch durably.
 
     Returns (the sidecar as it was found, this process's epoch per key id). Refuses when the
     directory cannot be fsynced, the sidecar is invalid, the KEK cannot unwrap a stored key,
-    or the active key's epoch is exhausted.
+    or the active key's epoch is exhausted. A sidecar rewrapped under a new KEK (it carries
+    that KEK's check blob) is opened with whichever of `kek` and the staged `next_kek` is that
+    KEK (a crash can leave it rewrapped before the rewrap is committed to the database);
+    with neither, the refusal names the fix: configure the new KEK as the node's KEK.
     """
     probe_directory_fsync(data_dir)
     path = sidecar_path(data_dir)
@@ -57,9 +84,10 @@ def open_sidecar(data_dir: str, kek: KEKProvider,
     found = dataclasses.replace(sidecar, keys=dict(sidecar.keys), active=dict(sidecar.active))
     active_ids = {key_id for key_id in sidecar.active.values() if key_id}
     epochs: dict[int, int] = {}
+    opener = sidecar_kek(sidecar, kek, next_kek, path)
     for key_id, key in sorted(sidecar.keys.items()):
         try:
-            dek = kek.unwrap(key.wrapped)
+            dek = opener.unwrap(key.wrapped)
         except Exception:  # any unwrap failure is this refusal; the reason could carry bytes
             raise StartupRefused(
                 f"the KEK ({kek.name}) cannot unwrap {key.purpose} key {key_id} in "
@@ -75,6 +103,25 @@ def open_sidecar(data_dir: str, kek: KEKProvider,
     if sidecar.keys:
         write_sidecar(data_dir, sidecar)
     return found, epochs
+
+
+def sidecar_kek(sidecar: Sidecar, kek: KEKProvider, next_kek: Optional[KEKProvider],
+                path: str) -> KEKProvider:
+    """Returns the KEK the sidecar's keys are wrapped under (see `open_sidecar`)."""
+    if not sidecar.kek_generation or opens_check(kek, sidecar.kek_check):
+        return kek
+    if opens_check(next_kek, sidecar.kek_check):
+        return next_kek
+    raise StartupRefused(rewrapped_elsewhere(path, sidecar.kek_generation, kek))
+
+
+def rewrapped_elsewhere(where: str, generation: int, kek: KEKProvider) -> str:
+    """The refusal of a node whose KEK is not the one the key table was rewrapped under."""
+    return (f"the key table in {where} was rewrapped under a new KEK (KEK generation "
+            f"{generation}, by `sealkv encryption rewrap-keys`) and this node's KEK "
+            f"({kek.name}) is not that KEK: configure the new KEK as this node's KEK "
+            "(--kek-file / --kek-provider / --kek-option: the values staged as --next-kek-*) "
+            "and restart")
 
 
 def check_replayed_state(data_dir: str, found: Sidecar, state: EncryptionState,
@@ -101,7 +148,10 @@ def check_replayed_state(data_dir: str, found: Sidecar, state: EncryptionState,
                 f"{theirs}: restore a consistent data directory")
     for key_id, key in found.keys.items():
         replicated = state.keys.get(key_id)
-        if replicated is None or replicated.wrapped != key.wrapped:
+        # A sidecar from before a KEK rewrap holds other wrapped bytes of the same key (both
+        # were unwrapped into one keystore, which refuses different key bytes for an id).
+        rewrapped_since = found.kek_generation < state.kek_generation
+        if replicated is None or (replicated.wrapped != key.wrapped and not rewrapped_since):
             raise StartupRefused(f"key {key_id} of {path} is not in the replicated state:"
                                  " restore a consistent data directory")
     mine = node_id16(full_id)

@@ -26,16 +26,21 @@ from sealkv.node.errors import ApplyHalt, FailedPrecondition, where
 from .reencryption import ReencryptJob
 from .commands import (
     SUB_ENABLE_RAFT, SUB_ENABLE_STORAGE, SUB_RETIRE, SUB_ROTATE, BodyReader, BootstrapCommand,
-    CommandDecodeError, RegisterCommand, RotationCommand, WriterRow, encode_body,
+    CommandDecodeError, RegisterCommand, RewrapCommand, RotationCommand, WriterRow, encode_body,
 )
 from .nonce import node_id16
 from .purpose import PURPOSE_NAMES, PURPOSE_RAFT, PURPOSE_STORAGE
 
 SNAPSHOT_VERSION = 0x01
 SNAPSHOT_VERSION_EXTENDED = 0x02  # v1 + retired key ids + the re-encryption job
+SNAPSHOT_VERSION_REWRAPPED = 0x03  # v2 + the KEK generation and its check blob
 
 Installer = Callable[[int, int, bytes], None]
 Unwrapper = Callable[[bytes], bytes]
+# Applies a rewrap node-locally: (new KEK check blob, keys as (id, purpose, wrapped)) ->
+# None; verifies every wrapped key opens to the key already held and switches this node to
+# the new KEK, or raises (the node cannot follow the cluster's KEK).
+Rewrapper = Callable[[bytes, tuple[tuple[int, int, bytes], ...]], None]
 
 
 class RuleViolation(Exception):
@@ -118,6 +123,12 @@ class EncryptionState:
     key_change_index: int = 0
     retired: set[int] = field(default_factory=set)
     job: Optional[ReencryptJob] = None
+    # How many times the key table was rewrapped under a new KEK (0: the bootstrap KEK), the
+    # current KEK's check blob (`kek.kek_check_blob`; empty at generation 0) and the index of
+    # the last rewrap entry.
+    kek_generation: int = 0
+    kek_check: bytes = b""
+    kek_rewrap_index: int = 0
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -223,7 +234,46 @@ class EncryptionState:
         self.key_change_index = index
         return ApplyResult(Outcome.APPLIED, index)
 
+    def apply_rewrap(self, index: int, command: RewrapCommand,
+                     rewrap: Rewrapper) -> ApplyResult:
+        """Applies 0x05 ROTATION sub-tag 0x02: the key table rewrapped under a new KEK.
+
+        The same rewrap again -> no-op; a rewrap computed from another table or generation (a
+        rotation, retirement or another rewrap raced it) -> consumed, no effect; else
+        `rewrap(check, keys)` (node-local: verify and switch KEK, raising halts) and the table's
+        wrapped bytes, the generation and the check blob are replaced.
+        """
+        result = _halting(self._evaluate_rewrap, command)
+        if result.outcome is not Outcome.APPLIED:
+            return result
+        try:
+            rewrap(command.check, command.keys)
+        except ApplyHalt:
+            raise
+        except Exception as error:
+            raise ApplyHalt(f"cannot apply the KEK rewrap (generation {command.generation}): "
+                            f"{type(error).__name__} at {where(error)}") from error
+        for key_id, purpose, wrapped in command.keys:
+            self.keys[key_id] = WrappedKey(purpose, wrapped, self.keys[key_id].created)
+        self.kek_generation = command.generation
+        self.kek_check = command.check
+        self.kek_rewrap_index = self.key_change_index = index
+        return ApplyResult(Outcome.APPLIED, index)
+
     # ---- leader pre-checks (gRPC threads, read-only) ---------------------------------------
+
+    def check_rewrap(self, command: RewrapCommand, unwrap_next: Unwrapper) -> None:
+        """Refuses a rewrap unless it would take effect: it names every key of the table with
+        its purpose, the next generation, and every wrapped key opens under the next KEK."""
+        try:
+            encode_body(command)
+        except ValueError as error:
+            raise ProposalRefused(f"malformed rewrap: {error}") from None
+        result = _refusing(self._evaluate_rewrap, command)
+        if result.outcome is not Outcome.APPLIED:
+            raise ProposalRefused("the key table changed while the rewrap was prepared: retry")
+        for key_id, _purpose, wrapped in command.keys:
+            _trial_unwrap(unwrap_next, key_id, wrapped)
 
     def check_register(self, command: RegisterCommand) -> str:
         """Refuses (`ProposalRefused`) a registration that would halt; returns its case."""
@@ -335,6 +385,20 @@ class EncryptionState:
         self.registry_case(command.proposer)
         return ApplyResult(Outcome.APPLIED)
 
+    def _evaluate_rewrap(self, command: RewrapCommand) -> ApplyResult:
+        if not self.bootstrapped:
+            raise RuleViolation("a KEK rewrap before bootstrap")
+        table = {key_id: key.purpose for key_id, key in self.keys.items()}
+        named = {key_id: purpose for key_id, purpose, _ in command.keys}
+        if (command.generation == self.kek_generation and command.check == self.kek_check
+                and all(self.keys.get(key_id) is not None
+                        and self.keys[key_id].wrapped == wrapped
+                        for key_id, _, wrapped in command.keys) and named == table):
+            return ApplyResult(Outcome.NOOP_REPLAY)
+        if command.generation != self.kek_generation + 1 or named != table:
+            return ApplyResult(Outcome.STALE_CONSUMED)
+        return ApplyResult(Outcome.APPLIED)
+
     def _put_row(self, row: WriterRow) -> None:
         slot = (row.dek_id, row.node_id16)
         self.registry[slot] = _advanced(self.registry.get(slot), row)
@@ -365,13 +429,20 @@ class EncryptionState:
             parts += [dek_id.to_bytes(4, "big"), node16.to_bytes(2, "big"),
                       record.full_node_id.to_bytes(8, "big"),
                       record.first_epoch.to_bytes(2, "big"), record.last_epoch.to_bytes(2, "big")]
-        if self.retired or self.job is not None:
+        if self.retired or self.job is not None or self.kek_generation:
             # Version 0x02 appends: retired count(4) | ids(4 each, ascending) | job flag(1) |
             # the job (`ReencryptJob.to_bytes`) when the flag is 1.
             parts[0] = bytes((SNAPSHOT_VERSION_EXTENDED,))
             parts.append(len(self.retired).to_bytes(4, "big"))
             parts += [key_id.to_bytes(4, "big") for key_id in sorted(self.retired)]
             parts.append(b"\x01" + self.job.to_bytes() if self.job is not None else b"\x00")
+        if self.kek_generation:
+            # Version 0x03 appends to 0x02: kek_generation(4) | rewrap index(8) |
+            # check length(2) | check.
+            parts[0] = bytes((SNAPSHOT_VERSION_REWRAPPED,))
+            parts += [self.kek_generation.to_bytes(4, "big"),
+                      self.kek_rewrap_index.to_bytes(8, "big"),
+                      len(self.kek_check).to_bytes(2, "big"), self.kek_check]
         return b"".join(parts)
 
     @classmethod
@@ -387,7 +458,8 @@ class EncryptionState:
     @classmethod
     def _parse(cls, reader: BodyReader) -> "EncryptionState":
         version = reader.u8("version")
-        if version not in (SNAPSHOT_VERSION, SNAPSHOT_VERSION_EXTENDED):
+        if version not in (SNAPSHOT_VERSION, SNAPSHOT_VERSION_EXTENDED,
+                           SNAPSHOT_VERSION_REWRAPPED):
             raise StateDecodeError("unsupported encryption snapshot version")
         state = cls()
         state.storage_cutover_index = reader.u64("storage cutover")
@@ -423,7 +495,7 @@ class EncryptionState:
                 raise StateDecodeError("invalid or unordered writer registry row")
             last_slot = slot
             state.registry[slot] = record
-        if version == SNAPSHOT_VERSION_EXTENDED:
+        if version in (SNAPSHOT_VERSION_EXTENDED, SNAPSHOT_VERSION_REWRAPPED):
             count = reader.u32("retired count")
             if count * 4 > reader.remaining():
                 raise StateDecodeError("retired count exceeds the snapshot size")
@@ -432,6 +504,12 @@ class EncryptionState:
                 raise StateDecodeError("retired key ids repeat or are still in the table")
             if reader.u8("job flag"):
                 state.job = ReencryptJob.read(reader)
+        if version == SNAPSHOT_VERSION_REWRAPPED:
+            state.kek_generation = reader.u32("kek generation")
+            state.kek_rewrap_index = reader.u64("kek rewrap index")
+            state.kek_check = reader.take(reader.u16("kek check length"), "kek check")
+            if not state.kek_generation or not state.kek_check:
+                raise StateDecodeError("a rewrapped state without its generation or check")
         reader.end()
         for purpose, key_id in state.active.items():
             if key_id and (key_id not in state.keys or state.keys[key_id].purpose != purpose):

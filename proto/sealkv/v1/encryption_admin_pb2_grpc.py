@@ -94,6 +94,11 @@ class EncryptionAdminStub:
                 request_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.CompactRequest.SerializeToString,
                 response_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.CompactResponse.FromString,
                 _registered_method=True)
+        self.RewrapKeys = channel.unary_unary(
+                '/sealkv.v1.EncryptionAdmin/RewrapKeys',
+                request_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.RewrapKeysRequest.SerializeToString,
+                response_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.RewrapKeysResponse.FromString,
+                _registered_method=True)
         self.ResyncSidecar = channel.unary_unary(
                 '/sealkv.v1.EncryptionAdmin/ResyncSidecar',
                 request_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.ResyncSidecarRequest.SerializeToString,
@@ -192,6 +197,17 @@ class EncryptionAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RewrapKeys(self, request, context):
+        """Leader only: moves the key table to the next KEK staged on every member (--next-kek-*):
+        every member first proves it is ready (GetCapability.next_kek_ready, and its next KEK is
+        the leader's), then the table rewrapped under the next KEK is proposed through the log;
+        every node switches to it and rewrites its sidecar. FAILED_PRECONDITION naming the
+        members that are not ready. A retry after success answers OK with was_already_done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResyncSidecar(self, request, context):
         """Rewrites this node's sidecar from the replicated state (a node that lost its sidecar).
         """
@@ -261,6 +277,11 @@ def add_EncryptionAdminServicer_to_server(servicer, server):
                     servicer.Compact,
                     request_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.CompactRequest.FromString,
                     response_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.CompactResponse.SerializeToString,
+            ),
+            'RewrapKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewrapKeys,
+                    request_deserializer=sealkv_dot_v1_dot_encryption__admin__pb2.RewrapKeysRequest.FromString,
+                    response_serializer=sealkv_dot_v1_dot_encryption__admin__pb2.RewrapKeysResponse.SerializeToString,
             ),
             'ResyncSidecar': grpc.unary_unary_rpc_method_handler(
                     servicer.ResyncSidecar,
@@ -592,6 +613,33 @@ class EncryptionAdmin:
             '/sealkv.v1.EncryptionAdmin/Compact',
             sealkv_dot_v1_dot_encryption__admin__pb2.CompactRequest.SerializeToString,
             sealkv_dot_v1_dot_encryption__admin__pb2.CompactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewrapKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealkv.v1.EncryptionAdmin/RewrapKeys',
+            sealkv_dot_v1_dot_encryption__admin__pb2.RewrapKeysRequest.SerializeToString,
+            sealkv_dot_v1_dot_encryption__admin__pb2.RewrapKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

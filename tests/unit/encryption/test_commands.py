@@ -95,7 +95,7 @@ def _rotation_body(sub_tag, purpose=1, wrapped=b"", row=ROW, dek_id=7):
 
 
 @pytest.mark.parametrize("body", [
-    _rotation_body(0x02, wrapped=WRAPPED),           # rewrap: reserved
+    _rotation_body(0x02, wrapped=WRAPPED),           # rewrap: not its body layout
     _rotation_body(0x03, wrapped=WRAPPED),           # retire with a key
     _rotation_body(0x06),                            # unknown
     _rotation_body(0x01),                            # rotate without a key

@@ -1,0 +1,289 @@
+"""Online KEK rotation on real 3-node TLS clusters: `sealkv encryption rewrap-keys`.
+
+The operator stages the next KEK on every node by a rolling restart (--next-kek-*), runs
+rewrap-keys (every member proves through the capability fan-out that its KEK opens the key
+table and that its next KEK is the leader's; then the table rewrapped under the next KEK goes
+through the log), then promotes next -> current in each node's configuration.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+
+import pytest
+
+from sealkv.node import errors
+from sealkv.node.client import SERIALIZABLE
+from tests.cluster import PYTHON, wait_for
+from tests.integration.test_encryption import start_fails
+from tests.integration.test_encryption_admin import (
+    admin, capability, cli, sidecar_state, write_kek,
+)
+from tests.softhsm import make_token
+
+pytestmark = pytest.mark.integration
+
+KEK_FLAGS = ("--kek-file", "--kek-provider", "--kek-option",
+             "--next-kek-file", "--next-kek-provider", "--next-kek-option")
+
+
+def file_kek(path) -> list[str]:
+    return ["--kek-file", path]
+
+
+def next_of(flags: list[str]) -> list[str]:
+    """The --next-kek-* spelling of KEK flags."""
+    return [f"--next-{flag[2:]}" if flag in KEK_FLAGS else flag for flag in flags]
+
+
+def pkcs11_kek(hsm, label: str) -> list[str]:
+    return ["--kek-provider", "pkcs11"] + [a for k, v in hsm.kek_options(label).items()
+                                          for a in ("--kek-option", f"{k}={v}")]
+
+
+def set_keks(node, current: list[str], staged: list[str] = ()) -> None:
+    """Replaces the node's KEK flags: `current` as --kek-*, `staged` as --next-kek-*."""
+    args, kept = node.extra_args, []
+    i = 0
+    while i < len(args):
+        if args[i] in KEK_FLAGS:
+            i += 2
+            continue
+        kept.append(args[i])
+        i += 1
+    node.extra_args = kept + list(current) + next_of(list(staged))
+
+
+def restart(cluster, name, current, staged=()) -> None:
+    """Restarts one node (SIGTERM) with new KEK flags and waits until it serves again."""
+    cluster.kill(name, signal.SIGTERM)
+    set_keks(cluster.nodes[name], current, staged)
+    cluster.start_node(name)
+    wait_for(lambda: cluster.healthy(name), 60, f"{name} serving again")
+    wait_for(lambda: capability(cluster, name).encryption_capable, 60, f"{name} capable")
+
+
+def sealed_cluster(make_cluster, current):
+    cluster = make_cluster(3, plugins=["encryption"], extra_args=list(current))
+    with cluster.client() as c:
+        c.put(b"before-bootstrap", b"cleartext-then-sealed")
+        admin(c, "BootstrapEncryption", timeout=15)
+        admin(c, "EnableStorageEnvelope", timeout=15)
+        for i in range(20):
+            c.put(b"sealed/%d" % i, b"value-%d" % i)
+    return cluster
+
+
+def expected_values() -> dict[bytes, bytes]:
+    values = {b"sealed/%d" % i: b"value-%d" % i for i in range(20)}
+    values[b"before-bootstrap"] = b"cleartext-then-sealed"
+    return values
+
+
+class Writer:
+    """Puts keys one after another on its own thread until stopped; remembers what was
+    acknowledged."""
+
+    def __init__(self, cluster):
+        self.cluster, self.acked, self.errors = cluster, {}, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self):
+        with self.cluster.client(timeout=10) as c:
+            i = 0
+            while not self.stop.is_set():
+                key, value = b"load/%d" % i, os.urandom(16).hex().encode()
+                try:
+                    c.put(key, value)
+                    self.acked[key] = value
+                except errors.SealkvError as exc:  # a retryable refusal: its outcome is unknown
+                    self.errors.append(exc)
+                i += 1
+
+    def __enter__(self):
+        self.thread.start()
+        wait_for(lambda: len(self.acked) >= 5, 30, "the writing load to start")
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(60)
+
+
+def assert_all_readable(cluster, values, via=None):
+    names = [via] if via else [n for n, p in cluster.nodes.items() if p.alive()]
+    for name in names:
+        with cluster.client(name, timeout=10) as c:
+            for key, value in values.items():
+                got = c.get(key, consistency=SERIALIZABLE) if via else c.get(key)
+                assert got.kv.value == value, (name, key)
+
+
+def rewrap_cli(cluster, json_out=True):
+    """Runs `sealkv encryption rewrap-keys` against every node (the client finds the leader)."""
+    endpoints = ",".join(n.grpc for n in cluster.nodes.values())
+    return cli(["--endpoints", endpoints, *(["-w", "json"] if json_out else []),
+                "encryption", "rewrap-keys"], cluster)
+
+
+def generations(cluster) -> dict[str, int]:
+    return {n: capability(cluster, n).kek_generation for n, p in cluster.nodes.items()
+            if p.alive()}
+
+
+def test_rewrap_file_to_file_under_load_then_restarts(make_cluster, tmp_path):
+    old, new = write_kek(tmp_path / "old.kek"), write_kek(tmp_path / "new.kek")
+    cluster = sealed_cluster(make_cluster, file_kek(old))
+    # Before staging: every member reports why it is not ready, and the rewrap is refused.
+    assert "--next-kek-file" in capability(cluster, "n1").next_kek_reason
+    result = rewrap_cli(cluster, json_out=False)
+    assert result.exit_code != 0 and "no next KEK" in result.output, result.output
+
+    # Stage the next KEK by a rolling restart.
+    for name in list(cluster.nodes):
+        restart(cluster, name, file_kek(old), file_kek(new))
+        assert capability(cluster, name).next_kek_ready
+    cluster.wait_leader()
+    before = {n: {k.key_id: k for k in sidecar_state(cluster, n).keys} for n in cluster.nodes}
+
+    with Writer(cluster) as load:
+        result = rewrap_cli(cluster)
+        assert result.exit_code == 0, result.output
+        answer = json.loads(result.output)
+        assert answer["kek_generation"] == 1 and not answer["was_already_done"]
+        assert sorted(r["member"] for r in answer["capability_summary"]) == ["n1", "n2", "n3"]
+        done_at = len(load.acked)
+        wait_for(lambda: len(load.acked) >= done_at + 5, 30, "writes after the rewrap")
+    wait_for(lambda: set(generations(cluster).values()) == {1}, 30, "every node at generation 1")
+    for name in cluster.nodes:
+        state = sidecar_state(cluster, name)
+        assert sorted(k.key_id for k in state.keys) == sorted(before[name])
+    assert_all_readable(cluster, {**expected_values(), **load.acked})
+
+    # A re-run is safe: nothing to do, same generation and index.
+    again = rewrap_cli(cluster)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output)["was_already_done"]
+    assert json.loads(again.output)["index"] == answer["index"]
+
+    # Writes after the rewrap, then a node restarted with only the old KEK refuses, naming
+    # the fix; restarted with the new KEK as its KEK it works.
+    with cluster.client() as c:
+        c.put(b"after-rewrap", b"sealed-under-new-kek-wrap")
+    victim = next(n for n in cluster.nodes if n != cluster.wait_leader())
+    cluster.kill(victim, signal.SIGTERM)
+    out = start_fails(cluster, victim, "--plugins", "encryption", "--kek-file", old)
+    assert "rewrapped under a new KEK" in out and "--kek-file" in out, out[-2000:]
+    restart_args = file_kek(new)
+    set_keks(cluster.nodes[victim], restart_args)
+    cluster.start_node(victim)
+    wait_for(lambda: capability(cluster, victim).encryption_capable, 60, f"{victim} capable")
+    wait_for(lambda: cluster.client(victim).get(b"after-rewrap", consistency=SERIALIZABLE).kv
+             .value == b"sealed-under-new-kek-wrap", 30, f"{victim} caught up")
+    assert_all_readable(cluster, {**expected_values(), **load.acked}, via=victim)
+    # Promote everywhere: the whole cluster restarts with the new KEK only.
+    for name in cluster.nodes:
+        if name != victim:
+            restart(cluster, name, file_kek(new))
+    cluster.wait_leader()
+    assert_all_readable(cluster, {**expected_values(), **load.acked})
+    digests = {cluster.client(n).digest().digest for n in cluster.nodes}
+    assert len(digests) == 1
+
+
+def test_a_member_without_the_next_kek_refuses_and_nothing_changes(make_cluster, tmp_path):
+    old, new = write_kek(tmp_path / "old.kek"), write_kek(tmp_path / "new.kek")
+    other = write_kek(tmp_path / "other.kek")
+    cluster = sealed_cluster(make_cluster, file_kek(old) + next_of(file_kek(new)))
+    staged = cluster.wait_leader()
+    unstaged, elsewhere = [n for n in cluster.nodes if n != staged]
+    restart(cluster, unstaged, file_kek(old))                     # no next KEK
+    restart(cluster, elsewhere, file_kek(old), file_kek(other))   # another next KEK
+    before = {n: sidecar_state(cluster, n) for n in cluster.nodes}
+    leader = cluster.wait_leader()
+    with cluster.client() as c:
+        with pytest.raises(errors.FailedPrecondition) as refused:
+            admin(c, "RewrapKeys", timeout=20)
+    message = refused.value.message
+    assert "no next KEK is staged" in message, message
+    if leader == unstaged:  # a restart can move the leadership: the leader refuses itself
+        assert "the leader cannot rewrap" in message, message
+    else:
+        assert unstaged in message, message
+        mismatched = elsewhere if leader == staged else staged
+        assert mismatched in message and "not the leader's next KEK" in message, message
+    assert set(generations(cluster).values()) == {0}
+    for name in cluster.nodes:
+        after = sidecar_state(cluster, name)
+        assert after.raft_applied_index == before[name].raft_applied_index
+        assert [k.key_id for k in after.keys] == [k.key_id for k in before[name].keys]
+    assert_all_readable(cluster, expected_values())
+
+
+def test_rewrap_survives_a_kill_9_during_the_rewrite(make_cluster, tmp_path):
+    old, new = write_kek(tmp_path / "old.kek"), write_kek(tmp_path / "new.kek")
+    cluster = sealed_cluster(make_cluster, file_kek(old) + next_of(file_kek(new)))
+    leader = cluster.wait_leader()
+    victim = next(n for n in cluster.nodes if n != leader)
+    # Kill the follower the moment its sidecar rewrite lands (before or after its database
+    # commits the rewrap: the crash windows themselves are unit-tested); the majority commits
+    # the rewrap either way.
+    keys_json = os.path.join(cluster.nodes[victim].data_dir, "encryption", "keys.json")
+
+    def rewritten() -> bool:
+        with open(keys_json, "rb") as f:
+            return b"kek_generation" in f.read()
+
+    outcome = []
+    rewrap = threading.Thread(target=lambda: outcome.append(
+        rewrap_cli(cluster)))
+    rewrap.start()
+    wait_for(rewritten, 30, f"{victim}'s sidecar rewrite", interval=0.001)
+    cluster.kill(victim, signal.SIGKILL)
+    rewrap.join(60)
+    assert outcome and outcome[0].exit_code == 0, outcome and outcome[0].output
+    # It restarts with the old KEK and the next still staged (the operator has not
+    # promoted yet): consistent, at the new generation.
+    cluster.start_node(victim)
+    wait_for(lambda: capability(cluster, victim).encryption_capable, 60, f"{victim} capable")
+    wait_for(lambda: capability(cluster, victim).kek_generation == 1, 30,
+             f"{victim} at generation 1")
+    assert_all_readable(cluster, expected_values(), via=victim)
+    # And then with the new KEK only.
+    restart(cluster, victim, file_kek(new))
+    assert_all_readable(cluster, expected_values(), via=victim)
+    with cluster.client() as c:
+        c.put(b"after", b"v")
+    wait_for(lambda: cluster.client(victim).get(b"after", consistency=SERIALIZABLE).kv.value
+             == b"v", 30, f"{victim} applies new writes")
+
+
+def test_rewrap_file_to_pkcs11_and_back(make_cluster, tmp_path):
+    hsm = make_token(str(tmp_path / "hsm"))
+    keygen = subprocess.run(
+        [PYTHON, "-m", "sealkv.node.cli", "encryption", "pkcs11-keygen", "--module", hsm.module,
+         "--token-label", hsm.token_label, "--key-label", "kek-2", "--pin-file", hsm.pin_file],
+        env=dict(os.environ, SOFTHSM2_CONF=hsm.conf), capture_output=True, text=True,
+        timeout=120)
+    assert keygen.returncode == 0, keygen.stderr
+    first, last = write_kek(tmp_path / "first.kek"), write_kek(tmp_path / "last.kek")
+    token = pkcs11_kek(hsm, "kek-2")
+    cluster = sealed_cluster(make_cluster, file_kek(first) + next_of(token))
+    with cluster.client() as c:
+        assert admin(c, "RewrapKeys", timeout=30).kek_generation == 1
+    # Promote the token KEK and stage the last file KEK, one node at a time.
+    for name in list(cluster.nodes):
+        restart(cluster, name, token, file_kek(last))
+    cluster.wait_leader()
+    with cluster.client() as c:
+        c.put(b"under-token", b"x")
+        assert admin(c, "RewrapKeys", timeout=30).kek_generation == 2
+    for name in list(cluster.nodes):
+        restart(cluster, name, file_kek(last))
+    cluster.wait_leader()
+    assert set(generations(cluster).values()) == {2}
+    assert_all_readable(cluster, {**expected_values(), b"under-token": b"x"})
