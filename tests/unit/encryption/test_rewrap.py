@@ -207,6 +207,7 @@ def test_crash_windows_of_the_rewrite(tmp_path, keks):
     write_sidecar(plugin.context.data_dir, old_sidecar)
     restarted = make_plugin(tmp_path, old, new)
     restarted.restore_state(after)
+    restarted.persist_applied()  # as the state machine does after a restore
     assert restarted.kek is restarted.next_kek
     restarted.check_start_state(catch_up_timeout=0)
     assert read_sidecar(plugin.context.data_dir).kek_generation == 1
