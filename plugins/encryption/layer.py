@@ -499,6 +499,10 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         """This node's encryption metrics (`sealkv.plugins.api.ProvidesMetrics`)."""
         view = self.view()
         state, counts = view.state, COUNTERS.snapshot()
+        storage = getattr(self, "storage", None)
+        if storage is not None and storage.sealed:
+            key = ("seal", "storage", "")
+            counts[key] = counts.get(key, 0) + storage.sealed
         events = {"seal": [], "open": [], "failure": []}
         for (event, purpose, reason), n in sorted(counts.items()):
             labels = {"purpose": purpose, **({"reason": reason} if reason else {})}

@@ -16,7 +16,7 @@ FNV64_PRIME = 0x100000001B3
 MAX_EPOCH = 0xFFFF  # refused: rotation is the way out
 MAX_COUNTER = 0xFFFFFFFFFFFFFFFF
 
-_NONCE = struct.Struct(">HHQ")
+_PREFIX = struct.Struct(">HH")  # node_id16 | local_epoch; the counter follows (8, BE)
 
 
 class NonceExhausted(RuntimeError):
@@ -63,6 +63,7 @@ class NonceFactory:
             raise ValueError("counter_limit must be in 1..2**64-1")
         self.node_id16 = node_id16
         self.local_epoch = local_epoch
+        self._prefix = _PREFIX.pack(node_id16, local_epoch)
         self._limit = counter_limit
         self._next = 1
         self._exhausted = False
@@ -83,7 +84,7 @@ class NonceFactory:
                 self._exhausted = True
             else:
                 self._next = counter + 1
-        return _NONCE.pack(self.node_id16, self.local_epoch, counter)
+        return self._prefix + counter.to_bytes(8, "big")
 
     def __repr__(self) -> str:
         return (f"<NonceFactory node_id16=0x{self.node_id16:04x} epoch={self.local_epoch} "

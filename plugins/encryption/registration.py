@@ -67,6 +67,12 @@ class WriterRegistration:
         """Waits up to `timeout` until this node's registry rows for its current epochs are
         applied for every key a client write could be sealed under; else raises `Unavailable`.
         """
+        # Every client write passes here: the usual case (rows applied) is answered without
+        # the condition's lock. The rows and epochs only change on the tick thread; reading
+        # them unlocked sees each field's value before or after a change, and a torn read can
+        # only report a row missing (then the locked wait below decides), never invent one.
+        if self._unregistered_key() is None:
+            return
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._cond:
             while True:

@@ -9,7 +9,7 @@ neither. Nothing here logs a key, a value or key bytes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 from sealkv.node.errors import IntegrityError
 from sealkv.node.state.storage.base import (
@@ -42,24 +42,40 @@ class EncryptionStorage(StorageLayer):
         self.state = state
         self.keystore = keystore
         self.nonces = nonces
+        # The active storage key's sealer and nonce factory, built on its first use (apply,
+        # tick thread). A key id always names the same bytes (the keystore refuses reuse) and
+        # its factory lives as long as the process, so they stay valid until the active id
+        # changes (a rotation), when the next put builds the new key's pair.
+        self._sealing: Optional[tuple[envelope.Sealer, Callable[[], bytes]]] = None
+        # Values sealed by this layer (the seals metric). Writes are serialised by the state
+        # machine's lock (the `Storage` threading contract), so a plain count is exact and
+        # spares every put the shared counters' lock.
+        self.sealed = 0
 
     def put(self, key: bytes, entry: Entry) -> None:
         """Stores `entry` (plaintext value) sealed or cleartext per the replicated state."""
         if entry.state != VALUE_CLEARTEXT:
             raise ValueError("the storage layer expects plaintext entries")
-        if not self.state.storage_envelope_active:
+        state = self.state
+        if not state.storage_envelope_active:
             self.inner.put(key, entry)
             return
-        dek_id = self.state.active_storage_id
+        sealing = self._sealing
+        if sealing is None or sealing[0].key_id != state.active_storage_id:
+            sealing = self._sealing = self._sealing_for(state.active_storage_id)
+        sealer, next_nonce = sealing
+        header = (entry.header & ~VALUE_STATE_MASK & 0xFF) | VALUE_ENCRYPTED
+        sealed = sealer.seal(next_nonce(), entry.value,
+                             envelope.storage_aad(sealer.header, header, key, entry.mod_revision))
+        self.sealed += 1
+        self.inner.put(key, Entry(sealed, entry.create_revision, entry.mod_revision,
+                                  entry.version, header))
+
+    def _sealing_for(self, dek_id: int) -> tuple[envelope.Sealer, Callable[[], bytes]]:
         dek = self.keystore.get_for(dek_id, PURPOSE_STORAGE)
         if dek is None:
             raise EncryptionUnavailableError(f"storage key {dek_id} is not loaded")
-        header = (entry.header & ~VALUE_STATE_MASK & 0xFF) | VALUE_ENCRYPTED
-        header6 = envelope.envelope_header(dek_id)
-        sealed = envelope.seal(dek, dek_id, self.nonces(dek_id).next(), entry.value,
-                               envelope.storage_aad(header6, header, key, entry.mod_revision))
-        COUNTERS.add("seal", "storage")
-        self.inner.put(key, dataclasses.replace(entry, value=sealed, header=header))
+        return envelope.Sealer(dek, dek_id), self.nonces(dek_id).next
 
     def decode_entry(self, key: bytes, entry: Entry) -> Entry:
         """Returns the plaintext entry; raises `IntegrityError` when it cannot be trusted."""

@@ -124,6 +124,29 @@ def test_seal_refuses_bad_arguments():
         seal(DEK, 1, NONCE[:8], b"", b"")
 
 
+def test_a_sealer_makes_the_envelopes_seal_makes_and_checks_the_same_arguments():
+    sealer = envelope.Sealer(DEK, 9)
+    aad = storage_aad(sealer.header, 1, b"k", 3)
+    assert sealer.key_id == 9 and sealer.header == envelope.envelope_header(9)
+    assert sealer.seal(NONCE, b"value", aad) == seal(DEK, 9, NONCE, b"value", aad)
+    assert open_envelope(DEK, sealer.seal(NONCE, b"value", aad), aad) == b"value"
+    with pytest.raises(ValueError):
+        envelope.Sealer(DEK[:16], 1)
+    with pytest.raises(ValueError):
+        envelope.Sealer(DEK, 0)
+    with pytest.raises(ValueError):
+        sealer.seal(NONCE[:8], b"", b"")
+
+
+def test_storage_aad_refuses_what_does_not_fit():
+    header6 = envelope.envelope_header(1)
+    for bad in ((header6[:5], 1, b"k", 1), (header6, 256, b"k", 1), (header6, -1, b"k", 1),
+                (header6, 1, b"k", -1), (header6, 1, b"k", 2 ** 64)):
+        with pytest.raises(ValueError):
+            storage_aad(*bad)
+    assert storage_aad(header6, 1, b"k", 2 ** 64 - 1) == header6 + b"\x01k" + b"\xff" * 8
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_parse_and_open_never_crash_on_random_input(data):

@@ -16,7 +16,10 @@ from sealkv.plugins.encryption.commands import RegisterCommand, WriterRow
 from sealkv.plugins.encryption.keystore import KeyConflict, KeyStore
 from sealkv.node.data_dir import DataDirError, refuse_disabled_plugin_data
 from sealkv.plugins.encryption.layer import EncryptionLayerPlugin
-from sealkv.plugins.encryption.proposals import bootstrap_command, cutover_command
+from sealkv.plugins.encryption.proposals import (
+    bootstrap_command, cutover_command, rotation_command,
+)
+from sealkv.plugins.encryption.purpose import PURPOSE_STORAGE
 from sealkv.plugins.encryption.nonce import full_node_id
 from sealkv.plugins.encryption.sidecar import read_sidecar, sidecar_dir
 from sealkv.plugins.encryption.storage import EncryptionUnavailableError
@@ -113,6 +116,24 @@ def test_values_are_sealed_after_cutover_and_read_back(tmp_path, kek_file):
     assert got.value == b"secret value" and got.header == VALUE_CLEARTEXT
     assert [(k, e.value) for k, e in layer.scan(b"", None)] == [(b"user/1", b"secret value")]
     assert layer.delete(b"user/1") and layer.get(b"user/1") is None
+
+
+def test_puts_follow_a_storage_key_rotation_and_are_counted(tmp_path, kek_file):
+    plugin, layer, store = encrypted_cluster(tmp_path, kek_file)
+    layer.put(b"a", entry(b"one", 11))
+    layer.put(b"a2", entry(b"one again", 11))
+    apply(plugin, 12, rotation_command(plugin, PURPOSE_STORAGE))
+    new_id = plugin.state.active_storage_id
+    assert new_id != 1
+    layer.put(b"b", entry(b"two", 13))
+    assert store.data[b"a2"].value[2:6] == (1).to_bytes(4, "big")
+    assert store.data[b"a2"].value[10:18] == (2).to_bytes(8, "big")  # the key's 2nd nonce
+    assert store.data[b"b"].value[2:6] == new_id.to_bytes(4, "big")
+    assert store.data[b"b"].value[10:18] == (1).to_bytes(8, "big")  # its own counter
+    assert [layer.get(k).value for k in (b"a", b"a2", b"b")] == [b"one", b"one again", b"two"]
+    seals = next(rows for name, _, _, rows in plugin.metrics()
+                 if name == "sealkv_encryption_envelope_seals")
+    assert ({"purpose": "storage"}, 3) in seals
 
 
 def test_tampering_swapping_and_reserved_states_are_integrity_errors(tmp_path, kek_file):
