@@ -303,11 +303,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             return refusals_only
 
         def admin_act(request, context):
-            identity, peer = caller(context)
-            try:
-                self.audit.append("request", identity, peer, method, args=redact(request))
-            except AuditUnavailable as exc:
-                errors.abort_with(context, errors.Unavailable(str(exc)))
+            identity, peer = self._record_request(method, request, context)
             code = grpc.StatusCode.UNKNOWN
             try:
                 response = behavior(request, context)
@@ -333,11 +329,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             return refusals_only
 
         def admin_act(request, context):
-            identity, peer = caller(context)
-            try:
-                self.audit.append("request", identity, peer, method, args=redact(request))
-            except AuditUnavailable as exc:
-                errors.abort_with(context, errors.Unavailable(str(exc)))
+            identity, peer = self._record_request(method, request, context)
             code = grpc.StatusCode.UNKNOWN
             try:
                 yield from behavior(request, context)
@@ -362,6 +354,16 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 raise
 
         return wrapper
+
+    def _record_request(self, method: str, request, context) -> tuple[str, str]:
+        """Writes an admin act's request record before it runs; returns (identity, peer).
+        Aborts the call with UNAVAILABLE when the record cannot be written."""
+        identity, peer = caller(context)
+        try:
+            self.audit.append("request", identity, peer, method, args=redact(request))
+        except AuditUnavailable as exc:
+            errors.abort_with(context, errors.Unavailable(str(exc)))
+        return identity, peer
 
     def _refused(self, method: str, context) -> None:
         code = context.code()

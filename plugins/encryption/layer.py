@@ -38,7 +38,7 @@ from .nonce import MAX_EPOCH, NonceFactory, full_node_id, node_id16
 from .purpose import PURPOSE_NAMES
 from .raft_envelope import RaftPayloadCodec
 from .registration import WriterRegistration
-from .sidecar import Sidecar, SidecarError, SidecarKey, write_sidecar
+from .sidecar import Sidecar, SidecarError, sidecar_of, write_sidecar
 from .state import ApplyResult, EncryptionState, Outcome, ProposalRefused, StateDecodeError
 from .storage import EncryptionStorage, EncryptionUnavailableError
 
@@ -419,17 +419,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         """
         with self._sidecar_lock:
             with self._cond:
-                state = self.state
-                sidecar = Sidecar(
-                    raft_applied_index=state.key_change_index,
-                    storage_envelope_active=state.storage_envelope_active,
-                    storage_envelope_cutover_index=state.storage_cutover_index,
-                    raft_envelope_cutover_index=state.raft_cutover_index,
-                    active={"storage": state.active_storage_id, "raft": state.active_raft_id},
-                    keys={key_id: SidecarKey(PURPOSE_NAMES[key.purpose], key.wrapped,
-                                             key.created, self._epochs.get(key_id, 0))
-                          for key_id, key in state.keys.items()},
-                    kek_generation=state.kek_generation, kek_check=state.kek_check)
+                sidecar = sidecar_of(self.state, self._epochs)
             _die_here_if_testing(sidecar, self._durable_epochs)
             try:
                 write_sidecar(self.context.data_dir, sidecar)

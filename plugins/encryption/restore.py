@@ -32,7 +32,7 @@ from sealkv.plugins.api import RestoredState, StartupRefused
 from . import startup
 from .kek import KEKProvider
 from .purpose import PURPOSE_NAMES, PURPOSE_RAFT, PURPOSE_STORAGE
-from .sidecar import Sidecar, SidecarKey, write_sidecar
+from .sidecar import sidecar_of, write_sidecar
 from .state import EncryptionState, StateDecodeError, WrappedKey
 
 # The restored cluster's new key ids start this far (at most) above every id in use.
@@ -79,14 +79,7 @@ def restore_for_new_cluster(state: bytes, index: int,
                 "of the backup: give the restore the KEK of the cluster the backup was saved "
                 "from (--kek-file, or --kek-provider/--kek-option)")
     restored = _rotated(parsed, index, kek)
-    sidecar = Sidecar(
-        raft_applied_index=restored.key_change_index,
-        storage_envelope_active=restored.storage_envelope_active,
-        storage_envelope_cutover_index=restored.storage_cutover_index,
-        raft_envelope_cutover_index=restored.raft_cutover_index,
-        active={"storage": restored.active_storage_id, "raft": restored.active_raft_id},
-        keys={key_id: SidecarKey(PURPOSE_NAMES[key.purpose], key.wrapped, key.created, 0)
-              for key_id, key in restored.keys.items()})
+    sidecar = sidecar_of(restored, {})  # epoch 0: the first start makes epoch 1 durable
     sidecar.validate()
     return RestoredState(
         restored.to_bytes(), lambda data_dir: write_sidecar(data_dir, sidecar),

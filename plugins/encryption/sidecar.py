@@ -27,12 +27,15 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from sealkv.plugins.api import StartupRefused, plugin_data_dir
 
 from .nonce import epoch_in_range
-from .purpose import PURPOSE_BY_NAME
+from .purpose import PURPOSE_BY_NAME, PURPOSE_NAMES
+
+if TYPE_CHECKING:
+    from .state import EncryptionState
 
 SIDECAR_VERSION = 1
 DIR_NAME = "encryption"
@@ -204,6 +207,21 @@ def _base64(text: Any) -> Optional[bytes]:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+def sidecar_of(state: "EncryptionState", epochs: Mapping[int, int]) -> Sidecar:
+    """The sidecar recording `state`'s key table, cutovers and KEK generation, with `epochs`
+    as this node's nonce epoch per key id (0 for a key it has no epoch for)."""
+    return Sidecar(
+        raft_applied_index=state.key_change_index,
+        storage_envelope_active=state.storage_envelope_active,
+        storage_envelope_cutover_index=state.storage_cutover_index,
+        raft_envelope_cutover_index=state.raft_cutover_index,
+        active={"storage": state.active_storage_id, "raft": state.active_raft_id},
+        keys={key_id: SidecarKey(PURPOSE_NAMES[key.purpose], key.wrapped, key.created,
+                                 epochs.get(key_id, 0))
+              for key_id, key in state.keys.items()},
+        kek_generation=state.kek_generation, kek_check=state.kek_check)
 
 
 def _is_uint(value: Any) -> bool:

@@ -121,3 +121,19 @@ def test_probe_refuses_a_filesystem_without_directory_fsync(tmp_path, monkeypatc
     monkeypatch.setattr(sidecar_module.os, "fsync", no_dir_fsync)
     with pytest.raises(StartupRefused, match="cannot fsync a directory"):
         probe_directory_fsync(str(tmp_path))
+
+
+def test_sidecar_of_records_the_state_and_this_nodes_epochs():
+    from sealkv.plugins.encryption.purpose import PURPOSE_RAFT, PURPOSE_STORAGE
+    from sealkv.plugins.encryption.state import EncryptionState, WrappedKey
+
+    state = EncryptionState(keys={1: WrappedKey(PURPOSE_STORAGE, b"w1", 3),
+                                  2: WrappedKey(PURPOSE_RAFT, b"w2", 3)},
+                            active={PURPOSE_STORAGE: 1, PURPOSE_RAFT: 2},
+                            storage_cutover_index=4, key_change_index=4)
+    made = sidecar_module.sidecar_of(state, {1: 7})
+    made.validate()
+    assert (made.raft_applied_index, made.storage_envelope_cutover_index) == (4, 4)
+    assert made.storage_envelope_active and made.active == {"storage": 1, "raft": 2}
+    assert {k: (v.purpose, v.wrapped, v.created, v.local_epoch) for k, v in made.keys.items()} \
+        == {1: ("storage", b"w1", 3, 7), 2: ("raft", b"w2", 3, 0)}
