@@ -42,7 +42,8 @@ def encryption():
 
 
 STATUS_HEADERS = ["endpoint", "name", "capable", "epoch", "active storage", "active raft",
-                  "envelope", "cutover", "raft envelope", "keys", "reason"]
+                  "envelope", "cutover", "raft envelope", "keys", "kek gen", "next kek",
+                  "reason"]
 
 
 @encryption.command()
@@ -76,7 +77,8 @@ def status(c: Ctx, cluster):
                      side.storage_envelope_cutover_index or "-",
                      f"above {cap.raft_envelope_cutover_index}"
                      if cap.raft_envelope_cutover_index else "off",
-                     ",".join(map(str, key_ids)) or "-", cap.reason or "-"])
+                     ",".join(map(str, key_ids)) or "-", cap.kek_generation,
+                     "ready" if cap.next_kek_ready else "-", cap.reason or "-"])
         data.append({
             "endpoint": target, "name": cap.node_name, "capable": cap.encryption_capable,
             "reason": cap.reason, "build_version": cap.build_version,
@@ -88,6 +90,8 @@ def status(c: Ctx, cluster):
             "storage_envelope_cutover_index": side.storage_envelope_cutover_index,
             "raft_envelope_cutover_index": side.raft_envelope_cutover_index,
             "raft_wrap_installed": cap.raft_wrap_installed,
+            "kek_generation": cap.kek_generation, "next_kek_ready": cap.next_kek_ready,
+            "next_kek_reason": cap.next_kek_reason,
             "keys": [{"key_id": k.key_id, "purpose": k.purpose, "created": k.created,
                       "local_epoch": k.local_epoch} for k in side.keys],
         })

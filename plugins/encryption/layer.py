@@ -48,6 +48,10 @@ NEW_KEY_EPOCH = 1  # every node's epoch for a key it installs for the first time
 # SIGKILLs itself between the apply that installed that key and the sidecar write that would
 # first record it, the window the "not durable yet" gate protects.
 DIE_BEFORE_SIDECAR_ENV = "SEALKV_TEST_DIE_BEFORE_SIDECAR_KEY"
+# The same for a KEK rewrap (the rewrap test only): a KEK generation. The process SIGKILLs
+# itself after applying the rewrap to that generation (its KEK switched in memory), before
+# the sidecar write that would first record it.
+DIE_BEFORE_REWRAP_SIDECAR_ENV = "SEALKV_TEST_DIE_BEFORE_SIDECAR_KEK_GENERATION"
 
 
 @dataclass(frozen=True)
@@ -604,8 +608,12 @@ def _decoded(decoder: Callable[[bytes], Any], body: bytes) -> Any:
 
 
 def _die_here_if_testing(sidecar: Sidecar, durable: Mapping[int, int]) -> None:
-    """The crash-safety test's kill point (`DIE_BEFORE_SIDECAR_ENV`); nothing when unset."""
+    """The crash-safety tests' kill points (`DIE_BEFORE_SIDECAR_ENV`,
+    `DIE_BEFORE_REWRAP_SIDECAR_ENV`); nothing when unset."""
     wanted = os.environ.get(DIE_BEFORE_SIDECAR_ENV)
     if wanted and wanted.isdigit() and int(wanted) in sidecar.keys \
             and int(wanted) not in durable:
+        os.kill(os.getpid(), signal.SIGKILL)
+    generation = os.environ.get(DIE_BEFORE_REWRAP_SIDECAR_ENV)
+    if generation and generation.isdigit() and sidecar.kek_generation == int(generation):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -16,7 +16,11 @@ import threading
 import pytest
 
 from sealkv.node import errors
-from sealkv.node.client import SERIALIZABLE
+from sealkv.node.client import SERIALIZABLE, Client
+from sealkv.node.security.pki import ROLE_READONLY
+from sealkv.node.security.tls import client_kwargs
+from sealkv.plugins.encryption.layer import DIE_BEFORE_REWRAP_SIDECAR_ENV
+from sealkv.plugins.encryption.sidecar import read_sidecar
 from tests.cluster import PYTHON, wait_for
 from tests.integration.test_encryption import start_fails
 from tests.integration.test_encryption_admin import (
@@ -148,6 +152,13 @@ def test_rewrap_file_to_file_under_load_then_restarts(make_cluster, tmp_path):
         restart(cluster, name, file_kek(old), file_kek(new))
         assert capability(cluster, name).next_kek_ready
     cluster.wait_leader()
+    endpoints = ",".join(n.grpc for n in cluster.nodes.values())
+    status = cli(["--endpoints", endpoints, "-w", "json", "encryption", "status", "--cluster"],
+                 cluster)
+    assert status.exit_code == 0, status.output
+    rows = json.loads(status.output)
+    assert len(rows) == 3 and all(r["next_kek_ready"] and r["kek_generation"] == 0
+                                  for r in rows), rows
     before = {n: {k.key_id: k for k in sidecar_state(cluster, n).keys} for n in cluster.nodes}
 
     with Writer(cluster) as load:
@@ -164,6 +175,11 @@ def test_rewrap_file_to_file_under_load_then_restarts(make_cluster, tmp_path):
         assert sorted(k.key_id for k in state.keys) == sorted(before[name])
     assert_all_readable(cluster, {**expected_values(), **load.acked})
 
+    # The admin act is in the audit log of the leader that ran it (request and outcome).
+    audited = [n for n in cluster.nodes.values()
+               if "EncryptionAdmin/RewrapKeys" in open(os.path.join(n.data_dir, "audit",
+                                                                    "audit.log")).read()]
+    assert audited, "RewrapKeys is not in any node's audit log"
     # A re-run is safe: nothing to do, same generation and index.
     again = rewrap_cli(cluster)
     assert again.exit_code == 0, again.output
@@ -216,6 +232,11 @@ def test_a_member_without_the_next_kek_refuses_and_nothing_changes(make_cluster,
         assert unstaged in message, message
         mismatched = elsewhere if leader == staged else staged
         assert mismatched in message and "not the leader's next KEK" in message, message
+    # A read-only identity may look (GetCapability) but not rewrap.
+    viewer = cluster.client_files("viewer", ROLE_READONLY)
+    with Client([cluster.nodes[leader].grpc], timeout=5, **client_kwargs(viewer)) as c:
+        with pytest.raises(errors.PermissionDenied):
+            admin(c, "RewrapKeys", timeout=10)
     assert set(generations(cluster).values()) == {0}
     for name in cluster.nodes:
         after = sidecar_state(cluster, name)
@@ -224,34 +245,44 @@ def test_a_member_without_the_next_kek_refuses_and_nothing_changes(make_cluster,
     assert_all_readable(cluster, expected_values())
 
 
-def test_rewrap_survives_a_kill_9_during_the_rewrite(make_cluster, tmp_path):
+@pytest.mark.parametrize("when", ["before_sidecar", "after_sidecar"])
+def test_rewrap_survives_a_kill_9_during_the_rewrite(make_cluster, tmp_path, when):
     old, new = write_kek(tmp_path / "old.kek"), write_kek(tmp_path / "new.kek")
     cluster = sealed_cluster(make_cluster, file_kek(old) + next_of(file_kek(new)))
     leader = cluster.wait_leader()
     victim = next(n for n in cluster.nodes if n != leader)
-    # Kill the follower the moment its sidecar rewrite lands (before or after its database
-    # commits the rewrap: the crash windows themselves are unit-tested); the majority commits
-    # the rewrap either way.
-    keys_json = os.path.join(cluster.nodes[victim].data_dir, "encryption", "keys.json")
-
-    def rewritten() -> bool:
-        with open(keys_json, "rb") as f:
-            return b"kek_generation" in f.read()
-
+    victim_dir = cluster.nodes[victim].data_dir
     outcome = []
-    rewrap = threading.Thread(target=lambda: outcome.append(
-        rewrap_cli(cluster)))
-    rewrap.start()
-    wait_for(rewritten, 30, f"{victim}'s sidecar rewrite", interval=0.001)
-    cluster.kill(victim, signal.SIGKILL)
+    rewrap = threading.Thread(target=lambda: outcome.append(rewrap_cli(cluster)))
+    if when == "before_sidecar":
+        # The victim applies the rewrap (its KEK switched in memory) and dies before its
+        # sidecar write: a deterministic kill point.
+        cluster.kill(victim, signal.SIGTERM)
+        cluster.start_node(victim, env={DIE_BEFORE_REWRAP_SIDECAR_ENV: "1"})
+        wait_for(lambda: capability(cluster, victim).next_kek_ready, 60, f"{victim} ready")
+        rewrap.start()
+        assert cluster.nodes[victim].proc.wait(timeout=60) == -signal.SIGKILL
+        assert read_sidecar(victim_dir).kek_generation == 0
+    else:
+        # The victim dies the moment its rewritten sidecar is in place (its database may
+        # have committed the rewrap or not yet).
+        def rewritten() -> bool:
+            sidecar = read_sidecar(victim_dir)
+            return sidecar is not None and sidecar.kek_generation == 1
+
+        rewrap.start()
+        wait_for(rewritten, 30, f"{victim}'s sidecar rewrite", interval=0.001)
+        cluster.kill(victim, signal.SIGKILL)
     rewrap.join(60)
+    # The majority committed the rewrap either way.
     assert outcome and outcome[0].exit_code == 0, outcome and outcome[0].output
     # It restarts with the old KEK and the next still staged (the operator has not
-    # promoted yet): consistent, at the new generation.
+    # promoted yet): consistent, at the new generation, its sidecar rewrapped.
     cluster.start_node(victim)
     wait_for(lambda: capability(cluster, victim).encryption_capable, 60, f"{victim} capable")
     wait_for(lambda: capability(cluster, victim).kek_generation == 1, 30,
              f"{victim} at generation 1")
+    wait_for(lambda: read_sidecar(victim_dir).kek_generation == 1, 30, "the sidecar rewritten")
     assert_all_readable(cluster, expected_values(), via=victim)
     # And then with the new KEK only.
     restart(cluster, victim, file_kek(new))

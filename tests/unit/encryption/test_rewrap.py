@@ -256,3 +256,27 @@ def test_sidecar_kek_fields():
     text = sidecar.to_json().replace(b'"kek_generation": 2,', b"")
     with pytest.raises(SidecarError, match="together"):
         Sidecar.from_json(text)
+
+
+def test_next_kek_flags_and_toml_reach_the_plugin_options(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from sealkv.node import server
+    from sealkv.node.cli.main import register_commands
+
+    cli = register_commands()
+    seen = []
+    monkeypatch.setattr(server, "run", lambda config: seen.append(config) or 0)
+    toml = tmp_path / "node.toml"
+    toml.write_text('[plugin_options.encryption]\nnext_kek_provider = "file"\n')
+    base = ["node", "start", "--config", str(toml), "--name", "n1", "--data-dir",
+            str(tmp_path / "d"), "--raft", "127.0.0.1:7001", "--grpc", "127.0.0.1:9001",
+            "--insecure", "--encryption", "--kek-file", "/k/current"]
+    result = CliRunner().invoke(cli, base + ["--next-kek-file", "/k/next",
+                                             "--next-kek-option", "pin_file=/k/pin"])
+    assert result.exit_code == 0, result.output
+    options = seen[0].plugin_options["encryption"]
+    assert options == {"kek_file": "/k/current", "next_kek_file": "/k/next",
+                       "next_kek_provider": "file", "next_kek_options": {"pin_file": "/k/pin"}}
+    bad = CliRunner().invoke(cli, base + ["--next-kek-option", "novalue"])
+    assert bad.exit_code == 2 and "--next-kek-option takes KEY=VALUE" in bad.output
