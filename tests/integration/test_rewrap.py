@@ -19,6 +19,8 @@ from sealkv.node import errors
 from sealkv.node.client import SERIALIZABLE, Client
 from sealkv.node.security.pki import ROLE_READONLY
 from sealkv.node.security.tls import client_kwargs
+from sealkv.v1 import encryption_admin_pb2 as pb
+from sealkv.plugins.encryption.kek import FileKEK, UnwrapError
 from sealkv.plugins.encryption.layer import DIE_BEFORE_REWRAP_SIDECAR_ENV
 from sealkv.plugins.encryption.sidecar import read_sidecar
 from tests.cluster import PYTHON, wait_for
@@ -254,12 +256,15 @@ def test_rewrap_survives_a_kill_9_during_the_rewrite(make_cluster, tmp_path, whe
     victim_dir = cluster.nodes[victim].data_dir
     outcome = []
     rewrap = threading.Thread(target=lambda: outcome.append(rewrap_cli(cluster)))
+    victim_leads = False
     if when == "before_sidecar":
         # The victim applies the rewrap (its KEK switched in memory) and dies before its
         # sidecar write: a deterministic kill point.
         cluster.kill(victim, signal.SIGTERM)
         cluster.start_node(victim, env={DIE_BEFORE_REWRAP_SIDECAR_ENV: "1"})
         wait_for(lambda: capability(cluster, victim).next_kek_ready, 60, f"{victim} ready")
+        # Its restart may have made it the leader (no pre-vote): then it dies before answering.
+        victim_leads = cluster.wait_leader() == victim
         rewrap.start()
         assert cluster.nodes[victim].proc.wait(timeout=60) == -signal.SIGKILL
         assert read_sidecar(victim_dir).kek_generation == 0
@@ -274,12 +279,19 @@ def test_rewrap_survives_a_kill_9_during_the_rewrite(make_cluster, tmp_path, whe
         wait_for(rewritten, 30, f"{victim}'s sidecar rewrite", interval=0.001)
         cluster.kill(victim, signal.SIGKILL)
     rewrap.join(60)
-    # The majority committed the rewrap either way.
-    assert outcome and outcome[0].exit_code == 0, outcome and outcome[0].output
+    # The majority committed the rewrap either way (a leader that died before answering
+    # leaves an unknown outcome: the re-run below settles it).
+    assert outcome and (outcome[0].exit_code == 0 or victim_leads), outcome[0].output
     # It restarts with the old KEK and the next still staged (the operator has not
     # promoted yet): consistent, at the new generation, its sidecar rewrapped.
     cluster.start_node(victim)
     wait_for(lambda: capability(cluster, victim).encryption_capable, 60, f"{victim} capable")
+    # Safe to re-run (retried while the restarted member settles).
+    again = wait_for(lambda: (r := rewrap_cli(cluster)).exit_code == 0 and r, 60,
+                     "a successful re-run", interval=1.0)
+    answer = json.loads(again.output)
+    assert answer["kek_generation"] == 1
+    assert answer["was_already_done"] or outcome[0].exit_code != 0, again.output
     wait_for(lambda: capability(cluster, victim).kek_generation == 1, 30,
              f"{victim} at generation 1")
     wait_for(lambda: read_sidecar(victim_dir).kek_generation == 1, 30, "the sidecar rewritten")
@@ -291,6 +303,47 @@ def test_rewrap_survives_a_kill_9_during_the_rewrite(make_cluster, tmp_path, whe
         c.put(b"after", b"v")
     wait_for(lambda: cluster.client(victim).get(b"after", consistency=SERIALIZABLE).kv.value
              == b"v", 30, f"{victim} applies new writes")
+
+
+def test_rewrap_racing_a_rotation_and_a_cutover_is_serialized(make_cluster, tmp_path):
+    old, new = write_kek(tmp_path / "old.kek"), write_kek(tmp_path / "new.kek")
+    cluster = make_cluster(3, plugins=["encryption"],
+                           extra_args=file_kek(old) + next_of(file_kek(new)))
+    with cluster.client() as c:
+        admin(c, "BootstrapEncryption", timeout=15)
+    results, failures = {}, []
+
+    def run(method, request=None):
+        try:
+            with cluster.client(timeout=30) as own:
+                results[method] = admin(own, method, request, timeout=30)
+        except errors.SealkvError as exc:
+            failures.append((method, exc))
+
+    threads = [threading.Thread(target=run, args=args) for args in (
+        ("RewrapKeys",), ("RotateDEK", pb.RotateDEKRequest(purpose=pb.STORAGE)),
+        ("EnableStorageEnvelope",))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not failures, failures
+    assert results["RewrapKeys"].kek_generation == 1
+    # Whatever the order, every node ends with the whole table (the rotated key too) wrapped
+    # under the new KEK, and nothing the old KEK opens.
+    new_kek, old_kek = FileKEK(new), FileKEK(old)
+    for name, node in cluster.nodes.items():
+        wait_for(lambda: capability(cluster, name).kek_generation == 1, 30, f"{name} at gen 1")
+        wait_for(lambda: 3 in read_sidecar(node.data_dir).keys, 30, f"{name} has key 3")
+        for key in read_sidecar(node.data_dir).keys.values():
+            assert len(new_kek.unwrap(key.wrapped)) == 32
+            with pytest.raises(UnwrapError):
+                old_kek.unwrap(key.wrapped)
+    for name in list(cluster.nodes):
+        restart(cluster, name, file_kek(new))
+    with cluster.client() as c:
+        c.put(b"k", b"v")
+        assert c.get(b"k").kv.value == b"v"
 
 
 def test_rewrap_file_to_pkcs11_and_back(make_cluster, tmp_path):
