@@ -14,6 +14,7 @@ Removing the newest records is visible only against `next_seq` of a running node
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -303,67 +304,54 @@ class AuditInterceptor(grpc.ServerInterceptor):
             return refusals_only
 
         def admin_act(request, context):
-            identity, peer = self._record_request(method, request, context)
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                response = behavior(request, context)
-                code = context.code() or grpc.StatusCode.OK
-                return response
-            except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                self._append_quietly("outcome", identity, peer, method, code)
+            with self._admin_act(method, request, context):
+                return behavior(request, context)
 
         return admin_act
 
     def _unary_stream(self, behavior, method: str):
         if not is_admin_method(method):
-            def refusals_only(request, context):
-                try:
-                    yield from behavior(request, context)
-                except BaseException:
-                    self._refused(method, context)
-                    raise
-
-            return refusals_only
+            return self._stream(behavior, method)  # refusals only, as for a stream
 
         def admin_act(request, context):
-            identity, peer = self._record_request(method, request, context)
-            code = grpc.StatusCode.UNKNOWN
-            try:
+            with self._admin_act(method, request, context):
                 yield from behavior(request, context)
-                code = context.code() or grpc.StatusCode.OK
-            except GeneratorExit:
-                code = grpc.StatusCode.CANCELLED  # the client went away mid-stream
-                raise
-            except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                self._append_quietly("outcome", identity, peer, method, code)
 
         return admin_act
 
     def _stream(self, behavior, method: str):
-        def wrapper(request_iterator, context):
+        """Wraps a streaming handler (its request or request iterator, then the context) so
+        that a refused call is recorded."""
+        def wrapper(request, context):
             try:
-                yield from behavior(request_iterator, context)
+                yield from behavior(request, context)
             except BaseException:
                 self._refused(method, context)
                 raise
 
         return wrapper
 
-    def _record_request(self, method: str, request, context) -> tuple[str, str]:
-        """Writes an admin act's request record before it runs; returns (identity, peer).
-        Aborts the call with UNAVAILABLE when the record cannot be written."""
+    @contextlib.contextmanager
+    def _admin_act(self, method: str, request, context):
+        """Around an admin act: its request record before it runs (the call is aborted with
+        UNAVAILABLE when that cannot be written), its outcome record once it ended."""
         identity, peer = caller(context)
         try:
             self.audit.append("request", identity, peer, method, args=redact(request))
         except AuditUnavailable as exc:
             errors.abort_with(context, errors.Unavailable(str(exc)))
-        return identity, peer
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            yield
+            code = context.code() or grpc.StatusCode.OK
+        except GeneratorExit:
+            code = grpc.StatusCode.CANCELLED  # the client went away mid-stream
+            raise
+        except BaseException:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self._append_quietly("outcome", identity, peer, method, code)
 
     def _refused(self, method: str, context) -> None:
         code = context.code()

@@ -136,3 +136,48 @@ def test_arguments_leave_out_keys_values_and_bytes():
 ])
 def test_admin_methods_are_every_method_but_the_data_path_and_status(method, admin):
     assert audit.is_admin_method(method) is admin
+
+
+class _Context:
+    """A gRPC servicer context for tests only: a peer, no client certificate, a code."""
+
+    def __init__(self, code=None):
+        self._code = code
+
+    def auth_context(self):
+        return {}
+
+    def peer(self):
+        return "ipv4:127.0.0.1:9"
+
+    def code(self):
+        return self._code
+
+
+def _events(tmp_path):
+    path = os.path.join(str(tmp_path), "audit", "audit.log")
+    return [(r["event"], r.get("code")) for r in map(json.loads, _lines(path))]
+
+
+def test_the_interceptor_records_admin_acts_unary_and_streamed_and_refusals(tmp_path):
+    log = _log(tmp_path)
+    interceptor = audit.AuditInterceptor(log)
+    act = "/sealkv.v1.Cluster/MemberRemove"
+    assert interceptor._unary(lambda request, context: "done", act)(
+        cluster_pb2.MemberRemoveRequest(name="n2"), _Context()) == "done"
+    chunks = interceptor._unary_stream(lambda request, context: iter([b"a", b"b"]), act)(
+        cluster_pb2.MemberRemoveRequest(name="n3"), _Context())
+    assert next(chunks) == b"a"
+    chunks.close()  # the client went away mid-stream
+
+    def refused(request, context):
+        raise RuntimeError("denied")
+        yield  # a generator
+
+    refusal = sorted(audit.REFUSAL_CODES, key=lambda code: code.name)[0]
+    with pytest.raises(RuntimeError):
+        list(interceptor._unary_stream(refused, "/sealkv.v1.KV/Range")(
+            kv_pb2.RangeRequest(), _Context(refusal)))
+    log.close()
+    assert _events(tmp_path) == [("request", ""), ("outcome", "OK"), ("request", ""),
+                                 ("outcome", "CANCELLED"), ("refused", refusal.name)]
