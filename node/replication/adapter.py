@@ -103,11 +103,15 @@ class _RaftObject(RaftRulesSyncObj):
     # keeps the lone-request latency and turns a burst of N proposals into one message per
     # follower. (Overrides pysyncobj 0.3.17's name-mangled `__sendAppendEntries`.)
     #
-    # Durability (group commit): the entries the leader appended while draining are written
-    # and fdatasynced once, before they are sent and before the next tick's commit count
-    # includes the leader itself (hashicorp/raft also stores on the leader first). A journal
-    # that cannot be written (disk full) makes the leader step down instead of counting an
-    # entry it does not hold.
+    # Durability (group commit): the entries the leader appended while draining are sent
+    # first and then written and fdatasynced once, in the same tick, so the leader's fsync
+    # runs while the followers receive and fsync theirs (Raft thesis §10.2.1; etcd-io/raft's
+    # leader also persists in parallel with replicating): a lone write waits for one fsync
+    # round, not the leader's and then a follower's. The leader still counts its own copy
+    # only once it is durable: the commit count runs at the start of a later tick, after this
+    # sync returned. A journal that cannot be written (disk full) makes the leader step down
+    # instead of counting an entry it does not hold; what it sent is then like any entry of a
+    # deposed leader (committed only if a quorum holds it, unknown to its callers).
 
     def _checkCommandsToApply(self):
         # The entries this tick applied commit to the database before new proposals are
@@ -128,14 +132,11 @@ class _RaftObject(RaftRulesSyncObj):
             self._coalescing = outer
         if outer:
             return
-        if not self._journal.sync():
-            self._send_pending = False
-            if self._isLeader():
-                self._adapter._step_down_disk_full()
-            return
         if self._send_pending:
             self._send_pending = False
             self._SyncObj__sendAppendEntries()
+        if not self._journal.sync() and self._isLeader():
+            self._adapter._step_down_disk_full()
 
     def _SyncObj__sendAppendEntries(self):
         if self._coalescing:
@@ -563,9 +564,9 @@ class ReplicationAdapter:
                     "alarm stays until disarmed", self.data_dir)
 
     def _step_down_disk_full(self) -> None:
-        # The leader appended entries it cannot write: it must not count itself for them, and
-        # they were not sent. Stepping down lets a member with space lead; this one does not
-        # campaign until its journal is written (see _RaftObject._onTick).
+        # The leader appended (and sent) entries it cannot write: it must not count itself
+        # for them. Stepping down lets a member with space lead; this one does not campaign
+        # until its journal is written (see _RaftObject._onTick).
         obj = self._obj
         obj._SyncObj__setState(_RAFT_STATE.FOLLOWER)
         obj._SyncObj__raftLeader = None

@@ -3,8 +3,9 @@
 An un-ticked `_RaftObject` (real pysyncobj, a real bound port, two silent partners) whose
 journal's fdatasync and whose transport's send both write into one event list, so the tests
 see the order: a follower's answer only after the fdatasync of the entries it appended, a
-leader's AppendEntries (and its own count) only after the fdatasync of the group, one
-fdatasync per group, and no answer, no send and no leadership on a full disk.
+leader's AppendEntries sent before its own fdatasync of the group (they overlap) and its own
+count only after it, one fdatasync per group, and no answer, no count and no leadership on a
+full disk.
 """
 import errno
 import os
@@ -130,27 +131,43 @@ def become_leader(obj) -> None:
     obj._SyncObj__onBecomeLeader()
 
 
-def test_a_leader_syncs_a_drained_group_once_before_sending_it(raft):
+def test_a_leader_sends_a_drained_group_once_then_syncs_it_once_before_counting_it(raft):
     become_leader(raft)
     assert raft._isLeader()
     raft.events.clear()
     for i in range(5):
         raft.apply_command(b"cmd%d" % i, callback=lambda result, reason: None)
     raft._checkCommandsToApply()
-    assert raft.events[0] == "fdatasync" and raft.events.count("fdatasync") == 1
-    sends = [e for e in raft.events[1:] if e[2] == "append_entries"]
+    # The leader's fdatasync overlaps the followers' (it sends first), and it is done before
+    # the drain returns, so the next tick's commit count never includes an unsynced copy.
+    sends = [e for e in raft.events if e != "fdatasync" and e[2] == "append_entries"]
     assert sends and all(e[3] == 5 for e in sends)  # one message per follower, whole group
+    assert raft.events.count("fdatasync") == 1 and raft.events[-1] == "fdatasync"
+    assert raft._journal.unsynced_bytes == 0
+    acknowledge(raft, raft.other, raft._journal.last_index)
+    assert raft._SyncObj__raftCommitIndex == raft._journal.last_index
 
 
-def test_a_leader_that_cannot_write_its_group_steps_down_without_sending_it(raft):
+def acknowledge(obj, node, index: int) -> None:
+    """A follower's success reply for everything up to `index`, then one tick (pysyncobj's
+    commit count, which counts the leader itself)."""
+    obj._SyncObj__onMessageReceived(node, {'type': 'next_node_idx', 'next_node_idx': index + 1,
+                                          'reset': False, 'success': True})
+    obj.doTick(0)
+
+
+def test_a_leader_that_cannot_write_its_group_steps_down_and_never_counts_it(raft):
     become_leader(raft)
+    commit = raft._SyncObj__raftCommitIndex
     raft.disk.full = True
     raft.events.clear()
     raft.apply_command(b"cmd", callback=lambda result, reason: None)
     raft._checkCommandsToApply()
-    assert raft.events == []
+    assert "fdatasync" not in raft.events
     assert raft._SyncObj__raftState == _RAFT_STATE.FOLLOWER and raft._getLeader() is None
     assert len(raft.full) == 1
+    acknowledge(raft, raft.other, raft._journal.last_index)  # a follower that wrote it
+    assert raft._SyncObj__raftCommitIndex == commit  # not counted by the deposed leader
 
 
 def test_an_unsaved_vote_is_never_sent(raft, monkeypatch):

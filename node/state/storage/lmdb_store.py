@@ -4,7 +4,12 @@ LMDB is a copy-on-write B+tree with one writer and MVCC readers. The state machi
 entries inside one write transaction (`begin_write` ... `commit`) that carries the data, the
 applied index and the replicated plugin state together, so the database is always a state
 the log reached. Readers (`read_view`) see the last committed state and never block the writer
-nor wait for it. Commits are fsynced (`sync=True`): a commit that returned is on disk.
+nor wait for it. Commits are fsynced (`sync=True`) with one fdatasync, not two: LMDB's meta
+page is written without its own flush (MDB_NOMETASYNC), so a power loss may undo the last
+commit (never more, and never tearing one: the next commit's fdatasync makes the meta page
+before it durable), and the node replays it from its Raft journal, like every entry after the
+database's applied index. A commit is on the path of every acknowledged write, on the leader
+and on each follower: a second flush per commit was a second fsync in sequence per write.
 
 Threading contract: exactly one thread (the pysyncobj tick thread, or the start-up thread
 before it runs) writes, between `begin_write` and `commit`/`abort`. Any thread may read: inside
@@ -107,8 +112,9 @@ class LmdbStore:
                  max_readers: int = 512):
         """Describes the store; `open()` opens it. `map_size` is the most the file may grow to
         (address space only: the file grows with the data). With `sync` each commit is
-        fsynced (LMDB's default); without it a power loss may undo recent commits (never
-        the log's: the node replays them).
+        fsynced (one fdatasync, the meta page unflushed: a power loss may undo the last
+        commit); without it a power loss may undo recent commits. Either way the log holds
+        them and the node replays them.
 
         The power-loss test's fsync record does not cover LMDB's own fsyncs, so it treats
         the database as never synced and deletes it: the node then recovers from its dump
@@ -131,6 +137,7 @@ class LmdbStore:
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         try:
             self._env = lmdb.open(self.path, map_size=self.map_size, max_dbs=4, sync=self.sync,
+                                  metasync=False,
                                   max_readers=self.max_readers, mode=0o600, readahead=False)
         except lmdb.Error as exc:
             _raise_full(exc)
