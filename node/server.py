@@ -28,7 +28,7 @@ from sealkv.node.serving.status import LearnerProbe, NodeStatus
 from sealkv.node.state import commands as cmd
 from sealkv.node.state.alarms import AlarmBoard
 from sealkv.node.state.machine import StateMachine
-from sealkv.node.state.storage.lmdb_store import LmdbStore
+from sealkv.node.state.storage.lmdb_store import SYNC_DEFERRED, SYNC_NEVER, LmdbStore
 from sealkv.node.security import authz, tls
 from sealkv.node.security.revocation import Revocations
 from sealkv.plugins.api import PluginContext, ProvidesPayloadCodec, StartupRefused
@@ -63,8 +63,11 @@ class Node:
         self.db_index_at_start = 0
         self.replayed_at_start = 0
 
+        # Under --fsync always the journal and the dumps are fsynced and can rebuild the
+        # database: its commits are not flushed one by one (no second fsync per write).
         self.store = LmdbStore(config.db_dir, map_size=config.db_map_bytes,
-                               sync=config.fsync == durable.FSYNC_ALWAYS)
+                               sync=SYNC_DEFERRED if config.fsync == durable.FSYNC_ALWAYS
+                               else SYNC_NEVER)
         stack = self.store
         handlers = {}
         try:

@@ -5,6 +5,7 @@ import pytest
 
 from sealkv.node.state.storage.base import (VALUE_ENCRYPTED, Entry, Storage, StorageLayer,
                                       base_store)
+from sealkv.node.state.storage import lmdb_store as lmdb_module
 from sealkv.node.state.storage.lmdb_store import LmdbStore
 from sealkv.node.state.storage.memory import MemoryStore
 
@@ -234,6 +235,66 @@ def test_data_survives_reopening(tmp_path):
     s.open()
     assert [k for k, _ in s.scan(b"", None)] == [b"L" * 450, b"a"]
     s.close()
+
+
+def deferred(path: str) -> LmdbStore:
+    s = LmdbStore(path, map_size=64 * 1024 * 1024, sync=lmdb_module.SYNC_DEFERRED)
+    s.open()
+    return s
+
+
+def test_deferred_sync_keeps_the_database_across_a_clean_close_and_a_process_crash(
+        tmp_path, monkeypatch):
+    path = str(tmp_path / "db")
+    monkeypatch.setattr(lmdb_module, "boot_id", lambda: "boot-1")
+    s = deferred(path)
+    assert (tmp_path / "db" / "unsynced").read_text().strip() == "boot-1"
+    s.put(b"a", e(b"1"))
+    s.close()
+    assert not (tmp_path / "db" / "unsynced").exists()  # flushed: safe in any later boot
+    monkeypatch.setattr(lmdb_module, "boot_id", lambda: "boot-2")
+    s = deferred(path)
+    assert s.get(b"a") == e(b"1") and not s.discarded_at_open
+    s.put(b"b", e(b"2"))
+    s._env.close()  # a process crash: no flush, the marker stays; the kernel has the pages
+    s._env = None
+    s = deferred(path)  # the same boot
+    assert s.get(b"b") == e(b"2") and not s.discarded_at_open
+    s.close()
+
+
+def test_deferred_sync_discards_a_database_left_unflushed_by_another_boot(tmp_path, monkeypatch,
+                                                                        caplog):
+    path = str(tmp_path / "db")
+    monkeypatch.setattr(lmdb_module, "boot_id", lambda: "boot-1")
+    s = deferred(path)
+    s.put(b"a", e(b"1"))
+    s._env.close()  # crash without a flush, then the machine restarts
+    s._env = None
+    monkeypatch.setattr(lmdb_module, "boot_id", lambda: "boot-2")
+    s = deferred(path)
+    assert s.discarded_at_open and s.get(b"a") is None and s.count(b"", None) == 0
+    assert "rebuilds it from its dump and Raft log" in caplog.text
+    assert (tmp_path / "db" / "unsynced").read_text().strip() == "boot-2"
+    s.close()
+
+
+def test_deferred_sync_without_a_known_boot_discards_after_any_unclean_stop(tmp_path,
+                                                                           monkeypatch):
+    path = str(tmp_path / "db")
+    monkeypatch.setattr(lmdb_module, "boot_id", lambda: "")
+    s = deferred(path)
+    s.put(b"a", e(b"1"))
+    s._env.close()
+    s._env = None
+    s = deferred(path)
+    assert s.discarded_at_open and s.get(b"a") is None
+    s.close()
+
+
+def test_an_unknown_sync_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="sync must be one of"):
+        LmdbStore(str(tmp_path / "db"), sync=True)
 
 
 def test_compact_rewrites_the_file_without_old_bytes_and_keeps_every_record(tmp_path):

@@ -4,12 +4,18 @@ LMDB is a copy-on-write B+tree with one writer and MVCC readers. The state machi
 entries inside one write transaction (`begin_write` ... `commit`) that carries the data, the
 applied index and the replicated plugin state together, so the database is always a state
 the log reached. Readers (`read_view`) see the last committed state and never block the writer
-nor wait for it. Commits are fsynced (`sync=True`) with one fdatasync, not two: LMDB's meta
-page is written without its own flush (MDB_NOMETASYNC), so a power loss may undo the last
-commit (never more, and never tearing one: the next commit's fdatasync makes the meta page
-before it durable), and the node replays it from its Raft journal, like every entry after the
-database's applied index. A commit is on the path of every acknowledged write, on the leader
-and on each follower: a second flush per commit was a second fsync in sequence per write.
+nor wait for it.
+
+Durability (`sync`): "commit" fsyncs each commit with one fdatasync (LMDB's meta page is
+written without its own flush, so a power loss may undo the last commit, which the log
+replays); "deferred" flushes nothing per commit, for a node whose fsynced Raft log and dump
+can rebuild the database (etcd's bbolt is likewise not synced per request): while the
+database may hold unflushed commits, an `unsynced` file in its directory names the boot it
+was opened in (written and fsynced before the first commit). A process crash loses nothing
+(the kernel holds the writes); after an operating-system crash or power loss the pages may
+be torn, so `open()` discards a database whose `unsynced` file names another boot, and the
+node rebuilds it from its dump and log (`discarded_at_open`). `close()` flushes and
+removes the file. "never" flushes nothing and keeps nothing (`--fsync never`).
 
 Threading contract: exactly one thread (the pysyncobj tick thread, or the start-up thread
 before it runs) writes, between `begin_write` and `commit`/`abort`. Any thread may read: inside
@@ -32,6 +38,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -41,7 +48,17 @@ from typing import Iterable, Iterator, Optional
 
 import lmdb
 
+from sealkv.node import durable
 from sealkv.node.state.storage.base import Entry, StorageFull
+
+log = logging.getLogger(__name__)
+
+SYNC_COMMIT = "commit"
+SYNC_DEFERRED = "deferred"
+SYNC_NEVER = "never"
+SYNC_MODES = (SYNC_COMMIT, SYNC_DEFERRED, SYNC_NEVER)
+UNSYNCED_FILE = "unsynced"
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 SHORT_KEY = 400
 _MARKER = b"\x00"
@@ -108,23 +125,24 @@ class LmdbStore:
 
     mvcc = True
 
-    def __init__(self, path: str, *, map_size: int = 4 * 1024 ** 3, sync: bool = True,
+    def __init__(self, path: str, *, map_size: int = 4 * 1024 ** 3, sync: str = SYNC_COMMIT,
                  max_readers: int = 512):
         """Describes the store; `open()` opens it. `map_size` is the most the file may grow to
-        (address space only: the file grows with the data). With `sync` each commit is
-        fsynced (one fdatasync, the meta page unflushed: a power loss may undo the last
-        commit); without it a power loss may undo recent commits. Either way the log holds
-        them and the node replays them.
+        (address space only: the file grows with the data). `sync` is one of `SYNC_MODES`
+        (see the module docstring).
 
         The power-loss test's fsync record does not cover LMDB's own fsyncs, so it treats
         the database as never synced and deletes it: the node then recovers from its dump
         and journal alone, the stricter case. (Recording sizes after each commit would be
         wrong: LMDB rewrites its meta page in place, which cutting a file back cannot undo.)
         """
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)} (got {sync!r})")
         self.path = path
         self.map_size = max(MIN_MAP_SIZE, map_size)
         self.sync = sync
         self.max_readers = max_readers
+        self.discarded_at_open = False
         self._env: Optional[lmdb.Environment] = None
         self._local = threading.local()
         self._write: Optional[lmdb.Transaction] = None
@@ -133,11 +151,17 @@ class LmdbStore:
     # -- lifecycle ----------------------------------------------------------------------
 
     def open(self) -> None:
-        """Opens (creating if needed) the database directory, mode 0700, files 0600."""
+        """Opens (creating if needed) the database directory, mode 0700, files 0600.
+
+        Under "deferred" sync, first discards a database left unflushed by another boot (a
+        WARNING; `discarded_at_open` is then True) and marks this one unsynced.
+        """
         os.makedirs(self.path, mode=0o700, exist_ok=True)
+        if self.sync == SYNC_DEFERRED:
+            self._mark_unsynced()
         try:
-            self._env = lmdb.open(self.path, map_size=self.map_size, max_dbs=4, sync=self.sync,
-                                  metasync=False,
+            self._env = lmdb.open(self.path, map_size=self.map_size, max_dbs=4,
+                                  sync=self.sync == SYNC_COMMIT, metasync=False,
                                   max_readers=self.max_readers, mode=0o600, readahead=False)
         except lmdb.Error as exc:
             _raise_full(exc)
@@ -146,12 +170,48 @@ class LmdbStore:
         self._long = self._env.open_db(b"long")
         self._meta = self._env.open_db(b"meta")
 
+    def _mark_unsynced(self) -> None:
+        marker = os.path.join(self.path, UNSYNCED_FILE)
+        current = boot_id()
+        try:
+            with open(marker, "rb") as f:
+                previous = f.read().decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            previous = None
+        if previous is not None and (previous != current or not current):
+            log.warning("the database in %s was not flushed before the system restarted (an "
+                        "operating-system crash or power loss): discarding it; this node "
+                        "rebuilds it from its dump and Raft log", self.path)
+            for name in ("data.mdb", "lock.mdb"):
+                try:
+                    os.unlink(os.path.join(self.path, name))
+                except FileNotFoundError:
+                    pass
+            self.discarded_at_open = True
+        if previous != current or self.discarded_at_open:
+            durable.write_atomically(marker, current.encode("ascii") + b"\n",
+                                     durable.FSYNC_ALWAYS)
+
     def close(self) -> None:
+        """Closes the database; under "deferred" sync flushes it first and removes the
+        `unsynced` file (it stays when the flush fails: the next boot then rebuilds)."""
         if self._env is not None:
             if self._write is not None:
                 self.abort()
+            flushed = False
+            if self.sync == SYNC_DEFERRED:
+                try:
+                    self._env.sync(True)
+                    flushed = True
+                except lmdb.Error as exc:
+                    log.warning("could not flush the database in %s at close (%s): the next "
+                                "start after a system restart rebuilds it", self.path,
+                                type(exc).__name__)
             self._env.close()
             self._env = None
+            if flushed:
+                os.unlink(os.path.join(self.path, UNSYNCED_FILE))
+                durable.sync_dir(self.path, durable.FSYNC_ALWAYS)
 
     @property
     def is_open(self) -> bool:
@@ -450,14 +510,14 @@ class LmdbStore:
                 fd = os.open(copied, os.O_RDONLY)
                 try:
                     os.fchmod(fd, 0o600)
-                    if self.sync:
+                    if self.sync != SYNC_NEVER:
                         os.fsync(fd)
                 finally:
                     os.close(fd)
                 self._env.close()
                 self._env = None
                 os.replace(copied, data)
-                if self.sync:
+                if self.sync != SYNC_NEVER:
                     dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
                     try:
                         os.fsync(dfd)
@@ -469,8 +529,18 @@ class LmdbStore:
         return before, os.path.getsize(data)
 
     def sync_to_disk(self) -> None:
-        """Flushes everything committed so far (a no-op cost when `sync` is on)."""
+        """Flushes everything committed so far (a no-op cost under "commit" sync)."""
         self._env.sync(True)
+
+
+def boot_id() -> str:
+    """This boot of the operating system ("" where the kernel does not say: every restart of
+    the node then counts as a new boot)."""
+    try:
+        with open(_BOOT_ID) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _raise_full(exc: lmdb.Error) -> None:
