@@ -25,6 +25,14 @@ Stock pysyncobj 0.3.17 departs from the Raft paper in ways that show up under lo
   leader (CheckQuorum: a leader steps down when it has not heard from a quorum within
   `leaderFallbackTimeout`, which sealkv sets to the maximum election timeout). A leadership
   transfer's election skips PreVote and carries `transfer`, which overrides that rule.
+- A follower answers every AppendEntries, also the empty one a leader sends right after each
+  commit only to carry the new commit index, so a lone write costs every follower a second
+  reply and the leader a second message to open and dispatch per follower. Here a follower
+  leaves an empty AppendEntries unanswered when its answer would repeat, to the same leader
+  in the same term, the success it sent less than `appendEntriesPeriod` ago (same next
+  index): such a reply tells the leader nothing but that the follower is alive, which the
+  next heartbeat's answer tells within two periods, far inside `leaderFallbackTimeout`.
+  Rejections, entries and the first answer to a new leader or term are always answered.
 - A node that ignores AppendEntries of a lower term never tells that leader; a node whose
   term rose (it lost an election) would be cut off until the leader fails. Here it answers
   `stale_term` with its term, and the leader steps down (etcd-io/raft answers such messages).
@@ -146,6 +154,8 @@ class RaftRulesSyncObj(SyncObj):
         self._pre_vote_term: Optional[int] = None
         self._pre_votes: set = set()
         self._pre_vote_won = False
+        # Follower: the last success answered (leader node, term, next index, monotonic time).
+        self._last_success: Optional[tuple] = None
         super().__init__(*args, **kwargs)
 
     def _on_safety_violation(self, reason: str) -> None:
@@ -240,7 +250,15 @@ class RaftRulesSyncObj(SyncObj):
             commit = min(leader_commit, plan.last_index)
             self._SyncObj__raftCommitIndex = commit
         journal.setRaftCommitIndex(self._SyncObj__raftCommitIndex)
+        if not entries and self._repeats_recent_success(node, plan.last_index + 1):
+            return
         self._reply_progress(node, plan.last_index + 1, success=True)
+
+    def _repeats_recent_success(self, node, next_index: int) -> bool:
+        last = self._last_success
+        return (last is not None and last[0] == node
+                and last[1] == self._SyncObj__raftCurrentTerm and last[2] == next_index
+                and monotonic_time() - last[3] < self._SyncObj__conf.appendEntriesPeriod)
 
     def _follow(self, node, term: int) -> None:
         """pysyncobj's reaction to any AppendEntries of the current or a newer term."""
@@ -263,6 +281,8 @@ class RaftRulesSyncObj(SyncObj):
                    'reset': not success, 'success': success}
         if rejected is not None:
             message['rejected'] = rejected
+        self._last_success = (node, self._SyncObj__raftCurrentTerm, next_index,
+                              monotonic_time()) if success else None
         self._SyncObj__transport.send(node, message)
 
     # -- leader: replies ---------------------------------------------------------------

@@ -174,6 +174,29 @@ def test_commit_advances_only_over_entries_the_message_vouched_for(raft):
     assert raft.raftCommitIndex == 4
 
 
+def test_an_empty_append_that_would_repeat_a_recent_success_is_not_answered(raft, monkeypatch):
+    from sealkv.node.replication import raft_rules
+
+    now = [100.0]
+    monkeypatch.setattr(raft_rules, "monotonic_time", lambda: now[0])
+    period = raft._SyncObj__conf.appendEntriesPeriod
+    append(raft, 1, 0, [entry(2, 1), entry(3, 1)], commit=1)
+    answered = len(raft.sent.sent)
+    append(raft, 3, 1, [], commit=3)  # the commit-only message right after the commit
+    assert len(raft.sent.sent) == answered and raft.raftCommitIndex == 3  # applied, silent
+    now[0] += 1.5 * period  # a heartbeat a period later: answered (the leader hears it)
+    assert append(raft, 3, 1, [], commit=3)['next_node_idx'] == 4
+    assert len(raft.sent.sent) == answered + 1
+    append(raft, 3, 1, [], commit=3, term=3)  # a new term: always answered
+    assert len(raft.sent.sent) == answered + 2
+    append(raft, 3, 1, [entry(4, 3)], commit=3, term=3)  # entries: always answered
+    assert raft.sent.last()['next_node_idx'] == 5 and len(raft.sent.sent) == answered + 3
+    append(raft, 9, 3, [], commit=3, term=3)  # a rejection forgets the last success
+    assert raft.sent.last()['success'] is False
+    assert append(raft, 4, 3, [], commit=3, term=3)['next_node_idx'] == 5
+    assert len(raft.sent.sent) == answered + 5
+
+
 def test_conflict_at_or_below_commit_halts_and_removes_nothing(raft):
     append(raft, 1, 0, [entry(i, 1) for i in range(2, 9)], commit=6)
     before = log_of(raft)
