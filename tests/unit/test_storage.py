@@ -294,7 +294,7 @@ def test_deferred_sync_without_a_known_boot_discards_after_any_unclean_stop(tmp_
 
 def test_an_unknown_sync_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="sync must be one of"):
-        LmdbStore(str(tmp_path / "db"), sync=True)
+        LmdbStore(str(tmp_path / "db"), sync="sometimes")
 
 
 def test_compact_rewrites_the_file_without_old_bytes_and_keeps_every_record(tmp_path):

@@ -129,13 +129,15 @@ class LmdbStore:
                  max_readers: int = 512):
         """Describes the store; `open()` opens it. `map_size` is the most the file may grow to
         (address space only: the file grows with the data). `sync` is one of `SYNC_MODES`
-        (see the module docstring).
+        (see the module docstring); True and False mean "commit" and "never".
 
         The power-loss test's fsync record does not cover LMDB's own fsyncs, so it treats
         the database as never synced and deletes it: the node then recovers from its dump
         and journal alone, the stricter case. (Recording sizes after each commit would be
         wrong: LMDB rewrites its meta page in place, which cutting a file back cannot undo.)
         """
+        if isinstance(sync, bool):
+            sync = SYNC_COMMIT if sync else SYNC_NEVER
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)} (got {sync!r})")
         self.path = path
