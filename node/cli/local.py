@@ -6,6 +6,7 @@ ever signalled.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -66,8 +67,9 @@ class LocalCluster:
             return ["--insecure"]
         return ["--certs-dir", self.certs_dir]
 
-    def save(self) -> None:
-        path = os.path.join(self.data_dir, RECORD)
+    def save(self, directory: Optional[str] = None) -> None:
+        """Writes the record into `directory` (default: its own data directory)."""
+        path = os.path.join(directory or self.data_dir, RECORD)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(asdict(self), f, indent=2)
@@ -82,6 +84,21 @@ class LocalCluster:
             return None
         raw["nodes"] = [LocalNode(**n) for n in raw["nodes"]]
         return cls(**raw)
+
+
+def define_nodes(data_dir: str, count: int, base_port: Optional[int]) -> list[LocalNode]:
+    """The nodes n1..nN of a local cluster in `data_dir`: raft ports from `base_port`, gRPC
+    from `base_port`+100 and metrics from `base_port`+200 (free ports when None)."""
+    nodes = []
+    for i in range(1, count + 1):
+        raft = base_port + 2 * (i - 1) if base_port else free_port()
+        grpc_port = base_port + 100 + 2 * (i - 1) if base_port else free_port()
+        metrics = base_port + 200 + 2 * (i - 1) if base_port else free_port()
+        nodes.append(LocalNode(f"n{i}", f"127.0.0.1:{raft}", f"127.0.0.1:{grpc_port}",
+                               os.path.join(data_dir, f"n{i}"),
+                               os.path.join(data_dir, f"n{i}.log"),
+                               metrics=f"127.0.0.1:{metrics}"))
+    return nodes
 
 
 def free_port() -> int:
@@ -126,6 +143,13 @@ def spawn(node: LocalNode, args: list[str]) -> int:
                              *args], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                             start_new_session=True, close_fds=True)
     log.close()
+    # The child's /proc/PID/cmdline reads empty for a moment after Popen returns (until its
+    # exec is visible): wait for it, so `is_our_process` never calls a starting node "exited"
+    # (and `cluster down` never leaves one running). No event tells it; poll, bounded.
+    starting = dataclasses.replace(node, pid=proc.pid)
+    deadline = time.monotonic() + 10
+    while not is_our_process(starting) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     return proc.pid
 
 
