@@ -101,15 +101,7 @@ def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, k
             kek_provider=None if kek_provider == "file" else kek_provider,
             kek_options=parse_kek_options(kek_options), fsync=fsync, insecure=insecure,
             certs_dir=None if insecure else os.path.join(data_dir, "pki"))
-        for i in range(1, nodes + 1):
-            raft = base_port + 2 * (i - 1) if base_port else local.free_port()
-            grpc_port = base_port + 100 + 2 * (i - 1) if base_port else local.free_port()
-            node_dir = os.path.join(data_dir, f"n{i}")
-            metrics = base_port + 200 + 2 * (i - 1) if base_port else local.free_port()
-            record.nodes.append(local.LocalNode(f"n{i}", f"127.0.0.1:{raft}",
-                                                f"127.0.0.1:{grpc_port}", node_dir,
-                                                os.path.join(data_dir, f"n{i}.log"),
-                                                metrics=f"127.0.0.1:{metrics}"))
+        record.nodes.extend(local.define_nodes(data_dir, nodes, base_port))
         if record.certs_dir and not os.path.exists(os.path.join(record.certs_dir, "ca.crt")):
             local.make_pki(record.certs_dir, [(n.name, "127.0.0.1") for n in record.nodes])
     for n in record.nodes:

@@ -123,5 +123,72 @@ def status(c: Ctx, file):
     emit(c.write_out, STATUS_HEADERS, [row], data)
 
 
+@snapshot.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--data-dir", required=True,
+              help="A new (absent or empty) directory for the restored cluster, as `cluster up "
+                   "--data-dir` takes it.")
+@click.option("--nodes", type=click.IntRange(1, 9), default=3, show_default=True,
+              help="Members of the restored cluster (n1..nN on 127.0.0.1).")
+@click.option("--base-port", type=click.IntRange(1024, 65000),
+              help="Raft ports from P, gRPC ports from P+100 (default: free ports).")
+@click.option("--kek-file", type=click.Path(exists=True, dir_okay=False),
+              help="The KEK the backup's data keys are wrapped with (an encrypted backup "
+                   "needs it; the restored cluster's nodes use it too).")
+@click.option("--kek-provider", help="Instead of --kek-file: a KEK provider (e.g. pkcs11).")
+@click.option("--kek-option", "kek_options", multiple=True, metavar="KEY=VALUE",
+              help="An option of the KEK provider (repeatable).")
+@click.option("--fsync", type=click.Choice(["always", "never"]), default="always",
+              show_default=True, help="Every restored node's --fsync.")
+@click.option("--insecure", is_flag=True,
+              help="The restored cluster serves plaintext gRPC (no PKI is made).")
+@pass_ctx
+def restore(c: Ctx, file, data_dir, nodes, base_port, kek_file, kek_provider, kek_options,
+            fsync, insecure):
+    """Builds a new cluster's data directories from FILE in DATA_DIR.
+
+    Start it with `sealkv cluster up --data-dir DATA_DIR`. The restored cluster gets a new
+    identity (a new cluster secret, new members, a new CA) and, when the backup is encrypted,
+    fresh data keys and nonce epochs. Nothing is written when FILE is damaged or the KEK
+    cannot unwrap its keys.
+    """
+    import os
+
+    from sealkv.node.cli import restore as restoring
+    from sealkv.node.cli.node_cmd import parse_kek_options
+    from sealkv.node.state.backup_file import BackupError
+
+    options = parse_kek_options(kek_options)
+    encryption: dict[str, Any] = {}
+    if kek_file:
+        encryption["kek_file"] = os.path.abspath(kek_file)
+    if kek_provider:
+        encryption["kek_provider"] = kek_provider
+    if options:
+        encryption["kek_options"] = options
+    kek_record = {"kek_file": encryption.get("kek_file"), "kek_provider": kek_provider,
+                  "kek_options": options}
+    try:
+        done = restoring.restore(file, data_dir, nodes=nodes, base_port=base_port,
+                                 insecure=insecure, fsync=fsync,
+                                 plugin_options={"encryption": encryption},
+                                 kek_record=kek_record)
+    except (BackupError, restoring.RestoreError) as exc:
+        raise CliError(f"{exc}; nothing was written to {os.path.abspath(data_dir)}",
+                       EXIT_FAILED) from None
+    record = done.record
+    rows = [[n.name, n.grpc, n.raft, n.data_dir] for n in record.nodes]
+    data = {"data_dir": record.data_dir, "revision": done.applied_index, "keys": done.keys,
+            "plugins": record.plugins, "restored": done.plugin_summaries,
+            "nodes": [dict(zip(["name", "grpc", "raft", "data_dir"], r)) for r in rows]}
+    emit(c.write_out, ["name", "grpc", "raft", "data dir"], rows, data)
+    if c.write_out != "json":
+        for name, summary in done.plugin_summaries.items():
+            click.echo(f"{name}: " + ", ".join(f"{k} {v}" for k, v in summary.items()),
+                       err=True)
+        click.echo(f"restored revision {done.applied_index} ({done.keys} keys); start it with:"
+                   f" sealkv cluster up --data-dir {record.data_dir}", err=True)
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(snapshot)

@@ -39,6 +39,9 @@ from sealkv.node import durable, errors
 from sealkv.node.state import commands as cmd
 from sealkv.node.replication import journal as raft_journal
 from sealkv.node.replication import frames, safe_pickle
+from sealkv.node.replication.dump_file import (
+    DUMP_MAGIC, LEGACY_DUMP_MAGIC, ChecksumWriter, dump_header,
+)
 from sealkv.node.replication.proposer import retry_barrier
 from sealkv.node.replication.raft_rules import RaftRulesSyncObj
 from sealkv.node.errors import ApplyHalt, where
@@ -66,8 +69,6 @@ _STALLED = object()  # what _apply returns for an entry it will apply again late
 DUMP_RETRY_MAX = 60.0
 SWITCH_INTERVAL = 0.0005
 SEAL_WAIT = 5.0  # propose_async: the longest wait at a closed intake (raft envelope cutover)
-DUMP_MAGIC = b"SEALKVD2"       # header, snapshot, then a CRC-32C of everything before it
-LEGACY_DUMP_MAGIC = b"SEALKVD1"  # the same without the checksum (read, never written)
 
 
 class _RaftObject(RaftRulesSyncObj):
@@ -893,18 +894,14 @@ class ReplicationAdapter:
         # transaction opened at the dump's index (the background writer), else the current
         # state is read.
         last, previous, cluster = data
-        meta = {
-            "last": [last[0].hex(), last[1], last[2]],
-            "previous": [previous[0].hex(), previous[1], previous[2]],
-            "cluster": sorted(getattr(n, "address", str(n)) for n in cluster if n is not None),
-        }
-        raw = json.dumps(meta).encode()
+        header = dump_header(last, previous,
+                             [getattr(n, "address", str(n)) for n in cluster if n is not None])
         started = time.perf_counter()
         try:
             with open(filename, "wb") as f:
                 os.fchmod(f.fileno(), durable.FILE_MODE)
-                out = _ChecksumWriter(f)
-                out.write(DUMP_MAGIC + len(raw).to_bytes(4, "big") + raw)
+                out = ChecksumWriter(f)
+                out.write(header)
                 if view is not None:
                     with self.sm.base.read_view(view):
                         index = self.sm.write_snapshot(out)
@@ -1057,19 +1054,6 @@ class _BackgroundDump:
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
-
-
-class _ChecksumWriter:
-    """A write-only file wrapper that keeps the CRC-32C of what went through it."""
-
-    def __init__(self, f):
-        self.f = f
-        self.crc = 0
-
-    def write(self, data) -> int:
-        data = bytes(data)
-        self.crc = raft_journal.crc32c_extend(self.crc, data)
-        return self.f.write(data)
 
 
 def _verify_dump_checksum(filename: str, src) -> None:
