@@ -36,11 +36,14 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
 
     `status()` returns the node's status dict (the fields of Cluster.Status); `membership`
     orchestrates member changes and leadership transfer; `state.digest()` returns (digest,
-    keys, applied index). All are called on gRPC worker threads.
+    keys, applied index), `state.snapshot_view()` a snapshot; `read_barrier(timeout)` waits
+    for a quorum-confirmed read point (the proposer's barrier). All are called on gRPC worker
+    threads.
     """
 
     def __init__(self, member_name: str, request_timeout: float, status: Callable[[], dict],
-                 membership: Membership, state, alarms, revocations: Revocations):
+                 membership: Membership, state, alarms, revocations: Revocations,
+                 read_barrier: Callable[[float], int]):
         self._member_name = member_name
         self._request_timeout = request_timeout
         self._status = status
@@ -48,6 +51,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         self._state = state
         self._alarms = alarms  # AlarmBoard: alarms(), disarm(timeout)
         self._revocations = revocations
+        self._read_barrier = read_barrier
 
     @rpc_method
     def Status(self, request, context):
@@ -145,11 +149,13 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     def Snapshot(self, request, context):
         """Streams the state machine's snapshot from one read view (see `SnapshotChunk`).
 
-        The view stays open while the client reads (HTTP/2 flow control paces the loop, so
-        at most a few chunks are in memory); apply goes on meanwhile. A gRPC worker thread
-        is held for the whole transfer.
+        A linearizable read point comes first (as for a Get): every write acknowledged
+        before the call began, by any member, is in the snapshot. The view stays open while
+        the client reads (HTTP/2 flow control paces the loop, so at most a few chunks are in
+        memory); apply goes on meanwhile. A gRPC worker thread is held for the whole transfer.
         """
         try:
+            self._read_barrier(deadline(context, self._request_timeout))
             term = self._status()["term"]
             digest = hashlib.sha256()
             with self._state.snapshot_view() as (header, pieces):
