@@ -55,6 +55,9 @@ def save(c: Ctx, file, deadline):
                 if chunk is None:
                     raise CliError("the node ended the snapshot stream early; nothing was "
                                    "saved: retry", EXIT_FAILED)
+            if next(chunks, None) is not None:  # read the stream to its end: the RPC ends OK
+                raise CliError("the node sent data after the snapshot's last chunk; nothing "
+                               "was saved: retry", EXIT_FAILED)
             if chunk.sha256 != digest.digest():
                 raise CliError("the snapshot's SHA-256 does not match what the node sent; "
                                "nothing was saved: retry", EXIT_FAILED)
