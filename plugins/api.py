@@ -80,7 +80,11 @@ class StorageLayerPlugin:
         return b""
 
     def restore_state(self, data: bytes) -> None:
-        """Replaces this plugin's replicated state with `data` from a snapshot."""
+        """Replaces this plugin's replicated state with `data` from a snapshot.
+
+        Like a command handler it writes no node-local file; what must be made durable is
+        left to `PersistsAfterApply.persist_applied`, which the state machine runs next.
+        """
 
     def prepare_start(self) -> None:
         """Called once on the start-up thread, before Raft starts or replays anything.

@@ -333,11 +333,8 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
     def _apply_bootstrap(self, index: int, body: bytes) -> ApplyResult:
         command = _decoded(commands.decode_bootstrap, body)
         with self._cond:
-            result = self.state.apply_bootstrap(index, command, self._install)
-            if result.outcome is Outcome.APPLIED:
-                self._sidecar_due = True
-            self._cond.notify_all()
-        return result
+            return self._key_table_changed(
+                self.state.apply_bootstrap(index, command, self._install))
 
     def _apply_rotation(self, index: int, body: bytes) -> ApplyResult:
         command = _decoded(commands.decode_rotation, body)
@@ -349,9 +346,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
                 self.keystore.remove(command.dek_id)
                 self._epochs.pop(command.dek_id, None)
                 self._factories.pop(command.dek_id, None)
-            if result.outcome is Outcome.APPLIED:
-                self._sidecar_due = True
-            self._cond.notify_all()
+            self._key_table_changed(result)
         if command.sub_tag == commands.SUB_ENABLE_RAFT:
             self.raft_codec.cutover_applied(index)
         return result
@@ -359,10 +354,16 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
     def _apply_rewrap(self, index: int, command: RewrapCommand) -> ApplyResult:
         """Applies a KEK rewrap: verify, switch this node's KEK, rewrite the sidecar."""
         with self._cond:
-            result = self.state.apply_rewrap(index, command, self._rewrap)
-            if result.outcome is Outcome.APPLIED:
-                self._sidecar_due = True
-            self._cond.notify_all()
+            return self._key_table_changed(
+                self.state.apply_rewrap(index, command, self._rewrap))
+
+    def _key_table_changed(self, result: ApplyResult) -> ApplyResult:
+        """After applying an entry that may change the key table, a cutover or this node's
+        epochs (tick thread, under the condition): an applied one makes the sidecar due (the
+        node writes it right after, `persist_applied`); waiters are woken either way."""
+        if result.outcome is Outcome.APPLIED:
+            self._sidecar_due = True
+        self._cond.notify_all()
         return result
 
     def _rewrap(self, check: bytes, keys: tuple[tuple[int, int, bytes], ...]) -> None:
