@@ -110,6 +110,10 @@ def _build(backup: str, data_dir: str, work: str, nodes: int, base_port: Optiona
                                                          plugin_options)
         record.plugins = sorted(states, key=lambda name: name != "encryption")
         if "encryption" in states:
+            if not (kek_record.get("kek_file") or kek_record.get("kek_provider")):
+                raise RestoreError("the backup's cluster ran the encryption plugin, so the "
+                                   "restored nodes need a KEK: give --kek-file F (or "
+                                   "--kek-provider/--kek-option)")
             record.kek_file = kek_record.get("kek_file")
             record.kek_provider = kek_record.get("kek_provider")
             record.kek_options = dict(kek_record.get("kek_options") or {})
