@@ -195,7 +195,7 @@ async def _worker_main(w: Workload, mode, endpoints, client_kwargs, ids, index, 
                 if picker.is_read():
                     await calls.get(endpoint, picker.key())
                 else:
-                    await calls.put(endpoint, picker.key(), value)
+                    await calls.put(endpoint, picker.key(), picker.value(w.value_size))
                 status = None
             except Exception as exc:
                 status = _status_name(exc)

@@ -98,7 +98,8 @@ def _worker(w: Workload, endpoints, ids, index, processes, prefill, files, count
                     get(kv_pb2.GetRequest(key=picker.key(), consistency=level),
                         timeout=w.timeout)
                 else:
-                    put(kv_pb2.PutRequest(key=picker.key(), value=value), timeout=w.timeout)
+                    put(kv_pb2.PutRequest(key=picker.key(), value=picker.value(w.value_size)),
+                        timeout=w.timeout)
                 status = None
             except grpc.RpcError as exc:
                 status = exc.code().name
