@@ -127,9 +127,12 @@ def test_compare_runs_batched_unary_envelope_and_etcd_rows_with_ratios(tmp_path)
     # The TLS reference: the same batched Put load on a fresh --insecure cluster.
     assert names[names.index("sealkv unary get serializable c=4") + 1] == \
         "sealkv batched put c=4 --insecure"
-    envelope = [] if any("envelope rows skipped" in n for n in report["notes"]) \
-        else ["sealkv envelope put c=1", "sealkv envelope put c=4",
-              "sealkv both envelopes put c=1", "sealkv both envelopes put c=4"]
+    # The envelope rows: their cleartext reference right before the cutovers, then each
+    # envelope state with 4 clients first.
+    envelope = ["sealkv envelope off put c=4"] + (
+        [] if any("envelope rows skipped" in n for n in report["notes"])
+        else ["sealkv envelope put c=4", "sealkv envelope put c=1",
+              "sealkv both envelopes put c=4", "sealkv both envelopes put c=1"])
     assert names[len(names) - len(envelope) - 2:] == envelope + [
         "sealkv batched put c=1 fsync=never", "sealkv batched put c=4 fsync=never"]
     assert any(n.startswith("cost of durability (--fsync always vs never)")
@@ -145,9 +148,14 @@ def test_compare_runs_batched_unary_envelope_and_etcd_rows_with_ratios(tmp_path)
         assert put["ratio"] == pytest.approx(put["sealkv"] / put["reference_value"], rel=0.01)
         assert isinstance(put["holds"], bool)
     assert targets["Put, 4 clients, ops/s: batched vs unary"]["ratio"] > 0
-    if envelope:
-        both = targets["Put, 4 clients, ops/s: both envelopes (storage + raft log) vs cleartext"]
-        assert both["ratio"] > 0 and isinstance(both["holds"], bool)
+    if len(envelope) > 1:
+        for what in ("storage envelope on vs off", "both envelopes (storage + raft log) vs "
+                     "cleartext"):
+            row = targets[f"Put, 4 clients, ops/s: {what}"]
+            assert row["reference"] == "sealkv envelope off put c=4"
+            assert row["ratio"] > 0 and isinstance(row["holds"], bool)
+        cpu = targets["server CPU per Put at 4 clients, µs: both envelopes vs cleartext"]
+        assert cpu["ratio"] > 0 and cpu["holds"] is None
     tls_row = targets["Put, 4 clients, ops/s: TLS (default) vs --insecure"]
     assert tls_row["reference"] == "sealkv batched put c=4 --insecure"
     assert tls_row["ratio"] > 0 and isinstance(tls_row["holds"], bool)
