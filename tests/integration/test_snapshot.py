@@ -274,7 +274,8 @@ def test_encrypted_backup_restores_under_new_keys_and_never_reuses_a_nonce(make_
         assert {k.local_epoch for k in sidecar.keys.values()} == {0}
 
     after_old = {b"canary/after-old/%04d" % i: v for i, v in enumerate(values[200:400])}
-    after_new = {b"canary/after-new/%04d" % i: v for i, v in enumerate(values[400:])}
+    after_new = {b"canary/after-new/%04d" % i: v for i, v in enumerate(values[400:500])}
+    after_restart = {b"canary/restart/%04d" % i: v for i, v in enumerate(values[500:])}
     with restored_cluster(cluster, target) as (client, record):
         got = read_prefix(client, b"canary/old/")
         got.update(read_prefix(client, b"load/"))
@@ -286,8 +287,18 @@ def test_encrypted_backup_restores_under_new_keys_and_never_reuses_a_nonce(make_
         with cluster.client() as old:
             for key, value in after_old.items():
                 old.put(key, value)
+        # A restart of the restored cluster: epochs move on (1 -> 2), nothing repeats.
+        down = cli(["cluster", "down", "--data-dir", str(target)], cluster)
+        assert down.exit_code == 0, down.output
+        up = cli(["cluster", "up", "--data-dir", str(target), "--wait", "90"], cluster)
+        assert up.exit_code == 0, up.output
+        for key, value in after_restart.items():
+            client.put(key, value)
+        got = read_prefix(client, b"canary/after-new/")
+        got.update(read_prefix(client, b"canary/restart/"))
+        assert got == {**after_new, **after_restart}
         for endpoint in record.endpoints:
-            wait_for(lambda: client.get(max(after_new), consistency=SERIALIZABLE,
+            wait_for(lambda: client.get(max(after_restart), consistency=SERIALIZABLE,
                                         endpoint=endpoint).found, 30, f"{endpoint} caught up")
         new_dirs = [n.data_dir for n in record.nodes]
     cluster.stop_all()
@@ -305,10 +316,11 @@ def test_encrypted_backup_restores_under_new_keys_and_never_reuses_a_nonce(make_
         store.open()
         try:
             ids = {envelope.parse(e.value).key_id for k, e in store.dump()
-                   if k.startswith(b"canary/after-new/")}
+                   if k.startswith((b"canary/after-new/", b"canary/restart/"))}
         finally:
             store.close()
         assert ids == {new_storage}, (data_dir, ids)
+        assert read_sidecar(data_dir).keys[new_storage].local_epoch == 2  # two starts
         assert {envelope.parse(p).key_id for p in sealed_in_journal(data_dir, {2, new_raft})} \
             == {new_raft}
     assert not canary.scan(new_dirs + old_dirs).keys() & set(values)
