@@ -31,7 +31,7 @@ from sealkv.node.cli import local
 from sealkv.node.replication import dump_file
 from sealkv.node.replication.membership import MemberRecord
 from sealkv.node.state import commands as cmd
-from sealkv.node.state.backup_file import BackupError, BackupReader
+from sealkv.node.state.backup_file import BackupReader
 from sealkv.node.state.machine import END_RECORD, StateMachine, encode_record, \
     encode_snapshot_header
 from sealkv.node.state.storage.lmdb_store import LmdbStore
@@ -207,6 +207,3 @@ def _write_database(member_dir: str, states: Mapping[str, bytes]) -> None:
             machine.read_snapshot(src)
     finally:
         store.close()
-
-
-__all__ = ["BackupError", "RestoreError", "Restored", "restore"]
