@@ -68,8 +68,13 @@ class _OpaqueState:
 
 def restore(backup: str, data_dir: str, *, nodes: int, base_port: Optional[int],
             insecure: bool, fsync: str, plugin_options: Mapping[str, Mapping[str, Any]],
-            kek_record: Mapping[str, Any]) -> Restored:
+            kek_record: Mapping[str, Any],
+            members: Optional[list[MemberRecord]] = None) -> Restored:
     """Builds the restored cluster in `data_dir` (see the module docstring); returns it.
+
+    The members are `n1..n<nodes>` on 127.0.0.1 (ports from `base_port`, else free ones),
+    or exactly `members` (voters: names and addresses as `--initial-cluster` gives them,
+    each member's data directory `data_dir/<name>`, its certificate for its gRPC host).
 
     `plugin_options` are the storage layers' options as a node gets them (the encryption
     plugin's KEK); `kek_record` the KEK fields of the cluster record (`kek_file`,
@@ -85,8 +90,8 @@ def restore(backup: str, data_dir: str, *, nodes: int, base_port: Optional[int],
     shutil.rmtree(work, ignore_errors=True)
     os.mkdir(work, 0o700)
     try:
-        restored = _build(backup, data_dir, work, nodes, base_port, insecure, fsync,
-                          plugin_options, kek_record)
+        restored = _build(backup, data_dir, work, _nodes(data_dir, nodes, base_port, members),
+                          insecure, fsync, plugin_options, kek_record)
         if os.path.isdir(data_dir):
             os.rmdir(data_dir)  # empty (checked above): the rename puts the cluster there
         os.rename(work, data_dir)
@@ -97,14 +102,27 @@ def restore(backup: str, data_dir: str, *, nodes: int, base_port: Optional[int],
         raise
 
 
-def _build(backup: str, data_dir: str, work: str, nodes: int, base_port: Optional[int],
+def _nodes(data_dir: str, count: int, base_port: Optional[int],
+           members: Optional[list[MemberRecord]]) -> list[local.LocalNode]:
+    if members is None:
+        return local.define_nodes(data_dir, count, base_port)
+    learners = [m.name for m in members if m.role != cmd.ROLE_VOTER]
+    if learners or not members:
+        raise RestoreError("a restored cluster starts with voters only (NAME=RAFT/GRPC); add "
+                           "learners afterwards with `sealkv member add --learner`")
+    return [local.LocalNode(m.name, m.raft_address, m.grpc_address,
+                            os.path.join(data_dir, m.name),
+                            os.path.join(data_dir, f"{m.name}.log")) for m in members]
+
+
+def _build(backup: str, data_dir: str, work: str, nodes: list[local.LocalNode],
            insecure: bool, fsync: str, plugin_options, kek_record) -> Restored:
     with BackupReader(backup) as reader:
         index = reader.applied_index
         record = local.LocalCluster(
             data_dir, os.path.join(data_dir, "secret"), fsync=fsync, insecure=insecure,
             certs_dir=None if insecure else os.path.join(data_dir, "pki"))
-        record.nodes = local.define_nodes(data_dir, nodes, base_port)
+        record.nodes = nodes
         members = [MemberRecord(n.name, n.raft, n.grpc, cmd.ROLE_VOTER) for n in record.nodes]
         states, member_files, summaries = _plugin_states(reader.state["plugins"], index,
                                                          plugin_options)
@@ -133,7 +151,8 @@ def _build(backup: str, data_dir: str, work: str, nodes: int, base_port: Optiona
     shutil.rmtree(template)
     local.write_secret(os.path.join(work, "secret"))
     if not insecure:
-        local.make_pki(os.path.join(work, "pki"), [(n.name, "127.0.0.1") for n in record.nodes])
+        local.make_pki(os.path.join(work, "pki"),
+                       [(n.name, n.grpc.rsplit(":", 1)[0].strip("[]")) for n in record.nodes])
     record.save(work)
     return Restored(record, index, keys, summaries)
 

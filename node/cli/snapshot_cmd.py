@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from sealkv.node import __version__, errors
-from sealkv.node.cli.main import EXIT_FAILED, CliError, Ctx, fail_from, pass_ctx
+from sealkv.node.cli.main import EXIT_FAILED, EXIT_USAGE, CliError, Ctx, fail_from, pass_ctx
 from sealkv.node.cli.output import emit
 
 STATUS_HEADERS = ["checksum", "sha256", "revision", "term", "keys", "total size", "encrypted",
@@ -131,10 +131,13 @@ def status(c: Ctx, file):
 @click.option("--data-dir", required=True,
               help="A new (absent or empty) directory for the restored cluster, as `cluster up "
                    "--data-dir` takes it.")
-@click.option("--nodes", type=click.IntRange(1, 9), default=3, show_default=True,
-              help="Members of the restored cluster (n1..nN on 127.0.0.1).")
+@click.option("--nodes", type=click.IntRange(1, 9),
+              help="Members of the restored cluster, n1..nN on 127.0.0.1 (default 3).")
 @click.option("--base-port", type=click.IntRange(1024, 65000),
               help="Raft ports from P, gRPC ports from P+100 (default: free ports).")
+@click.option("--initial-cluster", metavar="NAME=RAFT/GRPC,...",
+              help="Instead of --nodes: the restored members' names and addresses, as "
+                   "`node start --initial-cluster` takes them (DATA_DIR/NAME each).")
 @click.option("--kek-file", type=click.Path(exists=True, dir_okay=False),
               help="The KEK the backup's data keys are wrapped with (an encrypted backup "
                    "needs it; the restored cluster's nodes use it too).")
@@ -146,8 +149,8 @@ def status(c: Ctx, file):
 @click.option("--insecure", is_flag=True,
               help="The restored cluster serves plaintext gRPC (no PKI is made).")
 @pass_ctx
-def restore(c: Ctx, file, data_dir, nodes, base_port, kek_file, kek_provider, kek_options,
-            fsync, insecure):
+def restore(c: Ctx, file, data_dir, nodes, base_port, initial_cluster, kek_file, kek_provider,
+            kek_options, fsync, insecure):
     """Builds a new cluster's data directories from FILE in DATA_DIR.
 
     Start it with `sealkv cluster up --data-dir DATA_DIR`. The restored cluster gets a new
@@ -161,6 +164,17 @@ def restore(c: Ctx, file, data_dir, nodes, base_port, kek_file, kek_provider, ke
     from sealkv.node.cli.node_cmd import parse_kek_options
     from sealkv.node.state.backup_file import BackupError
 
+    members = None
+    if initial_cluster:
+        from sealkv.node.config import ConfigError, parse_initial_cluster
+
+        if nodes or base_port:
+            raise CliError("--initial-cluster names the members: leave out --nodes and "
+                           "--base-port", EXIT_USAGE)
+        try:
+            members = parse_initial_cluster(initial_cluster)
+        except ConfigError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
     options = parse_kek_options(kek_options)
     encryption: dict[str, Any] = {}
     if kek_file:
@@ -172,10 +186,10 @@ def restore(c: Ctx, file, data_dir, nodes, base_port, kek_file, kek_provider, ke
     kek_record = {"kek_file": encryption.get("kek_file"), "kek_provider": kek_provider,
                   "kek_options": options}
     try:
-        done = restoring.restore(file, data_dir, nodes=nodes, base_port=base_port,
+        done = restoring.restore(file, data_dir, nodes=nodes or 3, base_port=base_port,
                                  insecure=insecure, fsync=fsync,
                                  plugin_options={"encryption": encryption},
-                                 kek_record=kek_record)
+                                 kek_record=kek_record, members=members)
     except (BackupError, restoring.RestoreError) as exc:
         raise CliError(f"{exc}; nothing was written to {os.path.abspath(data_dir)}",
                        EXIT_FAILED) from None
@@ -191,6 +205,17 @@ def restore(c: Ctx, file, data_dir, nodes, base_port, kek_file, kek_provider, ke
                        err=True)
         click.echo(f"restored revision {done.applied_index} ({done.keys} keys); start it with:"
                    f" sealkv cluster up --data-dir {record.data_dir}", err=True)
+        if members:
+            hint = ["sealkv", "node", "start", "--name", "NAME", "--data-dir",
+                    f"{record.data_dir}/NAME", "--raft", "RAFT", "--grpc", "GRPC",
+                    "--initial-cluster", initial_cluster, "--secret-file", record.secret_file,
+                    *record.node_tls_args(record.nodes[0])]
+            if record.plugins:
+                hint += ["--plugins", ",".join(record.plugins)]
+            if record.kek_file:
+                hint += ["--kek-file", record.kek_file]
+            click.echo("or start each member where its addresses live: " + " ".join(hint),
+                       err=True)
 
 
 def register(cli: click.Group) -> None:

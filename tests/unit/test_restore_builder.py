@@ -89,3 +89,34 @@ def test_a_refused_restore_writes_nothing(tmp_path):
     with pytest.raises(RestoreError, match="not installed"):
         run(foreign, tmp_path / "c")
     assert sorted(os.listdir(tmp_path)) == ["b", "backup.db", "damaged.db", "p", "source"]
+
+
+def test_restore_with_named_members(tmp_path):
+    from click.testing import CliRunner
+
+    from sealkv.node.cli.main import register_commands
+
+    backup = make_backup(tmp_path)
+    target = tmp_path / "named"
+    initial = "a=127.0.0.1:7001/127.0.0.1:7101,b=127.0.0.1:7002/127.0.0.1:7102"
+    result = CliRunner().invoke(register_commands(), [
+        "-w", "json", "snapshot", "restore", backup, "--data-dir", str(target),
+        "--initial-cluster", initial, "--insecure"])
+    assert result.exit_code == 0, result.output
+    built = json.loads(result.output)
+    assert [(n["name"], n["raft"], n["grpc"]) for n in built["nodes"]] == [
+        ("a", "127.0.0.1:7001", "127.0.0.1:7101"), ("b", "127.0.0.1:7002", "127.0.0.1:7102")]
+    store = LmdbStore(str(target / "b" / "db"))
+    store.open()
+    try:
+        sm = StateMachine(store)
+        assert sm.load() == 59
+        members, _ = sm.member_directory()
+    finally:
+        store.close()
+    assert sorted(members) == ["a", "b"]
+    result = CliRunner().invoke(register_commands(), [
+        "snapshot", "restore", backup, "--data-dir", str(tmp_path / "x"),
+        "--initial-cluster", "a=learner/127.0.0.1:7101"])
+    assert result.exit_code == 1 and "voters only" in result.output
+    assert not (tmp_path / "x").exists()
