@@ -66,12 +66,14 @@ def restore_for_new_cluster(state: bytes, index: int,
     parsed = _parse(state)
     if not parsed.bootstrapped:
         return RestoredState(state, summary={"encryption": "not bootstrapped"})
+    needed = ("the backup holds encrypted data: the restore needs the KEK its data keys are "
+              "wrapped with (--kek-file F, or --kek-provider/--kek-option)")
+    if not any(options.get(name) for name in ("kek_file", "kek_provider", "kek_env")):
+        raise StartupRefused(needed)
     try:
         kek = startup.load_kek(options)
     except StartupRefused as error:
-        raise StartupRefused(f"the backup holds encrypted data: the restore needs the KEK "
-                             f"its data keys are wrapped with (--kek-file F, or "
-                             f"--kek-provider/--kek-option): {error}") from None
+        raise StartupRefused(f"{needed}: {error}") from None
     for key_id, key in sorted(parsed.keys.items()):
         if not _unwraps(kek, key.wrapped):
             raise StartupRefused(
