@@ -156,6 +156,21 @@ def acknowledge(obj, node, index: int) -> None:
     obj.doTick(0)
 
 
+def test_a_leader_answers_a_committed_write_before_it_sends_the_new_commit_index(raft):
+    from sealkv.node.state import commands as cmd
+
+    become_leader(raft)
+    raft._adapter.sm.defer_commit = True  # as ReplicationAdapter.start sets it
+    raft._adapter.propose_async(cmd.encode(cmd.Put(b"k", b"v")),
+                                lambda result, error: raft.events.append(("answered", error)))
+    raft._checkCommandsToApply()
+    raft.events.clear()
+    acknowledge(raft, raft.other, raft._journal.last_index)  # commits, applies, sends
+    assert raft.events[0] == ("answered", None)
+    sends = [e for e in raft.events[1:] if e[0] == "send" and e[2] == "append_entries"]
+    assert sends  # the commit index leaves after the writer was answered, not before
+
+
 def test_a_leader_that_cannot_write_its_group_steps_down_and_never_counts_it(raft):
     become_leader(raft)
     commit = raft._SyncObj__raftCommitIndex
