@@ -94,6 +94,19 @@ def envelope_header(key_id: int) -> bytes:
 
 def parse(data: bytes) -> Envelope:
     """Splits `data` into its fields without decrypting; raises an `EnvelopeError` subclass."""
+    data = _checked(data)
+    return Envelope(
+        version=VERSION,
+        flags=0,
+        key_id=int.from_bytes(data[2:HEADER_SIZE], "big"),
+        nonce=data[HEADER_SIZE:HEADER_SIZE + NONCE_SIZE],
+        ciphertext=data[HEADER_SIZE + NONCE_SIZE:len(data) - TAG_SIZE],
+        tag=data[len(data) - TAG_SIZE:],
+    )
+
+
+def _checked(data: bytes) -> bytes:
+    """Returns `data` as bytes once its length and header are valid (see `parse`)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise EnvelopeError(f"envelope must be bytes, not {type(data).__name__}")
     data = bytes(data)
@@ -106,14 +119,7 @@ def parse(data: bytes) -> Envelope:
         raise BadFlags(f"envelope flags 0x{flags:02x} are not supported")
     if key_id == 0:
         raise ReservedKeyId("envelope names the reserved key id 0")
-    return Envelope(
-        version=version,
-        flags=flags,
-        key_id=key_id,
-        nonce=data[HEADER_SIZE:HEADER_SIZE + NONCE_SIZE],
-        ciphertext=data[HEADER_SIZE + NONCE_SIZE:len(data) - TAG_SIZE],
-        tag=data[len(data) - TAG_SIZE:],
-    )
+    return data
 
 
 def seal(dek: bytes, key_id: int, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -161,24 +167,26 @@ def open_envelope(dek_lookup_or_dek: DekSource, data: bytes, aad: AadSource) -> 
     a callable that builds them from the envelope's 6 header bytes. Every failure raises an
     `EnvelopeError` subclass (`AuthenticationFailed` for a bad tag).
     """
-    envelope = parse(data)
+    data = _checked(data)  # parsed in place: the fields are slices, no Envelope is built
+    key_id = int.from_bytes(data[2:HEADER_SIZE], "big")
     if isinstance(dek_lookup_or_dek, (bytes, bytearray)):
         dek: Optional[bytes] = bytes(dek_lookup_or_dek)
     elif isinstance(dek_lookup_or_dek, Mapping):
-        dek = dek_lookup_or_dek.get(envelope.key_id)
+        dek = dek_lookup_or_dek.get(key_id)
     else:
-        dek = dek_lookup_or_dek(envelope.key_id)
+        dek = dek_lookup_or_dek(key_id)
     if dek is None:
-        raise UnknownKeyId(f"no data key with id {envelope.key_id} is loaded")
+        raise UnknownKeyId(f"no data key with id {key_id} is loaded")
     if len(dek) != DEK_SIZE:
-        raise EnvelopeError(f"data key {envelope.key_id} is not {DEK_SIZE} bytes")
-    aad_bytes = aad(envelope.header) if callable(aad) else aad
+        raise EnvelopeError(f"data key {key_id} is not {DEK_SIZE} bytes")
+    aad_bytes = aad(data[:HEADER_SIZE]) if callable(aad) else aad
     try:
-        return _cipher(bytes(dek)).decrypt(
-            envelope.nonce, envelope.ciphertext + envelope.tag, bytes(aad_bytes))
+        # ciphertext and tag are contiguous at the end: AES-GCM takes them as one slice.
+        return _cipher(bytes(dek)).decrypt(data[HEADER_SIZE:HEADER_SIZE + NONCE_SIZE],
+                                           data[HEADER_SIZE + NONCE_SIZE:], bytes(aad_bytes))
     except InvalidTag:
         raise AuthenticationFailed(
-            f"envelope under key id {envelope.key_id} failed authentication") from None
+            f"envelope under key id {key_id} failed authentication") from None
 
 
 @functools.lru_cache(maxsize=64)
