@@ -128,3 +128,34 @@ def test_a_torn_journal_tail_is_cut_with_one_warning_and_the_node_serves(stopped
         c.put(b"after", b"tear")
         assert c.get(b"after").kv.value == b"tear"
         assert c.get(b"k00").kv.value == b"v00"
+
+
+def test_a_database_left_unflushed_by_another_boot_is_rebuilt_from_dump_and_log(make_cluster,
+                                                                                tmp_path):
+    """An operating-system crash or power loss may tear a database whose commits were not
+    flushed (`--fsync always` flushes the journal, not each database commit): the node
+    discards it and rebuilds it from its dump and log, with one WARNING."""
+    cluster = make_cluster(1, extra_args=["--config", compacting_config(tmp_path)])
+    node = cluster.nodes["n1"]
+    with cluster.client() as c:
+        for i in range(KEYS):
+            c.put(b"k%02d" % i, b"v%02d" % i)
+        wait_for(lambda: os.path.exists(os.path.join(node.data_dir, "raft", "raft.dump")), 20,
+                 "a dump")
+        c.put(b"after-dump", b"in the log only")
+    db_dir = os.path.join(node.data_dir, "db")
+    cluster.kill("n1", signal.SIGKILL)  # no clean close: db/unsynced stays
+    with open(os.path.join(db_dir, "unsynced"), "w") as f:
+        f.write("a-boot-before-this-one\n")
+    with open(os.path.join(db_dir, "data.mdb"), "r+b") as f:  # torn beyond LMDB's repair
+        f.write(b"\0" * os.path.getsize(os.path.join(db_dir, "data.mdb")))
+    since = restart(cluster, node)
+    cluster.wait_leader()
+    text = node.log()[since:]
+    assert [line for line in text.splitlines() if "not flushed before the system restarted"
+            in line and " WARNING " in line]
+    assert not problems(text) and "Traceback" not in text
+    with cluster.client() as c:
+        assert [c.get(b"k%02d" % i).kv.value for i in range(KEYS)] == \
+            [b"v%02d" % i for i in range(KEYS)]
+        assert c.get(b"after-dump").kv.value == b"in the log only"
