@@ -98,10 +98,7 @@ def expected_node_id(member: MemberRecord) -> int:
 
 def probe_capability(member: MemberRecord, channel: grpc.Channel, timeout: float) -> ProbeAnswer:
     """Asks one member's EncryptionAdmin.GetCapability (the fan-out probe)."""
-    response = pb_grpc.EncryptionAdminStub(channel).GetCapability(pb.GetCapabilityRequest(),
-                                                                  timeout=timeout)
-    details = {"build_version": response.build_version,
-               "local_epoch": str(response.local_epoch), "node_name": response.node_name}
+    response, details = _ask(channel, timeout)
     if not epoch_in_range(response.local_epoch):
         return ProbeAnswer(response.full_node_id, False,
                            f"reported epoch {response.local_epoch} is above 0xFFFF", details)
@@ -114,10 +111,7 @@ def rewrap_probe(layer: EncryptionLayerAccess) -> Probe:
     `next_kek_ready` and its next-KEK check blob opens under this node's (the leader's) next
     KEK, i.e. both staged the same next KEK."""
     def probe(member: MemberRecord, channel: grpc.Channel, timeout: float) -> ProbeAnswer:
-        response = pb_grpc.EncryptionAdminStub(channel).GetCapability(
-            pb.GetCapabilityRequest(), timeout=timeout)
-        details = {"build_version": response.build_version,
-                   "local_epoch": str(response.local_epoch), "node_name": response.node_name}
+        response, details = _ask(channel, timeout)
         if not response.next_kek_ready:
             return ProbeAnswer(response.full_node_id, False,
                                response.next_kek_reason or "next KEK not ready", details)
@@ -126,6 +120,14 @@ def rewrap_probe(layer: EncryptionLayerAccess) -> Probe:
                                "its next KEK is not the leader's next KEK", details)
         return ProbeAnswer(response.full_node_id, True, "", details)
     return probe
+
+
+def _ask(channel: grpc.Channel, timeout: float) -> tuple[pb.GetCapabilityResponse, dict]:
+    """One member's GetCapability answer and the details both probes report of it."""
+    response = pb_grpc.EncryptionAdminStub(channel).GetCapability(pb.GetCapabilityRequest(),
+                                                                  timeout=timeout)
+    return response, {"build_version": response.build_version,
+                      "local_epoch": str(response.local_epoch), "node_name": response.node_name}
 
 
 def capability_rows(result: FanOutResult) -> list[pb.CapabilityRow]:
