@@ -86,14 +86,34 @@ def kek_check_blob(kek: KEKProvider) -> bytes:
     return kek.wrap(KEK_CHECK_PLAINTEXT)
 
 
+def unwrapped_or_none(kek: Optional[KEKProvider], wrapped: bytes) -> Optional[bytes]:
+    """Returns what `wrapped` holds under `kek`, or None when it does not open there (or
+    `kek` is None). Any failure means "does not open"; its text is dropped, as a provider's
+    could carry bytes."""
+    if kek is None:
+        return None
+    try:
+        return kek.unwrap(wrapped)
+    except Exception:
+        return None
+
+
 def opens_check(kek: Optional[KEKProvider], blob: bytes) -> bool:
     """Whether `blob` is a check blob made under the same KEK as `kek` (False for None)."""
-    if kek is None or not blob:
-        return False
-    try:
-        return hmac.compare_digest(kek.unwrap(blob), KEK_CHECK_PLAINTEXT)
-    except Exception:  # any failure means "another KEK"; its text could carry bytes
-        return False
+    opened = unwrapped_or_none(kek, blob) if blob else None
+    return opened is not None and hmac.compare_digest(opened, KEK_CHECK_PLAINTEXT)
+
+
+def kek_of_check(check: bytes, kek: KEKProvider,
+                 next_kek: Optional[KEKProvider]) -> Optional[KEKProvider]:
+    """Returns which of this node's KEKs, the current `kek` or the staged `next_kek`, made the
+    check blob `check` of a key table (`kek` for an empty check: a table never rewrapped), or
+    None when neither did."""
+    if not check or opens_check(kek, check):
+        return kek
+    if opens_check(next_kek, check):
+        return next_kek
+    return None
 
 
 def check_dek(dek: bytes) -> None:

@@ -32,7 +32,7 @@ from . import commands, reencryption, restore, startup
 from .commands import CommandDecodeError, RegisterCommand, RewrapCommand
 from .core_dumps import disable_core_dumps
 from .counters import COUNTERS
-from .kek import KEKProvider, kek_check_blob, opens_check
+from .kek import KEKProvider, kek_check_blob, kek_of_check, opens_check, unwrapped_or_none
 from .keystore import KeyStore
 from .nonce import MAX_EPOCH, NonceFactory, full_node_id, node_id16
 from .purpose import PURPOSE_NAMES
@@ -385,11 +385,10 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         generation 0); raises `ApplyHalt` with the fix when neither did."""
         if self.kek is None:
             raise ApplyHalt("no KEK is loaded: the encryption plugin was not prepared")
-        if not check or opens_check(self.kek, check):
-            return self.kek
-        if opens_check(self.next_kek, check):
-            return self.next_kek
-        raise ApplyHalt(startup.rewrapped_elsewhere(where, generation, self.kek))
+        found = kek_of_check(check, self.kek, self.next_kek)
+        if found is None:
+            raise ApplyHalt(startup.rewrapped_elsewhere(where, generation, self.kek))
+        return found
 
     def _install(self, key_id: int, purpose: int, wrapped: bytes) -> None:
         """Unwraps a replicated key with the KEK, keeps it, and picks this node's epoch."""
@@ -540,9 +539,8 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         if self.kek is None:
             return "no KEK is loaded"
         for key_id, key in sorted(state.keys.items()):
-            try:
-                dek = self.kek.unwrap(key.wrapped)
-            except Exception:  # any failure means "cannot unwrap"; its text could carry bytes
+            dek = unwrapped_or_none(self.kek, key.wrapped)
+            if dek is None:
                 return f"the KEK cannot unwrap {PURPOSE_NAMES[key.purpose]} key {key_id}"
             held = self.keystore.get_for(key_id, key.purpose)
             if held is None or not hmac.compare_digest(held, dek):
@@ -576,12 +574,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         if next_kek is None:
             raise ProposalRefused("no next KEK is staged on the leader: restart it with "
                                   "--next-kek-file (or --next-kek-provider/--next-kek-option)")
-        try:
-            next_kek.unwrap(state.keys[state.active_storage_id].wrapped)
-            same = True
-        except Exception:  # "cannot unwrap" is the expected answer
-            same = False
-        if same:
+        if unwrapped_or_none(next_kek, state.keys[state.active_storage_id].wrapped) is not None:
             raise ProposalRefused("the next KEK is the KEK the key table is already wrapped "
                                   "under: stage a new KEK as --next-kek-* on every member")
         keys = []

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from sealkv.plugins.api import RestoredState, StartupRefused
 
 from . import startup
-from .kek import KEKProvider
+from .kek import DEK_SIZE, KEKProvider, unwrapped_or_none
 from .purpose import PURPOSE_NAMES, PURPOSE_RAFT, PURPOSE_STORAGE
 from .sidecar import sidecar_of, write_sidecar
 from .state import EncryptionState, StateDecodeError, WrappedKey
@@ -91,10 +91,8 @@ def restore_for_new_cluster(state: bytes, index: int,
 
 
 def _unwraps(kek: KEKProvider, wrapped: bytes) -> bool:
-    try:
-        return len(kek.unwrap(wrapped)) == 32
-    except Exception:  # any failure means "cannot unwrap"; its text could carry bytes
-        return False
+    dek = unwrapped_or_none(kek, wrapped)
+    return dek is not None and len(dek) == DEK_SIZE
 
 
 def _rotated(state: EncryptionState, index: int, kek: KEKProvider) -> EncryptionState:

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Optional
 from sealkv.node.replication.membership import MemberRecord, member_raft_id
 from sealkv.plugins.api import StartupRefused
 
-from .kek import KEKProvider, load_kek_provider, opens_check
+from .kek import KEKProvider, kek_of_check, load_kek_provider
 from .keystore import KeyStore
 from .nonce import MAX_EPOCH, full_node_id, node_id16
 from .purpose import PURPOSE_BY_NAME
@@ -108,11 +108,10 @@ def open_sidecar(data_dir: str, kek: KEKProvider, keystore: KeyStore,
 def sidecar_kek(sidecar: Sidecar, kek: KEKProvider, next_kek: Optional[KEKProvider],
                 path: str) -> KEKProvider:
     """Returns the KEK the sidecar's keys are wrapped under (see `open_sidecar`)."""
-    if not sidecar.kek_generation or opens_check(kek, sidecar.kek_check):
-        return kek
-    if opens_check(next_kek, sidecar.kek_check):
-        return next_kek
-    raise StartupRefused(rewrapped_elsewhere(path, sidecar.kek_generation, kek))
+    found = kek_of_check(sidecar.kek_check, kek, next_kek)  # validated: no check at generation 0
+    if found is None:
+        raise StartupRefused(rewrapped_elsewhere(path, sidecar.kek_generation, kek))
+    return found
 
 
 def rewrapped_elsewhere(where: str, generation: int, kek: KEKProvider) -> str:
