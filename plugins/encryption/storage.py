@@ -8,7 +8,6 @@ neither. Nothing here logs a key, a value or key bytes.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 from sealkv.node.errors import IntegrityError
@@ -64,7 +63,7 @@ class EncryptionStorage(StorageLayer):
         if sealing is None or sealing[0].key_id != state.active_storage_id:
             sealing = self._sealing = self._sealing_for(state.active_storage_id)
         sealer, next_nonce = sealing
-        header = (entry.header & ~VALUE_STATE_MASK & 0xFF) | VALUE_ENCRYPTED
+        header = _sealed_header(entry.header)
         sealed = sealer.seal(next_nonce(), entry.value,
                              envelope.storage_aad(sealer.header, header, key, entry.mod_revision))
         self.sealed += 1
@@ -82,16 +81,13 @@ class EncryptionStorage(StorageLayer):
         state = entry.state
         if state == VALUE_ENCRYPTED:
             try:
-                plaintext = envelope.open_envelope(
-                    lambda key_id: self.keystore.get_for(key_id, PURPOSE_STORAGE), entry.value,
-                    lambda header6: envelope.storage_aad(header6, entry.header, key,
-                                                         entry.mod_revision))
+                plaintext = self._open(key, entry, entry.header)
             except envelope.EnvelopeError as error:
                 COUNTERS.add("failure", "storage", type(error).__name__)
                 raise IntegrityError(f"stored value failed decryption: {error}") from None
             COUNTERS.add("open", "storage")
-            return dataclasses.replace(entry, value=plaintext,
-                                       header=entry.header & ~VALUE_STATE_MASK)
+            return Entry(plaintext, entry.create_revision, entry.mod_revision, entry.version,
+                         entry.header & ~VALUE_STATE_MASK)
         if state == VALUE_CLEARTEXT:
             if len(entry.value) >= envelope.OVERHEAD and self._verifies_as_envelope(key, entry):
                 raise IntegrityError("a value marked cleartext is an authentic envelope: its "
@@ -99,14 +95,25 @@ class EncryptionStorage(StorageLayer):
             return entry
         raise IntegrityError(f"stored value has the reserved state 0x{state:02x}")
 
+    def _open(self, key: bytes, entry: Entry, value_header: int) -> bytes:
+        """Opens `entry.value` as the envelope of `key`'s value stored with `value_header`
+        (any loaded storage key); raises an `EnvelopeError` subclass."""
+        return envelope.open_envelope(
+            self._storage_key, entry.value,
+            lambda header6: envelope.storage_aad(header6, value_header, key, entry.mod_revision))
+
+    def _storage_key(self, key_id: int) -> Optional[bytes]:
+        return self.keystore.get_for(key_id, PURPOSE_STORAGE)
+
     def _verifies_as_envelope(self, key: bytes, entry: Entry) -> bool:
         """The rebadge guard: whether a cleartext value opens under a loaded storage key."""
-        sealed_header = (entry.header & ~VALUE_STATE_MASK & 0xFF) | VALUE_ENCRYPTED
         try:
-            envelope.open_envelope(
-                lambda key_id: self.keystore.get_for(key_id, PURPOSE_STORAGE), entry.value,
-                lambda header6: envelope.storage_aad(header6, sealed_header, key,
-                                                     entry.mod_revision))
+            self._open(key, entry, _sealed_header(entry.header))
         except envelope.EnvelopeError:
             return False
         return True
+
+
+def _sealed_header(header: int) -> int:
+    """The value header of a value stored sealed: `header` with its state bits "encrypted"."""
+    return (header & ~VALUE_STATE_MASK & 0xFF) | VALUE_ENCRYPTED
