@@ -407,7 +407,6 @@ class EncryptionAdminService(AtRestAdminMixin, pb_grpc.EncryptionAdminServicer):
                 raise errors.FailedPrecondition(f"the leader cannot rewrap: {why}")
             layer.rewrap_command(state)  # refuses early what the action would refuse
 
-
             def rewrap(_snapshot):
                 command = layer.rewrap_command(layer.view().state)
                 return command, plugin.propose(command, end)

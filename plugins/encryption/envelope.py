@@ -129,8 +129,7 @@ def seal(dek: bytes, key_id: int, nonce: bytes, plaintext: bytes, aad: bytes) ->
     `storage_aad(envelope_header(key_id), ...)` or `raft_aad(key_id)`. A caller sealing many
     values under one key uses a `Sealer`, which checks the key once.
     """
-    _check_dek(dek)
-    return Sealer(bytes(dek), key_id).seal(bytes(nonce), bytes(plaintext), bytes(aad))
+    return Sealer(dek, key_id).seal(bytes(nonce), bytes(plaintext), bytes(aad))
 
 
 class Sealer:

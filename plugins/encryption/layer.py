@@ -167,6 +167,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         self._prepared = False
         self._cond = threading.Condition(threading.RLock())
         self.raft_codec = RaftPayloadCodec(self.state, self.keystore, self.nonce_factory)
+        self.storage: Optional[EncryptionStorage] = None  # the envelope layer, once `wrap` ran
         self.registration = WriterRegistration(self.state, self._epochs, self.full_node_id,
                                                self._cond)
 
@@ -464,9 +465,8 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         except StateDecodeError as error:
             raise ApplyHalt(str(error)) from error
         with self._cond:
-            kek = self._kek_for(restored.kek_check, "the snapshot", restored.kek_generation)
-            if kek is not self.kek:
-                self.kek = kek  # a rewrap this node had not applied yet (staged next KEK)
+            # The staged next KEK when the snapshot holds a rewrap this node had not applied.
+            self.kek = self._kek_for(restored.kek_check, "the snapshot", restored.kek_generation)
             for field in dataclasses.fields(EncryptionState):
                 setattr(self.state, field.name, getattr(restored, field.name))
             for key_id, key in sorted(restored.keys.items()):
@@ -493,7 +493,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         """This node's encryption metrics (`sealkv.plugins.api.ProvidesMetrics`)."""
         view = self.view()
         state, counts = view.state, COUNTERS.snapshot()
-        storage = getattr(self, "storage", None)
+        storage = self.storage
         if storage is not None and storage.sealed:
             key = ("seal", "storage", "")
             counts[key] = counts.get(key, 0) + storage.sealed

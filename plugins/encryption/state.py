@@ -391,9 +391,9 @@ class EncryptionState:
         table = {key_id: key.purpose for key_id, key in self.keys.items()}
         named = {key_id: purpose for key_id, purpose, _ in command.keys}
         if (command.generation == self.kek_generation and command.check == self.kek_check
-                and all(self.keys.get(key_id) is not None
-                        and self.keys[key_id].wrapped == wrapped
-                        for key_id, _, wrapped in command.keys) and named == table):
+                and named == table
+                and all(self.keys[key_id].wrapped == wrapped
+                        for key_id, _, wrapped in command.keys)):
             return ApplyResult(Outcome.NOOP_REPLAY)
         if command.generation != self.kek_generation + 1 or named != table:
             return ApplyResult(Outcome.STALE_CONSUMED)
