@@ -980,6 +980,10 @@ class ReplicationAdapter:
         except OSError as exc:
             self._do_halt(f"{filename}: cannot read the dump ({exc.strerror})")
             raise
+        # pysyncobj now keeps no entry before `previous` (a snapshot installed from the leader
+        # replaces the whole log): the codec forgets what it counted there (the retained log's
+        # users of a raft key), as after a snapshot of our own.
+        self.codec.snapshot_taken(previous[1])
         # pysyncobj compares these with its own TCPNode to drop itself: strings never match.
         return last, previous, cluster
 

@@ -42,7 +42,8 @@ class PayloadCodec(Protocol):
 
     def snapshot_taken(self, index: int) -> None:
         """Called on the tick thread once a snapshot covering entries up to `index` is written
-        (the log before it is about to be dropped)."""
+        (the log before it is about to be dropped), and once one is loaded: the local dump at
+        start, or a snapshot installed from the leader (the log before it is gone)."""
 
     def open(self, index: int, payload: bytes) -> bytes:
         """Returns the command bytes of entry `index`.

@@ -10,6 +10,7 @@ from sealkv.node.state import commands as cmd
 from sealkv.node import errors
 from sealkv.node.durable import DamagedFile
 from sealkv.node.replication.adapter import ReplicationAdapter, _DumpNotRenamed
+from sealkv.node.replication.payload_codec import IdentityCodec
 from sealkv.node.replication.settings import RaftSettings
 from sealkv.node.replication.membership import MemberRecord
 from sealkv.node.state.machine import StateMachine
@@ -255,3 +256,26 @@ def test_a_dump_the_database_already_covers_is_checked_but_not_loaded(tmp_path):
     assert last == (b"x", 1, 1)
     assert sm.applied_index == 2 and sm.get(b"b")[0] is not None  # not rolled back to 1
     store.close()
+
+
+class RecordingCodec(IdentityCodec):
+    """The identity codec that records the snapshots it is told of, for tests only."""
+
+    def __init__(self):
+        self.snapshots: list[int] = []
+
+    def snapshot_taken(self, index: int) -> None:
+        self.snapshots.append(index)
+
+
+def test_loading_a_dump_tells_the_codec_the_log_before_it_is_gone(tmp_path):
+    # A follower installing the leader's snapshot drops its whole log: a codec counting the
+    # retained log's users of a key (the raft envelope) must forget the entries before it,
+    # or a key nothing uses any more would count as used until this node compacts itself.
+    source = adapter(tmp_path, sm=filled_state_machine())
+    path = str(tmp_path / "raft.dump")
+    write_dump(source, path, ((b"x", 3, 1), (b"y", 2, 1), {TCPNode(p) for p in PEERS}))
+    target = adapter(tmp_path)
+    target.codec = codec = RecordingCodec()
+    target._read_dump(path)
+    assert codec.snapshots == [2]  # pysyncobj keeps `previous` and `last` in the log

@@ -85,3 +85,19 @@ def test_closed_intake_holds_proposals_until_the_marker_applies(plugin):
     apply(plugin, 5, marker)
     waiter.join(5)
     assert out and looks_sealed(out[0], [2])
+
+
+def test_the_retained_log_counts_users_of_a_raft_key_until_a_snapshot_covers_them(plugin):
+    # What RetireDEK asks every member (GetKeyUsage): entries above the last snapshot, taken
+    # here or loaded (a snapshot installed from the leader, see the adapter's _read_dump).
+    codec = plugin.payload_codec()
+    apply(plugin, 5, cutover_command(plugin.view(), 2))
+    for index in (6, 7, 8):
+        codec.open(index, codec.seal(PUT, 0.1))
+    assert codec.log_users(2) == 3 and codec.log_users(1) == 0
+    codec.snapshot_taken(6)
+    assert codec.log_users(2) == 2
+    codec.snapshot_taken(8)
+    assert codec.log_users(2) == 0
+    codec.snapshot_taken(7)  # an older snapshot changes nothing
+    assert codec.log_users(2) == 0
