@@ -199,7 +199,7 @@ class Cluster:
             return c.status()
 
     def leader(self) -> Optional[str]:
-        for node in self.nodes.values():
+        for node in list(self.nodes.values()):  # a copy: a fault thread may add nodes
             if not node.alive():
                 continue
             try:

@@ -24,6 +24,50 @@ def snapshot():
     """Save a cluster's state to a file, inspect a file, restore a new cluster from one."""
 
 
+class SnapshotStreamError(Exception):
+    """The node's snapshot stream broke its contract (ended early, data after the last chunk,
+    a SHA-256 that does not match): nothing was saved."""
+
+
+def save_snapshot(client: Any, file: str, deadline: float) -> dict:
+    """Streams a consistent snapshot through `client` into the backup file `file` (written
+    atomically: FILE.part, fsync, rename, mode 0600) and returns {"file", "node", "revision",
+    "term", "total_size", "sha256"}.
+
+    Called by `sealkv snapshot save` and the fault harness, on the caller's thread. Raises a
+    `SealkvError` when the RPC fails (nothing is left behind), `SnapshotStreamError` when the
+    stream is not what the node promised, `OSError` when the file cannot be written.
+    """
+    from sealkv.node.state.backup_file import BackupWriter, utc_now
+
+    digest = hashlib.sha256()
+    with BackupWriter(file) as out:
+        chunks = client.snapshot(timeout=deadline)
+        chunk = next(chunks)
+        out.write_meta({"created": utc_now(), "node": chunk.node_id,
+                        "applied_index": chunk.applied_index, "term": chunk.term,
+                        "sealkv_version": __version__})
+        meta = chunk
+        while True:
+            out.write_body(chunk.blob)
+            digest.update(chunk.blob)
+            if chunk.last:
+                break
+            chunk = next(chunks, None)
+            if chunk is None:
+                raise SnapshotStreamError("the node ended the snapshot stream early; nothing "
+                                          "was saved: retry")
+        if next(chunks, None) is not None:  # read the stream to its end: the RPC ends OK
+            raise SnapshotStreamError("the node sent data after the snapshot's last chunk; "
+                                      "nothing was saved: retry")
+        if chunk.sha256 != digest.digest():
+            raise SnapshotStreamError("the snapshot's SHA-256 does not match what the node "
+                                      "sent; nothing was saved: retry")
+        sha = out.commit()
+    return {"file": out.path, "node": meta.node_id, "revision": meta.applied_index,
+            "term": meta.term, "total_size": out.size, "sha256": sha}
+
+
 @snapshot.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--deadline", type=click.FloatRange(min=1), default=3600.0, show_default=True,
@@ -35,47 +79,23 @@ def save(c: Ctx, file, deadline):
     FILE is written atomically (FILE.part, fsync, rename), mode 0600; it holds values as
     stored at rest and data keys wrapped by the KEK only.
     """
-    from sealkv.node.state.backup_file import BackupWriter, utc_now
-
-    digest = hashlib.sha256()
     try:
-        with BackupWriter(file) as out:
-            chunks = c.client.snapshot(timeout=deadline)
-            chunk = next(chunks)
-            out.write_meta({"created": utc_now(), "node": chunk.node_id,
-                            "applied_index": chunk.applied_index, "term": chunk.term,
-                            "sealkv_version": __version__})
-            meta = chunk
-            while True:
-                out.write_body(chunk.blob)
-                digest.update(chunk.blob)
-                if chunk.last:
-                    break
-                chunk = next(chunks, None)
-                if chunk is None:
-                    raise CliError("the node ended the snapshot stream early; nothing was "
-                                   "saved: retry", EXIT_FAILED)
-            if next(chunks, None) is not None:  # read the stream to its end: the RPC ends OK
-                raise CliError("the node sent data after the snapshot's last chunk; nothing "
-                               "was saved: retry", EXIT_FAILED)
-            if chunk.sha256 != digest.digest():
-                raise CliError("the snapshot's SHA-256 does not match what the node sent; "
-                               "nothing was saved: retry", EXIT_FAILED)
-            sha = out.commit()
+        data = save_snapshot(c.client, file, deadline)
     except errors.SealkvError as exc:
         raise fail_from(exc) from None
+    except SnapshotStreamError as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
     except OSError as exc:
         raise CliError(f"cannot write {file}: {exc.strerror or exc}", EXIT_FAILED) from None
-    data = {"file": out.path, "node": meta.node_id, "revision": meta.applied_index,
-            "term": meta.term, "total_size": out.size, "sha256": sha}
     if c.write_out == "json":
         emit(c.write_out, [], [], data)
     elif c.write_out == "table":
         emit(c.write_out, ["file", "node", "revision", "total size", "sha256"],
-             [[out.path, meta.node_id, meta.applied_index, out.size, sha]], data)
+             [[data["file"], data["node"], data["revision"], data["total_size"],
+               data["sha256"]]], data)
     else:
-        click.echo(f"Snapshot saved at {out.path} (revision {meta.applied_index} from "
-                   f"{meta.node_id}, {out.size} bytes, sha256 {sha})")
+        click.echo(f"Snapshot saved at {data['file']} (revision {data['revision']} from "
+                   f"{data['node']}, {data['total_size']} bytes, sha256 {data['sha256']})")
 
 
 def describe_plugin_states(states: dict[str, bytes]) -> dict[str, Any]:

@@ -1,14 +1,24 @@
 """The fault harness: a real cluster, recording clients, a seeded nemesis, and the checks.
 
-One run (`run_seed`) starts a 3-node cluster with the encryption plugin, each node in its
-own network namespace when the machine allows it (see `tests.faults.netns`), else on
-127.0.0.1 without partitions. Client threads drive puts, linearizable gets, deletes and
-compare-and-swaps on a few keys and record every call and return (`tests.faults.history`);
-a nemesis thread injects one fault at a time from a schedule drawn from `random.Random(seed)`:
-kill -9 and restart of the leader or a follower, SIGSTOP/SIGCONT, the leader isolated, a
-minority/majority split, a voter added and removed under load, and the encryption steps:
-bootstrap, the storage and raft-log envelope cutovers, data-key rotations (both purposes),
-online re-encryption and key retirement.
+One run (`run_seed`) starts a 3-node cluster with the encryption plugin (each node with a
+current KEK and the next one staged), each node in its own network namespace when the machine
+allows it (see `tests.faults.netns`), else on 127.0.0.1 without partitions. Client threads
+drive puts, linearizable gets, deletes and compare-and-swaps on a few keys and record every
+call and return (`tests.faults.history`). Two threads act on the cluster meanwhile, each on a
+schedule drawn from the seed:
+
+- the nemesis injects one fault at a time: kill -9 and restart of the leader or a follower,
+  SIGSTOP/SIGCONT, the leader isolated, a minority/majority split, a voter added and removed;
+- the operator runs the encryption admin commands one at a time, as an operator would, while
+  those faults come and go: bootstrap, the storage and raft-log envelope cutovers, data-key
+  rotations (both purposes), online re-encryption, cluster-wide compaction, key retirement
+  (`retire_dek`: the key the last rotation replaced, after the re-encryption and compaction
+  it needs), the KEK rewrap (`rewrap-keys`) and `snapshot save`, whose file is checked.
+
+A step the cluster refuses (a member down, a partition, a precondition not met yet) counts as
+"KIND (refused)"; the run's summary counts every kind's successes and refusals. A step that
+breaks a promise (a saved snapshot that is damaged or misses an acknowledged write) or fails
+in the harness is a finding.
 
 After the faults are healed the run checks four things: the history is linearizable
 (`tests.faults.lincheck`), every acknowledged write to the append-only ledger keys is
@@ -17,8 +27,8 @@ logged at CRITICAL or logged a traceback, except the lines in `EXPECTED_LOG_EVEN
 exception while the run checks is a finding too: the history and the nodes' full logs are
 kept and the replay command is printed.
 
-Only the nemesis's own timing comes from the seed; thread interleavings do not, so a seed
-replays the same fault schedule, not the same history.
+Only the nemesis's and the operator's own timing comes from the seed; thread interleavings do
+not, so a seed replays the same schedules, not the same history.
 """
 from __future__ import annotations
 
@@ -34,7 +44,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from sealkv.node import errors
+from sealkv.node.cli.snapshot_cmd import save_snapshot
 from sealkv.node.client import Client
+from sealkv.node.state.backup_file import BackupReader, summarize
 from sealkv.v1 import encryption_admin_pb2 as enc_pb
 from sealkv.v1 import encryption_admin_pb2_grpc as enc_grpc
 from tests.cluster import Cluster, NodeProc, wait_for
@@ -75,24 +87,43 @@ class NetnsCluster(Cluster):
 
 @dataclass
 class RunResult:
-    """What one seed did and found."""
+    """What one seed did and found. `faults` counts each nemesis fault and operator step by
+    kind ("KIND" when it took effect, "KIND (refused)" when the cluster refused it);
+    `refusals` counts the reasons the operator's steps were refused (digits as N)."""
 
     seed: int
     operations: int = 0
     unknown_outcomes: int = 0
     ledger_writes: int = 0
     faults: Counter = field(default_factory=Counter)
+    refusals: Counter = field(default_factory=Counter)
     verdict: str = "unknown"
     problems: list[str] = field(default_factory=list)
     history_file: Optional[str] = None
     partitions: bool = False
+    timeline: list = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, kind: str, done: bool, reason: str = "", since: float = 0.0) -> None:
+        """Counts one step (from the nemesis or the operator thread) that began at `since`
+        (monotonic; 0: not timed) and ended now."""
+        now = time.monotonic()
+        with self.lock:
+            self.faults[kind if done else kind + " (refused)"] += 1
+            if since:
+                self.timeline.append((round(since - self.started, 1), round(now - since, 1),
+                                      kind if done else kind + " (refused)"))
+            if reason:
+                self.refusals[f"{kind}: {re.sub(r'[0-9]+', 'N', reason)[:160]}"] += 1
 
     def to_json(self) -> dict:
         return {"seed": self.seed, "operations": self.operations,
                 "unknown_outcomes": self.unknown_outcomes, "ledger_writes": self.ledger_writes,
-                "faults": dict(self.faults), "verdict": self.verdict,
-                "problems": self.problems, "history_file": self.history_file,
-                "partitions": self.partitions}
+                "faults": dict(self.faults), "refusals": dict(self.refusals),
+                "verdict": self.verdict, "problems": self.problems,
+                "history_file": self.history_file, "partitions": self.partitions,
+                "timeline": sorted(self.timeline)}
 
 
 class Recorder:
@@ -213,10 +244,8 @@ class Nemesis(threading.Thread):
         self.stop = stop
         self.result = result
         self.partitions = partitions
-        self.bootstrapped = False
-        self.enveloped = False
-        self.raft_enveloped = False
         self.extra_voter: Optional[str] = None
+        self.added = 0
         self.error: Optional[BaseException] = None
 
     def kinds(self) -> list[str]:
@@ -224,25 +253,15 @@ class Nemesis(threading.Thread):
                  "membership"]
         if self.partitions:
             kinds += ["partition-leader", "partition-split"]
-        # The encryption steps three times over: each seed should get through bootstrap, both
-        # cutovers, then rotations, re-encryption and key retirement while the other faults
-        # come and go.
-        if not self.bootstrapped:
-            kinds += 3 * ["bootstrap"]
-        elif not self.enveloped:
-            kinds += 3 * ["enable-storage-envelope"]
-        elif not self.raft_enveloped:
-            kinds += 3 * ["enable-raft-envelope"]
-        else:
-            kinds += ["rotate-dek", "rotate-raft-dek", "reencrypt", "reencrypt", "retire-dek"]
         return kinds
 
     def run(self) -> None:
         try:
             while not self.stop.wait(self.rng.uniform(0.5, 1.5)):
                 kind = self.rng.choice(self.kinds())
+                since = time.monotonic()
                 done = getattr(self, "do_" + kind.replace("-", "_"))()
-                self.result.faults[kind if done is not False else kind + " (refused)"] += 1
+                self.result.count(kind, done is not False, since=since)
         except BaseException as exc:  # reported by the run, never swallowed
             self.error = exc
 
@@ -250,7 +269,7 @@ class Nemesis(threading.Thread):
         self.stop.wait(self.rng.uniform(1.0, 3.0))
 
     def live(self) -> list[str]:
-        return [n for n, node in self.cluster.nodes.items() if node.alive() and node.raft]
+        return live_voters(self.cluster)
 
     def leader(self) -> Optional[str]:
         return self.cluster.leader()
@@ -305,7 +324,8 @@ class Nemesis(threading.Thread):
         try:
             with self.cluster.client(*self.live(), timeout=5) as c:
                 if self.extra_voter is None:
-                    name = f"x{self.result.faults['membership'] + 1}"
+                    self.added += 1
+                    name = f"x{self.added}"
                     node = self.cluster.add_node(name)
                     wait_for(lambda: self.cluster.healthy(name), 30, f"{name} to serve")
                     c.member_add(name, node.raft, node.grpc, timeout=15)
@@ -318,58 +338,262 @@ class Nemesis(threading.Thread):
             return False  # refused or unknown under faults: the checks at the end still apply
         return True
 
-    def _admin(self, method: str, request) -> bool:
-        """Calls an encryption admin mutator; returns whether it took effect (or had)."""
+
+def live_voters(cluster: Cluster) -> list[str]:
+    """The voters whose process runs (a copy: the nemesis adds nodes while others read)."""
+    return [n for n, node in list(cluster.nodes.items()) if node.alive() and node.raft]
+
+
+class Refused(Exception):
+    """An operator step the cluster refused (a precondition not met yet, a member down, a
+    partition): counted as "KIND (refused)", never a finding."""
+
+
+class Operator(threading.Thread):
+    """Runs the encryption admin commands one at a time, as an operator would, on a schedule
+    drawn from the seed, while the nemesis injects faults (see the module docstring).
+
+    Each `step_KIND` returns normally when the step took effect, raises `Refused` when the
+    cluster refused it, returns None when there was nothing to do (not counted) and raises
+    anything else for a finding (the run fails).
+    """
+
+    # The weights of the steps once both cutovers are done; retire-dek only after a rotation.
+    STEADY = {"rotate-dek": 2, "rotate-raft-dek": 2, "reencrypt": 1, "compact": 1,
+              "retire-dek": 5, "rewrap-keys": 2, "snapshot-save": 2}
+    # Steps that need every member to answer: the operator first waits (a bounded time) until
+    # every node it runs answers its health check, as one would before a cutover.
+    ALL_MEMBERS = {"enable-storage-envelope", "enable-raft-envelope", "compact", "retire-dek",
+                   "rewrap-keys"}
+    MEMBERS_UP_WAIT = 10.0
+
+    def __init__(self, cluster: Cluster, rng: random.Random, stop: threading.Event,
+                 result: RunResult, recorder: Recorder, work_dir: str):
+        super().__init__(daemon=True, name="operator")
+        self.cluster = cluster
+        self.rng = rng
+        self.stop = stop
+        self.result = result
+        self.recorder = recorder
+        self.work_dir = work_dir
+        self.bootstrapped = False
+        self.enveloped = False
+        self.raft_enveloped = False
+        self.rewrapped = False
+        self.rotated = False  # a rotation since the last retirement: a key to retire
+        self.snapshots = 0
+        self.error: Optional[BaseException] = None
+
+    def next_kind(self) -> str:
+        if not self.bootstrapped:
+            return "bootstrap"
+        if not self.enveloped:
+            return "enable-storage-envelope"
+        if not self.raft_enveloped:
+            return "enable-raft-envelope"
+        weights = dict(self.STEADY)
+        if self.rewrapped:
+            del weights["rewrap-keys"]  # the next KEK is staged once per run
+        if not self.rotated:
+            del weights["retire-dek"]
+        kinds = sorted(weights)
+        return self.rng.choices(kinds, [weights[k] for k in kinds])[0]
+
+    def run(self) -> None:
         try:
-            with self.cluster.client(*self.live(), timeout=10) as c:
-                c.call(enc_grpc.EncryptionAdminStub, method, request, timeout=15)
-        except errors.FailedPrecondition as exc:
-            if "already" not in exc.message:
-                return False  # refused (a member down, a partition): fail-closed, as designed
-        except errors.SealkvError:
-            return False
-        if method == "BootstrapEncryption":
-            self.bootstrapped = True
-        elif method == "EnableStorageEnvelope":
-            self.enveloped = True
-        elif method == "EnableRaftEnvelope":
-            self.raft_enveloped = True
+            while not self.stop.wait(self.rng.uniform(0.3, 1.0)):
+                kind = self.next_kind()
+                if kind in ("bootstrap", "enable-storage-envelope", "enable-raft-envelope") \
+                        and self.rng.random() < 0.25:
+                    kind = "snapshot-save"  # a backup in the cleartext phases too
+                if kind in self.ALL_MEMBERS:
+                    self.wait_members_up(self.MEMBERS_UP_WAIT)
+                since = time.monotonic()
+                try:
+                    done = getattr(self, "step_" + kind.replace("-", "_"))()
+                except Refused as refusal:
+                    self.result.count(kind, False, str(refusal), since)
+                    continue
+                if done is not None:
+                    self.result.count(kind, True, since=since)
+        except BaseException as exc:  # reported by the run, never swallowed
+            self.error = exc
+
+    def wait_members_up(self, timeout: float) -> bool:
+        """Waits until every voter process the run keeps (not one the nemesis removed) runs
+        and answers its health check, up to `timeout` or the end of the run."""
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = [(n, node) for n, node in list(self.cluster.nodes.items())
+                     if node.raft and node.proc is not None
+                     and node.proc.returncode != -signal.SIGTERM]
+            if all(node.alive() and self.cluster.healthy(n) for n, node in nodes):
+                return True
+            if time.monotonic() > deadline or self.stop.wait(0.3):
+                return False
+
+    # ---- calls ---------------------------------------------------------------------------
+
+    def call(self, method: str, request, timeout: float = 15):
+        """Calls an encryption admin RPC through any live voter (the client follows the
+        leader); every `SealkvError` is a refusal."""
+        try:
+            with self.cluster.client(*live_voters(self.cluster), timeout=10) as c:
+                return c.call(enc_grpc.EncryptionAdminStub, method, request, timeout=timeout)
+        except errors.SealkvError as exc:
+            raise Refused(f"{method}: {type(exc).__name__}: {exc.message}") from None
+
+    def mutate(self, method: str, request, timeout: float = 15):
+        """A mutator whose "already done" refusal means it took effect earlier (its first
+        answer was lost to a fault)."""
+        try:
+            return self.call(method, request, timeout)
+        except Refused as refusal:
+            if "FailedPrecondition" in str(refusal) and "already" in str(refusal):
+                return None
+            raise
+
+    # ---- the cutovers --------------------------------------------------------------------
+
+    def step_bootstrap(self) -> bool:
+        self.mutate("BootstrapEncryption", enc_pb.BootstrapEncryptionRequest())
+        self.bootstrapped = True
         return True
 
-    def do_bootstrap(self) -> bool:
-        return self._admin("BootstrapEncryption", enc_pb.BootstrapEncryptionRequest())
+    def step_enable_storage_envelope(self) -> bool:
+        self.mutate("EnableStorageEnvelope", enc_pb.EnableStorageEnvelopeRequest())
+        self.enveloped = True
+        return True
 
-    def do_enable_storage_envelope(self) -> bool:
-        return self._admin("EnableStorageEnvelope", enc_pb.EnableStorageEnvelopeRequest())
+    def step_enable_raft_envelope(self) -> bool:
+        self.mutate("EnableRaftEnvelope", enc_pb.EnableRaftEnvelopeRequest())
+        self.raft_enveloped = True
+        return True
 
-    def do_rotate_dek(self) -> bool:
-        return self._admin("RotateDEK", enc_pb.RotateDEKRequest(purpose=enc_pb.STORAGE))
+    # ---- keys ----------------------------------------------------------------------------
 
-    def do_enable_raft_envelope(self) -> bool:
-        return self._admin("EnableRaftEnvelope", enc_pb.EnableRaftEnvelopeRequest())
+    def step_rotate_dek(self) -> bool:
+        self.call("RotateDEK", enc_pb.RotateDEKRequest(purpose=enc_pb.STORAGE))
+        self.rotated = True
+        return True
 
-    def do_rotate_raft_dek(self) -> bool:
-        return self._admin("RotateDEK", enc_pb.RotateDEKRequest(purpose=enc_pb.RAFT))
+    def step_rotate_raft_dek(self) -> bool:
+        self.call("RotateDEK", enc_pb.RotateDEKRequest(purpose=enc_pb.RAFT))
+        self.rotated = True
+        return True
 
-    def do_reencrypt(self) -> bool:
-        # Starts (or finds running) the job and returns: it goes on under the other faults.
-        return self._admin("StartReencryption",
-                           enc_pb.StartReencryptionRequest(rate=5000, batch_size=64))
+    def step_reencrypt(self) -> bool:
+        """Starts (or finds running) the job and returns: it goes on under the faults."""
+        self.call("StartReencryption", enc_pb.StartReencryptionRequest(rate=5000, batch_size=64))
+        return True
 
-    def do_retire_dek(self) -> bool:
-        """Retires the oldest key that is not active; refused while values or log entries of
-        any member still use it (the usual outcome until a re-encryption has finished)."""
-        try:
-            with self.cluster.client(*self.live(), timeout=5) as c:
-                side = c.call(enc_grpc.EncryptionAdminStub, "GetSidecarState",
-                              enc_pb.GetSidecarStateRequest(), timeout=5)
-        except errors.SealkvError:
-            return False
+    def step_compact(self) -> bool:
+        """Compacts every member (the receiving node fans out); refused unless all did."""
+        answer = self.call("Compact", enc_pb.CompactRequest(cluster=True), timeout=40)
+        failed = [f"{row.member}: {row.reason}" for row in answer.nodes if not row.ok]
+        if failed:
+            raise Refused("Compact: " + "; ".join(failed))
+        return True
+
+    def reencrypted(self, timeout: float) -> enc_pb.ReencryptionStatus:
+        """Starts a re-encryption (or finds the running one) and waits, up to `timeout` or
+        the end of the run, until it is done and its compaction has an outcome."""
+        self.call("StartReencryption", enc_pb.StartReencryptionRequest(rate=5000, batch_size=64))
+        self.result.count("reencrypt", True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = self.call("GetReencryptionStatus", enc_pb.GetReencryptionStatusRequest(),
+                                   timeout=5)
+                if status.state == "done" and status.compaction.split(":")[0] in ("done",
+                                                                                   "failed"):
+                    return status
+            except Refused:
+                pass  # a fault: ask again
+            if time.monotonic() > deadline or self.stop.wait(0.5):
+                raise Refused("the re-encryption did not finish in time")
+
+    def step_retire_dek(self) -> Optional[bool]:
+        """Retires the oldest key that is not active, as an operator would: ask the members
+        what uses it; while stored values do, re-encrypt and wait for the job and its
+        compaction; while entries of a retained log do, compact every member; then retire
+        it. The server refuses (with the count of users) when it is still in use, or when a
+        member cannot say: a refusal."""
+        side = self.call("GetSidecarState", enc_pb.GetSidecarStateRequest(), timeout=5)
         active = {side.active_storage_key_id, side.active_raft_key_id}
-        retirable = sorted(k.key_id for k in side.keys if k.key_id not in active)
-        if not retirable:
-            return False
-        return self._admin("RetireDEK", enc_pb.RetireDEKRequest(key_id=retirable[0]))
+        candidates = sorted(k.key_id for k in side.keys if k.key_id not in active)
+        if not candidates:
+            self.rotated = False  # every key the rotations replaced is retired
+            return None
+        key_id = candidates[0]
+        for _ in range(3):
+            users = self.key_users(key_id)
+            if any(values for values, _ in users.values()):
+                self.reencrypted(timeout=20)
+            elif any(entries for _, entries in users.values()):
+                self.step_compact()
+                self.result.count("compact", True)
+            else:
+                break
+        self.call("RetireDEK", enc_pb.RetireDEKRequest(key_id=key_id))
+        return True
+
+    def key_users(self, key_id: int) -> dict[str, tuple[int, int]]:
+        """{member: (stored values, retained log entries)} under `key_id`, from each live
+        voter that answers `GetKeyUsage` (what the leader asks every member before it retires
+        a key; one that does not answer now is the server's to refuse)."""
+        users = {}
+        for name in live_voters(self.cluster):
+            try:
+                with Client([self.cluster.nodes[name].grpc], timeout=5,
+                            **self.cluster.client_kwargs) as c:
+                    usage = c.call(enc_grpc.EncryptionAdminStub, "GetKeyUsage",
+                                   enc_pb.GetKeyUsageRequest(key_id=key_id), timeout=5,
+                                   follow_leader=False)
+            except errors.SealkvError:
+                continue  # paused, restarting or cut off: the server's check will say
+            users[name] = (usage.stored_values, usage.log_entries)
+        return users
+
+    def step_rewrap_keys(self) -> bool:
+        """Rewraps the key table under the next KEK every node has staged since it started
+        (the capability fan-out refuses while a member cannot show it)."""
+        answer = self.call("RewrapKeys", enc_pb.RewrapKeysRequest(), timeout=30)
+        if answer.kek_generation < 1:
+            raise AssertionError(f"rewrap-keys answered KEK generation {answer.kek_generation}")
+        self.rewrapped = True
+        return True
+
+    # ---- backups -------------------------------------------------------------------------
+
+    def step_snapshot_save(self) -> bool:
+        """`sealkv snapshot save` through any live voter, then `sealkv snapshot status`'s
+        checks: the file's SHA-256 matches and it holds every ledger key acknowledged before
+        the save began (the snapshot is a linearizable read). A refused or broken transfer
+        is a refusal (nothing was saved); a damaged file or a missing write is a finding."""
+        with self.recorder.lock:
+            acknowledged = set(self.recorder.ledger)
+        self.snapshots += 1
+        path = os.path.join(self.work_dir, f"backup-{self.snapshots}.db")
+        try:
+            with self.cluster.client(*live_voters(self.cluster), timeout=10) as c:
+                saved = save_snapshot(c, path, deadline=30)
+        except errors.SealkvError as exc:
+            raise Refused(f"Snapshot: {type(exc).__name__}: {exc.message}") from None
+        summary = summarize(path)  # raises BackupError for a damaged file: a finding
+        if summary["sha256"] != saved["sha256"] or summary["revision"] != saved["revision"]:
+            raise AssertionError(f"snapshot {path}: status {summary['sha256']}@"
+                                 f"{summary['revision']} != save {saved}")
+        with BackupReader(path) as reader:
+            keys = {key for key, _ in reader.records()}
+            reader.verify()
+        missing = sorted(acknowledged - keys)
+        if missing:
+            raise AssertionError(f"snapshot {path} (revision {saved['revision']}) misses "
+                                 f"{len(missing)} acknowledged ledger writes, e.g. "
+                                 f"{missing[:3]}")
+        os.unlink(path)
+        return True
 
 
 def heal_everything(cluster: Cluster) -> None:
@@ -403,11 +627,17 @@ def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
     if use_netns is None:
         use_netns = Network.available()[0]
     result.partitions = use_netns
-    kek = os.path.join(base_dir, "kek")
-    fd = os.open(kek, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.write(fd, os.urandom(32))
-    os.close(fd)
-    kwargs = dict(plugins=["encryption"], extra_args=["--kek-file", kek])
+    keks = []
+    for name in ("kek", "kek.next"):
+        keks.append(os.path.join(base_dir, name))
+        fd = os.open(keks[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, os.urandom(32))
+        os.close(fd)
+    # Every node (those the nemesis adds too) starts with the next KEK staged: the operator's
+    # rewrap-keys moves the key table to it once, and a node restarted afterwards opens the
+    # table under either.
+    kwargs = dict(plugins=["encryption"],
+                  extra_args=["--kek-file", keks[0], "--next-kek-file", keks[1]])
     network = Network(rng) if use_netns else None
     cluster: Optional[Cluster] = None
     recorder = Recorder()
@@ -421,21 +651,29 @@ def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
                                 cluster.client_kwargs)
                    for i in range(clients)]
         nemesis = Nemesis(cluster, rng, stop, result, use_netns)
+        operator = Operator(cluster, random.Random(f"operator-{seed}"), stop, result, recorder,
+                            base_dir)
+        result.started = time.monotonic()
         for t in threads:
             t.start()
         nemesis.start()
+        operator.start()
         stop.wait(duration)
         stop.set()
         nemesis.join(60)
+        operator.join(90)
         for t in threads:
             t.join(30)
         for t in threads:
             if t.error is not None:
                 result.problems.append(f"client {t.index} failed: {type(t.error).__name__}: "
                                        f"{t.error}")
-        if nemesis.error is not None:
-            result.problems.append(f"nemesis failed: {type(nemesis.error).__name__}: "
-                                   f"{nemesis.error}")
+        for actor in (nemesis, operator):
+            if actor.is_alive():
+                result.problems.append(f"the {actor.name} did not stop")
+            elif actor.error is not None:
+                result.problems.append(f"{actor.name} failed: {type(actor.error).__name__}: "
+                                       f"{actor.error}")
         heal_everything(cluster)
         leader = cluster.wait_leader(timeout=60)
         final_reads(cluster, leader, recorder)
@@ -548,17 +786,31 @@ def check_ledger(cluster: Cluster, leader: str, recorder: Recorder, result: RunR
 
 
 def write_summary(results: list[RunResult]) -> str:
-    """Writes fault-histories/summary.json and returns a one-paragraph summary."""
+    """Writes fault-histories/summary.json and returns the summary the test run prints: the
+    totals, then one line per kind of fault or operator step (how often it took effect, how
+    often it was refused, in how many seeds it took effect at least once, and the commonest
+    reasons it was refused)."""
     os.makedirs(HISTORY_DIR, exist_ok=True)
     with open(os.path.join(HISTORY_DIR, "summary.json"), "w") as f:
         json.dump([r.to_json() for r in results], f, indent=2)
-    faults = Counter()
+    faults, refusals, seeds_done = Counter(), Counter(), Counter()
     for r in results:
         faults.update(r.faults)
+        refusals.update(r.refusals)
+        seeds_done.update(k for k, v in r.faults.items() if v and not k.endswith(" (refused)"))
     failed = [r.seed for r in results if r.problems]
-    return (f"fault runs: {len(results)} seeds, "
-            f"{sum(r.operations for r in results)} operations checked "
-            f"({sum(r.unknown_outcomes for r in results)} with unknown outcome), "
-            f"{sum(r.ledger_writes for r in results)} ledger writes verified; faults: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(faults.items()))
-            + f"; failing seeds: {failed or 'none'}")
+    lines = [f"fault runs: {len(results)} seeds, "
+             f"{sum(r.operations for r in results)} operations checked "
+             f"({sum(r.unknown_outcomes for r in results)} with unknown outcome), "
+             f"{sum(r.ledger_writes for r in results)} ledger writes verified; "
+             f"failing seeds: {failed or 'none'}"]
+    kinds = sorted({k.removesuffix(" (refused)") for k in faults})
+    for kind in kinds:
+        line = (f"  {kind}: {faults[kind]} done, {faults[kind + ' (refused)']} refused; "
+                f"done in {seeds_done[kind]}/{len(results)} seeds")
+        reasons = [(n, r[len(kind) + 2:]) for r, n in refusals.most_common()
+                   if r.startswith(kind + ": ")][:2]
+        if reasons:
+            line += "; refused: " + " | ".join(f"{n}x {reason}" for n, reason in reasons)
+        lines.append(line)
+    return "\n".join(lines)
