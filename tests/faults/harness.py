@@ -233,20 +233,29 @@ class ClientThread(threading.Thread):
             self.recorder.ledger[key] = value
 
 
-class Nemesis(threading.Thread):
-    """Injects one fault at a time, on a schedule drawn from the seed."""
+class Actor(threading.Thread):
+    """A thread that acts on the cluster on a schedule drawn from `rng` until `stop` is set,
+    counting what it does in `result`; an exception in it is kept in `error` for the run."""
 
-    def __init__(self, cluster: Cluster, rng: random.Random, stop: threading.Event,
-                 result: RunResult, partitions: bool):
-        super().__init__(daemon=True, name="nemesis")
+    def __init__(self, name: str, cluster: Cluster, rng: random.Random,
+                 stop: threading.Event, result: RunResult):
+        super().__init__(daemon=True, name=name)
         self.cluster = cluster
         self.rng = rng
         self.stop = stop
         self.result = result
+        self.error: Optional[BaseException] = None
+
+
+class Nemesis(Actor):
+    """Injects one fault at a time, on a schedule drawn from the seed."""
+
+    def __init__(self, cluster: Cluster, rng: random.Random, stop: threading.Event,
+                 result: RunResult, partitions: bool):
+        super().__init__("nemesis", cluster, rng, stop, result)
         self.partitions = partitions
         self.extra_voter: Optional[str] = None
         self.added = 0
-        self.error: Optional[BaseException] = None
 
     def kinds(self) -> list[str]:
         kinds = ["kill-leader", "kill-follower", "pause-leader", "pause-follower",
@@ -349,7 +358,7 @@ class Refused(Exception):
     partition): counted as "KIND (refused)", never a finding."""
 
 
-class Operator(threading.Thread):
+class Operator(Actor):
     """Runs the encryption admin commands one at a time, as an operator would, on a schedule
     drawn from the seed, while the nemesis injects faults (see the module docstring).
 
@@ -369,11 +378,7 @@ class Operator(threading.Thread):
 
     def __init__(self, cluster: Cluster, rng: random.Random, stop: threading.Event,
                  result: RunResult, recorder: Recorder, work_dir: str):
-        super().__init__(daemon=True, name="operator")
-        self.cluster = cluster
-        self.rng = rng
-        self.stop = stop
-        self.result = result
+        super().__init__("operator", cluster, rng, stop, result)
         self.recorder = recorder
         self.work_dir = work_dir
         self.bootstrapped = False
@@ -382,7 +387,6 @@ class Operator(threading.Thread):
         self.rewrapped = False
         self.rotated = False  # a rotation since the last retirement: a key to retire
         self.snapshots = 0
-        self.error: Optional[BaseException] = None
 
     def next_kind(self) -> str:
         if not self.bootstrapped:
