@@ -16,10 +16,9 @@ file that the sync made durable. A test that kills a node with SIGKILL cuts each
 to its last recorded size (and deletes files never recorded) to simulate a power loss. The
 hook is for tests only; it costs one `os.write` per sync when set and nothing otherwise.
 The cut model fits files that only grow between syncs (the journal) or are replaced whole
-(meta, dumps). A database that fsyncs on commit (LMDB with sync=True writes new pages, then
-its meta page) calls `record_synced(path, size)` after each synced commit: cutting the file
-back to that size drops only pages no committed meta page refers to. A file without any
-record is deleted by the cut, so a store that records nothing loses everything in the test.
+(meta, dumps). The database records nothing (LMDB rewrites its meta page in place, which a
+cut cannot undo; see `LmdbStore`): a file without any record is deleted by the cut, so the
+test's node rebuilds its database from its dump and journal, the stricter case.
 
 Called from the pysyncobj tick thread (journal, meta, dumps) and from the storage layer.
 Errors are the `OSError`s of the system calls; `is_disk_full` tells a full disk apart.

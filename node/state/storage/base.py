@@ -73,7 +73,8 @@ class Storage(Protocol):
     def scan(self, start: bytes, end: Optional[bytes]) -> Iterator[tuple[bytes, Entry]]:
         """Yields entries with start <= key < end (end None: no upper bound) in key order.
 
-        The caller holds the state lock for the whole iteration.
+        The caller holds one view for the whole iteration: a read view on an MVCC store
+        (or the write transaction, at apply), the state lock on any other.
         """
 
     def count(self, start: bytes, end: Optional[bytes]) -> int:

@@ -233,7 +233,8 @@ class LmdbStore:
         return self._write is not None
 
     def commit(self) -> None:
-        """Commits (and, with sync, fsyncs) the open write transaction; raises StorageFull."""
+        """Commits the open write transaction (fdatasynced under "commit" sync); raises
+        StorageFull."""
         txn, self._write = self._write, None
         self._local.txn = None
         if txn is None:
