@@ -180,7 +180,9 @@ class LmdbStore:
                 previous = f.read().decode("ascii", "replace").strip()
         except FileNotFoundError:
             previous = None
-        if previous is not None and (previous != current or not current):
+        # An unknown boot ("") never matches: the marker may be from another boot.
+        stale = previous is not None and (previous != current or not current)
+        if stale:
             log.warning("the database in %s was not flushed before the system restarted (an "
                         "operating-system crash or power loss): discarding it; this node "
                         "rebuilds it from its dump and Raft log", self.path)
@@ -190,7 +192,7 @@ class LmdbStore:
                 except FileNotFoundError:
                     pass
             self.discarded_at_open = True
-        if previous != current or self.discarded_at_open:
+        if previous is None or stale:
             durable.write_atomically(marker, current.encode("ascii") + b"\n",
                                      durable.FSYNC_ALWAYS)
 
@@ -510,30 +512,22 @@ class LmdbStore:
                     _raise_full(exc)
                     raise
                 copied = os.path.join(work, "data.mdb")
+                policy = durable.FSYNC_NEVER if self.sync == SYNC_NEVER else durable.FSYNC_ALWAYS
                 fd = os.open(copied, os.O_RDONLY)
                 try:
                     os.fchmod(fd, 0o600)
-                    if self.sync != SYNC_NEVER:
+                    if policy == durable.FSYNC_ALWAYS:
                         os.fsync(fd)
                 finally:
                     os.close(fd)
                 self._env.close()
                 self._env = None
                 os.replace(copied, data)
-                if self.sync != SYNC_NEVER:
-                    dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-                    try:
-                        os.fsync(dfd)
-                    finally:
-                        os.close(dfd)
+                durable.sync_dir(self.path, policy)
                 self.open()
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return before, os.path.getsize(data)
-
-    def sync_to_disk(self) -> None:
-        """Flushes everything committed so far (a no-op cost under "commit" sync)."""
-        self._env.sync(True)
 
 
 def boot_id() -> str:
