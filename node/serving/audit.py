@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional
 
 import grpc
 
-from sealkv.node import errors
+from sealkv.node import durable, errors
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class AuditLog:
             self._prev, self.next_seq = _line_hash(line), json.loads(line)["seq"] + 1
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                            0o600)
-        _fsync_dir(self.dir)
+        durable.sync_dir(self.dir, durable.FSYNC_ALWAYS)
 
     def _lines(self) -> Iterable[bytes]:
         try:
@@ -236,14 +236,6 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             os.close(self._fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _iso(ts: float) -> str:
