@@ -1018,7 +1018,7 @@ class _BackgroundDump:
     def start(self, tmp_name: str, data) -> None:
         adapter = self.adapter
         sm = adapter.sm
-        if not getattr(sm.base, "mvcc", False):
+        if not sm.mvcc:
             try:
                 adapter._write_dump(tmp_name, data)
             except Exception:

@@ -87,6 +87,8 @@ class StateMachine:
         self.lock = threading.RLock()
         self.storage = storage
         self.base = base_store(storage)
+        # The base store's optional capability: read transactions that never block apply.
+        self.mvcc = bool(getattr(self.base, "mvcc", False))
         self.handlers = dict(handlers or {})
         cmd.claim_opcodes({}, "a plugin", self.handlers)
         self.plugin_states = dict(plugin_states or {})
@@ -335,7 +337,7 @@ class StateMachine:
         An MVCC store gives a read transaction (apply goes on meanwhile); the in-memory store
         gives the state lock.
         """
-        if getattr(self.base, "mvcc", False):
+        if self.mvcc:
             with self.base.read_view():
                 yield
         else:
@@ -343,7 +345,7 @@ class StateMachine:
                 yield
 
     def _viewed_index(self) -> int:
-        if getattr(self.base, "mvcc", False):
+        if self.mvcc:
             return int(self.base.get_meta(META_APPLIED) or 0)
         return self.applied_index
 
@@ -494,7 +496,7 @@ class StateMachine:
     @contextmanager
     def _snapshot_source(self):
         """Yields (header, records) fixed at one instant, with the state lock not held."""
-        if getattr(self.base, "mvcc", False):
+        if self.mvcc:
             with self.read_view():  # a read transaction: apply goes on beside it
                 yield self._viewed_header(), self.base.dump()
             return
