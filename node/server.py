@@ -302,12 +302,12 @@ class Node:
     def require_leader(self) -> None:
         self.membership.require_leader()
 
-    def admit_write(self, timeout: float, cost: int = 0, *, delete: bool = False) -> None:
-        """Refuses a write of about `cost` bytes while a NOSPACE alarm is (or would be) on,
-        then runs every storage layer's write admission (a gRPC thread, before proposing).
-        A delete frees space: the alarm never refuses it (as in etcd)."""
+    def admit_write(self, timeout: float, *, delete: bool = False) -> None:
+        """Refuses a write while a NOSPACE alarm is (or would be) on, then runs every storage
+        layer's write admission (a gRPC thread, before proposing). A delete frees space: the
+        alarm never refuses it (as in etcd)."""
         if not delete:
-            self.alarms.check_space(cost)
+            self.alarms.check_space()
             refusal = self.alarms.write_refusal()
             if refusal is not None:
                 raise errors.ResourceExhausted(refusal)

@@ -61,7 +61,8 @@ class BatchService:
     def __init__(self, ops, proposer, request_timeout: float,
                  admit_write: Callable[..., None]):
         """`ops` is the node's `KVOps`; `proposer` its `Proposer` (`submit`, `withdraw`,
-        `wait_leader`); `admit_write(timeout)` the storage layers' write admission."""
+        `wait_leader`); `admit_write(timeout, delete=...)` the node's write admission (see
+        `KVService`)."""
         self.ops = ops
         self.proposer = proposer
         self.request_timeout = request_timeout

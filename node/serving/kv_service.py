@@ -232,8 +232,9 @@ class KVService(kv_pb2_grpc.KVServicer):
 
     Every write (Put, Delete, CompareAndSwap, unary or in a batch) passes
     `admit_write(timeout, delete=...)`, the node's write admission, before it is proposed; it
-    raises a `SealkvError` to refuse the write (a delete is never refused for lack of space). The Batch stream also needs
-    `replication` to be a `Proposer` (`submit`, `withdraw`, `wait_leader`).
+    raises a `SealkvError` to refuse the write (a delete is never refused for lack of space).
+    The Batch stream also needs `replication` to be a `Proposer` (`submit`, `withdraw`,
+    `wait_leader`).
     """
 
     def __init__(self, member_name: str, request_timeout: float, replication: KVReplication,
