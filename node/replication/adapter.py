@@ -21,7 +21,6 @@ keeping pipelined throughput: pysyncobj's defaults batch every 100 ms.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -40,7 +39,7 @@ from sealkv.node.state import commands as cmd
 from sealkv.node.replication import journal as raft_journal
 from sealkv.node.replication import frames, safe_pickle
 from sealkv.node.replication.dump_file import (
-    DUMP_MAGIC, LEGACY_DUMP_MAGIC, ChecksumWriter, dump_header,
+    DUMP_FIX, ChecksumWriter, dump_header, read_dump_start,
 )
 from sealkv.node.replication.proposer import retry_barrier
 from sealkv.node.replication.raft_rules import RaftRulesSyncObj
@@ -947,20 +946,7 @@ class ReplicationAdapter:
         # the snapshot (or serve an empty replica): any failure halts the node instead.
         try:
             with open(filename, "rb") as src:
-                magic = src.read(len(DUMP_MAGIC))
-                if magic == DUMP_MAGIC:
-                    _verify_dump_checksum(filename, src)
-                elif magic != LEGACY_DUMP_MAGIC:
-                    raise durable.DamagedFile(filename, 0, "not a sealkv dump", DUMP_FIX)
-                try:
-                    meta = json.loads(src.read(int.from_bytes(src.read(4), "big")))
-                    last = (bytes.fromhex(meta["last"][0]), meta["last"][1], meta["last"][2])
-                    previous = (bytes.fromhex(meta["previous"][0]), meta["previous"][1],
-                                meta["previous"][2])
-                    cluster = [TCPNode(address) for address in meta["cluster"]]
-                except (ValueError, KeyError, TypeError, IndexError):
-                    raise durable.DamagedFile(filename, len(DUMP_MAGIC), "dump header is not "
-                                              "valid", DUMP_FIX) from None
+                last, previous, cluster = read_dump_start(filename, src)
                 offset = src.tell()
                 try:
                     if not self.sm.read_snapshot(src, skip_if_covered=True):
@@ -1063,29 +1049,6 @@ class _BackgroundDump:
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
-
-
-def _verify_dump_checksum(filename: str, src) -> None:
-    """Checks the dump's trailing CRC-32C before anything is restored from it; leaves the
-    position just after the magic."""
-    size = os.fstat(src.fileno()).st_size
-    if size < 2 * len(DUMP_MAGIC):
-        raise durable.DamagedFile(filename, size, "dump is truncated", DUMP_FIX)
-    src.seek(0)
-    crc, remaining = 0, size - 4
-    while remaining > 0:
-        chunk = src.read(min(1 << 20, remaining))
-        crc = raft_journal.crc32c_extend(crc, chunk)
-        remaining -= len(chunk)
-    if int.from_bytes(src.read(4), "big") != crc:
-        raise durable.DamagedFile(filename, size - 4, "dump checksum mismatch (the file is "
-                                  "damaged or truncated)", DUMP_FIX)
-    src.seek(len(DUMP_MAGIC))
-
-
-DUMP_FIX = ("the dump (snapshot) cannot be loaded: remove the member (sealkv member remove), "
-            "empty its data directory and add it back so it receives a snapshot from the "
-            "leader")
 
 
 def _copy_dict(d: dict) -> dict:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from sealkv.node import errors
 from sealkv.node.client import SERIALIZABLE
-from sealkv.node.replication.adapter import DUMP_MAGIC
+from sealkv.node.replication.dump_file import DUMP_MAGIC
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.base import VALUE_CLEARTEXT, VALUE_ENCRYPTED
 from sealkv.node.state.storage.memory import MemoryStore
