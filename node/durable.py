@@ -9,6 +9,7 @@ whether anything is synced and one test hook can tell what each sync covered.
   fsync the directory, so the new name survives a power loss. Files are never overwritten
   in place: old bytes leave with the old inode.
 - `write_atomically(path, data, policy)`: temp file, write, fsync, `replace`.
+- `unlink_if_exists(path)`: removes a leftover file (a temp file of a crashed write).
 
 The power-loss test hook: when the environment variable `SEALKV_TEST_FSYNC_RECORD` names a
 file, every sync appends one JSON line `{"path": ..., "size": ...}` to it: the size of the
@@ -135,6 +136,14 @@ def write_all(fd: int, data) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def unlink_if_exists(path: str) -> None:
+    """Removes the file `path`; a missing file is not an error (any other failure is)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _unlink_quietly(path: str) -> None:

@@ -364,10 +364,7 @@ class ReplicationAdapter:
                                                 on_disk_full=self._on_disk_full)
         raft_journal.register_directory(self.data_dir, self.fsync)
         for leftover in ("raft.dump.tmp", "raft.dump.1.tmp"):  # a dump cut short by a crash
-            try:
-                os.unlink(os.path.join(self.data_dir, leftover))
-            except FileNotFoundError:
-                pass
+            durable.unlink_if_exists(os.path.join(self.data_dir, leftover))
         # The tick thread and the request threads hand the GIL back and forth on every
         # proposal; Python's default 5 ms switch interval can add that much to each hand-off.
         sys.setswitchinterval(SWITCH_INTERVAL)

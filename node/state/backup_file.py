@@ -58,10 +58,7 @@ class BackupWriter:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self.tmp = self.path + ".part"
-        try:
-            os.unlink(self.tmp)  # left by an earlier save that was killed
-        except FileNotFoundError:
-            pass
+        durable.unlink_if_exists(self.tmp)  # left by an earlier save that was killed
         self._fd: Optional[int] = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                                           | getattr(os, "O_CLOEXEC", 0), durable.FILE_MODE)
         self._sha = hashlib.sha256()
@@ -102,10 +99,7 @@ class BackupWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+        durable.unlink_if_exists(self.tmp)
 
 
 class _HashingReader:

@@ -187,10 +187,7 @@ class LmdbStore:
                         "operating-system crash or power loss): discarding it; this node "
                         "rebuilds it from its dump and Raft log", self.path)
             for name in ("data.mdb", "lock.mdb"):
-                try:
-                    os.unlink(os.path.join(self.path, name))
-                except FileNotFoundError:
-                    pass
+                durable.unlink_if_exists(os.path.join(self.path, name))
             self.discarded_at_open = True
         if previous is None or stale:
             durable.write_atomically(marker, current.encode("ascii") + b"\n",
