@@ -15,6 +15,7 @@ TOML layout (every key optional except name, grpc and one of raft / learner):
     request_timeout = 5.0
     fsync = "always"                 # or "never": see the README's Durability section
     batch_entries = true             # false: one Raft entry per write (rolling upgrades)
+    peer_wire = "gcm"                # or "fernet": what the raft port sends (rolling upgrades)
     quota_backend_bytes = 2147483648 # keys+values the database may hold (NOSPACE alarm above)
     [raft_settings]                  # RaftSettings fields
     log_compaction_min_entries = 50000
@@ -49,6 +50,8 @@ MAX_NAME_BYTES = 64
 SECRET_MIN_BYTES = 32
 # A data directory made before the 32-byte rule keeps working with its old secret (warned).
 LEGACY_SECRET_MIN_BYTES = 16
+PEER_WIRE_FORMATS = ("gcm", "fernet")  # peer_wire.FORMATS (that module loads cryptography)
+PEER_WIRE_DEFAULT = "fernet"
 DEFAULT_QUOTA_BACKEND_BYTES = 2 * 1024 ** 3
 MIN_QUOTA_BACKEND_BYTES = 1024 * 1024
 
@@ -77,6 +80,9 @@ class NodeConfig:
     # True: concurrent writes share one BATCH entry (opcode 0x12). False: one entry per write,
     # for a rolling upgrade from a version whose nodes cannot apply BATCH.
     batch_entries: bool = True
+    # The raft peer wire this node sends: "gcm" (AES-256-GCM, replication/peer_wire.py) or
+    # "fernet" (pysyncobj's own, which nodes before the peer wire read). Both are accepted.
+    peer_wire: str = PEER_WIRE_DEFAULT
     quota_backend_bytes: int = DEFAULT_QUOTA_BACKEND_BYTES
     # HOST:PORT of the Prometheus metrics and /health HTTP listener (None: no listener).
     listen_metrics: Optional[str] = None
@@ -124,6 +130,9 @@ class NodeConfig:
             raise ConfigError("request_timeout must be positive")
         if not isinstance(self.batch_entries, bool):
             raise ConfigError(f"batch_entries must be true or false (got {self.batch_entries!r})")
+        if self.peer_wire not in PEER_WIRE_FORMATS:
+            raise ConfigError(f"peer_wire must be {' or '.join(PEER_WIRE_FORMATS)} "
+                              f"(got {self.peer_wire!r})")
         if self.fsync not in durable.FSYNC_POLICIES:
             raise ConfigError(f"fsync must be {' or '.join(durable.FSYNC_POLICIES)} "
                               f"(got {self.fsync!r})")

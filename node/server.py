@@ -98,7 +98,8 @@ class Node:
                 self.state_machine, raft_address=config.raft, partners=config.partners,
                 data_dir=os.path.join(config.data_dir, "raft"), secret=secret,
                 settings=config.raft_settings, payload_codec=self._payload_codec(),
-                fsync=config.fsync, on_disk_full=self._on_disk_full)
+                fsync=config.fsync, on_disk_full=self._on_disk_full,
+                peer_wire_format=config.peer_wire)
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
         self.membership = Membership(self.adapter, self.state_machine.member_directory,

@@ -63,6 +63,10 @@ def node():
               help="Concurrent writes share one Raft entry (default); --no-batch-entries "
                    "proposes one entry per write, for a rolling upgrade from a version "
                    "without the BATCH opcode (see the README).")
+@click.option("--peer-wire", type=click.Choice(["gcm", "fernet"]),
+              help="The format this node sends on the raft port: gcm (AES-256-GCM) or fernet "
+                   "(pysyncobj's, for a rolling upgrade from a version without the peer wire; "
+                   "see the README). Every node accepts both.")
 @click.option("--quota-backend-bytes", type=int,
               help="Bytes of keys and values the database may hold before the NOSPACE alarm "
                    "refuses writes (default 2 GiB).")
@@ -75,7 +79,8 @@ def node():
 def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, secret_file,
           plugins_, encryption, kek_file, kek_provider, kek_options, next_kek_file,
           next_kek_provider, next_kek_options, cacert, cert, key,
-          certs_dir, insecure, request_timeout, fsync, batch_entries, quota_backend_bytes,
+          certs_dir, insecure, request_timeout, fsync, batch_entries, peer_wire,
+          quota_backend_bytes,
           listen_metrics, log_level, log_format):
     """Runs one node in the foreground until SIGTERM or SIGINT."""
     from sealkv.node.config import ConfigError, build_config, load_toml
@@ -86,7 +91,8 @@ def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, sec
     flags = {"name": name, "data_dir": data_dir, "raft": raft, "grpc": grpc,
              "learner": learner, "initial_cluster": initial_cluster,
              "secret_file": secret_file, "request_timeout": request_timeout, "fsync": fsync,
-             "batch_entries": batch_entries, "quota_backend_bytes": quota_backend_bytes,
+             "batch_entries": batch_entries, "peer_wire": peer_wire,
+             "quota_backend_bytes": quota_backend_bytes,
              "listen_metrics": listen_metrics,
              "cacert": cacert, "cert": cert, "key": key, "insecure": insecure}
     values.update({k: v for k, v in flags.items() if v is not None})

@@ -37,7 +37,7 @@ from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from sealkv.node import durable, errors
 from sealkv.node.state import commands as cmd
 from sealkv.node.replication import journal as raft_journal
-from sealkv.node.replication import frames, safe_pickle
+from sealkv.node.replication import frames, peer_wire, safe_pickle
 from sealkv.node.replication.dump_file import (
     DUMP_FIX, ChecksumWriter, dump_header, read_dump_start,
 )
@@ -82,6 +82,7 @@ class _RaftObject(RaftRulesSyncObj):
         self._journal = journal
         self._coalescing = False
         self._send_pending = False
+        self._peer_wire: Optional[peer_wire.PeerWire] = None
         adapter._obj = self  # the tick thread starts inside __init__ and may call back
         super().__init__(self_node, partners, conf)
         if adapter.codec.gates_appends:
@@ -91,6 +92,19 @@ class _RaftObject(RaftRulesSyncObj):
     @replicated
     def apply_command(self, command: bytes):
         return self._adapter._apply(command)
+
+    @property
+    def encryptor(self):
+        # pysyncobj's transport hands this to every connection it builds; the bounded
+        # connections (frames.py) then send the configured peer wire and accept both. It is
+        # read inside SyncObj.__init__, after pysyncobj built its Fernet from the password.
+        fernet = getattr(self, "_SyncObj__encryptor", None)
+        if fernet is None:
+            return None
+        if self._peer_wire is None:
+            self._peer_wire = peer_wire.PeerWire(fernet, self._adapter.wire_root,
+                                                 self._adapter.peer_wire)
+        return self._peer_wire
 
     def _on_safety_violation(self, reason: str) -> None:
         self._adapter._do_halt(reason)
@@ -296,7 +310,8 @@ class ReplicationAdapter:
                  halt: Optional[Callable[[str], None]] = None,
                  payload_codec: Optional[PayloadCodec] = None,
                  fsync: str = durable.FSYNC_ALWAYS,
-                 on_disk_full: Optional[Callable[[str], None]] = None):
+                 on_disk_full: Optional[Callable[[str], None]] = None,
+                 peer_wire_format: str = peer_wire.FORMAT_FERNET):
         """Prepares (does not start) the Raft member.
 
         `raft_address` is this voter's host:port (bound exactly, never all interfaces), or
@@ -306,7 +321,9 @@ class ReplicationAdapter:
         policy ("always": entries, term and vote are fdatasynced before they count;
         "never"). `on_disk_full(path)` is called on the tick thread each time a journal,
         meta or dump write finds the disk full (it raises the NOSPACE alarm; it must be
-        quick and must not raise).
+        quick and must not raise). `peer_wire_format` is the format this node sends to its
+        peers ("gcm": AES-256-GCM, see `peer_wire`; "fernet": pysyncobj's own, for a
+        rolling upgrade); it accepts both.
         """
         self.sm = state_machine
         self.stats = ReplicationStats()
@@ -319,6 +336,11 @@ class ReplicationAdapter:
             raise ValueError("a multi-node cluster needs a cluster secret (--secret-file): the "
                              "raft port carries pickled data that only the secret authenticates")
         self.secret = secret
+        if peer_wire_format not in peer_wire.FORMATS:
+            raise ValueError(f"peer_wire must be one of {', '.join(peer_wire.FORMATS)} "
+                             f"(got {peer_wire_format!r})")
+        self.peer_wire = peer_wire_format
+        self.wire_root = peer_wire.root_key(secret) if secret else None
         durable.check_policy(fsync)
         self.fsync = fsync
         self.halt = halt or _exit_halt

@@ -139,6 +139,7 @@ def test_node_must_be_listed_in_its_initial_cluster(overrides):
     ({"request_timeout": 0}, "request_timeout must be positive"),
     ({"fsync": "sometimes"}, "fsync must be always or never"),
     ({"batch_entries": "no"}, "batch_entries must be true or false"),
+    ({"peer_wire": "aes"}, "peer_wire must be gcm or fernet"),
     ({"raft_settings": {"log_compaction_min_bytes": 10}}, "log_compaction_min_bytes"),
     ({"raft_settings": {"raft_max_timeout": 0.1}}, "raft.max_timeout must exceed"),
 ])

@@ -1,0 +1,66 @@
+"""The raft peer wire in a mixed cluster: Fernet and AES-GCM senders, then a rolling flip."""
+import re
+import signal
+
+import pytest
+
+from tests.cluster import wait_for
+from tests.integration.test_failover import Writer, assert_all_readable
+
+pytestmark = pytest.mark.integration
+
+
+def formats_seen(cluster, reader: str, since: int = 0) -> list:
+    """The formats `reader` logged for its peers' connections, in order (from log offset
+    `since`: the log file is kept across restarts)."""
+    return re.findall(r"raft port: \S+ sends (\w+) frames", cluster.nodes[reader].log()[since:])
+
+
+def restart(cluster, name: str, wire: str) -> None:
+    node = cluster.nodes[name]
+    cluster.kill(name, signal.SIGTERM)
+    node.extra_args = [a for a in node.extra_args if not a.startswith("--peer-wire")]
+    node.extra_args.append(f"--peer-wire={wire}")
+    mark = len(node.log())
+    cluster.start_node(name)
+    wait_for(lambda: re.search(r"raft port: \S+ sends \w+ frames", node.log()[mark:]), 30,
+             f"{name} to talk to a peer again")
+
+
+def test_a_mixed_cluster_stays_consistent_through_a_rolling_switch_to_gcm(make_cluster):
+    cluster = make_cluster(3, start=False)
+    cluster.nodes["n1"].extra_args.append("--peer-wire=fernet")
+    for name in ("n2", "n3"):
+        cluster.nodes[name].extra_args.append("--peer-wire=gcm")
+    cluster.start()
+    writer = Writer(cluster.client(timeout=5), b"wire/")
+    writer.start()
+    try:
+        wait_for(lambda: len(writer.acked) >= 30, 30, "30 acknowledged writes, mixed wire")
+        # Every node hears both formats from the right peers: n1 gets GCM from n2 and n3,
+        # they get Fernet from n1 and GCM from each other.
+        wait_for(lambda: formats_seen(cluster, "n1").count("gcm") >= 2, 20,
+                 "n1 to receive GCM from both peers")
+        for name in ("n2", "n3"):
+            wait_for(lambda: {"fernet", "gcm"} <= set(formats_seen(cluster, name)), 20,
+                     f"{name} to receive Fernet from n1 and GCM from its other peer")
+        assert "fernet" not in formats_seen(cluster, "n1")
+        # The second pass of the upgrade: n1 (and, for the restart, n2) send GCM.
+        marks = {name: len(cluster.nodes[name].log()) for name in ("n2", "n3")}
+        for name in ("n1", "n2"):
+            count = len(writer.acked)
+            restart(cluster, name, "gcm")
+            cluster.wait_leader(30)
+            wait_for(lambda: len(writer.acked) >= count + 20, 30,
+                     f"writes to go on after restarting {name}")
+    finally:
+        writer.stop.set()
+        writer.join(15)
+    assert writer.acked
+    for node in cluster.nodes.values():
+        assert "dropped the connection" not in node.log(), node.log()[-4000:]
+    # After the flip nobody sends Fernet: every connection made since is GCM.
+    assert set(formats_seen(cluster, "n1")) == {"gcm"}
+    for name in ("n2", "n3"):
+        assert set(formats_seen(cluster, name, marks[name])) == {"gcm"}
+    assert_all_readable(cluster, writer.acked, ["n1", "n2", "n3"])
