@@ -4,11 +4,11 @@ measured in one invocation on fresh local clusters with the same asyncio load ge
 A fresh 3-node sealkv cluster with the encryption plugin (envelope inactive, every other
 setting at its default: TLS and fsync as a user gets them) serves the batched and the unary
 rows; a fresh `--insecure` cluster runs the batched Put row in plaintext, the reference of the
-TLS target; the first cluster then runs the batched Put once more in cleartext (the envelope
-ratios' reference, measured next to them) and is switched to the storage envelope and then to
-both envelopes for the envelope rows; a last
-fresh cluster like the first but with `--fsync never` runs the Put rows again, to name the
-cost of durability. With
+TLS target; three fresh clusters like the first, one with no envelope, one with the storage
+envelope and one with both envelopes (set before any key is written), then run the envelope
+rows side by side in interleaved short runs (`side_by_side`: the median of each, ratios of
+medians); a last fresh cluster like the first but with `--fsync never` runs the Put rows
+again, to name the cost of durability. With
 `--etcd`, a fresh 3-member etcd cluster (default flags) runs the same loads first, and the
 target table gives every sealkv figure as a ratio to etcd's from the same run. `--raw` adds
 the raw Raft engine rows (`raft_engine`).
@@ -22,7 +22,7 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-from sealkv.node.bench import async_load
+from sealkv.node.bench import async_load, side_by_side
 from sealkv.node.bench.raft_engine import RaftEngineCluster
 from sealkv.node.bench.workload import Result, Workload
 
@@ -152,18 +152,22 @@ def enable_raft_envelope(endpoint: str, timeout: float = 30.0, files=None) -> No
 
 
 def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = False,
+        repeats: int = side_by_side.DEFAULT_REPEATS,
+        ab_seconds: float = side_by_side.DEFAULT_SECONDS, envelope_only: bool = False,
         progress: Callable[[str], Optional[Callable]] = lambda label: None,
         log: Callable[[str], None] = lambda msg: None) -> dict:
     """Runs every row; returns {"rows": [...], "targets": [...], "notes": [...], ...}.
 
     sealkv rows, batched and unary: Put with 1 and with C clients on the leader, linearizable
-    and serializable Gets with C clients over every member; then the envelope rows on the same
-    cluster: the batched Put at C clients once more in cleartext (`envelope off`, the
-    reference of the envelope ratios), then with the storage envelope switched on, then with
-    the raft-log envelope on too (both envelopes); each envelope state runs C clients first
-    and then 1. With `etcd`, the same four loads run
+    and serializable Gets with C clients over every member; then the envelope rows
+    (`side_by_side`): three fresh identical clusters, envelopes off, storage envelope, both
+    envelopes, set before any key is written, each measured `repeats` times at C clients in
+    short (`ab_seconds`) runs interleaved round by round; each row is the median of its
+    runs, and the envelope ratios compare medians; then one Put c=1 run per envelope
+    state. With `etcd`, the same four loads run
     against a fresh 3-member etcd cluster (skipped with a note when etcd is not installed);
-    with `raw`, the raw Raft engine rows run first.
+    with `raw`, the raw Raft engine rows run first. `envelope_only` runs the envelope rows
+    alone.
     """
     C = base.clients
     put = dataclasses.replace(base, op="put")
@@ -193,6 +197,11 @@ def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = F
         load(lin, f"{prefix} get linearizable c={C}", kind, every, mode, pids, **kw)
         load(ser, f"{prefix} get serializable c={C}", kind, every, mode, pids, **kw)
 
+    if envelope_only:
+        _envelope_rows(base, rows, notes, repeats, ab_seconds, processes, progress, log)
+        return {"workload": dataclasses.asdict(base), "rows": list(rows.values()),
+                "targets": [t for t in targets(rows, C, repeats) if t["ratio"] is not None],
+                "notes": notes}
     if raw:
         log("raw engine: starting a 3-member raft-only cluster")
         with RaftEngineCluster() as engine:
@@ -220,29 +229,7 @@ def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = F
         with LocalNodeCluster(encryption=True, insecure=True) as plain:
             load(put, f"sealkv batched put c={C} --insecure", "insecure",
                  [plain.leader_endpoint()], "batched", [n.pid for n in plain.record.nodes])
-        # The envelope rows' reference: the same Put load on the same cluster (same TLS, fsync,
-        # batching, warm-up and keys, all present by now), measured right before the cutovers
-        # so the ratios compare neighbours in time rather than rows minutes apart.
-        load(put, f"sealkv envelope off put c={C}", "envelope", [cluster.leader_endpoint()],
-             "batched", pids, **kw)
-        try:
-            enable_storage_envelope(cluster.leader_endpoint(), files=cluster.files)
-        except RuntimeError as exc:
-            notes.append(f"envelope rows skipped: {exc}")
-        else:
-            leader = [cluster.leader_endpoint()]
-            load(put, f"sealkv envelope put c={C}", "envelope", leader, "batched", pids, **kw)
-            load(one, "sealkv envelope put c=1", "envelope", leader, "batched", pids, **kw)
-            try:
-                enable_raft_envelope(cluster.leader_endpoint(), files=cluster.files)
-            except RuntimeError as exc:
-                notes.append(f"both-envelope rows skipped: {exc}")
-            else:
-                leader = [cluster.leader_endpoint()]
-                load(put, f"sealkv both envelopes put c={C}", "both-envelopes", leader,
-                     "batched", pids, **kw)
-                load(one, "sealkv both envelopes put c=1", "both-envelopes", leader, "batched",
-                     pids, **kw)
+    _envelope_rows(base, rows, notes, repeats, ab_seconds, processes, progress, log)
     log("sealkv: a fresh 3-node cluster like the first, with --fsync never")
     with LocalNodeCluster(encryption=True, fsync="never") as cluster:
         leader = [cluster.leader_endpoint()]
@@ -255,7 +242,19 @@ def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = F
     notes.append(_durability_cost(rows["sealkv batched put c=1"], never1,
                                   rows[f"sealkv batched put c={C}"], never, C))
     return {"workload": dataclasses.asdict(base), "rows": list(rows.values()),
-            "targets": targets(rows, C), "notes": notes}
+            "targets": targets(rows, C, repeats), "notes": notes}
+
+
+def _envelope_rows(base: Workload, rows: dict, notes: list, repeats: int, seconds: float,
+                   processes: int, progress, log) -> None:
+    """Adds the side-by-side envelope rows (and their notes) to `rows` and `notes`."""
+    envelope_rows, envelope_notes = side_by_side.run(
+        base, repeats=repeats, seconds=seconds, processes=processes, progress=progress, log=log)
+    for row in envelope_rows:
+        rows[row["name"]] = row
+        if row["note"]:
+            notes.append(f"{row['name']}: {row['note']}")
+    notes.extend(envelope_notes)
 
 
 def _durability_cost(always1: dict, never1: dict, always: dict, never: dict, c: int) -> str:
@@ -301,16 +300,18 @@ TARGETS = [
      "server_cpu_us_per_op", ""),
     ("server CPU per Put at 1 client above idle, µs", "sealkv batched put c=1",
      "etcd put c=1", "server_cpu_us_per_op_above_idle", ""),
-    ("Put, C clients, ops/s: storage envelope on vs off", "sealkv envelope put c={C}",
-     "sealkv envelope off put c={C}", "ops_per_sec", ">= 0.95"),
-    ("Put, C clients, ops/s: both envelopes (storage + raft log) vs cleartext",
-     "sealkv both envelopes put c={C}", "sealkv envelope off put c={C}", "ops_per_sec",
-     ">= 0.95"),
-    ("server CPU per Put at C clients, µs: storage envelope on vs off",
-     "sealkv envelope put c={C}", "sealkv envelope off put c={C}", "server_cpu_us_per_op", ""),
-    ("server CPU per Put at C clients, µs: both envelopes vs cleartext",
-     "sealkv both envelopes put c={C}", "sealkv envelope off put c={C}",
-     "server_cpu_us_per_op", ""),
+    ("Put, C clients, ops/s: storage envelope on vs off (medians, side by side)",
+     "sealkv storage envelope put c={C} median of {R}",
+     "sealkv envelopes off put c={C} median of {R}", "ops_per_sec", ">= 0.95"),
+    ("Put, C clients, ops/s: both envelopes (storage + raft log) vs off (medians, side by "
+     "side)", "sealkv both envelopes put c={C} median of {R}",
+     "sealkv envelopes off put c={C} median of {R}", "ops_per_sec", ">= 0.95"),
+    ("server CPU per Put at C clients, µs: storage envelope on vs off (medians)",
+     "sealkv storage envelope put c={C} median of {R}",
+     "sealkv envelopes off put c={C} median of {R}", "server_cpu_us_per_op", ""),
+    ("server CPU per Put at C clients, µs: both envelopes vs off (medians)",
+     "sealkv both envelopes put c={C} median of {R}",
+     "sealkv envelopes off put c={C} median of {R}", "server_cpu_us_per_op", ""),
     ("Put, C clients, ops/s: batched vs unary", "sealkv batched put c={C}",
      "sealkv unary put c={C}", "ops_per_sec", ""),
     ("Get linearizable, C clients: batched vs unary", "sealkv batched get linearizable c={C}",
@@ -320,18 +321,20 @@ TARGETS = [
 ]
 
 
-def targets(rows: dict[str, dict], clients: int) -> list[dict]:
+def targets(rows: dict[str, dict], clients: int,
+            repeats: int = side_by_side.DEFAULT_REPEATS) -> list[dict]:
     """The issue's target table: each figure, its reference, their ratio and the bar."""
     out = []
     for what, ours, theirs, field, bar in TARGETS:
-        a = rows.get(ours.format(C=clients), {}).get(field)
-        b = rows.get(theirs.format(C=clients), {}).get(field)
+        ours, theirs = (n.format(C=clients, R=repeats) for n in (ours, theirs))
+        a = rows.get(ours, {}).get(field)
+        b = rows.get(theirs, {}).get(field)
         ratio = round(a / b, 3) if a is not None and b else None
         holds = None
         if ratio is not None and bar:
             limit = float(bar.split()[1])
             holds = ratio >= limit if bar.startswith(">=") else ratio <= limit
         out.append({"what": what.replace("C clients", f"{clients} clients"),
-                    "sealkv": a, "reference": theirs.format(C=clients), "reference_value": b,
+                    "sealkv": a, "reference": theirs, "reference_value": b,
                     "ratio": ratio, "bar": bar, "holds": holds})
     return out

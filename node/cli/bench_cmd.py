@@ -186,13 +186,24 @@ def raft_cmd(c: Ctx, mode, **kw):
               help="Also run the same loads against a fresh 3-member etcd cluster (needs the "
               "etcd binary: apt-get install -y etcd-server) and give ratios to it.")
 @click.option("--raw", "with_raw", is_flag=True, help="Also run the raw Raft engine rows.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Envelope rows: measured runs per envelope state, interleaved across the "
+              "side-by-side clusters (each row is their median).")
+@click.option("--envelope-seconds", type=click.FloatRange(min=0.1), default=2.0,
+              show_default=True, help="Envelope rows: measured seconds of each run.")
+@click.option("--envelope-only", is_flag=True,
+              help="Run the envelope rows alone (their clusters, ratios and targets).")
 @pass_ctx
-def compare_cmd(c: Ctx, processes, with_etcd, with_raw, **kw):
+def compare_cmd(c: Ctx, processes, with_etcd, with_raw, repeats, envelope_seconds,
+                envelope_only, **kw):
     """sealkv batched vs unary, envelope on vs off, and optionally etcd: one run, ratios.
 
     Starts its own clusters (a 3-node sealkv cluster with encryption in a temporary
-    directory, settings at their defaults, then the same with --fsync never to name the cost
-    of durability; with --etcd a 3-member etcd) and stops them afterwards. --clients is the concurrent load (default 64); Puts go to the leader, Gets
+    directory, settings at their defaults; three more alike side by side for the envelope
+    rows, off / storage envelope / both envelopes, measured in --repeats interleaved runs of
+    --envelope-seconds each, a row per state giving the medians; then the same with --fsync
+    never to name the cost of durability; with --etcd a 3-member etcd) and stops them
+    afterwards. --clients is the concurrent load (default 64); Puts go to the leader, Gets
     are spread over every member.
     """
     from sealkv.node.bench import compare, grpc_load
@@ -204,6 +215,8 @@ def compare_cmd(c: Ctx, processes, with_etcd, with_raw, **kw):
     log = (lambda m: click.echo(m, err=True)) if c.write_out != "json" else (lambda m: None)
     with _failure_says("the comparison"):
         report = compare.run(w, processes=processes, etcd=with_etcd, raw=with_raw,
+                             repeats=repeats, ab_seconds=envelope_seconds,
+                             envelope_only=envelope_only,
                              progress=grpc_load.progress_bar, log=log)
     if c.write_out == "json":
         emit_json(report)

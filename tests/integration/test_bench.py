@@ -109,7 +109,8 @@ def test_compare_runs_batched_unary_envelope_and_etcd_rows_with_ratios(tmp_path)
     import shutil
 
     proc = sealkv("-w", "json", "bench", "compare", "--clients", "4", "--duration", "0.5",
-                  "--warmup", "0.2", "--etcd", timeout=600)
+                  "--warmup", "0.2", "--etcd", "--repeats", "2", "--envelope-seconds", "0.5",
+                  timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     names = [row["name"] for row in report["rows"]]
@@ -127,14 +128,20 @@ def test_compare_runs_batched_unary_envelope_and_etcd_rows_with_ratios(tmp_path)
     # The TLS reference: the same batched Put load on a fresh --insecure cluster.
     assert names[names.index("sealkv unary get serializable c=4") + 1] == \
         "sealkv batched put c=4 --insecure"
-    # The envelope rows: their cleartext reference right before the cutovers, then each
-    # envelope state with 4 clients first.
-    envelope = ["sealkv envelope off put c=4"] + (
-        [] if any("envelope rows skipped" in n for n in report["notes"])
-        else ["sealkv envelope put c=4", "sealkv envelope put c=1",
-              "sealkv both envelopes put c=4", "sealkv both envelopes put c=1"])
+    # The envelope rows: one median row per envelope state (side-by-side clusters, runs
+    # interleaved), then one c=1 row per enveloped state.
+    skipped = any("rows skipped" in n for n in report["notes"])
+    envelope = [f"sealkv {s} put c=4 median of 2" for s in
+                (["envelopes off"] if skipped else
+                 ["envelopes off", "storage envelope", "both envelopes"])]
+    if not skipped:
+        envelope += ["sealkv storage envelope put c=1", "sealkv both envelopes put c=1"]
     assert names[len(names) - len(envelope) - 2:] == envelope + [
         "sealkv batched put c=1 fsync=never", "sealkv batched put c=4 fsync=never"]
+    for name in envelope[:len(envelope) if skipped else 3]:
+        row = report["rows"][names.index(name)]
+        assert len(row["runs_ops_per_sec"]) == 2 and len(row["runs_server_cpu_us_per_op"]) == 2
+        assert row["ops_per_sec"] == pytest.approx(sum(row["runs_ops_per_sec"]) / 2, abs=0.1)
     assert any(n.startswith("cost of durability (--fsync always vs never)")
                for n in report["notes"])
     for row in report["rows"]:
@@ -148,13 +155,13 @@ def test_compare_runs_batched_unary_envelope_and_etcd_rows_with_ratios(tmp_path)
         assert put["ratio"] == pytest.approx(put["sealkv"] / put["reference_value"], rel=0.01)
         assert isinstance(put["holds"], bool)
     assert targets["Put, 4 clients, ops/s: batched vs unary"]["ratio"] > 0
-    if len(envelope) > 1:
-        for what in ("storage envelope on vs off", "both envelopes (storage + raft log) vs "
-                     "cleartext"):
+    if not skipped:
+        for what in ("storage envelope on vs off (medians, side by side)",
+                     "both envelopes (storage + raft log) vs off (medians, side by side)"):
             row = targets[f"Put, 4 clients, ops/s: {what}"]
-            assert row["reference"] == "sealkv envelope off put c=4"
+            assert row["reference"] == "sealkv envelopes off put c=4 median of 2"
             assert row["ratio"] > 0 and isinstance(row["holds"], bool)
-        cpu = targets["server CPU per Put at 4 clients, µs: both envelopes vs cleartext"]
+        cpu = targets["server CPU per Put at 4 clients, µs: both envelopes vs off (medians)"]
         assert cpu["ratio"] > 0 and cpu["holds"] is None
     tls_row = targets["Put, 4 clients, ops/s: TLS (default) vs --insecure"]
     assert tls_row["reference"] == "sealkv batched put c=4 --insecure"
