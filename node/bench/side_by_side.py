@@ -79,6 +79,24 @@ def median_row(name: str, runs: list[dict]) -> dict:
     return row
 
 
+def round_ratios(runs: dict[str, list[dict]]) -> list[str]:
+    """One note per enveloped state: its ops/s ÷ the `off` cluster's in each round (runs of
+    one round are neighbours in time), and the median of those, beside the ratio of medians."""
+    off = runs.get("off")
+    out = []
+    for state in STATES[1:]:
+        mine = runs.get(state)
+        if not off or not mine:
+            continue
+        ratios = [round(a["ops_per_sec"] / b["ops_per_sec"], 2)
+                  for a, b in zip(mine, off) if b["ops_per_sec"]]
+        if ratios:
+            out.append(f"{NAMES[state]} ÷ envelopes off, ops/s round by round: "
+                       f"{', '.join(f'{r:.2f}' for r in ratios)} (median "
+                       f"{statistics.median(ratios):.2f})")
+    return out
+
+
 def _summed_errors(runs: list[dict]) -> dict:
     out: dict[str, int] = {}
     for r in runs:
@@ -137,6 +155,7 @@ def run(base: Workload, *, repeats: int = DEFAULT_REPEATS, seconds: float = DEFA
                                         progress=progress(label), **kw)
                 runs[state].append(result.summary())
         rows = [median_row(row_name(s, C, repeats), runs[s]) for s in order]
+        notes.extend(round_ratios(runs))
         for row in rows:
             row["kind"] = "side-by-side"
         for state in order:

@@ -48,3 +48,15 @@ def test_envelope_targets_compare_the_median_rows():
     assert both["ratio"] == pytest.approx(0.99) and both["holds"] is True
     cpu = got["server CPU per Put at 64 clients, µs: both envelopes vs off (medians)"]
     assert cpu["ratio"] == pytest.approx(305 / 300, abs=0.001) and cpu["holds"] is None
+
+
+def test_round_ratios_name_each_round_and_their_median():
+    runs = {"off": [run(1000, 300), run(2000, 300), run(500, 300)],
+            "storage": [run(950, 310), run(1800, 310), run(600, 310)],
+            "both": [run(900, 320), run(1900, 320), run(450, 320)]}
+    notes = side_by_side.round_ratios(runs)
+    assert notes == [
+        "storage envelope ÷ envelopes off, ops/s round by round: 0.95, 0.90, 1.20 "
+        "(median 0.95)",
+        "both envelopes ÷ envelopes off, ops/s round by round: 0.90, 0.95, 0.90 (median 0.90)"]
+    assert side_by_side.round_ratios({"off": runs["off"]}) == []
