@@ -86,6 +86,7 @@ class WireCodec:
         self._opener = None
         self.peer_format = None  # the format of the peer's first frame
         self.announced = False  # whether the connection logged peer_format
+        self.sent = 0  # messages this side sent
         self._last_timestamp = 0  # Fernet: pysyncobj refuses tokens older than the last
 
     def encode(self, message) -> bytes:
@@ -213,6 +214,12 @@ class BoundedTcpConnection(_Base):
             return super().send(message)
         if self.sendRandKey:
             message = (self.sendRandKey, message)
+        elif self._role == peer_wire.ROLE_DIALER and codec.sent:
+            # pysyncobj sends Raft messages on a connection as soon as TCP connects, before
+            # the peer's random key arrived; the peer must refuse them (pysyncobj's receiver
+            # drops the connection, and the start-up election reconnects). Raft retransmits.
+            return
+        codec.sent += 1
         try:
             data = codec.encode(message)
         except WireRefused as exc:  # a counter exhausted: start a new connection
