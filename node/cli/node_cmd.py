@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -17,6 +18,21 @@ def parse_kek_options(pairs, flag: str = "--kek-option") -> dict[str, str]:
         if not sep or not key.strip():
             raise CliError(f"{flag} takes KEY=VALUE, got {pair!r}", EXIT_USAGE)
         options[key.strip()] = value
+    return options
+
+
+def kek_plugin_options(kek_file, kek_provider, pairs, prefix: str = "") -> dict[str, Any]:
+    """The encryption plugin's options for one KEK given by flags: `<prefix>kek_file`,
+    `<prefix>kek_provider` and `<prefix>kek_options` (from the repeated `--<prefix>kek-option`
+    KEY=VALUE `pairs`), only those given; a bad pair is a usage error."""
+    options: dict[str, Any] = {}
+    if kek_file:
+        options[prefix + "kek_file"] = kek_file
+    if kek_provider:
+        options[prefix + "kek_provider"] = kek_provider
+    if pairs:
+        options[prefix + "kek_options"] = parse_kek_options(
+            pairs, "--" + prefix.replace("_", "-") + "kek-option")
     return options
 
 
@@ -109,19 +125,9 @@ def start(config_file, name, data_dir, raft, grpc, learner, initial_cluster, sec
         for field_, path in (("cacert", files.cacert), ("cert", files.cert), ("key", files.key)):
             values.setdefault(field_, path)
     encryption_options = values.setdefault("plugin_options", {}).setdefault("encryption", {})
-    if kek_file:
-        encryption_options["kek_file"] = kek_file
-    if kek_provider:
-        encryption_options["kek_provider"] = kek_provider
-    if kek_options:
-        encryption_options["kek_options"] = parse_kek_options(kek_options)
-    if next_kek_file:
-        encryption_options["next_kek_file"] = next_kek_file
-    if next_kek_provider:
-        encryption_options["next_kek_provider"] = next_kek_provider
-    if next_kek_options:
-        encryption_options["next_kek_options"] = parse_kek_options(next_kek_options,
-                                                                   "--next-kek-option")
+    encryption_options.update(kek_plugin_options(kek_file, kek_provider, kek_options))
+    encryption_options.update(kek_plugin_options(next_kek_file, next_kek_provider,
+                                                 next_kek_options, "next_"))
     try:
         config = build_config(values)
     except ConfigError as exc:

@@ -181,7 +181,7 @@ def restore(c: Ctx, file, data_dir, nodes, base_port, initial_cluster, kek_file,
     import os
 
     from sealkv.node.cli import restore as restoring
-    from sealkv.node.cli.node_cmd import parse_kek_options
+    from sealkv.node.cli.node_cmd import kek_plugin_options
     from sealkv.node.state.backup_file import BackupError
 
     members = None
@@ -195,16 +195,10 @@ def restore(c: Ctx, file, data_dir, nodes, base_port, initial_cluster, kek_file,
             members = parse_initial_cluster(initial_cluster)
         except ConfigError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
-    options = parse_kek_options(kek_options)
-    encryption: dict[str, Any] = {}
-    if kek_file:
-        encryption["kek_file"] = os.path.abspath(kek_file)
-    if kek_provider:
-        encryption["kek_provider"] = kek_provider
-    if options:
-        encryption["kek_options"] = options
+    encryption = kek_plugin_options(kek_file and os.path.abspath(kek_file), kek_provider,
+                                    kek_options)
     kek_record = {"kek_file": encryption.get("kek_file"), "kek_provider": kek_provider,
-                  "kek_options": options}
+                  "kek_options": encryption.get("kek_options", {})}
     try:
         done = restoring.restore(file, data_dir, nodes=nodes or 3, base_port=base_port,
                                  insecure=insecure, fsync=fsync,
