@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from typing import Optional
 
 import pytest
 
@@ -55,17 +56,26 @@ class DictStore:
         self.data = dict(records)
 
 
-@pytest.fixture
-def kek_file(tmp_path):
-    path = tmp_path / "kek.bin"
-    path.write_bytes(os.urandom(32))
-    os.chmod(path, 0o600)
+def write_kek(path, key: Optional[bytes] = None) -> str:
+    """Writes a new KEK file (mode 0600) at `path`: `key`, else 32 random bytes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, os.urandom(32) if key is None else key)
+    os.close(fd)
     return str(path)
 
 
-def make_plugin(tmp_path, kek_file, raft_id="node-a", data="data-a"):
+@pytest.fixture
+def kek_file(tmp_path):
+    return write_kek(tmp_path / "kek.bin")
+
+
+def make_plugin(tmp_path, kek_file, raft_id="node-a", data="data-a", next_kek=None):
+    """A prepared plugin with the KEK file `kek_file` (and `next_kek` staged, when given)."""
+    options = {"kek_file": kek_file}
+    if next_kek:
+        options["next_kek_file"] = next_kek
     context = PluginContext(node_name=raft_id, raft_id=raft_id,
-                            data_dir=str(tmp_path / data), options={"kek_file": kek_file})
+                            data_dir=str(tmp_path / data), options=options)
     plugin = EncryptionLayerPlugin(context)
     plugin.prepare_start()
     return plugin

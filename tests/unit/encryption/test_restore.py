@@ -12,12 +12,7 @@ from sealkv.plugins.encryption.purpose import PURPOSE_RAFT, PURPOSE_STORAGE
 from sealkv.plugins.encryption.sidecar import read_sidecar
 from sealkv.plugins.encryption.state import EncryptionState, WrappedKey, WriterRecord
 
-
-def write_kek(path, key: bytes) -> str:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.write(fd, key)
-    os.close(fd)
-    return str(path)
+from .test_layer import write_kek
 
 
 @pytest.fixture

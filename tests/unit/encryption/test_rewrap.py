@@ -7,11 +7,10 @@ import os
 import pytest
 
 from sealkv.node.errors import ApplyHalt
-from sealkv.plugins.api import PluginContext, StartupRefused
+from sealkv.plugins.api import StartupRefused
 from sealkv.plugins.encryption import commands as c
 from sealkv.plugins.encryption.commands import CommandDecodeError, RewrapCommand
 from sealkv.plugins.encryption.kek import FileKEK, opens_check
-from sealkv.plugins.encryption.layer import EncryptionLayerPlugin
 from sealkv.plugins.encryption.proposals import bootstrap_command, rotation_command
 from sealkv.plugins.encryption.sidecar import Sidecar, SidecarError, read_sidecar
 from sealkv.plugins.encryption.sidecar import write_sidecar
@@ -19,15 +18,9 @@ from sealkv.plugins.encryption.state import (
     EncryptionState, Outcome, ProposalRefused, WrappedKey,
 )
 
-from .test_layer import DictStore, apply, entry
+from .test_layer import DictStore, apply, entry, make_plugin, write_kek
 
 WRAPPED = bytes(range(60))
-
-
-def write_kek(path) -> str:
-    path.write_bytes(os.urandom(32))
-    os.chmod(path, 0o600)
-    return str(path)
 
 
 @pytest.fixture
@@ -35,19 +28,8 @@ def keks(tmp_path):
     return write_kek(tmp_path / "old.kek"), write_kek(tmp_path / "new.kek")
 
 
-def make_plugin(tmp_path, kek, next_kek=None, raft_id="node-a"):
-    options = {"kek_file": kek}
-    if next_kek:
-        options["next_kek_file"] = next_kek
-    context = PluginContext(node_name=raft_id, raft_id=raft_id,
-                            data_dir=str(tmp_path / raft_id), options=options)
-    plugin = EncryptionLayerPlugin(context)
-    plugin.prepare_start()
-    return plugin
-
-
 def bootstrapped(tmp_path, kek, next_kek=None):
-    plugin = make_plugin(tmp_path, kek, next_kek)
+    plugin = make_plugin(tmp_path, kek, next_kek=next_kek)
     layer = plugin.wrap(DictStore())
     apply(plugin, 3, bootstrap_command(plugin, ["node-a"]))
     apply(plugin, 4, rotation_command(plugin, 1))  # a table of three keys
@@ -179,7 +161,7 @@ def test_restart_after_rewrap_with_each_kek(tmp_path, keks):
     promoted.check_start_state(catch_up_timeout=0)
     assert promoted.key_problem(promoted.view().state) == ""
     # The old KEK with the new one still staged (not promoted yet): also fine.
-    staged = make_plugin(tmp_path, old, new)
+    staged = make_plugin(tmp_path, old, next_kek=new)
     staged.restore_state(snapshot)
     assert staged.kek is staged.next_kek
     staged.check_start_state(catch_up_timeout=0)
@@ -197,7 +179,7 @@ def test_crash_windows_of_the_rewrite(tmp_path, keks):
     apply(plugin, 5, command)
     after = plugin.snapshot_state()
     # 1: rewrapped sidecar, database before the rewrap: the replay applies it again.
-    restarted = make_plugin(tmp_path, old, new)
+    restarted = make_plugin(tmp_path, old, next_kek=new)
     restarted.restore_state(before)
     assert restarted.kek is not restarted.next_kek
     assert apply(restarted, 5, command).outcome is Outcome.APPLIED
@@ -205,7 +187,7 @@ def test_crash_windows_of_the_rewrite(tmp_path, keks):
     restarted.check_start_state(catch_up_timeout=0)
     # 2: old sidecar, database after the rewrap: the snapshot switches the KEK at load.
     write_sidecar(plugin.context.data_dir, old_sidecar)
-    restarted = make_plugin(tmp_path, old, new)
+    restarted = make_plugin(tmp_path, old, next_kek=new)
     restarted.restore_state(after)
     restarted.persist_applied()  # as the state machine does after a restore
     assert restarted.kek is restarted.next_kek
@@ -217,7 +199,7 @@ def test_a_node_without_the_next_kek_halts_at_the_rewrap(tmp_path, keks):
     old, new = keks
     leader, _ = bootstrapped(tmp_path, old, new)
     command = leader.rewrap_command(leader.view().state)
-    lagging = make_plugin(tmp_path, old, raft_id="node-b")
+    lagging = make_plugin(tmp_path, old, raft_id="node-b", data="data-b")
     lagging.wrap(DictStore())
     ready, why, _ = lagging.next_kek_status(lagging.view().state)
     assert not ready and "--next-kek-file" in why
@@ -230,7 +212,8 @@ def test_a_node_without_the_next_kek_halts_at_the_rewrap(tmp_path, keks):
 def test_a_member_with_another_next_kek_is_not_the_leaders(tmp_path, keks):
     old, new = keks
     leader, _ = bootstrapped(tmp_path, old, new)
-    other = make_plugin(tmp_path, old, write_kek(tmp_path / "other.kek"), raft_id="node-b")
+    other = make_plugin(tmp_path, old, raft_id="node-b", data="data-b",
+                        next_kek=write_kek(tmp_path / "other.kek"))
     other.restore_state(leader.snapshot_state())
     ready, _, check = other.next_kek_status(other.view().state)
     assert ready and not leader.next_kek_opens(check)
@@ -242,7 +225,7 @@ def test_next_kek_file_gets_the_kek_file_checks(tmp_path, keks):
     old, new = keks
     os.chmod(new, 0o644)
     with pytest.raises(StartupRefused, match="next KEK.*chmod 600"):
-        make_plugin(tmp_path, old, new)
+        make_plugin(tmp_path, old, next_kek=new)
 
 
 def test_sidecar_kek_fields():
