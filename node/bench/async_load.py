@@ -71,9 +71,9 @@ def run(w: Workload, endpoints: Sequence[str], *, name: str, mode: str = "batche
         t0 = workers.start()
         measure_from = t0 + w.warmup
         end = measure_from + w.duration
-        _sleep_until(measure_from, progress, t0, w, workers)
+        workers.wait_until(measure_from, progress)
         server0 = sum(process_cpu(pid) for pid in server_pids)
-        _sleep_until(end, progress, t0, w, workers)
+        workers.wait_until(end, progress)
         server1 = sum(process_cpu(pid) for pid in server_pids)
         merged = Result(name, clients=w.clients)
         busiest = 0.0
@@ -93,16 +93,6 @@ def run(w: Workload, endpoints: Sequence[str], *, name: str, mode: str = "batche
         return merged
     finally:
         workers.stop(10)
-
-
-def _sleep_until(t: float, progress, t0: float, w: Workload, workers: Workers) -> None:
-    while True:
-        now = time.monotonic()
-        if now >= t:
-            return
-        if progress is not None:
-            progress(max(0.0, now - t0) / (w.warmup + w.duration), workers.ops())
-        time.sleep(min(0.2, t - now))
 
 
 def _worker(w: Workload, mode, endpoints, client_kwargs, ids, index, processes, prefill,

@@ -41,10 +41,7 @@ def run(w: Workload, endpoints: Sequence[str], *, name: str, processes: int = 0,
     try:
         workers.wait_prefilled(120)
         t0 = workers.start()
-        end = t0 + w.warmup + w.duration
-        while progress is not None and time.monotonic() < end:
-            progress(max(0.0, time.monotonic() - t0) / (w.warmup + w.duration), workers.ops())
-            time.sleep(0.2)
+        workers.wait_until(t0 + w.warmup + w.duration, progress)
         merged = Result(name, clients=w.clients)
         for _ in workers.procs:
             merged.merge(workers.results.get(timeout=w.warmup + w.duration + w.timeout + 60))

@@ -29,6 +29,8 @@ class Workers:
     def __init__(self, w: Workload, processes: int, target: Callable,
                  args: Callable[[list[int], int], tuple]):
         ctx = mp.get_context("spawn")
+        self.w = w
+        self.t0 = 0.0  # the common start instant, once `start` set it
         self.counters = ctx.Array("q", processes, lock=False)
         self.ready = ctx.Barrier(processes + 1)
         self.start_at = ctx.Value("d", 0.0, lock=False)
@@ -52,9 +54,20 @@ class Workers:
 
     def start(self) -> float:
         """Sets the common start instant, releases the workers and returns the instant."""
-        self.start_at.value = time.monotonic() + _START_SLACK
+        self.start_at.value = self.t0 = time.monotonic() + _START_SLACK
         self.ready.wait(timeout=30)
-        return self.start_at.value
+        return self.t0
+
+    def wait_until(self, t: float, progress: Optional[Callable[[float, int], None]]) -> None:
+        """Sleeps until the monotonic instant `t`; meanwhile calls `progress(share of warm-up
+        and window elapsed, operations so far)` every 0.2 s when it is given."""
+        while True:
+            now = time.monotonic()
+            if now >= t:
+                return
+            if progress is not None:
+                progress(max(0.0, now - self.t0) / (self.w.warmup + self.w.duration), self.ops())
+            time.sleep(min(0.2, t - now))
 
     def ops(self) -> int:
         """Operations the workers have done so far (measured or not)."""
