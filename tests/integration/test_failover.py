@@ -1,39 +1,14 @@
 """Crashes and restarts: no acknowledged write is lost."""
 import os
 import signal
-import threading
 import time
 
 import pytest
 
-from sealkv.node import errors
 from tests.cluster import wait_for
+from tests.load import Writer
 
 pytestmark = pytest.mark.integration
-
-
-class Writer(threading.Thread):
-    """Writes unique keys in a loop and records which writes were acknowledged."""
-
-    def __init__(self, client, prefix: bytes):
-        super().__init__(daemon=True)
-        self.client = client
-        self.prefix = prefix
-        self.acked: dict[bytes, bytes] = {}
-        self.failures = 0
-        self.stop = threading.Event()
-
-    def run(self):
-        i = 0
-        while not self.stop.is_set():
-            key = self.prefix + b"%06d" % i
-            value = b"value-%d" % i
-            try:
-                self.client.put(key, value)
-                self.acked[key] = value
-            except errors.SealkvError:
-                self.failures += 1
-            i += 1
 
 
 def assert_all_readable(cluster, acked: dict, names):

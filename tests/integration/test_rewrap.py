@@ -28,6 +28,7 @@ from tests.integration.test_encryption import start_fails
 from tests.integration.test_encryption_admin import (
     admin, capability, cli, sidecar_state, write_kek,
 )
+from tests.load import Writer
 from tests.softhsm import make_token
 
 pytestmark = pytest.mark.integration
@@ -89,37 +90,6 @@ def expected_values() -> dict[bytes, bytes]:
     return values
 
 
-class Writer:
-    """Puts keys one after another on its own thread until stopped; remembers what was
-    acknowledged."""
-
-    def __init__(self, cluster):
-        self.cluster, self.acked, self.errors = cluster, {}, []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run)
-
-    def run(self):
-        with self.cluster.client(timeout=10) as c:
-            i = 0
-            while not self.stop.is_set():
-                key, value = b"load/%d" % i, os.urandom(16).hex().encode()
-                try:
-                    c.put(key, value)
-                    self.acked[key] = value
-                except errors.SealkvError as exc:  # a retryable refusal: its outcome is unknown
-                    self.errors.append(exc)
-                i += 1
-
-    def __enter__(self):
-        self.thread.start()
-        wait_for(lambda: len(self.acked) >= 5, 30, "the writing load to start")
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(60)
-
-
 def assert_all_readable(cluster, values, via=None):
     names = [via] if via else [n for n, p in cluster.nodes.items() if p.alive()]
     for name in names:
@@ -163,7 +133,7 @@ def test_rewrap_file_to_file_under_load_then_restarts(make_cluster, tmp_path):
                                   for r in rows), rows
     before = {n: {k.key_id: k for k in sidecar_state(cluster, n).keys} for n in cluster.nodes}
 
-    with Writer(cluster) as load:
+    with Writer(cluster.client(timeout=10)) as load:
         result = rewrap_cli(cluster)
         assert result.exit_code == 0, result.output
         answer = json.loads(result.output)

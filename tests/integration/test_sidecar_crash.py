@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections import defaultdict
 
 import pytest
 
-from sealkv.node import errors
 from sealkv.node.replication.adapter import _payload_of
 from sealkv.node.replication.journal import FileJournal
 from sealkv.node.state.storage.base import VALUE_ENCRYPTED
@@ -26,6 +24,7 @@ from sealkv.plugins.encryption.sidecar import read_sidecar
 from sealkv.v1 import encryption_admin_pb2 as pb
 from tests.cluster import wait_for
 from tests.integration.test_encryption_admin import admin, write_kek
+from tests.load import Writer
 
 pytestmark = pytest.mark.integration
 
@@ -81,25 +80,13 @@ def test_a_kill_between_apply_and_the_sidecar_write_reuses_no_nonce(make_cluster
     cluster.start_node(victim, env={DIE_BEFORE_SIDECAR_ENV: "3"})  # the rotated key's id
     wait_for(lambda: cluster.healthy(victim), 60, f"{victim} serving again")
 
-    stop = threading.Event()
-    acked = defaultdict(int)
-
-    def writer(name):
-        with cluster.client(name) as own:
-            i = 0
-            while not stop.is_set():
-                try:
-                    own.put(f"w-{name}-{i}".encode(), os.urandom(16).hex().encode())
-                    acked[name] += 1
-                except errors.SealkvError:
-                    pass  # the victim is down for a while; retryable refusals
-                i += 1
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in cluster.nodes]
-    for t in threads:
-        t.start()
+    # One writer through each node; the victim's is refused while it is down.
+    writers = {n: Writer(cluster.client(n), f"w-{n}-".encode()) for n in cluster.nodes}
+    through_victim = writers[victim]
+    for writer in writers.values():
+        writer.start()
     try:
-        wait_for(lambda: acked[victim] > 20, 30, "writes through the victim")
+        through_victim.wait_acked(21)
         request = pb.RotateDEKRequest(purpose=pb.STORAGE if purpose == "storage" else pb.RAFT)
         with cluster.client(leader) as c:
             assert admin(c, "RotateDEK", request, timeout=30).key_id == 3
@@ -107,12 +94,12 @@ def test_a_kill_between_apply_and_the_sidecar_write_reuses_no_nonce(make_cluster
         assert cluster.nodes[victim].proc.wait(timeout=60) == -signal.SIGKILL
         assert 3 not in read_sidecar(victim_dir).keys
         cluster.start_node(victim)
-        before = acked[victim]
-        wait_for(lambda: acked[victim] > before + 20, 60, "writes through the restarted victim")
+        through_victim.wait_acked(len(through_victim.acked) + 21, 60)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
+        for writer in writers.values():
+            writer.stop.set()
+        for writer in writers.values():
+            writer.join(30)
     assert 3 in read_sidecar(victim_dir).keys
     wait_for(lambda: len({cluster.client(n).digest().digest for n in cluster.nodes}) == 1,
              30, "every replica to reach the same state")

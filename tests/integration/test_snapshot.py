@@ -9,17 +9,16 @@ import contextlib
 import json
 import os
 import stat
-import threading
 
 import pytest
 
 from click.testing import CliRunner
 
-from sealkv.node import errors
 from sealkv.node.cli.main import register_commands
 from sealkv.node.client import SERIALIZABLE
 from sealkv.node.state.storage.lmdb_store import LmdbStore
 from tests.cluster import wait_for
+from tests.load import Writer
 
 pytestmark = pytest.mark.integration
 
@@ -31,51 +30,16 @@ def cli(args, cluster, env=None):
     return CliRunner().invoke(ROOT, args, env=dict(cluster.cli_env(), **(env or {})))
 
 
-class Writer(threading.Thread):
-    """Puts `load/NNNNNN` keys one after another until stopped; records what was
-    acknowledged, and when."""
-
-    def __init__(self, cluster):
-        super().__init__(daemon=True)
-        self.cluster = cluster
-        self.acked: dict[bytes, bytes] = {}
-        self.stop = threading.Event()
-        self.errors = 0
-
-    def run(self) -> None:
-        with self.cluster.client() as client:
-            i = 0
-            while not self.stop.is_set():
-                key, value = b"load/%06d" % i, os.urandom(16).hex().encode()
-                try:
-                    client.put(key, value)
-                except errors.SealkvError:
-                    self.errors += 1
-                    continue
-                self.acked[key] = value
-                i += 1
-
-    def snapshot_of_acked(self) -> dict[bytes, bytes]:
-        return dict(self.acked)
-
-
 def save_under_load(cluster, path, seed: dict[bytes, bytes]):
     """Writes `seed`, then saves a snapshot to `path` while a writer thread runs; returns
     (the CLI result, every pair acknowledged before the save began)."""
     with cluster.client() as c:
         for key, value in seed.items():
             c.put(key, value)
-    writer = Writer(cluster)
-    writer.start()
-    try:
-        while len(writer.acked) < 20:
-            writer.stop.wait(0.05)
-        before = {**seed, **writer.snapshot_of_acked()}
+    with Writer(cluster.client(), first=20) as writer:
+        before = {**seed, **dict(writer.acked)}
         result = cli(["-w", "json", "--endpoints", cluster.nodes["n2"].grpc, "snapshot", "save",
                       str(path)], cluster)
-    finally:
-        writer.stop.set()
-        writer.join(30)
     return result, before
 
 
