@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -18,6 +19,7 @@ from sealkv.node.cli.main import register_commands
 from sealkv.node.client import SERIALIZABLE
 from sealkv.node.state.storage.lmdb_store import LmdbStore
 from tests.cluster import wait_for
+from tests.damage import flip_bits, middle
 from tests.load import Writer
 
 pytestmark = pytest.mark.integration
@@ -74,9 +76,8 @@ def test_save_under_load_then_status_and_a_damaged_file(make_cluster, tmp_path):
     assert "| CHECKSUM" in table.output and "ENCRYPTED" in table.output
 
     damaged = tmp_path / "damaged.db"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    damaged.write_bytes(bytes(data))
+    shutil.copyfile(path, damaged)
+    flip_bits(damaged, middle(damaged), 0x01)
     result = cli(["snapshot", "status", str(damaged)], cluster)
     assert result.exit_code == 1
     assert "checksum does not match" in result.output, result.output
@@ -140,9 +141,8 @@ def test_restore_into_a_new_cluster_reads_back_every_acknowledged_key(make_clust
 
     # A damaged copy is refused and writes nothing.
     damaged = tmp_path / "damaged.db"
-    data = bytearray(path.read_bytes())
-    data[-200] ^= 0x01
-    damaged.write_bytes(bytes(data))
+    shutil.copyfile(path, damaged)
+    flip_bits(damaged, -200, 0x01)
     refused_dir = tmp_path / "refused"
     result = cli(["snapshot", "restore", str(damaged), "--data-dir", str(refused_dir)], cluster)
     assert result.exit_code == 1, result.output

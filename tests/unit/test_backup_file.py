@@ -9,6 +9,7 @@ from sealkv.node.state import commands as cmd
 from sealkv.node.state.backup_file import BackupError, BackupReader, BackupWriter, summarize
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.lmdb_store import LmdbStore
+from tests.damage import flip_bits
 
 
 class _Opaque:
@@ -65,10 +66,8 @@ def test_round_trip_holds_every_record_and_the_state(machine, tmp_path):
 def test_a_changed_byte_is_a_checksum_mismatch(machine, tmp_path, where):
     path = tmp_path / "b.db"
     save(machine, path)
-    data = bytearray(path.read_bytes())
-    at = int(len(data) * where) if isinstance(where, float) else where
-    data[at] ^= 0x20
-    path.write_bytes(bytes(data))
+    at = int(path.stat().st_size * where) if isinstance(where, float) else where
+    flip_bits(path, at, 0x20)
     with pytest.raises(BackupError, match="checksum does not match"):
         summarize(str(path))
 

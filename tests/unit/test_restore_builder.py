@@ -3,6 +3,7 @@ per-member database at the backup's index with the new members, a dump whose log
 after it), and that a refused restore leaves nothing behind."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -13,6 +14,7 @@ from sealkv.node.state import commands as cmd
 from sealkv.node.state.backup_file import BackupError, BackupWriter
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.lmdb_store import LmdbStore
+from tests.damage import flip_bits, middle
 
 
 def make_backup(tmp_path, plugins=None) -> str:
@@ -74,9 +76,8 @@ def test_restore_builds_every_member_at_the_backup_index(tmp_path):
 def test_a_refused_restore_writes_nothing(tmp_path):
     backup = make_backup(tmp_path)
     damaged = tmp_path / "damaged.db"
-    data = bytearray(open(backup, "rb").read())
-    data[len(data) // 2] ^= 1
-    damaged.write_bytes(bytes(data))
+    shutil.copyfile(backup, damaged)
+    flip_bits(damaged, middle(damaged), 0x01)
     with pytest.raises(BackupError, match="checksum does not match"):
         run(str(damaged), tmp_path / "a")
     (tmp_path / "b").mkdir()
