@@ -7,7 +7,9 @@ node-local KEK (`kek.py`), the sidecar (`sidecar.py`) and this process's nonce e
 envelope layer (`storage.py`). The other jobs live in files named for them: the start-up
 refusals in `startup.py`, the writer registration and write admission in `registration.py`,
 the capability protocol in `capability.py`, the leader-side command builders beside the admin
-in `proposals.py`. The admin reaches this plugin only through `EncryptionLayerAccess`.
+in `proposals.py` (except the KEK rewrap's, `rewrap_command` here: it wraps the unwrapped keys
+under the next KEK, neither of which leaves this plugin). The admin reaches this plugin only
+through `EncryptionLayerAccess`.
 
 Nothing here logs a key, a value or key bytes.
 """
