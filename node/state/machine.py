@@ -95,6 +95,11 @@ class StateMachine:
         self._persisters = [state for state in self.plugin_states.values()
                             if isinstance(state, PersistsAfterApply)]
         self.members: dict[str, MemberRecord] = {m.name: m for m in initial_members}
+        # What a read view holds where the store has no META_MEMBERS / META_PLUGIN yet (no
+        # member or plugin command and no snapshot stored them): the state before any of
+        # them, never the live one, which may be ahead of the view (`_viewed_header`).
+        self._initial_members = _members_json(self.members.values())
+        self._initial_plugin_states: Optional[dict[str, bytes]] = None
         self.config_version = 0
         # Active alarms, replicated: (member, cause) -> index of the entry that raised it.
         self.alarms: dict[tuple[str, int], int] = {}
@@ -175,6 +180,7 @@ class StateMachine:
             opcode = command[0] if command else None
             try:
                 if opcode in self.handlers:
+                    self._keep_initial_plugin_states()
                     self._group_touched_plugins = True
                     result = self.handlers[opcode](index, command[1:])
                     self._save_plugin_states()
@@ -196,6 +202,13 @@ class StateMachine:
             if not self.defer_commit:
                 self.commit()
             return result
+
+    def _keep_initial_plugin_states(self) -> None:
+        # Tick thread, lock held: before the first change of the plugin states (a command
+        # or a snapshot) in this process.
+        if self._initial_plugin_states is None:
+            self._initial_plugin_states = {name: state.snapshot_state()
+                                           for name, state in self.plugin_states.items()}
 
     def persist_applied(self) -> None:
         """Performs the node-local I/O the applies so far decided (`PersistsAfterApply`).
@@ -413,12 +426,11 @@ class StateMachine:
         """The replicated state besides the records, as the current read view has it."""
         members = self.base.get_meta(META_MEMBERS)
         if members is None:
-            with self.lock:
-                members = _members_json(self.members.values())
+            members = self._initial_members
         plugins = {}
         for name, state in self.plugin_states.items():
             raw = self.base.get_meta(META_PLUGIN + name.encode())
-            plugins[name] = raw if raw is not None else state.snapshot_state()
+            plugins[name] = raw if raw is not None else self._initial_plugin_state(name, state)
         return {
             "applied_index": self._viewed_index(),
             "config_version": int(self.base.get_meta(META_CONFIG_VERSION) or 0),
@@ -427,6 +439,14 @@ class StateMachine:
             "alarms": json.loads(self.base.get_meta(META_ALARMS) or b"[]"),
             "revoked": json.loads(self.base.get_meta(META_REVOKED) or b"[]"),
         }
+
+    def _initial_plugin_state(self, name: str, state) -> bytes:
+        """A plugin's state before its first command or snapshot (a view without its
+        META_PLUGIN key); any thread."""
+        with self.lock:  # not between a capture and the change it precedes
+            if self._initial_plugin_states is None:
+                return state.snapshot_state()  # unchanged so far in this process
+            return self._initial_plugin_states[name]
 
     def digest(self) -> tuple[str, int, int]:
         """Returns (SHA-256 hex of the logical state, number of keys, applied index).
@@ -527,6 +547,7 @@ class StateMachine:
                 self._save_alarms()
                 self.revoked = _revoked_from_json(header.get("revoked", []))
                 self._save_revoked()
+                self._keep_initial_plugin_states()
                 for name, state in self.plugin_states.items():
                     state.restore_state(header["plugins"].get(name, b""))
                 self._save_plugin_states()

@@ -611,6 +611,27 @@ def test_a_snapshot_the_database_already_covers_is_not_loaded(tmp_path):
         s.close()
 
 
+def test_a_snapshot_from_an_earlier_view_holds_the_plugin_state_and_members_of_that_view(
+        tmp_path):
+    # The background dump opens its read view on the tick thread and writes it later while
+    # apply goes on: entries committed meanwhile must not leak into it, also before the first
+    # plugin command or member change ever stored their state in the database.
+    sm, store = lmdb_machine(tmp_path / "db", CounterState())
+    put(sm, 1, b"a", b"1")
+    view = store.begin_read()
+    sm.apply(2, b"\x40body")
+    sm.apply(3, cmd.encode(cmd.MemberSet("n2", N2.raft_address, N2.grpc_address, N2.role)))
+    out = io.BytesIO()
+    with store.read_view(view):
+        assert sm.write_snapshot(out) == 1
+    view.abort()
+    restored = make(members=(), plugin=CounterState())
+    restored.read_snapshot(io.BytesIO(out.getvalue()))
+    assert restored.plugin_states["counter"].count == 0
+    assert sorted(restored.member_directory()[0]) == ["n1"]
+    store.close()
+
+
 # -- the replicated NOSPACE alarm -----------------------------------------------------------
 
 def alarm(action, cause, member):
