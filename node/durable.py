@@ -1,8 +1,10 @@
 """Durable file operations: the fsync policy, crash-safe replacement, and the power-loss hook.
 
 Every file sealkv must find intact after a power loss (the Raft journal and meta file, the
-dumps, the database) is synced through this module, so that one switch (`--fsync`) decides
-whether anything is synced and one test hook can tell what each sync covered.
+dumps) is synced through this module, so that one switch (`--fsync`) decides whether anything
+is synced and one test hook can tell what each sync covered. The database is the exception:
+LMDB flushes its own pages, in the mode the node derives from the same switch (`LmdbStore`),
+and the journal and dumps can rebuild it.
 
 - `sync_file(fd, path, policy)`: fdatasync a file we appended to (nothing under "never").
 - `replace(tmp, final, policy)`: rename a fully synced temporary file over `final`, then
