@@ -231,7 +231,7 @@ class Node:
             ClusterService(self.config.name, self.config.request_timeout, self.status,
                            self.membership, self.state_machine, self.alarms,
                            Revocations(self.membership.require_leader, self.adapter.propose,
-                                       self.state_machine), self.proposer.barrier), server)
+                                       self.state_machine), self.proposer), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [kv_pb2.DESCRIPTOR.services_by_name["KV"].full_name,
                  cluster_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name,

@@ -7,6 +7,7 @@ from typing import Callable
 from sealkv.node.state import commands as cmd
 from sealkv.node import config as cfg
 from sealkv.node import errors
+from sealkv.node.serving.kv_service import KVReplication
 from sealkv.node.serving.rpc import as_sealkv_error, deadline, rpc_method
 from sealkv.node.replication.membership import MemberRecord, Membership
 from sealkv.node.security.revocation import Revocations
@@ -36,14 +37,14 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
 
     `status()` returns the node's status dict (the fields of Cluster.Status); `membership`
     orchestrates member changes and leadership transfer; `state.digest()` returns (digest,
-    keys, applied index), `state.snapshot_view()` a snapshot; `read_barrier(timeout)` waits
-    for a quorum-confirmed read point (the proposer's barrier). All are called on gRPC worker
-    threads.
+    keys, applied index), `state.snapshot_view()` a snapshot; `reads` is the proposer:
+    `reads.barrier(timeout)` waits for a quorum-confirmed read point, `reads.term` is the
+    current term. All are called on gRPC worker threads.
     """
 
     def __init__(self, member_name: str, request_timeout: float, status: Callable[[], dict],
                  membership: Membership, state, alarms, revocations: Revocations,
-                 read_barrier: Callable[[float], int]):
+                 reads: KVReplication):
         self._member_name = member_name
         self._request_timeout = request_timeout
         self._status = status
@@ -51,7 +52,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         self._state = state
         self._alarms = alarms  # AlarmBoard: alarms(), disarm(timeout)
         self._revocations = revocations
-        self._read_barrier = read_barrier
+        self._reads = reads
 
     @rpc_method
     def Status(self, request, context):
@@ -155,8 +156,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         memory); apply goes on meanwhile. A gRPC worker thread is held for the whole transfer.
         """
         try:
-            self._read_barrier(deadline(context, self._request_timeout))
-            term = self._status()["term"]
+            self._reads.barrier(deadline(context, self._request_timeout))
+            term = self._reads.term
             digest = hashlib.sha256()
             with self._state.snapshot_view() as (header, pieces):
                 first = cluster_pb2.SnapshotChunk(applied_index=header["applied_index"],
