@@ -58,6 +58,11 @@ class NodeProc:
     log_file: str
     extra_args: list[str] = field(default_factory=list)
     proc: Optional[subprocess.Popen] = None
+    # The --initial-cluster it was first started with (None: the cluster's initial members),
+    # used again when it restarts: a node added later must be listed in it.
+    initial_cluster: Optional[str] = None
+    # Set by a test that removed the node from the cluster and stopped it for good.
+    retired: bool = False
 
     @property
     def pid(self) -> int:
@@ -164,7 +169,7 @@ class Cluster:
         node = self.nodes[name]
         args = [PYTHON, "-m", "sealkv.node.cli", "node", "start", "--name", name,
                 "--data-dir", node.data_dir, "--grpc", node.grpc,
-                "--initial-cluster", initial or self.initial_cluster(),
+                "--initial-cluster", initial or node.initial_cluster or self.initial_cluster(),
                 "--secret-file", self.secret_file, *node.extra_args]
         args += ["--raft", node.raft] if node.raft else ["--learner"]
         if self.plugins:
@@ -187,7 +192,8 @@ class Cluster:
         node = self._define(name, learner)
         node.extra_args += list(extra_args or [])
         members = [n for n in self.nodes.values() if n.alive() or n is node]
-        self.start_node(name, initial=self.initial_cluster(members))
+        node.initial_cluster = self.initial_cluster(members)
+        self.start_node(name)
         return node
 
     def client(self, *names: str, timeout: float = 5.0) -> Client:
