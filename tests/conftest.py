@@ -25,8 +25,9 @@ def pytest_addoption(parser):
     group = parser.getgroup("sealkv fault runs")
     group.addoption("--fault-seeds", default="1-12",
                     help="seeds of the fault suite: '7', '1,5,9' or '1-200' (default 1-12)")
-    group.addoption("--fault-duration", type=float, default=25.0,
-                    help="seconds of faults per seed (default 25)")
+    group.addoption("--fault-duration", type=float, default=40.0,
+                    help="seconds of faults per seed (default 40: time for the encryption "
+                         "operator to get through both cutovers and retire a key under faults)")
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -20,12 +20,12 @@ A step the cluster refuses (a member down, a partition, a precondition not met y
 breaks a promise (a saved snapshot that is damaged or misses an acknowledged write) or fails
 in the harness is a finding.
 
-After the faults are healed the run checks four things: the history is linearizable
-(`tests.faults.lincheck`), every acknowledged write to the append-only ledger keys is
-readable, every node converges to the same applied index and state digest, and no node
-logged at CRITICAL or logged a traceback, except the lines in `EXPECTED_LOG_EVENTS`. Any
-exception while the run checks is a finding too: the history and the nodes' full logs are
-kept and the replay command is printed.
+After the faults are healed the run checks five things: every node it did not remove runs
+and serves again, the history is linearizable (`tests.faults.lincheck`), every acknowledged
+write to the append-only ledger keys is readable, every node converges to the same applied
+index and state digest, and no node logged at CRITICAL or logged a traceback, except the lines
+in `EXPECTED_LOG_EVENTS`. Any exception while the run checks is a finding too: the history
+and the nodes' full logs are kept and the replay command is printed.
 
 Only the nemesis's and the operator's own timing comes from the seed; thread interleavings do
 not, so a seed replays the same schedules, not the same history.
@@ -290,32 +290,32 @@ class Nemesis(Actor):
         others = sorted(n for n in self.live() if n != current)
         return self.rng.choice(others) if others else None
 
-    def do_kill_leader(self, leader: bool = True) -> None:
+    def do_kill_leader(self, leader: bool = True) -> Optional[bool]:
         name = self.victim(leader)
         if name is None:
-            return
+            return False  # no leader known (or no other voter runs): nothing was injected
         self.cluster.kill(name, signal.SIGKILL)
         self.hold()
         self.cluster.start_node(name)
 
-    def do_kill_follower(self) -> None:
-        self.do_kill_leader(leader=False)
+    def do_kill_follower(self) -> Optional[bool]:
+        return self.do_kill_leader(leader=False)
 
-    def do_pause_leader(self, leader: bool = True) -> None:
+    def do_pause_leader(self, leader: bool = True) -> Optional[bool]:
         name = self.victim(leader)
         if name is None:
-            return
+            return False  # no leader known (or no other voter runs): nothing was injected
         self.cluster.kill(name, signal.SIGSTOP)
         self.hold()
         self.cluster.kill(name, signal.SIGCONT)
 
-    def do_pause_follower(self) -> None:
-        self.do_pause_leader(leader=False)
+    def do_pause_follower(self) -> Optional[bool]:
+        return self.do_pause_leader(leader=False)
 
-    def do_partition_leader(self) -> None:
+    def do_partition_leader(self) -> Optional[bool]:
         leader = self.leader()
         if leader is None:
-            return
+            return False  # no leader known: nothing was injected
         names = set(self.cluster.nodes)
         self.cluster.network.partition({leader}, names - {leader})
         self.stop.wait(self.rng.uniform(2.0, 5.0))
@@ -342,6 +342,7 @@ class Nemesis(Actor):
                 else:
                     name, self.extra_voter = self.extra_voter, None
                     c.member_remove(name, timeout=15)
+                    self.cluster.nodes[name].retired = True
                     self.cluster.kill(name, signal.SIGTERM)
         except errors.SealkvError:
             return False  # refused or unknown under faults: the checks at the end still apply
@@ -367,13 +368,17 @@ class Operator(Actor):
     anything else for a finding (the run fails).
     """
 
-    # The weights of the steps once both cutovers are done; retire-dek only after a rotation.
-    STEADY = {"rotate-dek": 2, "rotate-raft-dek": 2, "reencrypt": 1, "compact": 1,
-              "retire-dek": 5, "rewrap-keys": 2, "snapshot-save": 2}
+    # The weights of the steps once both cutovers are done. After a rotation the operator
+    # mostly goes on to retire the key it replaced (RETIRE_AFTER_ROTATION): a run under
+    # faults has time for a few such cycles only.
+    STEADY = {"rotate-dek": 3, "rotate-raft-dek": 3, "reencrypt": 1, "compact": 1,
+              "rewrap-keys": 3, "snapshot-save": 2}
+    RETIRE_AFTER_ROTATION = 0.7
+    RETIRE_PERSISTENCE = 20.0
     # Steps that need every member to answer: the operator first waits (a bounded time) until
     # every node it runs answers its health check, as one would before a cutover.
-    ALL_MEMBERS = {"enable-storage-envelope", "enable-raft-envelope", "compact", "retire-dek",
-                   "rewrap-keys"}
+    ALL_MEMBERS = {"bootstrap", "enable-storage-envelope", "enable-raft-envelope", "compact",
+                   "retire-dek", "rewrap-keys"}
     MEMBERS_UP_WAIT = 10.0
 
     def __init__(self, cluster: Cluster, rng: random.Random, stop: threading.Event,
@@ -395,11 +400,11 @@ class Operator(Actor):
             return "enable-storage-envelope"
         if not self.raft_enveloped:
             return "enable-raft-envelope"
+        if self.rotated and self.rng.random() < self.RETIRE_AFTER_ROTATION:
+            return "retire-dek"
         weights = dict(self.STEADY)
         if self.rewrapped:
             del weights["rewrap-keys"]  # the next KEK is staged once per run
-        if not self.rotated:
-            del weights["retire-dek"]
         kinds = sorted(weights)
         return self.rng.choices(kinds, [weights[k] for k in kinds])[0]
 
@@ -424,17 +429,27 @@ class Operator(Actor):
             self.error = exc
 
     def wait_members_up(self, timeout: float) -> bool:
-        """Waits until every voter process the run keeps (not one the nemesis removed) runs
-        and answers its health check, up to `timeout` or the end of the run."""
+        """Waits until every voter process the run keeps (not one the nemesis removed) runs,
+        answers its health check and names the same leader (what `sealkv endpoint status`
+        shows an operator), up to `timeout` or the end of the run."""
         deadline = time.monotonic() + timeout
-        while True:
-            nodes = [(n, node) for n, node in list(self.cluster.nodes.items())
-                     if node.raft and node.proc is not None
-                     and node.proc.returncode != -signal.SIGTERM]
-            if all(node.alive() and self.cluster.healthy(n) for n, node in nodes):
-                return True
+        while not self.members_up():
             if time.monotonic() > deadline or self.stop.wait(0.3):
                 return False
+        return True
+
+    def members_up(self) -> bool:
+        names = [n for n, node in list(self.cluster.nodes.items())
+                 if node.raft and node.proc is not None and not node.retired]
+        leaders = set()
+        for name in names:
+            if not (self.cluster.nodes[name].alive() and self.cluster.healthy(name)):
+                return False
+            try:
+                leaders.add(self.cluster.status(name).leader)
+            except errors.SealkvError:
+                return False
+        return len(leaders) == 1 and "" not in leaders
 
     # ---- calls ---------------------------------------------------------------------------
 
@@ -518,6 +533,20 @@ class Operator(Actor):
                 raise Refused("the re-encryption did not finish in time")
 
     def step_retire_dek(self) -> Optional[bool]:
+        """Retires the oldest key that is not active (`retire_oldest`), trying again, after
+        the members are up, for up to RETIRE_PERSISTENCE seconds while the cluster refuses
+        (a member down, no leader, a compaction a fault cut short), as an operator told to
+        "retry when every member is up" would. Refused with the last reason after that."""
+        deadline = time.monotonic() + self.RETIRE_PERSISTENCE
+        while True:
+            try:
+                return self.retire_oldest()
+            except Refused:
+                if time.monotonic() > deadline or self.stop.wait(0.5):
+                    raise
+            self.wait_members_up(max(0.0, deadline - time.monotonic()))
+
+    def retire_oldest(self) -> Optional[bool]:
         """Retires the oldest key that is not active, as an operator would: ask the members
         what uses it; while stored values do, re-encrypt and wait for the job and its
         compaction; while entries of a retained log do, compact every member; then retire
@@ -540,6 +569,7 @@ class Operator(Actor):
             else:
                 break
         self.call("RetireDEK", enc_pb.RetireDEKRequest(key_id=key_id))
+        self.rotated = len(candidates) > 1  # more keys the rotations replaced
         return True
 
     def key_users(self, key_id: int) -> dict[str, tuple[int, int]]:
@@ -611,6 +641,22 @@ def heal_everything(cluster: Cluster) -> None:
             cluster.start_node(name)
 
 
+def check_every_node_serves(cluster: Cluster, result: RunResult) -> None:
+    """Every node the run started and did not remove runs and serves again after the faults
+    are healed: a node that halted, or refused to start again (say, after the KEK rewrap),
+    is a finding, not a node to leave out of the convergence check."""
+    kept = [n for n, node in cluster.nodes.items() if node.proc is not None and not node.retired]
+    try:
+        wait_for(lambda: all(cluster.nodes[n].alive() and cluster.healthy(n) for n in kept),
+                 60, "every node to serve again")
+    except AssertionError:
+        down = {n: ("running, not serving" if cluster.nodes[n].alive()
+                    else f"exited with {cluster.nodes[n].proc.returncode}")
+                for n in kept if not (cluster.nodes[n].alive() and cluster.healthy(n))}
+        if down:
+            result.problems.append(f"nodes down after the faults were healed: {down}")
+
+
 def converged(cluster: Cluster) -> bool:
     """Whether every live node reports the same applied index and state digest."""
     views = set()
@@ -679,6 +725,7 @@ def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
                 result.problems.append(f"{actor.name} failed: {type(actor.error).__name__}: "
                                        f"{actor.error}")
         heal_everything(cluster)
+        check_every_node_serves(cluster, result)
         leader = cluster.wait_leader(timeout=60)
         final_reads(cluster, leader, recorder)
         check_ledger(cluster, leader, recorder, result)

@@ -1,5 +1,6 @@
 """The fault harness keeps every failure: log scanning for CRITICAL lines and tracebacks,
 and the evidence (history, full logs, replay command) it keeps when a run fails."""
+import json
 import re
 
 from tests.cluster import Cluster
@@ -92,3 +93,19 @@ def test_cleaning_up_leftovers_never_touches_a_live_run():
                                                       capture_output=True, text=True).stdout
     finally:
         live.close()
+
+
+def test_the_summary_counts_every_kind_done_and_refused_with_its_reasons(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "HISTORY_DIR", str(tmp_path / "kept"))
+    first, second = harness.RunResult(1), harness.RunResult(2)
+    first.count("retire-dek", False, "RetireDEK: key 3 is still used by 12 stored values")
+    first.count("retire-dek", True)
+    second.count("retire-dek", False, "RetireDEK: key 5 is still used by 1 stored values")
+    second.count("kill-leader", True, since=second.started)
+    lines = harness.write_summary([first, second]).splitlines()
+    assert lines[0].startswith("fault runs: 2 seeds") and "failing seeds: none" in lines[0]
+    assert lines[1] == "  kill-leader: 1 done, 0 refused; done in 1/2 seeds"
+    assert lines[2] == ("  retire-dek: 1 done, 2 refused; done in 1/2 seeds; refused: 2x "
+                        "RetireDEK: key N is still used by N stored values")
+    kept = json.loads((tmp_path / "kept" / "summary.json").read_text())
+    assert kept[1]["timeline"][0][2] == "kill-leader" and kept[0]["faults"]["retire-dek"] == 1
