@@ -376,7 +376,7 @@ class Operator(Actor):
     RETIRE_AFTER_ROTATION = 0.7
     RETIRE_PERSISTENCE = 20.0
     # Steps that need every member to answer: the operator first waits (a bounded time) until
-    # every node it runs answers its health check, as one would before a cutover.
+    # every member is up (`members_up`), as one would before a cutover.
     ALL_MEMBERS = {"bootstrap", "enable-storage-envelope", "enable-raft-envelope", "compact",
                    "retire-dek", "rewrap-keys"}
     MEMBERS_UP_WAIT = 10.0
@@ -429,9 +429,7 @@ class Operator(Actor):
             self.error = exc
 
     def wait_members_up(self, timeout: float) -> bool:
-        """Waits until every voter process the run keeps (not one the nemesis removed) runs,
-        answers its health check and names the same leader (what `sealkv endpoint status`
-        shows an operator), up to `timeout` or the end of the run."""
+        """Waits until `members_up`, up to `timeout` or the end of the run."""
         deadline = time.monotonic() + timeout
         while not self.members_up():
             if time.monotonic() > deadline or self.stop.wait(0.3):
@@ -439,17 +437,23 @@ class Operator(Actor):
         return True
 
     def members_up(self) -> bool:
-        names = [n for n, node in list(self.cluster.nodes.items())
-                 if node.raft and node.proc is not None and not node.retired]
-        leaders = set()
-        for name in names:
-            if not (self.cluster.nodes[name].alive() and self.cluster.healthy(name)):
+        """What `sealkv endpoint status` shows an operator before a step every member must
+        answer: a leader, connected to every member of its member table, each of which runs
+        and names that leader (a member that is down, paused or cut off does not)."""
+        try:
+            leader = self.cluster.leader()
+            if not leader:
                 return False
-            try:
-                leaders.add(self.cluster.status(name).leader)
-            except errors.SealkvError:
-                return False
-        return len(leaders) == 1 and "" not in leaders
+            members = self.cluster.status(leader).members
+            for member in members:
+                node = self.cluster.nodes.get(member.name)
+                if node is None or not node.alive() or not member.connected:
+                    return False
+                if self.cluster.status(member.name).leader != leader:
+                    return False
+        except errors.SealkvError:
+            return False
+        return bool(members)
 
     # ---- calls ---------------------------------------------------------------------------
 
