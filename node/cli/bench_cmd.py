@@ -1,4 +1,4 @@
-"""`sealkv bench put|get|mixed|raft|compare|envelope|cutover|fill`: load generators and reports.
+"""`sealkv bench put|get|mixed|raft|compare|envelope|peer-wire|cutover|fill`: load generators and reports.
 
 put/get/mixed run closed-loop gRPC clients (spread over worker processes) against the given
 endpoints (default: the local cluster); `raft` measures the raw Raft engine configured like a
@@ -274,6 +274,29 @@ def envelope_cmd(c: Ctx, sizes, iterations):
     emit_table(envelope.HEADERS, envelope.table_rows(report))
     for note in report["notes"]:
         click.echo(f"note: {note}", err=True)
+
+
+@bench.command(name="peer-wire")
+@click.option("--iterations", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Encode+decode round trips per message and format.")
+@pass_ctx
+def peer_wire_cmd(c: Ctx, iterations):
+    """Encode+decode time of one raft peer message, Fernet vs AES-GCM, in-process.
+
+    Uses the connection codec a node runs (replication/frames.py WireCodec): pickle and
+    Fernet over zlib as pysyncobj does, or the AES-GCM peer wire; an AppendEntries with one
+    Put (16-byte key, 256-byte value), one with a 64-Put batch, and a follower's reply.
+    """
+    from sealkv.node.bench import peer_wire
+
+    with _failure_says("the peer-wire benchmark"):
+        report = peer_wire.run(iterations)
+    if c.write_out == "json":
+        emit_json(report)
+        return
+    from sealkv.node.cli.output import emit_table
+
+    emit_table(peer_wire.HEADERS, peer_wire.table_rows(report))
 
 
 @bench.command(name="grpc-floor")

@@ -23,3 +23,17 @@ def test_the_load_generator_writes_a_fresh_value_each_time():
     values = [picker.value(256) for _ in range(64)]
     assert all(len(v) == 256 for v in values) and len(set(values)) == 64
     assert KeyPicker(Workload(), seed=1).value(256) == values[0]  # reproducible per seed
+
+
+def test_bench_peer_wire_times_both_formats_of_each_message():
+    import json
+
+    result = CliRunner().invoke(register_commands(),
+                                ["-w", "json", "bench", "peer-wire", "--iterations", "3"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["rows"]
+    assert {(r["message"], r["format"]) for r in rows} == {
+        (m, f) for m in ("put", "batch64", "reply") for f in ("fernet", "gcm")}
+    frame = {(r["message"], r["format"]): r["frame_bytes"] for r in rows}
+    # Fernet's base64 inflates by a third (after zlib); GCM adds 26 bytes to the pickle.
+    assert frame["batch64", "fernet"] > 1.2 * frame["batch64", "gcm"]
