@@ -5,7 +5,8 @@ import signal
 import pytest
 
 from tests.cluster import wait_for
-from tests.integration.test_failover import Writer, assert_all_readable
+from tests.integration.test_failover import assert_all_readable
+from tests.load import Writer
 
 pytestmark = pytest.mark.integration
 
@@ -33,10 +34,8 @@ def test_a_mixed_cluster_stays_consistent_through_a_rolling_switch_to_gcm(make_c
     for name in ("n2", "n3"):
         cluster.nodes[name].extra_args.append("--peer-wire=gcm")
     cluster.start()
-    writer = Writer(cluster.client(timeout=5), b"wire/")
-    writer.start()
-    try:
-        wait_for(lambda: len(writer.acked) >= 30, 30, "30 acknowledged writes, mixed wire")
+    with Writer(cluster.client(timeout=5), b"wire/") as writer:
+        writer.wait_acked(30)
         # Every node hears both formats from the right peers: n1 gets GCM from n2 and n3,
         # they get Fernet from n1 and GCM from each other.
         wait_for(lambda: formats_seen(cluster, "n1").count("gcm") >= 2, 20,
@@ -51,11 +50,7 @@ def test_a_mixed_cluster_stays_consistent_through_a_rolling_switch_to_gcm(make_c
             count = len(writer.acked)
             restart(cluster, name, "gcm")
             cluster.wait_leader(30)
-            wait_for(lambda: len(writer.acked) >= count + 20, 30,
-                     f"writes to go on after restarting {name}")
-    finally:
-        writer.stop.set()
-        writer.join(15)
+            writer.wait_acked(count + 20)
     assert writer.acked
     for node in cluster.nodes.values():
         assert "dropped the connection" not in node.log(), node.log()[-4000:]
