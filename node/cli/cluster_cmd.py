@@ -40,6 +40,8 @@ def _node_args(c: local.LocalCluster, n: local.LocalNode) -> list[str]:
         args += ["--kek-option", f"{key}={value}"]
     if c.fsync != "always":
         args += ["--fsync", c.fsync]
+    if c.peer_wire:
+        args += ["--peer-wire", c.peer_wire]
     if n.metrics:
         args += ["--listen-metrics", n.metrics]
     return args
@@ -60,13 +62,16 @@ def _node_args(c: local.LocalCluster, n: local.LocalNode) -> list[str]:
               help="An option of the KEK provider (repeatable).")
 @click.option("--fsync", type=click.Choice(["always", "never"]), default="always",
               show_default=True, help="Every node's --fsync (see the README's Durability).")
+@click.option("--peer-wire", type=click.Choice(["gcm", "fernet"]),
+              help="Every node's --peer-wire (default: the node's); given to a restart, it "
+              "changes the recorded one.")
 @click.option("--wait", type=float, default=60.0, show_default=True,
               help="Seconds to wait for a leader and every node serving.")
 @click.option("--insecure", is_flag=True,
               help="Plaintext gRPC with no client identities (no PKI is made).")
 @pass_ctx
 def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, kek_options,
-       fsync, wait, insecure):
+       fsync, peer_wire, wait, insecure):
     """Starts N nodes in the background and waits until they serve with a leader.
 
     Re-running it on a stopped cluster restarts the same nodes with their data.
@@ -79,6 +84,8 @@ def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, k
             raise CliError(f"a cluster is already running in {data_dir} ({', '.join(running)});"
                            " run `sealkv cluster down` first", EXIT_FAILED)
         click.echo(f"restarting the cluster recorded in {data_dir}", err=True)
+        if peer_wire:
+            record.peer_wire = peer_wire
     else:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         secret = os.path.join(data_dir, "secret")
@@ -99,7 +106,8 @@ def up(c: Ctx, nodes, data_dir, base_port, encryption, plugins_, kek_provider, k
         record = local.LocalCluster(
             data_dir, secret, kek_file=kek, plugins=plugin_names,
             kek_provider=None if kek_provider == "file" else kek_provider,
-            kek_options=parse_kek_options(kek_options), fsync=fsync, insecure=insecure,
+            kek_options=parse_kek_options(kek_options), fsync=fsync, peer_wire=peer_wire,
+            insecure=insecure,
             certs_dir=None if insecure else os.path.join(data_dir, "pki"))
         record.nodes.extend(local.define_nodes(data_dir, nodes, base_port))
         if record.certs_dir and not os.path.exists(os.path.join(record.certs_dir, "ca.crt")):

@@ -47,6 +47,7 @@ class LocalCluster:
     kek_options: dict[str, str] = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)
     fsync: str = "always"
+    peer_wire: Optional[str] = None  # every node's --peer-wire (None: the node's default)
     # <data-dir>/pki: the CA, one node certificate per node and the `root` admin client.
     certs_dir: Optional[str] = None
     insecure: bool = False
