@@ -528,8 +528,8 @@ class Operator(Actor):
             try:
                 status = self.call("GetReencryptionStatus", enc_pb.GetReencryptionStatusRequest(),
                                    timeout=5)
-                if status.state == "done" and status.compaction.split(":")[0] in ("done",
-                                                                                   "failed"):
+                # compaction: "done on N members", "failed: ...", or "pending"/"running".
+                if status.state == "done" and status.compaction.startswith(("done", "failed")):
                     return status
             except Refused:
                 pass  # a fault: ask again
