@@ -74,6 +74,11 @@ class RaftPayloadCodec:
         self.nonces = nonces
         self._cond = threading.Condition()
         self._intake_closed = False
+        # The active raft key's sealer, AAD and nonce source, built by the first seal under
+        # it (any proposing thread; a racing second build is identical). Valid until the
+        # active id changes: a key id always names the same bytes and its nonce factory lives
+        # as long as the process (as for the storage layer's sealing).
+        self._sealing: Optional[tuple[envelope.Sealer, bytes, Callable[[], bytes]]] = None
         # Tick thread: the indexes of applied entries sealed under each raft key, above the
         # last snapshot (the retained log's users of a key; `log_users`).
         self._sealed_at: dict[int, list[int]] = {}
@@ -104,18 +109,27 @@ class RaftPayloadCodec:
         if not self.wrap_installed:
             return command
         key_id = self.state.active_raft_id
-        dek = self.keystore.get_for(key_id, PURPOSE_RAFT)
-        if dek is None:
-            raise Unavailable(f"raft key {key_id} is not loaded on this node yet: retry")
+        sealing = self._sealing
         try:
-            # A key just installed by apply: wait for its epoch's sidecar write (the gate).
-            nonce = self.nonces(key_id, max(0.0, deadline - time.monotonic())).next()
+            if sealing is None or sealing[0].key_id != key_id:
+                sealing = self._sealing = self._sealing_for(key_id, deadline)
+            sealer, aad, next_nonce = sealing
+            nonce = next_nonce()
         except (RuntimeError, ValueError) as error:  # exhausted nonces, no durable epoch
             raise Unavailable(f"cannot seal under raft key {key_id} on this node "
                               f"({type(error).__name__}): rotate the raft key") from None
-        sealed = envelope.seal(dek, key_id, nonce, command, envelope.raft_aad(key_id))
+        sealed = sealer.seal(nonce, command, aad)
         COUNTERS.add("seal", "raft")
         return sealed
+
+    def _sealing_for(self, key_id: int, deadline: float
+                     ) -> tuple[envelope.Sealer, bytes, Callable[[], bytes]]:
+        dek = self.keystore.get_for(key_id, PURPOSE_RAFT)
+        if dek is None:
+            raise Unavailable(f"raft key {key_id} is not loaded on this node yet: retry")
+        # A key just installed by apply: wait for its epoch's sidecar write (the gate).
+        factory = self.nonces(key_id, max(0.0, deadline - time.monotonic()))
+        return envelope.Sealer(dek, key_id), envelope.raft_aad(key_id), factory.next
 
     # ---- the intake barrier (leader, admin thread) ---------------------------------------
 

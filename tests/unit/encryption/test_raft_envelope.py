@@ -10,7 +10,9 @@ from sealkv.node.errors import ApplyHalt
 from sealkv.node.state import commands as core
 from sealkv.plugins.encryption import commands as c
 from sealkv.plugins.encryption import envelope
-from sealkv.plugins.encryption.proposals import bootstrap_command, cutover_command
+from sealkv.plugins.encryption.proposals import (
+    bootstrap_command, cutover_command, rotation_command,
+)
 from sealkv.plugins.encryption.raft_envelope import is_raft_marker, looks_sealed
 from tests.unit.encryption.test_layer import apply, kek_file, make_plugin  # noqa: F401
 
@@ -55,6 +57,18 @@ def test_the_marker_arms_the_gate_and_its_apply_installs_the_wrap(plugin):
     forged = envelope.seal(storage_key, 1, b"\0" * 12, PUT, envelope.raft_aad(1))
     with pytest.raises(ApplyHalt):
         codec.open(8, forged)
+
+
+def test_seals_follow_a_raft_key_rotation(plugin):
+    codec = plugin.payload_codec()
+    apply(plugin, 5, cutover_command(plugin.view(), 2))
+    first = codec.seal(PUT, 0.1)
+    assert envelope.parse(first).key_id == 2
+    rotation = rotation_command(plugin, 2)
+    apply(plugin, 6, rotation)
+    second = codec.seal(PUT, 0.1)
+    assert envelope.parse(second).key_id == rotation.dek_id != 2
+    assert codec.open(7, first) == codec.open(8, second) == PUT
 
 
 def test_a_new_leader_rearms_the_gate_from_its_unapplied_log(plugin):
