@@ -220,9 +220,9 @@ def _write_database(member_dir: str, states: Mapping[str, bytes]) -> None:
     try:
         machine = StateMachine(store, plugin_states={name: _OpaqueState(b"")
                                                      for name in states})
-        with open(os.path.join(member_dir, DUMP_NAME), "rb") as src:
-            src.seek(len(dump_file.DUMP_MAGIC))
-            src.seek(int.from_bytes(src.read(4), "big"), os.SEEK_CUR)
+        path = os.path.join(member_dir, DUMP_NAME)
+        with open(path, "rb") as src:
+            dump_file.read_dump_start(path, src)  # leaves `src` at the snapshot
             machine.read_snapshot(src)
     finally:
         store.close()
