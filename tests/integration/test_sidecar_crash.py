@@ -64,15 +64,22 @@ def reused_nonces(envelopes) -> list[tuple[int, bytes]]:
     return [slot for slot, sealed in seen.items() if len(sealed) > 1]
 
 
-@pytest.mark.parametrize("purpose", ["storage", "raft"])
-def test_a_kill_between_apply_and_the_sidecar_write_reuses_no_nonce(make_cluster, tmp_path,
-                                                                     purpose):
+def both_envelopes_cluster(make_cluster, tmp_path):
+    """A 3-node cluster (KEK file in `tmp_path`) bootstrapped with storage key 1 and raft key
+    2, both envelopes on."""
     kek = write_kek(tmp_path / "kek")
     cluster = make_cluster(3, plugins=["encryption"], extra_args=["--kek-file", kek])
     with cluster.client() as c:
         admin(c, "BootstrapEncryption", timeout=15)  # storage key 1, raft key 2
         admin(c, "EnableStorageEnvelope", timeout=15)
         admin(c, "EnableRaftEnvelope", timeout=15)
+    return cluster
+
+
+@pytest.mark.parametrize("purpose", ["storage", "raft"])
+def test_a_kill_between_apply_and_the_sidecar_write_reuses_no_nonce(make_cluster, tmp_path,
+                                                                     purpose):
+    cluster = both_envelopes_cluster(make_cluster, tmp_path)
     leader = cluster.wait_leader()
     victim = next(n for n in cluster.nodes if n != leader)
     victim_dir = cluster.nodes[victim].data_dir

@@ -184,16 +184,12 @@ def test_encrypted_backup_restores_under_new_keys_and_never_reuses_a_nonce(make_
     from sealkv.plugins.encryption.kek import load_kek_provider
     from sealkv.plugins.encryption.sidecar import read_sidecar
     from tests import canary
-    from tests.integration.test_encryption_admin import admin, write_kek
-    from tests.integration.test_sidecar_crash import (reused_nonces, sealed_at_rest,
-                                                       sealed_in_journal)
+    from tests.integration.test_encryption_admin import write_kek
+    from tests.integration.test_sidecar_crash import (both_envelopes_cluster, reused_nonces,
+                                                       sealed_at_rest, sealed_in_journal)
 
-    kek = write_kek(tmp_path / "kek")
-    cluster = make_cluster(3, plugins=["encryption"], extra_args=["--kek-file", kek])
-    with cluster.client() as c:
-        admin(c, "BootstrapEncryption", timeout=15)  # storage key 1, raft key 2
-        admin(c, "EnableStorageEnvelope", timeout=15)
-        admin(c, "EnableRaftEnvelope", timeout=15)
+    cluster = both_envelopes_cluster(make_cluster, tmp_path)
+    kek = str(tmp_path / "kek")
     values = canary.make_canaries(600)
     seed = {b"canary/old/%04d" % i: v for i, v in enumerate(values[:200])}
     path = tmp_path / "backup.db"
