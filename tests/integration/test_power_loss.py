@@ -17,7 +17,7 @@ import pytest
 
 from sealkv.node import durable
 from tests.cluster import wait_for
-from tests.integration.test_failover import Writer
+from tests.load import Writer
 
 pytestmark = pytest.mark.integration
 
