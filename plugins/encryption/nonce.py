@@ -8,7 +8,9 @@ no (node, epoch, counter) triple is ever produced twice under one data key.
 """
 from __future__ import annotations
 
+import itertools
 import struct
+import sys
 import threading
 
 FNV64_OFFSET = 0xCBF29CE484222325
@@ -17,6 +19,9 @@ MAX_EPOCH = 0xFFFF  # refused: rotation is the way out
 MAX_COUNTER = 0xFFFFFFFFFFFFFFFF
 
 _PREFIX = struct.Struct(">HH")  # node_id16 | local_epoch; the counter follows (8, BE)
+# Whether one interpreter lock serialises C calls (CPython's default build). A free-threaded
+# build takes a Python lock around the counter instead.
+_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class NonceExhausted(RuntimeError):
@@ -65,9 +70,21 @@ class NonceFactory:
         self.local_epoch = local_epoch
         self._prefix = _PREFIX.pack(node_id16, local_epoch)
         self._limit = counter_limit
-        self._next = 1
+        # Hands out 1, 2, 3, ... each value once, whatever the threads: count's __next__ is
+        # one C call that never releases the interpreter lock, so with the GIL no Python lock
+        # is needed (it cost as much as the AES-GCM seal of a small value).
+        counter = itertools.count(1)
+        if _GIL:
+            self._take = counter.__next__
+        else:
+            lock = threading.Lock()
+
+            def take() -> int:
+                with lock:
+                    return next(counter)
+
+            self._take = take
         self._exhausted = False
-        self._lock = threading.Lock()
 
     @property
     def exhausted(self) -> bool:
@@ -76,14 +93,11 @@ class NonceFactory:
 
     def next(self) -> bytes:
         """Returns the next 12-byte nonce; raises `NonceExhausted` once the counter ran out."""
-        with self._lock:
-            if self._exhausted:
+        counter = self._take()
+        if counter >= self._limit:
+            self._exhausted = True  # latched once the last counter value is handed out
+            if counter > self._limit:
                 raise NonceExhausted("the nonce counter is exhausted: rotate the data key")
-            counter = self._next
-            if counter >= self._limit:
-                self._exhausted = True
-            else:
-                self._next = counter + 1
         return self._prefix + counter.to_bytes(8, "big")
 
     def __repr__(self) -> str:

@@ -71,3 +71,26 @@ def test_epoch_ffff_refused_and_range_checks():
     NonceFactory(1, 0xFFFE)
     with pytest.raises(ValueError):
         NonceFactory(0x10000, 1)
+
+
+def test_without_an_interpreter_lock_the_counter_takes_a_lock_and_stays_unique(monkeypatch):
+    from sealkv.plugins.encryption import nonce
+
+    monkeypatch.setattr(nonce, "_GIL", False)
+    factory = NonceFactory(1, 1, counter_limit=40_001)
+    results: list[list[bytes]] = [[] for _ in range(4)]
+
+    def work(out):
+        for _ in range(10_000):
+            out.append(factory.next())
+
+    threads = [threading.Thread(target=work, args=(out,)) for out in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    everything = {n for out in results for n in out}
+    assert len(everything) == 40_000 and not factory.exhausted
+    assert factory.next()[-8:] == (40_001).to_bytes(8, "big") and factory.exhausted
+    with pytest.raises(NonceExhausted):
+        factory.next()
