@@ -135,23 +135,41 @@ def seal(dek: bytes, key_id: int, nonce: bytes, plaintext: bytes, aad: bytes) ->
 class Sealer:
     """Seals envelopes under one data key: the key and its id are checked once, here, and the
     AES-GCM object and the 6 header bytes are built once (the per-value cost is then the
-    encryption itself, a few microseconds for a small value). Stateless past construction,
-    so it is safe from any thread; the caller still owns nonce uniqueness.
+    encryption itself, a few microseconds for a small value). Safe from any thread (its one
+    cache, of storage AAD heads, is filled idempotently); the caller still owns nonce
+    uniqueness.
     """
 
-    __slots__ = ("key_id", "header", "_encrypt")
+    __slots__ = ("key_id", "header", "_encrypt", "_aad_heads")
 
     def __init__(self, dek: bytes, key_id: int):
         _check_dek(dek)
         self.key_id = key_id
         self.header = envelope_header(key_id)
         self._encrypt = _cipher(bytes(dek)).encrypt
+        # value header -> the storage AAD's fixed head (envelope header | value header)
+        self._aad_heads: dict[int, bytes] = {}
 
     def seal(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
         """Returns the envelope of `plaintext` under this key with `nonce` and `aad` (bytes)."""
         if len(nonce) != NONCE_SIZE:
             raise ValueError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
         return self.header + nonce + self._encrypt(nonce, plaintext, aad)
+
+    def seal_stored(self, nonce: bytes, plaintext: bytes, value_header: int, key: bytes,
+                    mod_revision: int) -> bytes:
+        """`seal(nonce, plaintext, storage_aad(self.header, value_header, key, mod_revision))`:
+        the same bytes, with the AAD's fixed head built once per value header (~0.5 µs less
+        per value than building the whole AAD each time)."""
+        head = self._aad_heads.get(value_header)
+        if head is None:
+            head = storage_aad(self.header, value_header, b"", 0)[:HEADER_SIZE + 1]
+            self._aad_heads[value_header] = head
+        try:
+            revision = mod_revision.to_bytes(8, "big")
+        except OverflowError:
+            raise ValueError("mod_revision must fit in 8 bytes") from None
+        return self.seal(nonce, plaintext, b"".join((head, key, revision)))
 
 
 DekSource = Union[bytes, bytearray, Mapping[int, bytes], Callable[[int], Optional[bytes]]]

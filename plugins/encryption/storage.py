@@ -64,8 +64,7 @@ class EncryptionStorage(StorageLayer):
             sealing = self._sealing = self._sealing_for(state.active_storage_id)
         sealer, next_nonce = sealing
         header = _sealed_header(entry.header)
-        sealed = sealer.seal(next_nonce(), entry.value,
-                             envelope.storage_aad(sealer.header, header, key, entry.mod_revision))
+        sealed = sealer.seal_stored(next_nonce(), entry.value, header, key, entry.mod_revision)
         self.sealed += 1
         self.inner.put(key, Entry(sealed, entry.create_revision, entry.mod_revision,
                                   entry.version, header))

@@ -138,6 +138,20 @@ def test_a_sealer_makes_the_envelopes_seal_makes_and_checks_the_same_arguments()
         sealer.seal(NONCE[:8], b"", b"")
 
 
+def test_seal_stored_is_seal_under_the_storage_aad_and_refuses_what_does_not_fit():
+    sealer = envelope.Sealer(DEK, 9)
+    for header, key, revision in ((1, b"k", 3), (0x11, b"user/alice", 2 ** 64 - 1),
+                                  (1, b"", 0), (0x11, b"k", 4)):
+        aad = storage_aad(sealer.header, header, key, revision)
+        assert sealer.seal_stored(NONCE, b"value", header, key, revision) == \
+            seal(DEK, 9, NONCE, b"value", aad)
+    for header, revision in ((256, 1), (-1, 1), (1, -1), (1, 2 ** 64)):
+        with pytest.raises(ValueError):
+            sealer.seal_stored(NONCE, b"v", header, b"k", revision)
+    with pytest.raises(ValueError):
+        sealer.seal_stored(NONCE[:8], b"v", 1, b"k", 1)
+
+
 def test_storage_aad_refuses_what_does_not_fit():
     header6 = envelope.envelope_header(1)
     for bad in ((header6[:5], 1, b"k", 1), (header6, 256, b"k", 1), (header6, -1, b"k", 1),
