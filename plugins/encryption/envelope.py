@@ -105,6 +105,12 @@ def parse(data: bytes) -> Envelope:
     )
 
 
+def key_id_of(data: bytes) -> int:
+    """Returns the key id of the envelope `data` once its length and header are valid, without
+    splitting it into fields or decrypting; raises an `EnvelopeError` subclass."""
+    return int.from_bytes(_checked(data)[2:HEADER_SIZE], "big")
+
+
 def _checked(data: bytes) -> bytes:
     """Returns `data` as bytes once its length and header are valid (see `parse`)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):

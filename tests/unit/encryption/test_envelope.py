@@ -170,6 +170,19 @@ def test_parse_and_open_never_crash_on_random_input(data):
         pass
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=80),
+                 st.binary(min_size=28, max_size=60).map(lambda b: b"\x01\x00" + b)))
+def test_key_id_of_reads_the_header_as_parse_does(data):
+    try:
+        expected = envelope.parse(data).key_id
+    except EnvelopeError as error:
+        with pytest.raises(type(error)):
+            envelope.key_id_of(data)
+    else:
+        assert envelope.key_id_of(data) == expected
+
+
 @settings(max_examples=200, deadline=None)
 @given(value=st.binary(max_size=300), key=st.binary(max_size=40),
        revision=st.integers(0, 2**64 - 1), key_id=st.integers(1, 2**32 - 1))
