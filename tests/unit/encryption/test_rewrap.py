@@ -62,8 +62,23 @@ def test_rewrap_round_trip_and_layout():
 def test_malformed_rewraps_are_refused_both_ways(command):
     with pytest.raises(ValueError):
         c.encode_command(command)
-    good = c.encode_body(RewrapCommand(1, WRAPPED, ((1, 1, WRAPPED), (2, 2, WRAPPED))))
-    assert isinstance(c.decode_body(c.OP_ROTATION, good), RewrapCommand)
+    with pytest.raises(CommandDecodeError):
+        c.decode_body(c.OP_ROTATION, unchecked_body(command))
+    good = RewrapCommand(1, WRAPPED, ((1, 1, WRAPPED), (2, 2, WRAPPED)))
+    assert unchecked_body(good) == c.encode_body(good)
+    assert isinstance(c.decode_body(c.OP_ROTATION, c.encode_body(good)), RewrapCommand)
+
+
+def unchecked_body(command: RewrapCommand) -> bytes:
+    """The rewrap body layout (commands.py) written without any of the encoder's checks, so
+    the decoder can be shown what the encoder refuses to write."""
+    def wrapped(blob):
+        return len(blob).to_bytes(2, "big") + blob
+
+    return (b"\x01\x02" + command.generation.to_bytes(4, "big") + wrapped(command.check)
+            + len(command.keys).to_bytes(4, "big")
+            + b"".join(key_id.to_bytes(4, "big") + bytes((purpose,)) + wrapped(blob)
+                       for key_id, purpose, blob in command.keys))
 
 
 # ---- state rules ------------------------------------------------------------------------------
