@@ -85,8 +85,12 @@ class FakeNode:
         return self._apply(command)
 
     def _apply(self, command: bytes):
+        """Applies `command` at the next index as the node does: the handler, then the
+        persist it decided (`PersistsAfterApply`), before anything else is applied."""
         self.index += 1
-        return self.layer.command_handlers()[command[0]](self.index, command[1:])
+        result = self.layer.command_handlers()[command[0]](self.index, command[1:])
+        self.layer.persist_applied()
+        return result
 
     def wait_applied(self, index, timeout):
         pass
