@@ -81,11 +81,13 @@ def make_plugin(tmp_path, kek_file, raft_id="node-a", data="data-a", next_kek=No
     return plugin
 
 
-def apply(plugin, index, command):
-    """Applies `command` as the node does: the handler, then the persist it decided."""
+def apply(plugin, index, command, persist=True):
+    """Applies `command` as the node does: the handler, then the persist it decided (left
+    due with `persist=False`, the window between the two)."""
     data = c.encode_command(command)
     result = plugin.command_handlers()[data[0]](index, data[1:])
-    plugin.persist_applied()
+    if persist:
+        plugin.persist_applied()
     return result
 
 
@@ -262,8 +264,7 @@ def test_a_new_key_seals_only_once_its_epoch_is_durable(tmp_path, kek_file):
     """The "not durable yet" gate: apply installs a key, the node persists after it."""
     plugin = make_plugin(tmp_path, kek_file)
     layer = plugin.wrap(DictStore())
-    data = c.encode_command(bootstrap_command(plugin, ["node-a"]))
-    plugin.command_handlers()[data[0]](3, data[1:])  # applied, not yet persisted
+    apply(plugin, 3, bootstrap_command(plugin, ["node-a"]), persist=False)
     assert read_sidecar(plugin.context.data_dir) is None
     with pytest.raises(EncryptionUnavailableError, match="not durable yet"):
         plugin.nonce_factory(1)  # the applying thread is refused, never waits for itself
@@ -281,8 +282,7 @@ def test_a_new_key_seals_only_once_its_epoch_is_durable(tmp_path, kek_file):
 
 def test_a_failed_sidecar_write_halts_and_stays_due(tmp_path, kek_file):
     plugin = make_plugin(tmp_path, kek_file)
-    data = c.encode_command(bootstrap_command(plugin, ["node-a"]))
-    plugin.command_handlers()[data[0]](3, data[1:])
+    apply(plugin, 3, bootstrap_command(plugin, ["node-a"]), persist=False)
     # A directory where the temp file goes: the write fails (even for root).
     blocker = os.path.join(sidecar_dir(plugin.context.data_dir), "keys.json.tmp")
     os.makedirs(blocker)
