@@ -271,6 +271,8 @@ def test_a_new_key_seals_only_once_its_epoch_is_durable(tmp_path, kek_file):
     sealed = []
     sealer = threading.Thread(target=lambda: sealed.append(plugin.nonce_factory(2, 30)))
     sealer.start()  # another thread (the raft envelope's sealing) waits for the persist
+    sealer.join(0.2)
+    assert sealer.is_alive() and not sealed  # still waiting: nothing is durable yet
     plugin.persist_applied()
     sealer.join(30)
     assert [f.local_epoch for f in sealed] == [1]
