@@ -15,6 +15,7 @@ One line per module:
   local clusters in one invocation, as ratios.
 - `etcd`: a local 3-member etcd cluster for `compare --etcd`.
 - `envelope`: the storage envelope codec alone, in-process.
+- `peer_wire`: one raft peer message encoded and decoded, Fernet vs AES-GCM, in-process.
 - `cutover`: Put latency before, during and after the storage envelope cutover.
 - `fill`: a large dataset into a fresh local cluster, then a full restart.
 """

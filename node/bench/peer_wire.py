@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from typing import Optional, Sequence
 
 FORMATS = ("fernet", "gcm")
 WARMUP_ITERATIONS = 200
@@ -50,15 +49,11 @@ def messages() -> dict:
     }
 
 
-def _pct_us(ordered_ns: Sequence[int], p: float) -> Optional[float]:
-    i = min(len(ordered_ns) - 1, max(0, int(-(-p * len(ordered_ns) // 100)) - 1))
-    return round(ordered_ns[i] / 1000.0, 2)
-
-
 def measure(message, send_format: str, iterations: int) -> dict:
     """Times `iterations` encode+decode round trips of `message` on one connection."""
     from pysyncobj.encryptor import getEncryptor
 
+    from sealkv.node.bench.envelope import _stats
     from sealkv.node.replication import adapter  # noqa: F401  (the whitelist unpickler)
     from sealkv.node.replication import peer_wire
     from sealkv.node.replication.frames import WireCodec
@@ -81,11 +76,9 @@ def measure(message, send_format: str, iterations: int) -> dict:
         frame_bytes = len(data)
     if receiver.decode(sender.encode(wrapped)) != wrapped:
         raise RuntimeError("the peer wire did not return the message it was given")
-    ordered = sorted(samples)
-    mean = sum(ordered) / len(ordered)
-    return {"format": send_format, "frame_bytes": frame_bytes,
-            "p50_us": _pct_us(ordered, 50), "p99_us": _pct_us(ordered, 99),
-            "mean_us": round(mean / 1000.0, 2), "per_second": round(1e9 / mean)}
+    stats = _stats(samples)
+    return {"format": send_format, "frame_bytes": frame_bytes, **stats,
+            "per_second": round(1e6 / stats["mean_us"])}
 
 
 def run(iterations: int) -> dict:

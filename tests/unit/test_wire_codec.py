@@ -1,6 +1,7 @@
 """frames.WireCodec: both peer-wire formats, mixed peers, and pysyncobj's own encoding."""
 import pickle
 import struct
+import zlib
 
 import pytest
 from pysyncobj import tcp_connection
@@ -73,8 +74,6 @@ def test_another_cluster_secret_is_refused(sends):
 
 def test_an_older_fernet_token_is_refused():
     _, listener = codecs(FORMAT_FERNET, FORMAT_FERNET)
-    import zlib
-
     older = FERNET.encrypt_at_time(zlib.compress(pickle.dumps(MESSAGE)), 1000)
     newer = FERNET.encrypt_at_time(zlib.compress(pickle.dumps(MESSAGE)), 2000)
     assert listener.decode(newer) == MESSAGE
