@@ -51,7 +51,7 @@ SECRET_MIN_BYTES = 32
 # A data directory made before the 32-byte rule keeps working with its old secret (warned).
 LEGACY_SECRET_MIN_BYTES = 16
 PEER_WIRE_FORMATS = ("gcm", "fernet")  # peer_wire.FORMATS (that module loads cryptography)
-PEER_WIRE_DEFAULT = "fernet"
+PEER_WIRE_DEFAULT = "gcm"
 DEFAULT_QUOTA_BACKEND_BYTES = 2 * 1024 ** 3
 MIN_QUOTA_BACKEND_BYTES = 1024 * 1024
 

@@ -80,9 +80,9 @@ def node():
                    "proposes one entry per write, for a rolling upgrade from a version "
                    "without the BATCH opcode (see the README).")
 @click.option("--peer-wire", type=click.Choice(["gcm", "fernet"]),
-              help="The format this node sends on the raft port: gcm (AES-256-GCM) or fernet "
-                   "(pysyncobj's, for a rolling upgrade from a version without the peer wire; "
-                   "see the README). Every node accepts both.")
+              help="The format this node sends on the raft port: gcm (AES-256-GCM, the "
+                   "default) or fernet (pysyncobj's, for a rolling upgrade from a version "
+                   "without the peer wire; see the README). Every node accepts both.")
 @click.option("--quota-backend-bytes", type=int,
               help="Bytes of keys and values the database may hold before the NOSPACE alarm "
                    "refuses writes (default 2 GiB).")

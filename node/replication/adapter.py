@@ -311,7 +311,7 @@ class ReplicationAdapter:
                  payload_codec: Optional[PayloadCodec] = None,
                  fsync: str = durable.FSYNC_ALWAYS,
                  on_disk_full: Optional[Callable[[str], None]] = None,
-                 peer_wire_format: str = peer_wire.FORMAT_FERNET):
+                 peer_wire_format: str = peer_wire.FORMAT_GCM):
         """Prepares (does not start) the Raft member.
 
         `raft_address` is this voter's host:port (bound exactly, never all interfaces), or
