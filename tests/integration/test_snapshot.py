@@ -20,6 +20,7 @@ from sealkv.node.client import SERIALIZABLE
 from sealkv.node.state.storage.lmdb_store import LmdbStore
 from tests.cluster import wait_for
 from tests.damage import flip_bits, middle
+from tests.integration.test_canary import read_all
 from tests.load import Writer
 
 pytestmark = pytest.mark.integration
@@ -100,18 +101,6 @@ def test_save_needs_the_admin_role(make_cluster, tmp_path):
     assert not path.exists() and not os.path.exists(str(path) + ".part")
 
 
-def read_prefix(client, prefix: bytes) -> dict[bytes, bytes]:
-    """Every pair under `prefix` (linearizable), paging past the per-response limit."""
-    out: dict[bytes, bytes] = {}
-    start, end = prefix, prefix[:-1] + bytes((prefix[-1] + 1,))
-    while True:
-        r = client.range(start, end)
-        out.update((kv.key, kv.value) for kv in r.kvs)
-        if not r.more:
-            return out
-        start = r.kvs[-1].key + b"\0"
-
-
 @contextlib.contextmanager
 def restored_cluster(cluster, data_dir):
     """Starts the cluster restored into `data_dir` with `sealkv cluster up`; yields a client
@@ -160,8 +149,8 @@ def test_restore_into_a_new_cluster_reads_back_every_acknowledged_key(make_clust
         assert old.read() != new.read(), "the restored cluster must have its own secret"
 
     with restored_cluster(cluster, restored) as (client, record):
-        got = read_prefix(client, b"load/")
-        got.update(read_prefix(client, b"seed/"))
+        got = read_all(client, b"load/")
+        got.update(read_all(client, b"seed/"))
         missing = [k for k in before if got.get(k) != before[k]]
         assert not missing, missing[:10]
         members = client.member_list().members
@@ -237,8 +226,8 @@ def test_encrypted_backup_restores_under_new_keys_and_never_reuses_a_nonce(make_
     after_new = {b"canary/after-new/%04d" % i: v for i, v in enumerate(values[400:500])}
     after_restart = {b"canary/restart/%04d" % i: v for i, v in enumerate(values[500:])}
     with restored_cluster(cluster, target) as (client, record):
-        got = read_prefix(client, b"canary/old/")
-        got.update(read_prefix(client, b"load/"))
+        got = read_all(client, b"canary/old/")
+        got.update(read_all(client, b"load/"))
         missing = [k for k in before if got.get(k) != before[k]]
         assert not missing, missing[:10]
         # Both clusters keep running and writing.
@@ -254,8 +243,8 @@ def test_encrypted_backup_restores_under_new_keys_and_never_reuses_a_nonce(make_
         assert up.exit_code == 0, up.output
         for key, value in after_restart.items():
             client.put(key, value)
-        got = read_prefix(client, b"canary/after-new/")
-        got.update(read_prefix(client, b"canary/restart/"))
+        got = read_all(client, b"canary/after-new/")
+        got.update(read_all(client, b"canary/restart/"))
         assert got == {**after_new, **after_restart}
         for endpoint in record.endpoints:
             wait_for(lambda: client.get(max(after_restart), consistency=SERIALIZABLE,
