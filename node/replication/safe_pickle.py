@@ -1,12 +1,12 @@
 """Hardening of pysyncobj's pickle use: protocol 4 and a whitelist unpickler.
 
 pysyncobj pickles every peer message, journal entry and membership change. Peer traffic is
-authenticated by the cluster secret (Fernet), and on top of that this module replaces the
-unpickler pysyncobj uses with one that resolves only the few globals pysyncobj itself needs,
-so a forged pickle can construct no other object and execute nothing. It also raises the
-pickle protocol from 2 to 4, which stores bytes as bytes (protocol 2 spells them as a call to
-`_codecs.encode`, inflating random bytes by about half). Every node of a cluster must run
-sealkv, which installs this before pysyncobj starts.
+authenticated by the cluster secret (the AES-GCM peer wire of `peer_wire`, or Fernet), and on
+top of that this module replaces the unpickler pysyncobj uses with one that resolves only the
+few globals pysyncobj itself needs, so a forged pickle can construct no other object and
+execute nothing. It also raises the pickle protocol from 2 to 4, which stores bytes as bytes
+(protocol 2 spells them as a call to `_codecs.encode`, inflating random bytes by about half).
+Every node of a cluster must run sealkv, which installs this before pysyncobj starts.
 
 Only `sealkv.node.replication.adapter` imports this module (it is part of the pysyncobj boundary).
 """

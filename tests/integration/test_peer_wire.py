@@ -1,10 +1,15 @@
 """The raft peer wire in a mixed cluster: Fernet and AES-GCM senders, then a rolling flip."""
+import pickle
 import re
 import signal
+import socket
+import struct
 
 import pytest
 
+from sealkv.node.replication import peer_wire
 from tests.cluster import wait_for
+from tests.integration.test_security import Touch
 from tests.integration.test_failover import assert_all_readable
 from tests.load import Writer
 
@@ -59,3 +64,41 @@ def test_a_mixed_cluster_stays_consistent_through_a_rolling_switch_to_gcm(make_c
     for name in ("n2", "n3"):
         assert set(formats_seen(cluster, name, marks[name])) == {"gcm"}
     assert_all_readable(cluster, writer.acked, ["n1", "n2", "n3"])
+
+
+def exchange(address: str, frames: list) -> None:
+    """Sends `frames` on one connection to a raft port, reading what the node answers."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.settimeout(1)
+        try:
+            for frame in frames:
+                s.sendall(struct.pack("i", len(frame)) + frame)
+                s.recv(65536)
+        except (socket.timeout, ConnectionError):
+            pass
+
+
+def test_the_raft_port_refuses_bad_peer_wire_frames_and_says_why(cluster3, tmp_path):
+    with open(cluster3.secret_file) as f:
+        root = peer_wire.root_key(f.read().strip())
+    node = cluster3.nodes["n1"]
+    stranger = peer_wire.FrameSealer(peer_wire.root_key("another-secret" * 3),
+                                     peer_wire.ROLE_DIALER)
+    exchange(node.raft, [stranger.seal(pickle.dumps(b"k" * 32))])
+    sealer = peer_wire.FrameSealer(root, peer_wire.ROLE_DIALER)
+    first = sealer.seal(pickle.dumps(b"k" * 32))  # pysyncobj's first message: a random key
+    exchange(node.raft, [first, first])  # replayed on its own connection
+    marker = tmp_path / "pwned-over-gcm"
+    forged = pickle.dumps(Touch(marker))
+    exchange(node.raft, [peer_wire.FrameSealer(root, peer_wire.ROLE_DIALER).seal(forged)])
+    for reason in ("a peer-wire frame failed authentication",
+                   "a second hello frame on one connection",
+                   "forbidden global in pickle: posix.system"):
+        wait_for(lambda: reason in node.log(), 10, f"{reason!r} to be logged")
+    assert "raft port: dropped the connection from 127.0.0.1: a peer-wire frame failed" \
+        in node.log()
+    assert not marker.exists()
+    with cluster3.client("n1") as c:
+        c.put(b"still", b"serving")
+        assert c.get(b"still").found
