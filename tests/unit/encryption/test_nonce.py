@@ -39,20 +39,24 @@ def test_million_nonces_unique_and_epochs_disjoint():
     assert len(later) == 100_000 and not (seen & later)
 
 
-def test_threads_never_share_a_nonce():
-    factory = NonceFactory(1, 1)
-    results: list[list[bytes]] = [[] for _ in range(4)]
+def drawn_by_threads(factory: NonceFactory, threads: int, each: int) -> list[bytes]:
+    """Every nonce `threads` threads drew from `factory` at once, `each` apiece."""
+    results: list[list[bytes]] = [[] for _ in range(threads)]
 
     def work(out):
-        for _ in range(20_000):
+        for _ in range(each):
             out.append(factory.next())
 
-    threads = [threading.Thread(target=work, args=(out,)) for out in results]
-    for thread in threads:
+    running = [threading.Thread(target=work, args=(out,)) for out in results]
+    for thread in running:
         thread.start()
-    for thread in threads:
+    for thread in running:
         thread.join()
-    everything = [n for out in results for n in out]
+    return [n for out in results for n in out]
+
+
+def test_threads_never_share_a_nonce():
+    everything = drawn_by_threads(NonceFactory(1, 1), 4, 20_000)
     assert len(set(everything)) == len(everything) == 80_000
 
 
@@ -78,18 +82,7 @@ def test_without_an_interpreter_lock_the_counter_takes_a_lock_and_stays_unique(m
 
     monkeypatch.setattr(nonce, "_GIL", False)
     factory = NonceFactory(1, 1, counter_limit=40_001)
-    results: list[list[bytes]] = [[] for _ in range(4)]
-
-    def work(out):
-        for _ in range(10_000):
-            out.append(factory.next())
-
-    threads = [threading.Thread(target=work, args=(out,)) for out in results]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    everything = {n for out in results for n in out}
+    everything = set(drawn_by_threads(factory, 4, 10_000))
     assert len(everything) == 40_000 and not factory.exhausted
     assert factory.next()[-8:] == (40_001).to_bytes(8, "big") and factory.exhausted
     with pytest.raises(NonceExhausted):
