@@ -237,6 +237,13 @@ def test_data_survives_reopening(tmp_path):
     s.close()
 
 
+def crash(s: LmdbStore) -> None:
+    """Ends `s` as a process crash would: no flush and no clean close, so its `unsynced`
+    marker stays."""
+    s._env.close()
+    s._env = None
+
+
 def deferred(path: str) -> LmdbStore:
     s = LmdbStore(path, map_size=64 * 1024 * 1024, sync=lmdb_module.SYNC_DEFERRED)
     s.open()
@@ -256,8 +263,7 @@ def test_deferred_sync_keeps_the_database_across_a_clean_close_and_a_process_cra
     s = deferred(path)
     assert s.get(b"a") == e(b"1") and not s.discarded_at_open
     s.put(b"b", e(b"2"))
-    s._env.close()  # a process crash: no flush, the marker stays; the kernel has the pages
-    s._env = None
+    crash(s)  # the kernel has the pages
     s = deferred(path)  # the same boot
     assert s.get(b"b") == e(b"2") and not s.discarded_at_open
     s.close()
@@ -269,8 +275,7 @@ def test_deferred_sync_discards_a_database_left_unflushed_by_another_boot(tmp_pa
     monkeypatch.setattr(lmdb_module, "boot_id", lambda: "boot-1")
     s = deferred(path)
     s.put(b"a", e(b"1"))
-    s._env.close()  # crash without a flush, then the machine restarts
-    s._env = None
+    crash(s)  # then the machine restarts
     monkeypatch.setattr(lmdb_module, "boot_id", lambda: "boot-2")
     s = deferred(path)
     assert s.discarded_at_open and s.get(b"a") is None and s.count(b"", None) == 0
@@ -285,8 +290,7 @@ def test_deferred_sync_without_a_known_boot_discards_after_any_unclean_stop(tmp_
     monkeypatch.setattr(lmdb_module, "boot_id", lambda: "")
     s = deferred(path)
     s.put(b"a", e(b"1"))
-    s._env.close()
-    s._env = None
+    crash(s)
     s = deferred(path)
     assert s.discarded_at_open and s.get(b"a") is None
     s.close()
