@@ -264,6 +264,32 @@ def test_cluster_up_passes_fsync_never_and_records_it(tmp_path):
     assert local.LocalCluster.load(str(tmp_path)).fsync == "never"
 
 
+def test_cluster_up_passes_peer_wire_and_reads_records_without_it(tmp_path):
+    import json
+
+    from sealkv.node.cli import local
+    from sealkv.node.cli.cluster_cmd import _node_args
+
+    node = local.LocalNode("n1", "127.0.0.1:7001", "127.0.0.1:9001", str(tmp_path / "n1"),
+                           str(tmp_path / "n1.log"))
+    record = local.LocalCluster(str(tmp_path), str(tmp_path / "secret"), nodes=[node])
+    assert "--peer-wire" not in _node_args(record, node)  # the node's default (gcm)
+    record.peer_wire = "fernet"
+    args = _node_args(record, node)
+    assert args[args.index("--peer-wire") + 1] == "fernet"
+    record.save()
+    path = tmp_path / local.RECORD
+    raw = json.loads(path.read_text())
+    del raw["peer_wire"]  # a record written before the setting existed
+    path.write_text(json.dumps(raw))
+    assert local.LocalCluster.load(str(tmp_path)).peer_wire is None
+
+
+def test_a_node_sends_gcm_unless_told_otherwise():
+    assert build_config(values()).peer_wire == "gcm"
+    assert build_config(values(peer_wire="fernet")).peer_wire == "fernet"
+
+
 @pytest.mark.parametrize("address", ["10.0.0.5:7001", "[::1]:9001", "node-1.example.com:9001",
                                      "localhost:1"])
 def test_member_addresses_peers_can_dial_are_accepted(address):
