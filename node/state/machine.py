@@ -97,7 +97,8 @@ class StateMachine:
         self.members: dict[str, MemberRecord] = {m.name: m for m in initial_members}
         # What a read view holds where the store has no META_MEMBERS / META_PLUGIN yet (no
         # member or plugin command and no snapshot stored them): the state before any of
-        # them, never the live one, which may be ahead of the view (`_viewed_header`).
+        # them, never the live one, which may be ahead of the view (`_viewed_header`); and
+        # what `rollback` returns the plugin states to when none was stored.
         self._initial_members = _members_json(self.members.values())
         self._initial_plugin_states: Optional[dict[str, bytes]] = None
         self.config_version = 0
@@ -142,6 +143,8 @@ class StateMachine:
         if plugins:
             for name, state in self.plugin_states.items():
                 raw = self.base.get_meta(META_PLUGIN + name.encode())
+                if raw is None and self._initial_plugin_states is not None:
+                    raw = self._initial_plugin_states[name]  # none stored: as before any
                 if raw is not None:
                     state.restore_state(raw)
 

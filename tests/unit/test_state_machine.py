@@ -632,6 +632,22 @@ def test_a_snapshot_from_an_earlier_view_holds_the_plugin_state_and_members_of_t
     store.close()
 
 
+def test_a_rolled_back_first_plugin_command_leaves_no_plugin_state_behind(tmp_path):
+    # A group whose commit found no space is rolled back and applied again: the plugin
+    # state must be as before the group also when no plugin state was stored yet.
+    sm, store = lmdb_machine(tmp_path / "db", CounterState())
+    sm.defer_commit = True
+    put(sm, 1, b"a", b"1")
+    sm.commit()
+    sm.apply(2, b"\x40body")
+    assert sm.rollback() == 1
+    assert sm.plugin_states["counter"].count == 0
+    sm.apply(2, b"\x40body")
+    sm.commit()
+    assert sm.plugin_states["counter"].count == 1
+    store.close()
+
+
 # -- the replicated NOSPACE alarm -----------------------------------------------------------
 
 def alarm(action, cause, member):
