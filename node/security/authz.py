@@ -38,6 +38,7 @@ import grpc
 
 from sealkv.node import errors
 from sealkv.node.security import pki
+from sealkv.node.serving.rpc import WrappedHandlers, rewrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -205,19 +206,14 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         self._policy = policy
         self._is_revoked = is_revoked
         self._refusals = Refusals()
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped = WrappedHandlers(
+            lambda method, handler: _wrap(handler, functools.partial(self._check, method)))
 
     def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = _wrap(handler, functools.partial(self._check, method))
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.get(handler_call_details.method, handler)
 
     def _check(self, method: str, context: grpc.ServicerContext) -> None:
         try:
@@ -233,26 +229,18 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         errors.abort_with(context, refusal)
 
 
-_KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler, False),
-          ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
-          ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
-          ("stream_stream", grpc.stream_stream_rpc_method_handler, True))
-
-
 def _wrap(handler: grpc.RpcMethodHandler, check: Callable) -> grpc.RpcMethodHandler:
     """Returns `handler` with `check(context)` run before its behaviour (for a streaming
     response, before the first message)."""
-    for attr, make, streams_out in _KINDS:
-        inner = getattr(handler, attr)
-        if inner is None:
-            continue
+    def wrap(kind, streams_out, inner):
         if streams_out:
-            def behaviour(request, context, inner=inner):
+            def behaviour(request, context):
                 check(context)
                 yield from inner(request, context)
         else:
-            def behaviour(request, context, inner=inner):
+            def behaviour(request, context):
                 check(context)
                 return inner(request, context)
-        return make(behaviour, handler.request_deserializer, handler.response_serializer)
-    return handler
+        return behaviour
+
+    return rewrap_handler(handler, wrap)

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional
 import grpc
 
 from sealkv.node import durable, errors
+from sealkv.node.serving.rpc import WrappedHandlers, rewrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -261,28 +262,23 @@ class AuditInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, audit: AuditLog):
         self.audit = audit
+        self._wrapped = WrappedHandlers(self._audited)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._unary_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return handler
+        return self._wrapped.get(handler_call_details.method, handler)
+
+    def _audited(self, method: str, handler):
+        wrappers = {"unary_unary": self._unary, "unary_stream": self._unary_stream,
+                    "stream_stream": self._stream}
+
+        def wrap(kind, streams_out, behavior):
+            wrapper = wrappers.get(kind)
+            return None if wrapper is None else wrapper(behavior, method)
+
+        return rewrap_handler(handler, wrap)
 
     def _unary(self, behavior, method: str):
         if not is_admin_method(method):

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sealkv.node import durable
+from sealkv.node.serving.rpc import WrappedHandlers, rewrap_handler
 from sealkv.plugins.api import ProvidesMetrics
 
 log = logging.getLogger(__name__)
@@ -161,13 +162,17 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: NodeMetrics):
         self.m = metrics
+        self._wrapped = WrappedHandlers(self._counted)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        _, service, method = handler_call_details.method.split("/", 2) \
-            if handler_call_details.method.count("/") == 2 else ("", "?", "?")
+        return self._wrapped.get(handler_call_details.method, handler)
+
+    def _counted(self, full_method: str, handler):
+        _, service, method = full_method.split("/", 2) \
+            if full_method.count("/") == 2 else ("", "?", "?")
         handled = self.m.handled
         seconds = self.m.handling_seconds.labels(service, method)
 
@@ -176,27 +181,22 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
             handled.labels(service, method, code.name).inc()
             seconds.observe(time.perf_counter() - started)
 
-        if handler.unary_unary is not None:
-            behavior = handler.unary_unary
+        def wrap(kind, streams_out, behavior):
+            if kind == "unary_unary":
+                def unary(request, context):
+                    started, failed = time.perf_counter(), True
+                    try:
+                        response = behavior(request, context)
+                        failed = False
+                        return response
+                    finally:
+                        done(context, started, failed)
 
-            def unary(request, context):
-                started, failed = time.perf_counter(), True
-                try:
-                    response = behavior(request, context)
-                    failed = False
-                    return response
-                finally:
-                    done(context, started, failed)
+                return unary
+            if kind not in ("stream_stream", "unary_stream"):
+                return None
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        for kind in ("stream_stream", "unary_stream"):
-            behavior = getattr(handler, kind)
-            if behavior is None:
-                continue
-
-            def streaming(request, context, behavior=behavior):
+            def streaming(request, context):
                 started, failed = time.perf_counter(), True
                 try:
                     yield from behavior(request, context)
@@ -204,10 +204,9 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
                 finally:
                     done(context, started, failed)
 
-            factory = getattr(grpc, f"{kind}_rpc_method_handler")
-            return factory(streaming, request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
-        return handler
+            return streaming
+
+        return rewrap_handler(handler, wrap)
 
 
 class _Server(ThreadingMixIn, WSGIServer):

@@ -1,8 +1,10 @@
-"""Helpers shared by every servicer: error mapping and request deadlines."""
+"""Helpers shared by every servicer and interceptor: error mapping, request deadlines and
+wrapped method handlers."""
 from __future__ import annotations
 
 import functools
 import logging
+from typing import Callable, Optional
 
 import grpc
 
@@ -45,3 +47,50 @@ def deadline(context: grpc.ServicerContext, default: float) -> float:
     if remaining is None:
         return default
     return max(0.0, min(default, remaining - 0.05))
+
+
+# A method handler's kinds: (attribute, its factory, whether the behaviour yields responses).
+HANDLER_KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler, True))
+
+
+def rewrap_handler(handler: grpc.RpcMethodHandler,
+                   wrap: Callable[[str, bool, Callable], Optional[Callable]]
+                   ) -> grpc.RpcMethodHandler:
+    """Returns `handler` with its behaviour replaced by `wrap(kind, streams_out, behaviour)`
+    (`kind` one of `HANDLER_KINDS`' attributes; `streams_out`: the behaviour yields its
+    responses); `handler` itself when `wrap` returns None."""
+    for attr, make, streams_out in HANDLER_KINDS:
+        behaviour = getattr(handler, attr)
+        if behaviour is None:
+            continue
+        wrapped = wrap(attr, streams_out, behaviour)
+        if wrapped is None:
+            return handler
+        return make(wrapped, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+    return handler
+
+
+class WrappedHandlers:
+    """A server interceptor's wrapped handlers, built once per method, not once per call.
+
+    gRPC asks every interceptor for the handler of each call; `get(method, handler)` returns
+    `build(method, handler)` as built for the last call of `method`, and builds it again only
+    when the inner `handler` is another object (the next interceptor rebuilt its own).
+    Any gRPC thread; a race builds twice, harmlessly.
+    """
+
+    def __init__(self, build: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]):
+        self._build = build
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._build(method, handler)
+        self._cache[method] = (handler, wrapped)
+        return wrapped
