@@ -39,6 +39,9 @@ MAX_STREAMS = 16
 _DEADLINE_MARGIN = 0.05
 
 _WRITES = ("put", "delete", "compare_and_swap")
+_READS = ("get", "range")
+# How the authorization names each operation kind in a refusal (built once, not per request).
+_BATCH_OPS = {kind: f"/sealkv.v1.KV/Batch {kind}" for kind in _WRITES + _READS}
 
 
 class BatchCounters:
@@ -63,10 +66,14 @@ class BatchService:
         """`ops` is the node's `KVOps`; `proposer` its `Proposer` (`submit`, `withdraw`,
         `wait_leader`); `admit_write(timeout, delete=...)` the node's write admission (see
         `KVService`)."""
-        self.ops = ops
         self.proposer = proposer
         self.request_timeout = request_timeout
         self.admit_write = admit_write
+        # The `ops` methods of each operation kind, looked up once rather than per request:
+        # a write's (command, response) builders, a read's (check, read).
+        self.writes = {kind: (getattr(ops, f"{kind}_command"), getattr(ops, f"{kind}_response"))
+                       for kind in _WRITES}
+        self.reads = {kind: (getattr(ops, f"check_{kind}"), getattr(ops, kind)) for kind in _READS}
         self.counters = BatchCounters()
         self.max_streams = MAX_STREAMS
         self._open = 0
@@ -114,7 +121,8 @@ class _Stream:
 
     def __init__(self, service: BatchService, context):
         self.service = service
-        self.ops = service.ops
+        self.writes = service.writes
+        self.reads = service.reads
         self.proposer = service.proposer
         self.context = context
         # The interceptor let the stream open (readonly at least); each request is
@@ -161,12 +169,12 @@ class _Stream:
                         f"a batch message carries at most {MAX_REQUESTS_PER_MESSAGE} requests")
                 if kind is None:
                     raise errors.InvalidArgument("request carries no operation")
-                refusal = self.caller.check_op(kind, f"/sealkv.v1.KV/Batch {kind}")
+                refusal = self.caller.check_op(kind, _BATCH_OPS[kind])
                 if refusal is not None:
                     raise refusal
                 if kind in _WRITES:
                     self._submit_write(op, timeout)
-                elif getattr(self.ops, f"check_{kind}")(op.request):
+                elif self.reads[kind][0](op.request):
                     barrier_reads.append(op)
                 else:
                     self.inbox.put(("reads", [op], None, None))
@@ -178,7 +186,7 @@ class _Stream:
             self._submit_barrier(barrier_reads)
 
     def _submit_write(self, op: _Op, timeout: float) -> None:
-        command = getattr(self.ops, f"{op.kind}_command")(op.request)
+        command = self.writes[op.kind][0](op.request)
         self.service.admit_write(timeout, delete=op.kind == "delete")
         self.proposer.wait_leader(op.deadline)
         inbox = self.inbox
@@ -278,7 +286,7 @@ class _Stream:
                 return
             if error is None:
                 try:
-                    response = getattr(self.ops, f"{op.kind}_response")(op.request, result)
+                    response = self.writes[op.kind][1](op.request, result)
                 except Exception as exc:
                     error = as_sealkv_error(exc, f"Batch/{op.kind}")
                 else:
@@ -301,7 +309,7 @@ class _Stream:
                 continue
             if error is None:
                 try:
-                    out.append(self._ok_op(op, getattr(self.ops, op.kind)(op.request)))
+                    out.append(self._ok_op(op, self.reads[op.kind][1](op.request)))
                     continue
                 except Exception as exc:
                     failure = as_sealkv_error(exc, f"Batch/{op.kind}")
