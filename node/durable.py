@@ -126,7 +126,7 @@ def write_atomically(path: str, data: bytes, policy: str) -> None:
             os.fsync(fd)
     except BaseException:
         os.close(fd)
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     os.close(fd)
     replace(tmp, path, policy)
@@ -148,7 +148,9 @@ def unlink_if_exists(path: str) -> None:
         pass
 
 
-def _unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> None:
+    """Removes the file `path` when cleaning up after a failure or a crash: any OSError is
+    ignored (the caller has a better error to report, or nothing depends on the removal)."""
     try:
         os.unlink(path)
     except OSError:

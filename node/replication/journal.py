@@ -154,7 +154,7 @@ class FileJournal(Journal):
         # A crash mid-compaction or mid-meta-write leaves a temporary file holding old
         # records: never keep a second copy at rest.
         for leftover in (self.path + ".compact", os.path.join(directory, META_FILE) + ".tmp"):
-            _unlink_quietly(leftover)
+            durable.unlink_quietly(leftover)
         legacy = os.path.join(directory, LEGACY_JOURNAL_FILE)
         if not os.path.exists(self.path) and os.path.exists(legacy):
             _migrate_legacy(legacy, self.path, os.path.join(directory, META_FILE), policy)
@@ -480,7 +480,7 @@ class FileJournal(Journal):
             durable.replace(tmp, self.path, self.policy)
         except OSError as exc:
             os.close(fd)
-            _unlink_quietly(tmp)
+            durable.unlink_quietly(tmp)
             if not durable.is_disk_full(exc):
                 raise
             log.warning("%s: compaction needs free space; the journal keeps its old entries",
@@ -523,7 +523,7 @@ def _migrate_legacy(legacy: str, path: str, meta_path: str, policy: str) -> None
         encode_record(bytes(command), idx, term) for command, idx, term in entries), policy)
     MetaFile(meta_path, policy).store(meta)
     for name in (legacy, legacy + ".meta"):
-        _unlink_quietly(name)
+        durable.unlink_quietly(name)
     durable.sync_dir(os.path.dirname(path), policy)
     log.info("migrated %d entries from %s to %s", len(entries), legacy, path)
 
@@ -546,13 +546,6 @@ def _only_zeros(f, start: int, end: int) -> bool:
         return True
     finally:
         f.seek(pos)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 _DIRECTORY_POLICY: dict[str, str] = {}
