@@ -11,8 +11,8 @@ Each cluster gets the same keyspace written once (so every measured Put overwrit
 `repeats` rounds of one short Put run per cluster, the order rotating each round (off, storage,
 both; storage, both, off; ...). Only the measured cluster carries load at any moment; the
 others idle beside it. A row gives the median over the rounds of ops/s and of the server CPU
-per Put (its cluster's three nodes together), with every run's figures; a ratio compares the
-medians. Interleaving puts every state through the same spells of machine load, and separate
+per Put (its cluster's three nodes together) and of the Puts per Raft entry (the leader's
+batching, warm-up included), with every run's figures; a ratio compares the medians. Interleaving puts every state through the same spells of machine load, and separate
 clusters keep database growth, time order and the cutover itself out of the ratio.
 """
 from __future__ import annotations
@@ -62,6 +62,28 @@ def prefill(w: Workload, endpoint: str, client_kwargs: dict, value_size: int) ->
     asyncio.run(fill())
 
 
+def leader_counters(endpoint: str, client_kwargs: dict) -> Optional[tuple[int, int]]:
+    """(Raft entries proposed, commands they carried) so far by the node at `endpoint`
+    (its Status), or None when it does not answer."""
+    from sealkv.node import errors
+    from sealkv.node.client import Client
+
+    try:
+        with Client([endpoint], timeout=5.0, **client_kwargs) as client:
+            c = client.status().kv_counters
+            return c.entries, c.entry_commands
+    except errors.SealkvError:
+        return None
+
+
+def per_entry(before: Optional[tuple[int, int]],
+              after: Optional[tuple[int, int]]) -> Optional[float]:
+    """Commands per Raft entry between two `leader_counters` readings (None if unknown)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return round((after[1] - before[1]) / (after[0] - before[0]), 1)
+
+
 def median_row(name: str, runs: list[dict]) -> dict:
     """One row from `runs` (summaries of identical runs): the run of median throughput, with
     ops/s and server CPU per Put replaced by their medians over every run, and the runs'
@@ -69,11 +91,14 @@ def median_row(name: str, runs: list[dict]) -> dict:
     ordered = sorted(runs, key=lambda r: r["ops_per_sec"])
     row = dict(ordered[(len(ordered) - 1) // 2])
     cpu = [r["server_cpu_us_per_op"] for r in runs if r["server_cpu_us_per_op"] is not None]
+    batch = [r["puts_per_entry"] for r in runs if r.get("puts_per_entry") is not None]
     row.update(name=name, ops=sum(r["ops"] for r in runs),
                ops_per_sec=round(statistics.median(r["ops_per_sec"] for r in runs), 1),
                server_cpu_us_per_op=round(statistics.median(cpu), 1) if cpu else None,
                runs_ops_per_sec=[r["ops_per_sec"] for r in runs],
                runs_server_cpu_us_per_op=[r["server_cpu_us_per_op"] for r in runs],
+               puts_per_entry=round(statistics.median(batch), 1) if batch else None,
+               runs_puts_per_entry=[r.get("puts_per_entry") for r in runs],
                errors=_summed_errors(runs),
                note="; ".join(sorted({r["note"] for r in runs if r["note"]})))
     return row
@@ -150,10 +175,14 @@ def run(base: Workload, *, repeats: int = DEFAULT_REPEATS, seconds: float = DEFA
                 state = order[(r + i) % len(order)]
                 leader, pids, kw = targets[state]
                 label = f"{NAMES[state]} put c={C} run {r + 1}/{repeats}"
+                before = leader_counters(leader[0], kw["client_kwargs"])
                 result = async_load.run(put, leader, name=label, mode="batched",
                                         processes=processes, server_pids=pids,
                                         progress=progress(label), **kw)
-                runs[state].append(result.summary())
+                summary = result.summary()
+                summary["puts_per_entry"] = per_entry(
+                    before, leader_counters(leader[0], kw["client_kwargs"]))
+                runs[state].append(summary)
         rows = [median_row(row_name(s, C, repeats), runs[s]) for s in order]
         notes.extend(round_ratios(runs))
         for row in rows:

@@ -5,8 +5,8 @@ import pytest
 from sealkv.node.bench import compare, side_by_side
 
 
-def run(ops, cpu, errors=None, note=""):
-    return {"name": "x", "clients": 4, "ops": int(ops * 2), "seconds": 2.0,
+def run(ops, cpu, errors=None, note="", batch=None):
+    return {"puts_per_entry": batch, "name": "x", "clients": 4, "ops": int(ops * 2), "seconds": 2.0,
             "ops_per_sec": ops, "p50_ms": 1000.0 / ops, "p90_ms": None, "p99_ms": None,
             "max_ms": None, "errors": errors or {}, "note": note,
             "client_cpu_us_per_op": 50.0, "server_cpu_us_per_op": cpu,
@@ -14,8 +14,10 @@ def run(ops, cpu, errors=None, note=""):
 
 
 def test_median_row_takes_the_medians_and_keeps_every_run():
-    runs = [run(900, 300), run(1500, 250), run(1000, 280), run(400, 500), run(1100, 260)]
+    runs = [run(900, 300, batch=20.0), run(1500, 250, batch=30.0), run(1000, 280, batch=25.0),
+            run(400, 500, batch=8.0), run(1100, 260)]
     row = side_by_side.median_row("r", runs)
+    assert row["puts_per_entry"] == 22.5 and row["runs_puts_per_entry"][-1] is None
     assert row["name"] == "r"
     assert row["ops_per_sec"] == 1000 and row["server_cpu_us_per_op"] == 280
     assert row["p50_ms"] == pytest.approx(1.0)  # the latencies of the median run
@@ -60,3 +62,9 @@ def test_round_ratios_name_each_round_and_their_median():
         "(median 0.95)",
         "both envelopes ÷ envelopes off, ops/s round by round: 0.90, 0.95, 0.90 (median 0.90)"]
     assert side_by_side.round_ratios({"off": runs["off"]}) == []
+
+
+def test_per_entry_is_commands_over_entries_between_two_readings():
+    assert side_by_side.per_entry((10, 100), (20, 350)) == 25.0
+    assert side_by_side.per_entry(None, (20, 350)) is None
+    assert side_by_side.per_entry((20, 350), (20, 350)) is None
