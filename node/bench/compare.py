@@ -154,6 +154,7 @@ def enable_raft_envelope(endpoint: str, timeout: float = 30.0, files=None) -> No
 def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = False,
         repeats: int = side_by_side.DEFAULT_REPEATS,
         ab_seconds: float = side_by_side.DEFAULT_SECONDS, envelope_only: bool = False,
+        envelope_together: bool = False,
         progress: Callable[[str], Optional[Callable]] = lambda label: None,
         log: Callable[[str], None] = lambda msg: None) -> dict:
     """Runs every row; returns {"rows": [...], "targets": [...], "notes": [...], ...}.
@@ -167,7 +168,7 @@ def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = F
     state. With `etcd`, the same four loads run
     against a fresh 3-member etcd cluster (skipped with a note when etcd is not installed);
     with `raw`, the raw Raft engine rows run first. `envelope_only` runs the envelope rows
-    alone.
+    alone; `envelope_together` loads their clusters at once in each round.
     """
     C = base.clients
     put = dataclasses.replace(base, op="put")
@@ -198,7 +199,8 @@ def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = F
         load(ser, f"{prefix} get serializable c={C}", kind, every, mode, pids, **kw)
 
     if envelope_only:
-        _envelope_rows(base, rows, notes, repeats, ab_seconds, processes, progress, log)
+        _envelope_rows(base, rows, notes, repeats, ab_seconds, processes, progress, log,
+                       envelope_together)
         return {"workload": dataclasses.asdict(base), "rows": list(rows.values()),
                 "targets": [t for t in targets(rows, C, repeats) if t["ratio"] is not None],
                 "notes": notes}
@@ -229,7 +231,8 @@ def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = F
         with LocalNodeCluster(encryption=True, insecure=True) as plain:
             load(put, f"sealkv batched put c={C} --insecure", "insecure",
                  [plain.leader_endpoint()], "batched", [n.pid for n in plain.record.nodes])
-    _envelope_rows(base, rows, notes, repeats, ab_seconds, processes, progress, log)
+    _envelope_rows(base, rows, notes, repeats, ab_seconds, processes, progress, log,
+                   envelope_together)
     log("sealkv: a fresh 3-node cluster like the first, with --fsync never")
     with LocalNodeCluster(encryption=True, fsync="never") as cluster:
         leader = [cluster.leader_endpoint()]
@@ -246,10 +249,11 @@ def run(base: Workload, *, processes: int = 0, etcd: bool = False, raw: bool = F
 
 
 def _envelope_rows(base: Workload, rows: dict, notes: list, repeats: int, seconds: float,
-                   processes: int, progress, log) -> None:
+                   processes: int, progress, log, together: bool = False) -> None:
     """Adds the side-by-side envelope rows (and their notes) to `rows` and `notes`."""
     envelope_rows, envelope_notes = side_by_side.run(
-        base, repeats=repeats, seconds=seconds, processes=processes, progress=progress, log=log)
+        base, repeats=repeats, seconds=seconds, processes=processes, progress=progress, log=log,
+        together=together)
     for row in envelope_rows:
         rows[row["name"]] = row
         if row["note"]:

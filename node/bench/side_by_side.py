@@ -12,12 +12,19 @@ Each cluster gets the same keyspace written once (so every measured Put overwrit
 both; storage, both, off; ...). Only the measured cluster carries load at any moment; the
 others idle beside it. A row gives the median over the rounds of ops/s and of the server CPU
 per Put (its cluster's three nodes together) and of the Puts per Raft entry (the leader's
-batching, warm-up included), with every run's figures; a ratio compares the medians. Interleaving puts every state through the same spells of machine load, and separate
-clusters keep database growth, time order and the cutover itself out of the ratio.
+batching, warm-up included), with every run's figures; a ratio compares the medians.
+Interleaving puts every state through the same spells of machine load, and separate clusters
+keep database growth, time order and the cutover itself out of the ratio.
+
+On a machine whose load swings faster than a round (a shared one), `together` loads the three
+clusters at once in each round instead: they then share the noise exactly, each gets its
+share of the cores, and a ratio compares how much Put throughput each state draws from the
+same CPU (the throughput of a cluster alone is not measured then).
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import statistics
@@ -132,7 +139,7 @@ def _summed_errors(runs: list[dict]) -> dict:
 
 def run(base: Workload, *, repeats: int = DEFAULT_REPEATS, seconds: float = DEFAULT_SECONDS,
         processes: int = 0, cluster_factory: Callable = None,
-        enable: Optional[dict] = None,
+        enable: Optional[dict] = None, together: bool = False,
         progress: Callable[[str], Optional[Callable]] = lambda label: None,
         log: Callable[[str], None] = lambda msg: None) -> tuple[list[dict], list[str]]:
     """Runs the side-by-side envelope rows; returns (rows, notes).
@@ -140,6 +147,7 @@ def run(base: Workload, *, repeats: int = DEFAULT_REPEATS, seconds: float = DEFA
     `cluster_factory()` returns a fresh started-on-enter cluster like `LocalNodeCluster`;
     `enable[state](endpoint, files)` switches a fresh cluster to `state` (default: the
     admin RPCs of `compare`). A state that cannot be enabled is skipped with a note.
+    `together`: each round loads every cluster at once instead of one after the other.
     """
     from sealkv.node.bench import compare
 
@@ -170,20 +178,34 @@ def run(base: Workload, *, repeats: int = DEFAULT_REPEATS, seconds: float = DEFA
             prefill(put, targets[state][0][0], kw["client_kwargs"], put.value_size)
         order = list(clusters)
         runs: dict[str, list[dict]] = {s: [] for s in order}
+        def measure(state: str, r: int) -> dict:
+            leader, pids, kw = targets[state]
+            label = f"{NAMES[state]} put c={C} run {r + 1}/{repeats}"
+            before = leader_counters(leader[0], kw["client_kwargs"])
+            result = async_load.run(put, leader, name=label, mode="batched",
+                                    processes=processes, server_pids=pids,
+                                    progress=None if together else progress(label), **kw)
+            summary = result.summary()
+            summary["puts_per_entry"] = per_entry(
+                before, leader_counters(leader[0], kw["client_kwargs"]))
+            return summary
+
         for r in range(repeats):
+            if together:  # every cluster under load at once: they share the machine's noise
+                log(f"sealkv: envelope round {r + 1}/{repeats}, the {len(order)} clusters "
+                    "loaded together")
+                with concurrent.futures.ThreadPoolExecutor(len(order)) as pool:
+                    done = {s: pool.submit(measure, s, r) for s in order}
+                for state in order:
+                    runs[state].append(done[state].result())
+                continue
             for i in range(len(order)):
                 state = order[(r + i) % len(order)]
-                leader, pids, kw = targets[state]
-                label = f"{NAMES[state]} put c={C} run {r + 1}/{repeats}"
-                before = leader_counters(leader[0], kw["client_kwargs"])
-                result = async_load.run(put, leader, name=label, mode="batched",
-                                        processes=processes, server_pids=pids,
-                                        progress=progress(label), **kw)
-                summary = result.summary()
-                summary["puts_per_entry"] = per_entry(
-                    before, leader_counters(leader[0], kw["client_kwargs"]))
-                runs[state].append(summary)
+                runs[state].append(measure(state, r))
         rows = [median_row(row_name(s, C, repeats), runs[s]) for s in order]
+        if together:
+            notes.append("envelope rows: the clusters were loaded together, each round; a "
+                         "row's ops/s is its cluster's share of a machine the three shared")
         notes.extend(round_ratios(runs))
         for row in rows:
             row["kind"] = "side-by-side"

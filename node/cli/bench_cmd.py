@@ -193,9 +193,13 @@ def raft_cmd(c: Ctx, mode, **kw):
               show_default=True, help="Envelope rows: measured seconds of each run.")
 @click.option("--envelope-only", is_flag=True,
               help="Run the envelope rows alone (their clusters, ratios and targets).")
+@click.option("--envelope-load", type=click.Choice(["interleaved", "together"]),
+              default="interleaved", show_default=True,
+              help="Envelope rows: load one cluster at a time, rotating, or all of them at "
+              "once in each round (they share the machine's noise; for a loaded machine).")
 @pass_ctx
 def compare_cmd(c: Ctx, processes, with_etcd, with_raw, repeats, envelope_seconds,
-                envelope_only, **kw):
+                envelope_only, envelope_load, **kw):
     """sealkv batched vs unary, envelope on vs off, and optionally etcd: one run, ratios.
 
     Starts its own clusters (a 3-node sealkv cluster with encryption in a temporary
@@ -217,6 +221,7 @@ def compare_cmd(c: Ctx, processes, with_etcd, with_raw, repeats, envelope_second
         report = compare.run(w, processes=processes, etcd=with_etcd, raw=with_raw,
                              repeats=repeats, ab_seconds=envelope_seconds,
                              envelope_only=envelope_only,
+                             envelope_together=envelope_load == "together",
                              progress=grpc_load.progress_bar, log=log)
     if c.write_out == "json":
         emit_json(report)
