@@ -92,19 +92,24 @@ def per_entry(before: Optional[tuple[int, int]],
 
 
 def median_row(name: str, runs: list[dict]) -> dict:
-    """One row from `runs` (summaries of identical runs): the run of median throughput, with
-    ops/s and server CPU per Put replaced by their medians over every run, and the runs'
-    figures beside them."""
+    """One row from `runs` (summaries of identical runs): the run of median throughput (its
+    latencies), with ops/s, the CPU figures per Put and the Puts per entry replaced by their
+    medians over every run (each run's above-idle CPU is at most its total, so the medians
+    keep that order), and the runs' figures beside them."""
     ordered = sorted(runs, key=lambda r: r["ops_per_sec"])
     row = dict(ordered[(len(ordered) - 1) // 2])
-    cpu = [r["server_cpu_us_per_op"] for r in runs if r["server_cpu_us_per_op"] is not None]
-    batch = [r["puts_per_entry"] for r in runs if r.get("puts_per_entry") is not None]
+    def median_of(field: str) -> Optional[float]:
+        values = [r.get(field) for r in runs if r.get(field) is not None]
+        return round(statistics.median(values), 1) if values else None
+
     row.update(name=name, ops=sum(r["ops"] for r in runs),
                ops_per_sec=round(statistics.median(r["ops_per_sec"] for r in runs), 1),
-               server_cpu_us_per_op=round(statistics.median(cpu), 1) if cpu else None,
+               server_cpu_us_per_op=median_of("server_cpu_us_per_op"),
+               server_cpu_us_per_op_above_idle=median_of("server_cpu_us_per_op_above_idle"),
+               client_cpu_us_per_op=median_of("client_cpu_us_per_op"),
                runs_ops_per_sec=[r["ops_per_sec"] for r in runs],
                runs_server_cpu_us_per_op=[r["server_cpu_us_per_op"] for r in runs],
-               puts_per_entry=round(statistics.median(batch), 1) if batch else None,
+               puts_per_entry=median_of("puts_per_entry"),
                runs_puts_per_entry=[r.get("puts_per_entry") for r in runs],
                errors=_summed_errors(runs),
                note="; ".join(sorted({r["note"] for r in runs if r["note"]})))

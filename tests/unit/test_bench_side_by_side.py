@@ -10,7 +10,7 @@ def run(ops, cpu, errors=None, note="", batch=None):
             "ops_per_sec": ops, "p50_ms": 1000.0 / ops, "p90_ms": None, "p99_ms": None,
             "max_ms": None, "errors": errors or {}, "note": note,
             "client_cpu_us_per_op": 50.0, "server_cpu_us_per_op": cpu,
-            "server_cpu_us_per_op_above_idle": cpu, "client_busiest": 0.2}
+            "server_cpu_us_per_op_above_idle": cpu - 30, "client_busiest": 0.2}
 
 
 def test_median_row_takes_the_medians_and_keeps_every_run():
@@ -18,6 +18,8 @@ def test_median_row_takes_the_medians_and_keeps_every_run():
             run(400, 500, batch=8.0), run(1100, 260)]
     row = side_by_side.median_row("r", runs)
     assert row["puts_per_entry"] == 22.5 and row["runs_puts_per_entry"][-1] is None
+    assert row["server_cpu_us_per_op_above_idle"] == 280 - 30
+    assert row["server_cpu_us_per_op_above_idle"] <= row["server_cpu_us_per_op"]
     assert row["name"] == "r"
     assert row["ops_per_sec"] == 1000 and row["server_cpu_us_per_op"] == 280
     assert row["p50_ms"] == pytest.approx(1.0)  # the latencies of the median run
