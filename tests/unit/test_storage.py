@@ -224,6 +224,38 @@ def test_data_bytes_follow_puts_replacements_and_deletes(lmdb_store):
     assert lmdb_store.data_bytes() == 0
 
 
+def test_data_bytes_are_kept_per_transaction_and_survive_reopening(tmp_path):
+    # The count lives in memory between commits: the writer sees its own transaction's
+    # total, every other thread the committed one, an abort drops it, a reopen reads it back.
+    import threading
+    path = str(tmp_path / "db")
+    s = LmdbStore(path, map_size=64 * 1024 * 1024)
+    s.open()
+    s.put(b"a", e(b"x" * 100))
+    committed = s.data_bytes()
+    s.begin_write()
+    s.put(b"b", e(b"y" * 50))
+    inside = s.data_bytes()
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(s.data_bytes()))
+    reader.start()
+    reader.join()
+    assert inside > committed and seen == [committed]
+    s.abort()
+    assert s.data_bytes() == committed
+    s.begin_write()
+    s.put(b"b", e(b"y" * 50))
+    s.commit()
+    assert s.data_bytes() == inside
+    s.restore([(b"c", e(b"z"))])
+    after_restore = s.data_bytes()
+    s.close()
+    again = LmdbStore(path, map_size=64 * 1024 * 1024)
+    again.open()
+    assert again.data_bytes() == after_restore and 0 < after_restore < committed
+    again.close()
+
+
 def test_data_survives_reopening(tmp_path):
     path = str(tmp_path / "db")
     s = LmdbStore(path, map_size=64 * 1024 * 1024)

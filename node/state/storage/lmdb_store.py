@@ -149,6 +149,11 @@ class LmdbStore:
         self._local = threading.local()
         self._write: Optional[lmdb.Transaction] = None
         self._gate = _ReaderGate()
+        # The quota's byte count (META_DATA_BYTES), kept in memory: as last committed, and
+        # the open write transaction's running total, written to the metadata once at its
+        # commit rather than read, parsed and rewritten per record (a Put's hot path).
+        self._bytes_committed = 0
+        self._bytes_txn: Optional[int] = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -171,6 +176,9 @@ class LmdbStore:
         self._kv = self._env.open_db(b"kv")
         self._long = self._env.open_db(b"long")
         self._meta = self._env.open_db(b"meta")
+        with self._env.begin() as txn:
+            raw = txn.get(META_DATA_BYTES, db=self._meta)
+        self._bytes_committed = int(raw) if raw else 0
 
     def _mark_unsynced(self) -> None:
         marker = os.path.join(self.path, UNSYNCED_FILE)
@@ -226,6 +234,7 @@ class LmdbStore:
             raise RuntimeError("a write transaction is already open")
         self._write = self._env.begin(write=True)
         self._local.txn = self._write
+        self._bytes_txn = self._bytes_committed
 
     @property
     def in_write(self) -> bool:
@@ -236,18 +245,24 @@ class LmdbStore:
         StorageFull."""
         txn, self._write = self._write, None
         self._local.txn = None
+        total, self._bytes_txn = self._bytes_txn, None
         if txn is None:
             return
         try:
+            if total != self._bytes_committed:
+                txn.put(META_DATA_BYTES, b"%d" % total, db=self._meta)
             txn.commit()
         except lmdb.Error as exc:
+            txn.abort()
             _raise_full(exc)
             raise
+        self._bytes_committed = total
 
     def abort(self) -> None:
         """Drops the open write transaction and everything written in it."""
         txn, self._write = self._write, None
         self._local.txn = None
+        self._bytes_txn = None
         if txn is not None:
             txn.abort()
 
@@ -347,7 +362,7 @@ class LmdbStore:
                 _raise_full(exc)
                 raise
             delta = len(record) - (len(old) if old is not None else -len(key) - RECORD_OVERHEAD)
-            self._add_data_bytes(txn, delta)
+            self._add_data_bytes(delta)
 
     def delete(self, key: bytes) -> bool:
         with self._writing() as txn:
@@ -364,7 +379,7 @@ class LmdbStore:
                     txn.delete(prefix + _MARKER, db=self._kv)
             if old is None:
                 return False
-            self._add_data_bytes(txn, -(len(old) + len(key) + RECORD_OVERHEAD))
+            self._add_data_bytes(-(len(old) + len(key) + RECORD_OVERHEAD))
             return True
 
     def scan(self, start: bytes, end: Optional[bytes]) -> Iterator[tuple[bytes, Entry]]:
@@ -448,7 +463,7 @@ class LmdbStore:
         with self._writing() as txn:
             txn.drop(self._kv, delete=False)
             txn.drop(self._long, delete=False)
-            txn.put(META_DATA_BYTES, b"0", db=self._meta)
+            self._bytes_txn = 0
             for key, entry in records:
                 self.put(key, entry)
 
@@ -468,15 +483,15 @@ class LmdbStore:
                 _raise_full(exc)
                 raise
 
-    def _add_data_bytes(self, txn, delta: int) -> None:
-        raw = txn.get(META_DATA_BYTES, db=self._meta)
-        total = max(0, (int(bytes(raw)) if raw is not None else 0) + delta)
-        txn.put(META_DATA_BYTES, b"%d" % total, db=self._meta)
+    def _add_data_bytes(self, delta: int) -> None:
+        self._bytes_txn = max(0, self._bytes_txn + delta)
 
     def data_bytes(self) -> int:
-        """Keys, values and per-record overhead in use: what the quota counts."""
-        raw = self.get_meta(META_DATA_BYTES)
-        return int(raw) if raw else 0
+        """Keys, values and per-record overhead in use: what the quota counts (as committed;
+        inside the open write transaction, on its thread, as written so far)."""
+        if self._write is not None and getattr(self._local, "txn", None) is self._write:
+            return self._bytes_txn
+        return self._bytes_committed
 
     def file_bytes(self) -> int:
         """The database file's high-water mark in bytes (LMDB reuses freed pages)."""
