@@ -64,7 +64,8 @@ _KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_HELLO
 SALT_BYTES = 16
 TAG_BYTES = 16
 _COUNTER = struct.Struct(">Q")
-_NONCE_PAD = bytes(4)
+_NONCE = struct.Struct(">4xQ")  # the 12-byte nonce: 4 zero bytes, then the frame counter
+_HEADER = struct.Struct(">BBQ")  # version, flags, counter: a frame's header but the hello's
 MAX_COUNTER = 2 ** 64 - 1
 COMPRESS_MIN_BYTES = 64 * 1024
 COMPRESS_PROBE_BYTES = 8 * 1024
@@ -107,10 +108,6 @@ def _compresses(sample: bytes) -> bool:
     return _saves_enough(len(sample), len(zlib.compress(sample, COMPRESS_LEVEL)))
 
 
-def _nonce(counter: int) -> bytes:
-    return _NONCE_PAD + _COUNTER.pack(counter)
-
-
 class FrameSealer:
     """Seals the frames of one direction of one connection (its sender's side)."""
 
@@ -136,9 +133,9 @@ class FrameSealer:
         if counter == 0:
             header = bytes((VERSION, flags | FLAG_HELLO)) + self._salt + _COUNTER.pack(0)
         else:
-            header = bytes((VERSION, flags)) + _COUNTER.pack(counter)
+            header = _HEADER.pack(VERSION, flags, counter)
         self._counter = counter + 1
-        return header + self._aead.encrypt(_nonce(counter), body, header)
+        return header + self._aead.encrypt(_NONCE.pack(counter), body, header)
 
 
 class FrameOpener:
@@ -186,7 +183,7 @@ class FrameOpener:
             raise WireRefused(f"a replayed or reordered peer-wire frame (number {counter}, "
                               f"expected {self._next})")
         try:
-            body = aead.decrypt(_nonce(counter), frame[pos:], frame[:pos])
+            body = aead.decrypt(_NONCE.pack(counter), frame[pos:], frame[:pos])
         except InvalidTag:
             raise WireRefused("a peer-wire frame failed authentication (tampered, truncated "
                               "or sealed under another cluster secret)") from None
