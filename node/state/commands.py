@@ -280,6 +280,12 @@ def decode(command: bytes):
         raise CommandError(f"unknown opcode 0x{opcode:02x}")
     if version != BODY_V1:
         raise CommandError(f"unknown body version {version} for opcode 0x{opcode:02x}")
+    if opcode == OP_PUT and len(command) >= 4:
+        # Every replica decodes every Put on the apply thread: a well-formed one is two
+        # slices (a short one takes the reader below, for its exact error).
+        end = 4 + _U16.unpack_from(command, 2)[0]
+        if end <= len(command):
+            return Put(bytes(command[4:end]), bytes(command[end:]))
     r = BodyReader(memoryview(command)[2:])
     if opcode == OP_PUT:
         key = r.take(r.u16())
