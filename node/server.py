@@ -37,6 +37,10 @@ from sealkv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 log = logging.getLogger(__name__)
 
 GRPC_WORKERS = 32
+# A stopping leader's hand-over to a caught-up voter: its bound, and the longest pause between
+# attempts while no voter is caught up (a retry also follows any progress of the log).
+HANDOVER_TIMEOUT = 3.0
+HANDOVER_RETRY = 0.05
 MAX_MESSAGE_BYTES = MAX_VALUE_BYTES + 64 * 1024
 
 
@@ -270,12 +274,46 @@ class Node:
         self.handle.close()
         self.proposer.close()
         self.alarms.stop()
+        self._hand_over_leadership(HANDOVER_TIMEOUT)
         self.adapter.stop()
         self.adapter.wait_dump_written(10)
         self.store.close()
         if self.audit is not None:
             self.audit.close()
         self._data_dir_lock.release()
+
+    def _hand_over_leadership(self, timeout: float) -> None:
+        """A leader that stops hands leadership to its most caught-up voter first (etcd's
+        leader does the same on a graceful stop), so the others need not wait an election
+        timeout to notice it is gone: a rolling restart then costs one quick, orderly leader
+        change instead of an election. Called by `stop` after gRPC stopped (no new local
+        proposals); best effort within `timeout`: on failure the others elect as after a
+        crash."""
+        adapter = self.adapter
+        if adapter.halted or not adapter.is_leader or not adapter.partners:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            applied = adapter.raft_state()["applied_index"]
+            try:
+                self.membership.transfer_leadership("", max(0.1, deadline - time.monotonic()))
+                log.info("handed the leadership over before stopping")
+                return
+            except errors.FailedPrecondition:
+                pass  # no voter is caught up yet: try again once the log moved
+            except errors.SealkvError as exc:
+                log.warning("could not hand the leadership over before stopping (%s); the "
+                            "others elect a leader after their election timeout", exc)
+                return
+            if not adapter.is_leader:
+                return
+            if time.monotonic() >= deadline:
+                log.warning("no voter caught up within %.1fs to hand the leadership over; "
+                            "the others elect a leader after their election timeout", timeout)
+                return
+            adapter.wait_until(lambda: adapter.raft_state()["applied_index"] != applied
+                               or not adapter.is_leader,
+                               min(HANDOVER_RETRY, deadline - time.monotonic()))
 
     def _open_database(self) -> None:
         try:

@@ -234,6 +234,22 @@ class Cluster:
             if sig in (signal.SIGKILL, signal.SIGTERM):
                 node.proc.wait(timeout=15)
 
+    def restart(self, name: str, timeout: float = 60.0,
+                ready: Optional[Callable[[], object]] = None) -> str:
+        """One step of a rolling restart: stops `name` (SIGTERM, as an operator does), starts
+        it again and waits until it serves, `ready()` (a test's extra condition) holds and
+        every live node names one leader; returns that leader.
+
+        Health alone is not enough: a node serves before it has heard from the leader, and
+        restarting the next node then could leave a majority without one.
+        """
+        self.kill(name, signal.SIGTERM)
+        self.start_node(name)
+        wait_for(lambda: self.healthy(name), timeout, f"{name} serving again")
+        if ready is not None:
+            wait_for(ready, timeout, f"{name} ready")
+        return self.wait_leader(timeout)
+
     def crash_restart_all(self, timeout: float = 60.0) -> str:
         """Kills every node with SIGKILL, starts them all again, returns the agreed leader."""
         for name in list(self.nodes):

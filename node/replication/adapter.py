@@ -831,11 +831,21 @@ class ReplicationAdapter:
     def transfer_leadership(self, raft_address: Optional[str], timeout: float) -> None:
         """Asks the leader to hand over to `raft_address` (None: most caught-up voter)."""
         done = threading.Event()
+        asked = threading.Event()
         box: list = []
-        self._obj.transferLeadership(raft_address,
-                                     callback=lambda res, reason: (box.append(reason), done.set()))
-        if not done.wait(timeout):
-            raise errors.OutcomeUnknown("leadership transfer not acknowledged in time")
+
+        def job() -> None:  # tick thread: pysyncobj's transferLeadership sends on the transport
+            if not asked.is_set():
+                asked.set()
+                self._obj.transferLeadership(
+                    raft_address, callback=lambda res, reason: (box.append(reason), done.set()))
+
+        self._obj.addOnTickCallback(job)
+        try:
+            if not done.wait(timeout):
+                raise errors.OutcomeUnknown("leadership transfer not acknowledged in time")
+        finally:
+            self._obj.removeOnTickCallback(job)
         if box[0] != FAIL_REASON.SUCCESS:
             raise errors.FailedPrecondition(
                 "leadership transfer refused: the target must be a connected, fully caught-up "

@@ -183,6 +183,8 @@ class RaftRulesSyncObj(SyncObj):
         elif kind == 'request_vote':
             if not message.get('transfer') and self._in_lease():
                 return  # a live leader is known: this candidate would only disrupt it
+            log.info("%s asks for a vote for raft term %d (ours: %d)", _address(node),
+                     message['term'], self._SyncObj__raftCurrentTerm)
         elif kind == 'pre_vote':
             self._receive_pre_vote(node, message)
             return
@@ -269,6 +271,7 @@ class RaftRulesSyncObj(SyncObj):
             self._SyncObj__raftElectionDeadline = (monotonic_time()
                                                    + self._SyncObj__generateRaftTimeout())
         if self._SyncObj__raftLeader != node:
+            log.info("following the leader at %s (raft term %d)", _address(node), term)
             self._SyncObj__onLeaderChanged()
         self._SyncObj__raftLeader = node
         if term > self._SyncObj__raftCurrentTerm:
@@ -322,6 +325,7 @@ class RaftRulesSyncObj(SyncObj):
         self._probing.add(node)
 
     def _SyncObj__onBecomeLeader(self):
+        log.info("leading at raft term %d", self._SyncObj__raftCurrentTerm)
         self._probing.clear()
         self._probe_wait.clear()
         SyncObj._SyncObj__onBecomeLeader(self)
@@ -423,7 +427,17 @@ class RaftRulesSyncObj(SyncObj):
     def _onTick(self, timeToWait=0.0):
         if self._SyncObj__transport.ready and not self._SyncObj__needLoadDumpFile:
             self._election_tick()
+        leading = self._SyncObj__raftState == _RAFT_STATE.LEADER
+        term = self._SyncObj__raftCurrentTerm
         SyncObj._onTick(self, timeToWait)
+        if leading and self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            if self._SyncObj__raftCurrentTerm > term:
+                log.info("stopped leading: a peer is at raft term %d (ours was %d)",
+                         self._SyncObj__raftCurrentTerm, term)
+            else:  # CheckQuorum, or the adapter's step-down when its journal cannot write
+                log.warning("stopped leading at raft term %d: no quorum of voters answered "
+                            "within the leader fallback timeout, or the journal cannot be "
+                            "written", term)
 
     def _SyncObj__connectedToAnyone(self):
         # pysyncobj asks this only to decide whether to start its own election (which raises
@@ -450,6 +464,8 @@ class RaftRulesSyncObj(SyncObj):
             self._SyncObj__raftLeader = None
             self._SyncObj__onLeaderChanged()
         self._pre_vote_term = self._SyncObj__raftCurrentTerm + 1
+        log.info("no leader heard from within the election timeout: asking for pre-votes "
+                 "for raft term %d", self._pre_vote_term)
         self._pre_votes = set()
         message = {
             'type': 'pre_vote',
@@ -469,6 +485,8 @@ class RaftRulesSyncObj(SyncObj):
         self._SyncObj__setState(_RAFT_STATE.CANDIDATE)
         self._SyncObj__setCurrentTerm(self._SyncObj__raftCurrentTerm + 1,
                                       self._SyncObj__selfNode.id)
+        log.info("campaigning for raft term %d%s", self._SyncObj__raftCurrentTerm,
+                 " (leadership transfer)" if transfer else "")
         self._SyncObj__votesCount = 1
         message = {
             'type': 'request_vote',
@@ -519,6 +537,8 @@ class RaftRulesSyncObj(SyncObj):
             if theirs > self._SyncObj__raftCurrentTerm:
                 # Our term is behind: catch up (a node stuck at an old term could never
                 # win a pre-vote), without a vote, and try again at the next timeout.
+                log.info("a voter is at raft term %d, above ours (%d): catching up",
+                         theirs, self._SyncObj__raftCurrentTerm)
                 self._pre_vote_term = None
                 self._SyncObj__setCurrentTerm(theirs, None)
                 self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
@@ -538,3 +558,7 @@ class RaftRulesSyncObj(SyncObj):
             self._SyncObj__setCurrentTerm(term, None)
             self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
             self._SyncObj__raftLeader = None
+
+
+def _address(node) -> str:
+    return getattr(node, "address", None) or str(node)
