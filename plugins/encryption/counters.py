@@ -2,8 +2,9 @@
 
 Incremented where values and raft payloads are sealed and opened (storage.py,
 raft_envelope.py) and read at scrape time; the storage layer's seals are the exception: apply
-counts them in `EncryptionStorage.sealed` without a lock, and the plugin's `metrics` adds them. Labels are a purpose ("storage", "raft") and a
-failure reason (the envelope error's class name): never a key, a value or key material.
+counts them in `EncryptionStorage.sealed` without a lock, and the plugin's `metrics` adds
+them. Labels are a purpose ("storage", "raft") and a failure reason (the envelope error's
+class name): never a key, a value or key material.
 """
 from __future__ import annotations
 
