@@ -2,7 +2,8 @@
 
 It wraps one `SyncObj`, submits versioned command bytes through a single replicated entry
 point, resolves each caller's wait from the apply callback (always with a deadline: pysyncobj
-can orphan callbacks), coalesces linearizable-read barriers, persists the state machine in its
+can orphan callbacks), confirms linearizable read points by ReadIndex (`raft_rules`,
+`read_index`; coalesced barrier entries as the fallback), persists the state machine in its
 own snapshot format (no pickle), halts the node when an entry cannot be applied, and owns the
 membership lock under which every membership change and `membership_snapshot()` run.
 
@@ -21,6 +22,8 @@ keeping pipelined throughput: pysyncobj's defaults batch every 100 ms.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import sys
@@ -42,6 +45,7 @@ from sealkv.node.replication.dump_file import (
     DUMP_FIX, ChecksumWriter, dump_header, read_dump_start,
 )
 from sealkv.node.replication.proposer import retry_barrier
+from sealkv.node.replication.read_index import ReadIndexFallback
 from sealkv.node.replication.raft_rules import RaftRulesSyncObj
 from sealkv.node.errors import ApplyHalt, where
 from sealkv.node.replication.membership import MemberRecord, MembershipSnapshot
@@ -367,6 +371,10 @@ class ReplicationAdapter:
         self._stalled = False
         self._applying_index = 0
         self._orphans: dict[int, list[Callable[[object], None]]] = {}
+        # Tick thread only: reads whose read index is confirmed, waiting until the entries up
+        # to it are applied and committed here: (index, seq, deadline, on_done).
+        self._read_waits: list = []
+        self._read_seq = itertools.count()
         # Notified by the tick thread when the leader, the term or the applied index moved.
         self._progress = threading.Condition()
         self._generation = 0
@@ -463,6 +471,8 @@ class ReplicationAdapter:
         obj = self._obj
         if obj is None:
             return
+        if self._read_waits:
+            self._expire_read_waits()
         leader = obj._getLeader()
         seen = (None if leader is None else leader.address, obj.raftCurrentTerm,
                 obj.raftLastApplied)
@@ -530,6 +540,10 @@ class ReplicationAdapter:
         callbacks, self._after_commit = self._after_commit, []
         for callback in callbacks:
             callback()
+        waits = self._read_waits
+        while waits and waits[0][0] <= self._committed_raft_index:
+            _, _, _, on_done = heapq.heappop(waits)
+            on_done(None)
 
     def _stall_commit_failed(self) -> bool:
         try:
@@ -678,19 +692,85 @@ class ReplicationAdapter:
             raise errors.Unavailable("no leader: the cluster has no quorum or is electing")
 
     def barrier(self, timeout: float) -> int:
-        """Waits for a quorum-confirmed no-op to apply here and returns its index.
+        """Waits for a quorum-confirmed read point to be applied here and returns its index.
 
-        Reads that arrive while a barrier is in flight share the next one, which is proposed
-        when the current one completes: a barrier proposed before a read started could be
-        ordered before writes acknowledged before the read started. A barrier dropped by a
-        leader change (or not committed in its time) is proposed again while the deadline
-        allows: it is a no-op, safe to repeat, so a read never has an unknown outcome.
+        The read point is a read index (`read_index_async`: the leader's commit index,
+        confirmed by a round of messages a quorum answered in its term, no log entry), or,
+        when that falls back, a no-op barrier entry. Reads that arrive while a round (or a
+        barrier) is in flight share the next one, which starts when the current one
+        completes: a point fixed before a read started could be ordered before writes
+        acknowledged before the read started. A read point dropped by a leader change (or
+        not confirmed in its time) is sought again while the deadline allows: it changes
+        nothing, safe to repeat, so a read never has an unknown outcome.
 
         Raises `ReadTimeout` when no barrier is confirmed within `timeout`, `Unavailable`
         when no leader was known until then (or the node halted), `ResourceExhausted` when
         the proposal queue is full.
         """
-        return retry_barrier(self._barrier_once, timeout, lambda: self._halted)
+        return retry_barrier(self._read_point_once, timeout, lambda: self._halted)
+
+    def read_index_async(self, on_done: Callable[[Optional[int], Optional[Exception]], None],
+                         deadline: float) -> None:
+        """Confirms a linearizable read point without a log entry (ReadIndex); never blocks.
+
+        Any thread but the tick thread. `on_done(index, error)` is called once, on the tick
+        thread (it must be short): with the confirmed read index once every entry up to it is
+        applied and committed to the database here, so a read of the state machine then
+        sees every write acknowledged before this call. Errors: `ReadIndexFallback` (confirm
+        with a barrier entry instead: right after an election, during a membership change or
+        a leadership transfer, or with peers that do not answer ReadIndex messages),
+        `Aborted` (the leader changed: retry), `Unavailable` (no leader known), `OutcomeUnknown`
+        (confirmed, but not applied here by `deadline`, a monotonic time).
+        """
+        ask = getattr(self._obj, "read_index", None)
+        if ask is None:  # a stand-in Raft object of a unit test
+            on_done(None, ReadIndexFallback("this Raft object has no ReadIndex"))
+            return
+
+        def confirmed(index: Optional[int], error) -> None:  # tick thread
+            if error is not None:
+                on_done(None, error)
+                return
+            if index <= (self._committed_raft_index or 0):
+                on_done(index, None)
+                return
+            heapq.heappush(self._read_waits, (
+                index, next(self._read_seq), deadline,
+                lambda failure: on_done(None, failure) if failure else on_done(index, None)))
+
+        ask(confirmed)
+
+    def _expire_read_waits(self) -> None:
+        # Tick thread: a read whose caller gave up no longer waits for its index here.
+        now = time.monotonic()
+        waits = self._read_waits
+        expired = [w for w in waits if w[2] <= now]
+        if not expired:
+            return
+        self._read_waits = [w for w in waits if w[2] > now]
+        heapq.heapify(self._read_waits)
+        for index, _, _, on_done in expired:
+            on_done(errors.OutcomeUnknown(f"read index {index} confirmed but not applied here "
+                                          "in time"))
+
+    def _read_point_once(self, timeout: float) -> int:
+        """One linearizable read point: ReadIndex, or a barrier entry when it falls back."""
+        if getattr(self._obj, "read_index", None) is None:  # a unit test's stand-in
+            return self._barrier_once(timeout)
+        deadline = time.monotonic() + timeout
+        self._require_leader(deadline)
+        done = threading.Event()
+        box: list = []
+        self.read_index_async(lambda index, error: (box.append((index, error)), done.set()),
+                              deadline)
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            raise errors.OutcomeUnknown(f"read point not confirmed within {timeout:.1f}s")
+        index, error = box[0]
+        if isinstance(error, ReadIndexFallback):
+            return self._barrier_once(max(0.0, deadline - time.monotonic()))
+        if error is not None:
+            raise error
+        return index
 
     def _barrier_once(self, timeout: float) -> int:
         with self._barrier_lock:

@@ -4,8 +4,11 @@ Every write of the node (unary handlers and batch streams alike) and every linea
 goes through one `Proposer`. A lone request leaves at once, with no timer; requests that
 arrive while an entry is in flight wait and leave together, as one BATCH entry, when it
 completes (group commit). An entry carries at most `max_commands` commands and about
-`max_bytes` bytes (a larger single command travels alone). Reads waiting for a barrier share
-the next entry: with writes in it, it is their barrier; without, a BARRIER is proposed.
+`max_bytes` bytes (a larger single command travels alone). A linearizable read asks the
+adapter for a read index (`read_index_async`: no log entry, concurrent reads share one
+confirmation round); when that falls back (see `read_index.ReadIndexFallback`), or with an
+adapter that offers no ReadIndex, reads waiting for a barrier share the next entry: with
+writes in it, it is their barrier; without, a BARRIER is proposed.
 
 Threading contract: `submit`, `propose` and `barrier` are called from gRPC worker threads,
 never from the pysyncobj tick thread. A request that finds no entry in flight is proposed on
@@ -19,10 +22,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from sealkv.node import errors
 from sealkv.node.errors import where
+from sealkv.node.replication.read_index import ReadIndexFallback
 from sealkv.node.state import commands as cmd
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,12 @@ UNBATCHED_ENTRIES = {"max_commands": 1, "max_in_flight": 64}
 BARRIER_RETRYABLE = (errors.Aborted, errors.OutcomeUnknown, errors.Unavailable)
 BARRIER_RETRY_PAUSE = 0.02
 _BARRIER = cmd.encode(cmd.Barrier())
+
+
+class ReadPoint(NamedTuple):
+    """What a read answered by a read index (no entry) gets: `revision`, the read index."""
+
+    revision: int
 
 
 class _Request:
@@ -76,6 +86,8 @@ class Proposer:
         new entries may leave.
         """
         self.adapter = adapter
+        # ReadIndex, when the adapter offers it (an optional capability; test doubles may not).
+        self._read_index = getattr(adapter, "read_index_async", None)
         self.max_commands = max_commands
         self.max_bytes = max_bytes
         self.max_in_flight = max_in_flight
@@ -116,12 +128,30 @@ class Proposer:
         a leader first (`adapter.wait_leader`).
         """
         request = _Request(command, on_done, deadline)
+        if command is None and self._read_index is not None:
+            # A read point without an entry (ReadIndex): it never waits behind writes.
+            request.state = "sent"
+            self._read_index(lambda index, error: self._read_done(request, index, error),
+                             deadline)
+            return request
         with self._lock:
             self._pending.append(request)
             entry = self._take_locked()
         if entry is not None:
             self._send(entry)
         return request
+
+    def _read_done(self, request: _Request, index: Optional[int], error) -> None:
+        """A read index's answer (tick thread): answer the read, or, when ReadIndex falls
+        back, let it wait for the next entry (a BARRIER when no write shares it), proposed
+        by the proposer's thread."""
+        if isinstance(error, ReadIndexFallback):
+            with self._lock:
+                request.state = "pending"
+                self._pending.append(request)
+            self._wake.set()
+            return
+        _answer(request, None if error is not None else ReadPoint(index), error)
 
     def withdraw(self, request: _Request) -> bool:
         """Removes a request not yet proposed; returns False when it already left."""
@@ -142,9 +172,10 @@ class Proposer:
         return self._wait(command, timeout)
 
     def barrier(self, timeout: float) -> int:
-        """Waits until an entry proposed after this call has applied here; returns its index.
+        """Waits until a read point fixed after this call (a read index, else an entry
+        proposed after it) has applied here; returns its index.
 
-        A barrier dropped by a leader change (or not committed in its time) is proposed again
+        A read point dropped by a leader change (or not confirmed in its time) is sought again
         while the deadline allows, so a read never has an unknown outcome. Raises
         `ReadTimeout` when none is confirmed within `timeout`, `Unavailable` when no leader
         was known until then (or the node halted), `ResourceExhausted` when the queue is full.

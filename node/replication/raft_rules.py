@@ -36,6 +36,19 @@ Stock pysyncobj 0.3.17 departs from the Raft paper in ways that show up under lo
 - A node that ignores AppendEntries of a lower term never tells that leader; a node whose
   term rose (it lost an election) would be cut off until the leader fails. Here it answers
   `stale_term` with its term, and the leader steps down (etcd-io/raft answers such messages).
+- pysyncobj has no linearizable read but a no-op through the log (appended, fsynced and
+  applied on every node). Here reads are confirmed by ReadIndex (Ongaro's thesis §6.4,
+  etcd-io/raft `ReadOnlySafe`; the bookkeeping is `read_index.py`): a leader that has
+  committed an entry of its term takes its commit index as the read index and sends a
+  `read_index_ping` round (term, sequence number); a voter echoes it in a `read_index_pong`
+  only while it follows that leader in that term (a lower-term ping gets `stale_term`); a
+  quorum of the current voters, the leader counted, confirms the round. A follower or learner
+  sends `read_index_request` to its leader and gets a `read_index_response` (the index, or
+  `error`: `fallback` or `retry`) after the leader's round. Every read waiting when a round
+  or request starts shares it; the others share the next. Rounds are not tried (the reads
+  fall back to a barrier entry) before an entry of the term commits, while a membership
+  change is uncommitted, for a while after a leadership transfer, and for
+  `READ_INDEX_FALLBACK_PERIOD` after a round or request went unanswered.
 
 `RaftRulesSyncObj` is a `SyncObj` whose message handler and AppendEntries sender apply these
 rules; the replication adapter's `_RaftObject` derives from it. Everything runs on pysyncobj's
@@ -52,12 +65,18 @@ are new types, which stock nodes ignore (pysyncobj dispatches on known types onl
 with these rules gets no pre-votes from stock nodes, so it becomes a candidate only once a
 quorum runs these rules; stock nodes still campaign as before and are voted for, so a cluster
 keeps electing leaders during an upgrade as long as one stock voter with an up-to-date log is
-up. Upgrade one node at a time, as always.
+up. `read_index_ping`, `read_index_pong`, `read_index_request` and `read_index_response` are
+new types too: a leader whose quorum does not answer pings ends the round after the minimum
+election timeout, and a follower whose leader does not answer gives up after twice that; the
+reads then use barrier entries (which every version applies) for `READ_INDEX_FALLBACK_PERIOD`
+before ReadIndex is tried again, so reads never hang on an older peer. Upgrade one node at a
+time, as always.
 
 Only `sealkv.node.replication.adapter` imports this module (it is part of the pysyncobj boundary).
 """
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -66,7 +85,17 @@ from pysyncobj import SyncObj
 from pysyncobj.monotonic import monotonic as monotonic_time
 from pysyncobj.syncobj import _RAFT_STATE
 
+from sealkv.node import errors
+from sealkv.node.errors import where
+from sealkv.node.replication.read_index import (
+    FollowerRequests, LeaderRounds, OnReadIndex, ReadIndexFallback,
+)
+
 log = logging.getLogger(__name__)
+
+# ReadIndex: after a round (or a follower's request) went unanswered, reads use barrier
+# entries for this long before trying again (peers of an older sealkv never answer).
+READ_INDEX_FALLBACK_PERIOD = 5.0
 
 # A journal entry as pysyncobj stores it: (command bytes, raft index, term).
 Entry = tuple
@@ -156,7 +185,20 @@ class RaftRulesSyncObj(SyncObj):
         self._pre_vote_won = False
         # Follower: the last success answered (leader node, term, next index, monotonic time).
         self._last_success: Optional[tuple] = None
+        # ReadIndex (see read_index.py): reads handed over by other threads, the leader's
+        # rounds, this node's requests to its leader, until when reads use barrier entries
+        # instead, the log index of the last membership change, the last transfer's start.
+        # The timeouts are set from the configuration once the base class has read it.
+        self._read_inbox: collections.deque = collections.deque()
+        self._rounds = LeaderRounds(1.0)
+        self._requests = FollowerRequests(2.0)
+        self._read_fallback_until = 0.0
+        self._membership_change_index = 0
+        self._transfer_started = float("-inf")
         super().__init__(*args, **kwargs)
+        conf = self._SyncObj__conf
+        self._rounds.timeout = conf.raftMinTimeout
+        self._requests.timeout = 2 * conf.raftMinTimeout
 
     def _on_safety_violation(self, reason: str) -> None:
         raise NotImplementedError
@@ -193,6 +235,18 @@ class RaftRulesSyncObj(SyncObj):
             return
         elif kind == 'stale_term':
             self._receive_stale_term(message)
+            return
+        elif kind == 'read_index_ping':
+            self._receive_read_ping(node, message)
+            return
+        elif kind == 'read_index_pong':
+            self._receive_read_pong(node, message)
+            return
+        elif kind == 'read_index_request':
+            self._receive_read_request(node, message)
+            return
+        elif kind == 'read_index_response':
+            self._receive_read_response(node, message)
             return
         SyncObj._SyncObj__onMessageReceived(self, node, message)
 
@@ -427,6 +481,7 @@ class RaftRulesSyncObj(SyncObj):
     def _onTick(self, timeToWait=0.0):
         if self._SyncObj__transport.ready and not self._SyncObj__needLoadDumpFile:
             self._election_tick()
+            self._read_tick()
         leading = self._SyncObj__raftState == _RAFT_STATE.LEADER
         term = self._SyncObj__raftCurrentTerm
         SyncObj._onTick(self, timeToWait)
@@ -560,5 +615,225 @@ class RaftRulesSyncObj(SyncObj):
             self._SyncObj__raftLeader = None
 
 
+    # -- ReadIndex: linearizable read points without a log entry (thesis §6.4) -----------
+
+    def read_index(self, on_done: OnReadIndex) -> None:
+        """Asks for a linearizable read index; any thread (never blocks).
+
+        `on_done(index, error)` is called exactly once, on the tick thread, and must be
+        short. `index` covers every write acknowledged before this call: a leader confirmed
+        by a quorum of voters, in its term, after this call, that it still led when its
+        commit index was `index`. The caller waits until its applied index reaches it. The
+        errors: `ReadIndexFallback` (confirm with a barrier entry instead), `errors.Aborted`
+        (the leader changed or stepped down: a read changes nothing, retry),
+        `errors.Unavailable` (no leader known).
+        """
+        self._read_inbox.append(on_done)
+        notifier = getattr(self, '_SyncObj__pipeNotifier', None)
+        if notifier is not None:
+            notifier.notify()  # wake the tick thread from its poll
+
+    def transferLeadership(self, node=None, callback=None):
+        # Conservative: rounds started while a transfer may be under way are not tried (a
+        # round is safe anyway, its answers count only in its term, but not worth the doubt).
+        self._transfer_started = monotonic_time()
+        SyncObj.transferLeadership(self, node, callback)
+
+    def _SyncObj__doChangeCluster(self, request, reverse=False):
+        # Called as the change is appended (leader) or received (follower): no round starts
+        # until the commit index passes it (the quorum may be changing under the round).
+        self._membership_change_index = max(self._membership_change_index,
+                                            self._SyncObj__getCurrentLogIndex() + 1)
+        return SyncObj._SyncObj__doChangeCluster(self, request, reverse)
+
+    def _read_tick(self) -> None:
+        """Hands the reads of other threads to the leader's rounds or to this node's requests
+        to its leader, and ends rounds and requests that can no longer be answered."""
+        inbox = self._read_inbox
+        leading = self._SyncObj__raftState == _RAFT_STATE.LEADER
+        leader = self._SyncObj__raftLeader
+        while inbox:
+            on_done = inbox.popleft()
+            if leading:
+                self._rounds.add(on_done)
+            elif leader is not None:
+                self._requests.add(on_done)
+            else:
+                _tell(on_done, None, errors.Unavailable(
+                    "no leader: the cluster has no quorum or is electing"))
+        now = monotonic_time()
+        if not self._rounds.idle:
+            self._leader_read_tick(now, leading)
+        if not self._requests.idle:
+            self._follower_read_tick(now, leading, leader)
+
+    def _leader_read_tick(self, now: float, leading: bool) -> None:
+        rounds = self._rounds
+        current = rounds.current
+        if not leading or (current is not None
+                           and current.term != self._SyncObj__raftCurrentTerm):
+            self._answer_reads(rounds.drain(), None, errors.Aborted(
+                "read not confirmed: this node stopped leading; a read changes nothing, retry"))
+            return
+        expired = rounds.expired(now)
+        if expired is not None:
+            self._read_fallback_until = now + READ_INDEX_FALLBACK_PERIOD
+            log.warning("a read-index round had no answer from a quorum of voters within "
+                        "%.1fs (%d of %d answered; peers of an older sealkv do not answer): "
+                        "linearizable reads use barrier entries for %.0fs",
+                        rounds.timeout, len(expired.acks), len(expired.voters),
+                        READ_INDEX_FALLBACK_PERIOD)
+            self._answer_reads(expired.waiters, None, ReadIndexFallback(
+                "the read-index round was not confirmed in time"))
+        self._start_round(now)
+
+    def _read_round_refusal(self, now: float) -> Optional[str]:
+        """Why the leader cannot start a round now (reads then use a barrier entry), or None."""
+        commit = self._SyncObj__raftCommitIndex
+        noop = self._SyncObj__noopIDx
+        if noop is None or commit < noop:
+            return "no entry of this leader's term is committed yet"
+        if commit < self._membership_change_index:
+            return "a membership change is not committed yet"
+        if now - self._transfer_started < self._SyncObj__conf.raftMaxTimeout:
+            return "a leadership transfer may be under way"
+        if now < self._read_fallback_until:
+            return "a recent read-index round went unanswered"
+        return None
+
+    def _start_round(self, now: float) -> None:
+        """Starts the next round for the pending reads, when none is in flight (tick thread)."""
+        rounds = self._rounds
+        if rounds.current is not None or not rounds.pending:
+            return
+        refusal = self._read_round_refusal(now)
+        if refusal is not None:
+            self._answer_reads(rounds.drain(), None, ReadIndexFallback(refusal))
+            return
+        term = self._SyncObj__raftCurrentTerm
+        started = rounds.start(now, self._SyncObj__raftCommitIndex, term,
+                               self._SyncObj__otherNodes)
+        if started.confirmed:
+            self._answer_reads(started.waiters, started.index, None)
+            return
+        ping = {'type': 'read_index_ping', 'term': term, 'seq': started.seq}
+        for node in started.voters:
+            self._SyncObj__transport.send(node, ping)
+
+    def _answer_reads(self, waiters, index: Optional[int], error) -> None:
+        """Answers local reads (callables) and followers' requests ((node, request id))."""
+        for waiter in waiters:
+            if not isinstance(waiter, tuple):
+                _tell(waiter, index, error)
+                continue
+            node, request_id = waiter
+            message = {'type': 'read_index_response', 'request_id': request_id}
+            if error is None:
+                message['index'] = index
+            else:
+                message['error'] = 'fallback' if isinstance(error, ReadIndexFallback) \
+                    else 'retry'
+            self._SyncObj__transport.send(node, message)
+
+    def _follower_read_tick(self, now: float, leading: bool, leader) -> None:
+        requests = self._requests
+        gone = requests.leader_gone(None if leading else leader)
+        if gone is not None:
+            self._answer_reads(gone.waiters, None, errors.Aborted(
+                "read not confirmed: the leader changed; a read changes nothing, retry"))
+        if leading:  # this node now leads: its own rounds serve the reads
+            for waiter in requests.drain():
+                self._rounds.add(waiter)
+            self._start_round(now)
+            return
+        expired = requests.expired(now)
+        if expired is not None:
+            self._read_fallback_until = now + READ_INDEX_FALLBACK_PERIOD
+            log.warning("the leader did not answer a read-index request within %.1fs (a "
+                        "leader of an older sealkv does not): linearizable reads use barrier "
+                        "entries for %.0fs", requests.timeout, READ_INDEX_FALLBACK_PERIOD)
+            self._answer_reads(expired.waiters, None, ReadIndexFallback(
+                "the leader did not answer the read-index request in time"))
+        self._send_read_request(now, leader)
+
+    def _send_read_request(self, now: float, leader) -> None:
+        requests = self._requests
+        if requests.current is not None or not requests.pending:
+            return
+        if leader is None:
+            self._answer_reads(requests.drain(), None, errors.Unavailable(
+                "no leader: the cluster has no quorum or is electing"))
+            return
+        if now < self._read_fallback_until:
+            self._answer_reads(requests.drain(), None, ReadIndexFallback(
+                "a recent read-index request went unanswered"))
+            return
+        term = self._SyncObj__raftCurrentTerm
+        started = requests.start(now, leader, term)
+        if not self._SyncObj__transport.send(leader, {
+                'type': 'read_index_request', 'request_id': started.seq, 'term': term}):
+            requests.answer(started.seq)
+            self._answer_reads(started.waiters, None, errors.Unavailable(
+                "not connected to the leader; a read changes nothing, retry"))
+
+    def _receive_read_ping(self, node, message) -> None:
+        """A voter echoes a round of the leader it follows, in its own term only."""
+        if self._SyncObj__selfNode is None:
+            return  # learners never count in a quorum
+        term = message['term']
+        current = self._SyncObj__raftCurrentTerm
+        if term < current:
+            self._SyncObj__transport.send(node, {'type': 'stale_term', 'term': current})
+        elif (term == current and self._SyncObj__raftLeader == node
+              and self._SyncObj__raftState != _RAFT_STATE.LEADER):
+            self._SyncObj__transport.send(node, {
+                'type': 'read_index_pong', 'term': term, 'seq': message['seq']})
+
+    def _receive_read_pong(self, node, message) -> None:
+        if message['term'] > self._SyncObj__raftCurrentTerm:
+            self._receive_stale_term(message)
+            return
+        if self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            return
+        done = self._rounds.ack(node, message['seq'], message['term'])
+        if done is not None:
+            self._answer_reads(done.waiters, done.index, None)
+            self._start_round(monotonic_time())
+
+    def _receive_read_request(self, node, message) -> None:
+        """The leader takes a follower's (or learner's) request into its next round."""
+        waiter = (node, message['request_id'])
+        if self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            self._answer_reads([waiter], None, errors.Aborted("not the leader"))
+            return
+        self._rounds.add(waiter)
+        self._start_round(monotonic_time())
+
+    def _receive_read_response(self, node, message) -> None:
+        current = self._requests.current
+        if current is None or current.target != node:
+            return  # not from the node asked: ignored (the request times out)
+        done = self._requests.answer(message['request_id'])
+        if done is None:
+            return  # a request already given up
+        if 'index' in message:
+            self._answer_reads(done.waiters, message['index'], None)
+        elif message.get('error') == 'fallback':
+            self._answer_reads(done.waiters, None, ReadIndexFallback(
+                "the leader cannot confirm a read index now"))
+        else:
+            self._answer_reads(done.waiters, None, errors.Aborted(
+                "read not confirmed: the leader stepped down; a read changes nothing, retry"))
+        if self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            self._send_read_request(monotonic_time(), self._SyncObj__raftLeader)
+
+
 def _address(node) -> str:
     return getattr(node, "address", None) or str(node)
+
+
+def _tell(on_done: OnReadIndex, index: Optional[int], error) -> None:
+    try:
+        on_done(index, error)
+    except Exception as exc:  # never raise into pysyncobj's tick thread
+        log.error("read-index callback failed: %s at %s", type(exc).__name__, where(exc))
