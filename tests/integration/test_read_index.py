@@ -44,6 +44,29 @@ def test_linearizable_gets_on_leader_and_followers_leave_the_log_alone(cluster3,
                              f"{before} to {after}: reads wrote the Raft log\n{cluster3.logs()}")
 
 
+def test_a_learner_asks_the_leader_and_writes_nothing_either(cluster3):
+    learner = cluster3.add_node("l1", learner=True)
+    with cluster3.client() as c:
+        c.member_add("l1", "", learner.grpc, learner=True)
+    leader = cluster3.wait_leader()
+    with cluster3.client(leader, timeout=10) as writer, \
+            cluster3.client("l1", timeout=10) as reader:
+        writer.put(b"k", b"v0")
+        wait_for(lambda: reader.get(b"k", consistency=SERIALIZABLE).found, 30,
+                 "the learner to replicate")
+        for i in range(20):  # each read sees the write acknowledged just before it
+            writer.put(b"k", b"v%d" % i)
+            assert reader.get(b"k").kv.value == b"v%d" % i
+        wait_for(lambda: len(set(commit_indexes(cluster3).values())) == 1, 30,
+                 "every node to reach the same commit index")
+        before = commit_indexes(cluster3)
+        for _ in range(READS):
+            assert reader.get(b"k").kv.value == b"v19"
+    after = commit_indexes(cluster3)
+    assert after == before, (f"{READS} linearizable Gets on a learner moved the commit index "
+                             f"from {before} to {after}\n{cluster3.logs()}")
+
+
 def test_a_follower_read_sees_the_write_acknowledged_just_before_on_the_leader(cluster3):
     leader = cluster3.wait_leader()
     followers = sorted(n for n in cluster3.nodes if n != leader)
