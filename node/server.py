@@ -358,7 +358,10 @@ class Node:
         counters = self.kv_service.batches.counters
         return {**self.status_view.status(), "kv_counters": {
             "batch_messages": counters.messages, "batch_requests": counters.requests,
-            "entries": self.proposer.entries, "entry_commands": self.proposer.commands},
+            "entries": self.proposer.entries, "entry_commands": self.proposer.commands,
+            "read_index_reads": self.adapter.stats.read_index_reads,
+            "read_index_fallbacks": self.adapter.stats.read_index_fallbacks,
+            "read_index_rounds": self.adapter.read_index_rounds},
             "alarms": self.alarms.alarms(), "db_size_in_use": self.store.data_bytes(),
             "quota_backend_bytes": self.config.quota_backend_bytes,
             "db_applied_index_at_start": self.db_index_at_start,

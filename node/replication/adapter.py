@@ -729,8 +729,11 @@ class ReplicationAdapter:
 
         def confirmed(index: Optional[int], error) -> None:  # tick thread
             if error is not None:
+                if isinstance(error, ReadIndexFallback):
+                    self.stats.read_index_fallbacks += 1
                 on_done(None, error)
                 return
+            self.stats.read_index_reads += 1
             if index <= (self._committed_raft_index or 0):
                 on_done(index, None)
                 return
@@ -821,6 +824,11 @@ class ReplicationAdapter:
     @property
     def term(self) -> int:
         return self._obj.raftCurrentTerm if self._obj is not None else 0
+
+    @property
+    def read_index_rounds(self) -> int:
+        """The ReadIndex confirmation rounds this node completed as the leader."""
+        return getattr(self._obj, "read_rounds", 0)
 
     @property
     def is_learner(self) -> bool:

@@ -193,6 +193,7 @@ class RaftRulesSyncObj(SyncObj):
         self._rounds = LeaderRounds(1.0)
         self._requests = FollowerRequests(2.0)
         self._read_fallback_until = 0.0
+        self.read_rounds = 0  # rounds confirmed as the leader (Status counts them)
         self._membership_change_index = 0
         self._transfer_started = float("-inf")
         super().__init__(*args, **kwargs)
@@ -714,6 +715,7 @@ class RaftRulesSyncObj(SyncObj):
         started = rounds.start(now, self._SyncObj__raftCommitIndex, term,
                                self._SyncObj__otherNodes)
         if started.confirmed:
+            self.read_rounds += 1
             self._answer_reads(started.waiters, started.index, None)
             return
         ping = {'type': 'read_index_ping', 'term': term, 'seq': started.seq}
@@ -797,6 +799,7 @@ class RaftRulesSyncObj(SyncObj):
             return
         done = self._rounds.ack(node, message['seq'], message['term'])
         if done is not None:
+            self.read_rounds += 1
             self._answer_reads(done.waiters, done.index, None)
             self._start_round(monotonic_time())
 

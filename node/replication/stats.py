@@ -14,11 +14,16 @@ def _ignore(seconds: float) -> None:
 
 
 class ReplicationStats:
-    """Leader changes seen, failed proposals, and hooks for apply and snapshot durations."""
+    """Leader changes seen, failed proposals, ReadIndex outcomes, and hooks for apply and
+    snapshot durations."""
 
     def __init__(self) -> None:
         self.leader_changes = 0
         self.proposals_failed = 0
+        # ReadIndex (tick thread): read points confirmed without an entry, and those that
+        # fell back to a barrier entry.
+        self.read_index_reads = 0
+        self.read_index_fallbacks = 0
         self.observe_apply: Callable[[float], None] = _ignore
         self.observe_snapshot: Callable[[float], None] = _ignore
         self._leader: Optional[str] = None

@@ -34,6 +34,7 @@ def test_linearizable_gets_on_leader_and_followers_leave_the_log_alone(cluster3,
     wait_for(lambda: len(set(commit_indexes(cluster3).values())) == 1, 30,
              "every node to reach the same commit index")
     before = commit_indexes(cluster3)
+    counted = {name: cluster3.status(name).kv_counters for name in cluster3.nodes}
     for name in cluster3.nodes:
         with (cluster3.client(name, timeout=10) if batching
               else unary_client(cluster3, name, 10)) as c:
@@ -42,6 +43,13 @@ def test_linearizable_gets_on_leader_and_followers_leave_the_log_alone(cluster3,
     after = commit_indexes(cluster3)
     assert after == before, (f"{3 * READS} linearizable Gets moved the commit index from "
                              f"{before} to {after}: reads wrote the Raft log\n{cluster3.logs()}")
+    for name in cluster3.nodes:
+        now, then = cluster3.status(name).kv_counters, counted[name]
+        assert now.read_index_reads - then.read_index_reads >= READS, name
+        assert now.read_index_fallbacks == then.read_index_fallbacks, name
+    rounds = cluster3.status(leader).kv_counters.read_index_rounds - \
+        counted[leader].read_index_rounds
+    assert rounds >= READS, f"the leader confirmed {rounds} rounds for {3 * READS} reads"
 
 
 def test_a_learner_asks_the_leader_and_writes_nothing_either(cluster3):
