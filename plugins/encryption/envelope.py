@@ -171,11 +171,15 @@ class Sealer:
         if head is None:
             head = storage_aad(self.header, value_header, b"", 0)[:HEADER_SIZE + 1]
             self._aad_heads[value_header] = head
+        if len(nonce) != NONCE_SIZE:
+            raise ValueError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
         try:
             revision = mod_revision.to_bytes(8, "big")
         except OverflowError:
             raise ValueError("mod_revision must fit in 8 bytes") from None
-        return self.seal(nonce, plaintext, b"".join((head, key, revision)))
+        # `seal`, inlined: this runs once per stored value on every replica.
+        return b"".join((self.header, nonce,
+                         self._encrypt(nonce, plaintext, b"".join((head, key, revision)))))
 
 
 DekSource = Union[bytes, bytearray, Mapping[int, bytes], Callable[[int], Optional[bytes]]]

@@ -3,8 +3,8 @@ import itertools
 
 import pytest
 
-from sealkv.node.state.storage.base import (VALUE_ENCRYPTED, Entry, Storage, StorageLayer,
-                                      base_store)
+from sealkv.node.state.storage.base import (VALUE_ENCRYPTED, Entry, PutsRecords, Storage,
+                                      StorageLayer, base_store, record_writer)
 from sealkv.node.state.storage import lmdb_store as lmdb_module
 from sealkv.node.state.storage.lmdb_store import LmdbStore
 from sealkv.node.state.storage.memory import MemoryStore
@@ -132,6 +132,27 @@ def test_layer_transforms_on_the_way_in_and_out_but_dump_is_at_rest():
     assert layer.get(b"k").value == b"hello"
     assert [en.value for _, en in layer.scan(b"", None)] == [b"hello"]
     assert [en.value for _, en in layer.dump()] == [b"HELLO"]
+
+
+@pytest.mark.parametrize("key", [b"short", b"long" * 200])
+def test_a_record_written_by_its_fields_is_the_record_put_writes(new_store, key):
+    by_entry, by_fields = new_store(), new_store()
+    entry = Entry(b"sealed bytes", 3, 7, 2, VALUE_ENCRYPTED)
+    by_entry.put(key, entry)
+    record_writer(by_fields)(key, b"sealed bytes", 3, 7, 2, VALUE_ENCRYPTED)
+    assert by_fields.get(key) == by_entry.get(key) == entry
+    assert list(by_fields.dump()) == list(by_entry.dump())
+    if isinstance(by_fields, LmdbStore):
+        assert isinstance(by_fields, PutsRecords)
+        assert by_fields.data_bytes() == by_entry.data_bytes()
+
+
+def test_a_layer_never_offers_put_record_past_its_own_put():
+    # A layer's put may transform the value: writing by fields below it would skip that.
+    layer = Upper(MemoryStore())
+    assert not isinstance(layer, PutsRecords)
+    record_writer(layer)(b"k", b"hello", 1, 1, 1, 0)
+    assert layer.inner.get(b"k").value == b"HELLO"
 
 
 def test_base_store_finds_the_innermost():

@@ -10,9 +10,11 @@ run inside the store's read view without the state lock, so a layer's read path 
 depend on that lock; on other stores they hold the state lock. A store must never block on
 the network or on Raft.
 
-Optional capability of a base store (checked with getattr, see `StateMachine`): the
+Optional capabilities of a base store (checked with getattr, see `StateMachine`): the
 transactional methods `begin_write`, `commit`, `abort`, `in_write`, `read_view`,
-`get_meta`/`put_meta`, `data_bytes`, and `compact(timeout)`.
+`get_meta`/`put_meta`, `data_bytes`, and `compact(timeout)`; and `PutsRecords` (below), which
+a layer that builds a new record for every value it writes (the encryption envelope) uses to
+skip building an `Entry` it would only hand down.
 """
 from __future__ import annotations
 
@@ -85,6 +87,34 @@ class Storage(Protocol):
 
     def restore(self, records: Iterable[tuple[bytes, Entry]]) -> None:
         """Replaces the whole content with `records` (from a snapshot), as stored at rest."""
+
+
+@runtime_checkable
+class PutsRecords(Protocol):
+    """The optional capability of a store that writes a record from its fields.
+
+    `put_record(key, value, create_revision, mod_revision, version, header)` does exactly what
+    `put(key, Entry(value, create_revision, mod_revision, version, header))` does, for the same
+    callers, thread and errors. A layer must not offer it unless it applies its own `put`
+    transformation there too (`StorageLayer` does not offer it).
+    """
+
+    def put_record(self, key: bytes, value: bytes, create_revision: int, mod_revision: int,
+                   version: int, header: int) -> None: ...
+
+
+def record_writer(store: Storage):
+    """Returns `put_record` of `store` when it offers `PutsRecords`, else a function with the
+    same signature that builds the `Entry` and calls `store.put`."""
+    put_record = getattr(store, "put_record", None)
+    if put_record is not None:
+        return put_record
+
+    def put_entry(key: bytes, value: bytes, create_revision: int, mod_revision: int,
+                  version: int, header: int) -> None:
+        store.put(key, Entry(value, create_revision, mod_revision, version, header))
+
+    return put_entry
 
 
 class StorageLayer:

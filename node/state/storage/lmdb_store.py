@@ -70,11 +70,6 @@ META_DATA_BYTES = b"data_bytes"
 MIN_MAP_SIZE = 64 * 1024 * 1024
 
 
-def _encode(entry: Entry) -> bytes:
-    return _RECORD.pack(entry.header, entry.create_revision, entry.mod_revision,
-                        entry.version) + entry.value
-
-
 def _decode(raw: bytes) -> Entry:
     header, create, mod, version = _RECORD.unpack_from(raw)
     return Entry(bytes(raw[_RECORD.size:]), create, mod, version, header)
@@ -346,7 +341,14 @@ class LmdbStore:
         return raw[2 + n:]
 
     def put(self, key: bytes, entry: Entry) -> None:
-        record = _encode(entry)
+        self.put_record(key, entry.value, entry.create_revision, entry.mod_revision,
+                        entry.version, entry.header)
+
+    def put_record(self, key: bytes, value: bytes, create_revision: int, mod_revision: int,
+                   version: int, header: int) -> None:
+        """`put(key, Entry(value, create_revision, mod_revision, version, header))` without
+        building the `Entry` (the optional capability `PutsRecords` of `storage.base`)."""
+        record = _RECORD.pack(header, create_revision, mod_revision, version) + value
         with self._writing() as txn:
             try:
                 if len(key) <= SHORT_KEY:

@@ -10,6 +10,7 @@ import pytest
 
 from sealkv.node.errors import IntegrityError, Unavailable
 from sealkv.node.state.storage.base import VALUE_CLEARTEXT, VALUE_ENCRYPTED, Entry
+from sealkv.node.state.storage.lmdb_store import LmdbStore
 from sealkv.node.errors import ApplyHalt
 from sealkv.plugins.api import PluginContext, StartupRefused
 from sealkv.plugins.encryption import commands as c
@@ -128,6 +129,29 @@ def test_values_are_sealed_after_cutover_and_read_back(tmp_path, kek_file):
     assert got.value == b"secret value" and got.header == VALUE_CLEARTEXT
     assert [(k, e.value) for k, e in layer.scan(b"", None)] == [(b"user/1", b"secret value")]
     assert layer.delete(b"user/1") and layer.get(b"user/1") is None
+
+
+def test_over_lmdb_the_sealed_record_goes_down_by_its_fields_and_reads_back(tmp_path,
+                                                                           kek_file):
+    plugin = make_plugin(tmp_path, kek_file)
+    store = LmdbStore(str(tmp_path / "db"), map_size=64 * 1024 * 1024)
+    store.open()
+    try:
+        layer = plugin.wrap(store)
+        apply(plugin, 3, bootstrap_command(plugin, ["node-a"]))
+        apply(plugin, 4, cutover_command(plugin.view(), 1))
+        layer.put(b"user/1", Entry(b"secret value", 9, 11, 3))
+        stored = store.get(b"user/1")
+        assert (stored.header, stored.create_revision, stored.mod_revision, stored.version) == \
+            (VALUE_ENCRYPTED, 9, 11, 3)
+        assert b"secret value" not in stored.value and stored.value[:2] == b"\x01\x00"
+        assert layer.get(b"user/1") == Entry(b"secret value", 9, 11, 3)
+        # The AAD still binds the revision: the same bytes under another one do not open.
+        store.put(b"user/1", dataclasses.replace(stored, mod_revision=12))
+        with pytest.raises(IntegrityError):
+            layer.get(b"user/1")
+    finally:
+        store.close()
 
 
 def test_puts_follow_a_storage_key_rotation_and_are_counted(tmp_path, kek_file):
