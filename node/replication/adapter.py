@@ -29,6 +29,7 @@ import os
 import sys
 import threading
 import time
+from queue import Empty
 from typing import Callable, Optional
 
 from pysyncobj import FAIL_REASON, SyncObjConf, replicated
@@ -135,7 +136,36 @@ class _RaftObject(RaftRulesSyncObj):
         # The entries this tick applied commit to the database before new proposals are
         # taken and before their callers hear about them (see ReplicationAdapter).
         self._adapter._commit_applied()
+        self._refuse_unforwardable()
         self._with_group_commit(super()._checkCommandsToApply)
+
+    def _refuse_unforwardable(self) -> None:
+        # A follower forwards its proposals to the leader it knows. pysyncobj does so whether
+        # or not a connection to it is up (its transport drops the message when none is) and
+        # then waits for an answer that never comes, until the election timeout forgets the
+        # leader: the caller then hears LEADER_CHANGED ("outcome unknown") about a proposal
+        # that never left. That is the window after a leader dies (or a graceful hand-over is
+        # impossible). Callers wait for a reachable leader before proposing
+        # (`_require_leader`); a proposal queued as the connection dropped is refused here as
+        # MISSING_LEADER (`Unavailable`: nothing was submitted), and proposals other nodes
+        # forwarded here are answered NOT_LEADER, as pysyncobj does.
+        leader = self._SyncObj__raftLeader
+        if (leader is None or self._SyncObj__raftState == _RAFT_STATE.LEADER
+                or leader in self._SyncObj__connectedNodes):
+            return
+        queue = self._SyncObj__commandsQueue
+        while True:
+            try:
+                _, callback = queue.get_nowait()
+            except Empty:
+                return
+            if isinstance(callback, tuple):
+                node, request_id = callback
+                self._SyncObj__transport.send(node, {
+                    "type": "apply_command_response", "request_id": request_id,
+                    "error": FAIL_REASON.NOT_LEADER})
+            elif callback is not None:
+                callback(None, FAIL_REASON.MISSING_LEADER)
 
     def _SyncObj__onBecomeLeader(self):
         # The leader's no-op is synced like any other group before it is sent or counted.
@@ -378,7 +408,7 @@ class ReplicationAdapter:
         # Notified by the tick thread when the leader, the term or the applied index moved.
         self._progress = threading.Condition()
         self._generation = 0
-        self._seen: tuple = (None, 0, 0)
+        self._seen: tuple = (None, 0, 0, False)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -475,7 +505,7 @@ class ReplicationAdapter:
             self._expire_read_waits()
         leader = obj._getLeader()
         seen = (None if leader is None else leader.address, obj.raftCurrentTerm,
-                obj.raftLastApplied)
+                obj.raftLastApplied, leader in obj._SyncObj__connectedNodes)
         if seen != self._seen:
             self._seen = seen
             with self._progress:
@@ -675,9 +705,10 @@ class ReplicationAdapter:
         self._obj.apply_command(payload, callback=on_result)
 
     def wait_leader(self, deadline: float) -> None:
-        """Waits until a leader is known (`deadline` on the monotonic clock).
+        """Waits until a leader is known and reachable from here (this node leads or is
+        connected to it; `deadline` on the monotonic clock).
 
-        Raises `Unavailable` when none is known by then or this node has halted. Called
+        Raises `Unavailable` when none is by then or this node has halted. Called
         from request threads before submitting, never from the tick thread.
         """
         self._require_leader(deadline)
@@ -685,11 +716,19 @@ class ReplicationAdapter:
     def _require_leader(self, deadline: float) -> None:
         if self._halted:
             raise errors.Unavailable("node halted")
-        if self._obj._getLeader() is not None:
+        if self._leader_reachable():
             return  # the common case, before every write: no closure, no lock, no clock
-        if not self.wait_until(lambda: self._obj._getLeader() is not None,
-                               deadline - time.monotonic()):
+        if not self.wait_until(self._leader_reachable, deadline - time.monotonic()):
             raise errors.Unavailable("no leader: the cluster has no quorum or is electing")
+
+    def _leader_reachable(self) -> bool:
+        # A proposal made here can reach a leader: this node leads, or it has a connection to
+        # the leader it knows (a follower whose leader died keeps naming it until its election
+        # timeout; what it forwarded meanwhile would be dropped, see _refuse_unforwardable).
+        obj = self._obj
+        leader = obj._getLeader()
+        return leader is not None and (obj._isLeader()
+                                       or leader in obj._SyncObj__connectedNodes)
 
     def barrier(self, timeout: float) -> int:
         """Waits for a quorum-confirmed read point to be applied here and returns its index.

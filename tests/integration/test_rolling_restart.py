@@ -71,6 +71,7 @@ def test_a_restarted_leader_comes_back_as_a_follower_of_the_new_leader(cluster3)
     cluster = cluster3
     for round_ in range(ROUNDS):
         old, term, _ = leader_and_term(cluster)
+        signalled = time.monotonic()
         cluster.kill(old, signal.SIGTERM)
         stopped = time.monotonic()
         # The stopping leader handed over before it exited: a voter leads already, nobody
@@ -83,8 +84,8 @@ def test_a_restarted_leader_comes_back_as_a_follower_of_the_new_leader(cluster3)
         with cluster.client(new, timeout=10) as c:
             wait_for(lambda: c.put(b"after-stop/%d" % round_, b"v"), 60, "a Put at the new leader")
         # Measured, never asserted: how long until the new leader served a write.
-        print(f"round {round_}: {old} stopped, {new} served a Put after "
-              f"{time.monotonic() - stopped:.2f}s")
+        print(f"round {round_}: {old} took {stopped - signalled:.2f}s to stop; {new} served "
+              f"a Put {time.monotonic() - stopped:.2f}s after that")
         new_term = cluster.status(new).term
         assert new_term > term
         new_address = cluster.status(new).leader

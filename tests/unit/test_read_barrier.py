@@ -27,6 +27,9 @@ class ScriptedRaft:
     def _getLeader(self):
         return self.leader
 
+    def _isLeader(self):
+        return self.leader is not None  # the scripted node is the leader it knows
+
     def apply_command(self, command, callback):
         self.proposals += 1
         failure = self.failures.pop(0) if self.failures else None
