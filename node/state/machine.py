@@ -346,19 +346,15 @@ class StateMachine:
 
     # -- reads ------------------------------------------------------------------------
 
-    @contextmanager
     def read_view(self):
-        """One consistent view for every read of this thread inside the block.
+        """Returns a context manager: one consistent view for every read of this thread
+        inside its block (it binds nothing useful to `as`).
 
         An MVCC store gives a read transaction (apply goes on meanwhile); the in-memory store
-        gives the state lock.
+        gives the state lock. Handed over as it is, not wrapped in a generator of ours: every
+        Get and Range enters it.
         """
-        if self.mvcc:
-            with self.base.read_view():
-                yield
-        else:
-            with self.lock:
-                yield
+        return self.base.read_view() if self.mvcc else self.lock
 
     def _viewed_index(self) -> int:
         if self.mvcc:
