@@ -159,13 +159,8 @@ class _RaftObject(RaftRulesSyncObj):
                 _, callback = queue.get_nowait()
             except Empty:
                 return
-            if isinstance(callback, tuple):
-                node, request_id = callback
-                self._SyncObj__transport.send(node, {
-                    "type": "apply_command_response", "request_id": request_id,
-                    "error": FAIL_REASON.NOT_LEADER})
-            elif callback is not None:
-                callback(None, FAIL_REASON.MISSING_LEADER)
+            _refuse_queued(self, callback, FAIL_REASON.NOT_LEADER
+                           if isinstance(callback, tuple) else FAIL_REASON.MISSING_LEADER)
 
     def _SyncObj__onBecomeLeader(self):
         # The leader's no-op is synced like any other group before it is sent or counted.
@@ -285,6 +280,18 @@ def _payload_of(command: bytes) -> Optional[bytes]:
     return None
 
 
+def _refuse_queued(raft: "_RaftObject", callback, reason: int) -> None:
+    """Answers a proposal taken from pysyncobj's queue with `reason` without applying it
+    (tick thread): to the node that forwarded it (a `(node, request id)` callback, as
+    pysyncobj answers), or through its local callback."""
+    if isinstance(callback, tuple):
+        node, request_id = callback
+        raft._SyncObj__transport.send(node, {
+            "type": "apply_command_response", "request_id": request_id, "error": reason})
+    elif callback is not None:
+        callback(None, reason)
+
+
 class _GatedQueue:
     """pysyncobj's proposal queue with the payload codec's append gate (tick thread only).
 
@@ -319,13 +326,7 @@ class _GatedQueue:
             if self.denied % 100 == 1:
                 log.warning("refused a proposal at the leader (%d so far): %s", self.denied,
                             reason)
-            if isinstance(callback, tuple):
-                node, request_id = callback
-                raft._SyncObj__transport.send(node, {
-                    "type": "apply_command_response", "request_id": request_id,
-                    "error": FAIL_REASON.REQUEST_DENIED})
-            elif callback is not None:
-                callback(None, FAIL_REASON.REQUEST_DENIED)
+            _refuse_queued(raft, callback, FAIL_REASON.REQUEST_DENIED)
 
 
 class _BarrierGroup:

@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from sealkv.node import errors
 from sealkv.node.client import SERIALIZABLE
 from tests.cluster import wait_for
 from tests.load import Writer
@@ -39,11 +38,15 @@ def leader_and_term(cluster) -> tuple[str, int, str]:
     return name, s.term, s.leader
 
 
-def caught_up(cluster, name: str, key: bytes, value: bytes) -> None:
-    """Waits until `name` applied `key`=`value` (written through the leader after it started)."""
+def views_once_caught_up(cluster, name: str, leader: str, marker: bytes) -> dict[str, tuple]:
+    """Writes `marker` through `leader`, waits until the restarted `name` applied it, and
+    returns every live node's (leader, term)."""
+    with cluster.client(leader, timeout=10) as c:
+        c.put(marker, b"x")
     with cluster.client(name, timeout=5) as c:
-        wait_for(lambda: c.get(key, consistency=SERIALIZABLE).kv.value == value, 60,
+        wait_for(lambda: c.get(marker, consistency=SERIALIZABLE).kv.value == b"x", 60,
                  f"{name} applies a write made after its restart")
+    return views(cluster)
 
 
 def test_restarting_followers_keeps_the_leader_and_the_term(cluster3):
@@ -53,11 +56,8 @@ def test_restarting_followers_keeps_the_leader_and_the_term(cluster3):
         for round_ in range(ROUNDS):
             for name in [n for n in cluster.nodes if n != leader]:
                 cluster.restart(name)
-                marker = b"restart/%d/%s" % (round_, name.encode())
-                with cluster.client(leader, timeout=10) as c:
-                    c.put(marker, b"x")
-                caught_up(cluster, name, marker, b"x")
-                seen = views(cluster)
+                seen = views_once_caught_up(cluster, name, leader,
+                                            b"restart/%d/%s" % (round_, name.encode()))
                 assert set(seen.values()) == {(address, term)}, (
                     f"round {round_}, after restarting follower {name}: every node should "
                     f"still follow {leader} ({address}) at term {term}, saw {seen}\n"
@@ -91,11 +91,7 @@ def test_a_restarted_leader_comes_back_as_a_follower_of_the_new_leader(cluster3)
         new_address = cluster.status(new).leader
         cluster.start_node(old)
         wait_for(lambda: cluster.healthy(old), 60, f"{old} serving again")
-        marker = b"rejoined/%d" % round_
-        with cluster.client(new, timeout=10) as c:
-            c.put(marker, b"x")
-        caught_up(cluster, old, marker, b"x")
-        seen = views(cluster)
+        seen = views_once_caught_up(cluster, old, new, b"rejoined/%d" % round_)
         assert set(seen.values()) == {(new_address, new_term)}, (
             f"round {round_}: {old}, restarted, should follow {new} at term {new_term}; "
             f"saw {seen}\n{cluster.logs()}")
