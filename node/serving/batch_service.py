@@ -37,6 +37,9 @@ MAX_REQUESTS_PER_MESSAGE = 1024
 MAX_STREAMS = 16
 # Answer a little before the client's own deadline, so it hears the node's verdict.
 _DEADLINE_MARGIN = 0.05
+# An idle worker (no deadline in view) still wakes this often, so that a request whose
+# deadline lies beyond its next wake-up needs no wake-up of its own (see `_Stream._track`).
+IDLE_WAKE = 0.25
 
 _WRITES = ("put", "delete", "compare_and_swap")
 _READS = ("get", "range")
@@ -133,6 +136,9 @@ class _Stream:
         self.deadlines: list = []        # heap of (deadline, seq, op), guarded by _heap_lock
         self._heap_lock = threading.Lock()
         self._seq = 0
+        # When the worker wakes at the latest (guarded by _heap_lock): a new deadline before
+        # it needs a wake-up, a later one is seen in time anyway.
+        self._wake_by = 0.0
         self.reading = True
 
     # -- reader thread ----------------------------------------------------------------
@@ -151,6 +157,7 @@ class _Stream:
         now = time.monotonic()
         default = self.service.request_timeout
         barrier_reads: list[_Op] = []
+        wake = False
         for index, request in enumerate(requests):
             kind = request.WhichOneof("request")
             timeout = default if not request.timeout_ms else \
@@ -162,7 +169,7 @@ class _Stream:
                                                       "on this stream"), register=False)
                 continue
             self.live[op.id] = op
-            self._track(op)
+            wake = self._track(op) or wake
             try:
                 if index >= MAX_REQUESTS_PER_MESSAGE:
                     raise errors.InvalidArgument(
@@ -180,8 +187,10 @@ class _Stream:
                     self.inbox.put(("reads", [op], None, None))
             except Exception as exc:
                 self._fail(op, as_sealkv_error(exc, f"Batch/{kind}"))
-        # The worker may be waiting with no deadline in view: let it see the new ones.
-        self.inbox.put(("wake",))
+        # Only a deadline the worker would otherwise miss wakes it: a lone request's own
+        # answer wakes it soon enough, and a useless wake-up costs the GIL on the path.
+        if wake:
+            self.inbox.put(("wake",))
         if barrier_reads:
             self._submit_barrier(barrier_reads)
 
@@ -205,10 +214,12 @@ class _Stream:
                                                                          error)),
                                   max(op.deadline for op in reads))
 
-    def _track(self, op: _Op) -> None:
+    def _track(self, op: _Op) -> bool:
+        """Adds `op`'s deadline; returns whether the worker must be woken to see it in time."""
         with self._heap_lock:
             self._seq += 1
             heapq.heappush(self.deadlines, (op.deadline, self._seq, op))
+            return op.deadline < self._wake_by
 
     def _fail(self, op: _Op, error: errors.SealkvError, register: bool = True) -> None:
         self.inbox.put(("failed", op, error, register))
@@ -239,13 +250,15 @@ class _Stream:
             if out:
                 yield kv_pb2.BatchResponse(responses=out)
 
-    def _until_next_deadline(self) -> Optional[float]:
+    def _until_next_deadline(self) -> float:
         with self._heap_lock:
             while self.deadlines and self.deadlines[0][2].answered:
                 heapq.heappop(self.deadlines)
-            if not self.deadlines:
-                return None
-            return max(0.0, self.deadlines[0][0] - time.monotonic())
+            now = time.monotonic()
+            wait = IDLE_WAKE if not self.deadlines else \
+                max(0.0, min(IDLE_WAKE, self.deadlines[0][0] - now))
+            self._wake_by = now + wait
+            return wait
 
     def _expire(self, out: list) -> None:
         now = time.monotonic()

@@ -8,6 +8,7 @@ import grpc
 
 from sealkv.node import errors
 from sealkv.node.replication.proposer import Proposer
+from sealkv.node.serving import batch_service
 from sealkv.node.serving.batch_service import BatchService
 from sealkv.node.serving.kv_service import KVOps
 from sealkv.v1 import kv_pb2
@@ -81,3 +82,14 @@ def wait_entries(adapter, n):
     while len(adapter.entries) < n:
         assert time.monotonic() < deadline, f"entry {n} never proposed"
         time.sleep(0.005)
+
+
+def test_a_deadline_before_the_idle_workers_next_wake_up_wakes_it(monkeypatch):
+    # The worker wakes for a new request only when its deadline comes before the worker's
+    # own next wake-up; here that is a minute away, so only the wake-up answers in time.
+    monkeypatch.setattr(batch_service, "IDLE_WAKE", 60.0)
+    adapter, outbox, answers = open_stream()
+    outbox.put(kv_pb2.BatchRequest(requests=[get_op(1, timeout_ms=300)]))
+    op = answers.get(timeout=10)
+    assert op.status.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    outbox.put(None)
