@@ -93,7 +93,8 @@ def sync_file(fd: int, path: str, policy: str,
     started = time.perf_counter()
     fdatasync(fd)
     observe_fsync(time.perf_counter() - started)
-    record_synced(path, os.fstat(fd).st_size)
+    if os.environ.get(RECORD_ENV):  # the fstat is for the test record only (a syscall per sync)
+        record_synced(path, os.fstat(fd).st_size)
 
 
 def sync_dir(path: str, policy: str) -> None:

@@ -26,7 +26,7 @@ from sealkv.node.serving.kv_service import KVService
 from sealkv.node.serving.metrics import MetricsListener, NodeMetrics
 from sealkv.node.serving.status import LearnerProbe, NodeStatus
 from sealkv.node.state import commands as cmd
-from sealkv.node.state.alarms import AlarmBoard
+from sealkv.node.state.alarms import WRITE_DISK_READING_AGE, AlarmBoard
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.lmdb_store import SYNC_DEFERRED, SYNC_NEVER, LmdbStore
 from sealkv.node.security import authz, tls
@@ -346,7 +346,7 @@ class Node:
         layer's write admission (a gRPC thread, before proposing). A delete frees space: the
         alarm never refuses it (as in etcd)."""
         if not delete:
-            self.alarms.check_space()
+            self.alarms.check_space(max_age=WRITE_DISK_READING_AGE)
             refusal = self.alarms.write_refusal()
             if refusal is not None:
                 raise errors.ResourceExhausted(refusal)

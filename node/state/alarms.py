@@ -13,9 +13,10 @@ served). `AlarmBoard` is the node-local side:
 - `write_refusal()`: the RESOURCE_EXHAUSTED message writes get, or None.
 - `disarm(timeout)`: proposes the disarm of every alarm (gRPC thread); writes resume. A member
   still short of space raises its alarm again at its next check.
-- `check_space(cost)`: compares the database with the quota and the disk with its reserve,
-  raising the alarm when one is exceeded; the node calls it before admitting a write and every
-  `CHECK_PERIOD` seconds.
+- `check_space(cost, max_age)`: compares the database with the quota and the disk with its
+  reserve, raising the alarm when one is exceeded; the node calls it before admitting a write
+  (with a disk reading up to `WRITE_DISK_READING_AGE` old: one statvfs per write was a
+  syscall and a GIL hand-off on every Put's path) and every `CHECK_PERIOD` seconds.
 
 Nothing here imports pysyncobj: proposing goes through the callable the node hands in.
 """
@@ -36,6 +37,9 @@ NOSPACE = "NOSPACE"
 CAUSE_NAMES = {cmd.CAUSE_DISK_FULL: "disk-full", cmd.CAUSE_QUOTA: "quota"}
 CAUSE_BY_NAME = {name: cause for cause, name in CAUSE_NAMES.items()}
 CHECK_PERIOD = 1.0
+# How old the disk reading a write's admission uses may be (the disk reserve covers what is
+# written meanwhile; a write that still finds no space raises the alarm at apply).
+WRITE_DISK_READING_AGE = 0.1
 PROPOSE_TIMEOUT = 5.0
 RETRY_PERIOD = 1.0
 MIN_DISK_RESERVE = 1024 * 1024
@@ -93,6 +97,7 @@ class AlarmBoard:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._disk_reading: Optional[tuple[float, int, int]] = None  # (when, free, total)
 
     # -- the API the rest of the node calls ---------------------------------------------
 
@@ -132,17 +137,25 @@ class AlarmBoard:
             self._local.clear()
         return self.propose(cmd.encode(cmd.Alarm(cmd.ALARM_DISARM, cmd.CAUSE_ANY, "")), timeout)
 
-    def check_space(self, cost: int = 0) -> None:
-        """Raises the alarm when the quota or the disk reserve would be exceeded by `cost`."""
+    def check_space(self, cost: int = 0, max_age: float = 0.0) -> None:
+        """Raises the alarm when the quota or the disk reserve would be exceeded by `cost`.
+
+        The disk is read again unless the last reading is younger than `max_age` seconds.
+        """
         if self.quota_bytes is not None and self.data_bytes() + cost > self.quota_bytes:
             self.raise_alarm(cmd.CAUSE_QUOTA)
         if self.db_dir is not None:
-            try:
-                st = os.statvfs(self.db_dir)
-            except OSError:
-                return
-            free = st.f_bavail * st.f_frsize
-            if free - cost < disk_reserve(st.f_blocks * st.f_frsize):
+            now = time.monotonic()
+            reading = self._disk_reading
+            if reading is None or now - reading[0] >= max_age:
+                try:
+                    st = os.statvfs(self.db_dir)
+                except OSError:
+                    return
+                reading = (now, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
+                self._disk_reading = reading
+            _, free, total = reading
+            if free - cost < disk_reserve(total):
                 self.raise_alarm(cmd.CAUSE_DISK_FULL)
 
     # -- background: periodic checks and replication of local alarms --------------------

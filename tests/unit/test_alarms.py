@@ -103,3 +103,19 @@ def test_disk_reserve_is_an_eighth_within_bounds():
 def test_unknown_alarms_are_refused(board):
     with pytest.raises(ValueError):
         board.raise_alarm(9)
+
+
+def test_a_write_admission_reuses_a_recent_disk_reading(board, tmp_path, monkeypatch):
+    board.db_dir = str(tmp_path)
+    board.quota_bytes = None
+    board.check_space()
+    reads = []
+    real = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda path: reads.append(path) or real(path))
+    board.check_space(max_age=60)
+    assert reads == []
+    free = real(tmp_path).f_bavail * real(tmp_path).f_frsize
+    board.check_space(cost=free, max_age=60)  # the cost still counts against the old reading
+    assert [a.cause_name for a in board.alarms()] == ["disk-full"]
+    board.check_space()
+    assert reads == [str(tmp_path)]
