@@ -36,6 +36,7 @@ from pysyncobj import FAIL_REASON, SyncObjConf, replicated
 from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj import pickle as raft_pickle
 from pysyncobj.node import TCPNode
+from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 
 from sealkv.node import durable, errors
@@ -58,6 +59,24 @@ from sealkv.node.state.storage.base import StorageFull
 
 safe_pickle.install()
 raft_journal.install()
+
+
+def _drain_wake_pipe(notifier, descr, event_mask) -> None:
+    # pysyncobj writes a byte to this pipe for every proposal to wake the tick thread, and
+    # drains it by reading until EAGAIN: a second read and a raised exception on the tick
+    # thread for every lone proposal. A short read means drained (the poll is level-triggered:
+    # a later byte wakes it again).
+    try:
+        while len(os.read(notifier._PipeNotifier__pipeR, 1024)) == 1024:
+            pass
+    except BlockingIOError:
+        pass
+    callback = notifier._PipeNotifier__callback
+    if callback is not None:
+        callback()
+
+
+PipeNotifier._PipeNotifier__onNewNotification = _drain_wake_pipe
 
 log = logging.getLogger(__name__)
 
