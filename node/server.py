@@ -300,7 +300,10 @@ class Node:
                 log.info("handed the leadership over before stopping")
                 return
             except errors.FailedPrecondition:
-                pass  # no voter is caught up yet: try again once the log moved
+                if len(adapter.raft_state()["connected"]) < 2:
+                    log.info("no other voter is connected: stopping without a hand-over")
+                    return
+                # no connected voter is caught up yet: try again once the log moved
             except errors.SealkvError as exc:
                 log.warning("could not hand the leadership over before stopping (%s); the "
                             "others elect a leader after their election timeout", exc)
