@@ -39,7 +39,7 @@ from .keystore import KeyStore
 from .nonce import MAX_EPOCH, NonceFactory, full_node_id, node_id16
 from .purpose import PURPOSE_NAMES
 from .raft_envelope import RaftPayloadCodec
-from .registration import WriterRegistration
+from .registration import ChangeCondition, WriterRegistration
 from .sidecar import Sidecar, SidecarError, sidecar_of, write_sidecar
 from .state import ApplyResult, EncryptionState, Outcome, ProposalRefused, StateDecodeError
 from .storage import EncryptionStorage, EncryptionUnavailableError
@@ -167,7 +167,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         # Serialises sidecar writes (tick thread's persist, a gRPC thread's resync).
         self._sidecar_lock = threading.Lock()
         self._prepared = False
-        self._cond = threading.Condition(threading.RLock())
+        self._cond = ChangeCondition(threading.RLock())  # notified after every change
         self.raft_codec = RaftPayloadCodec(self.state, self.keystore, self.nonce_factory)
         self.storage: Optional[EncryptionStorage] = None  # the envelope layer, once `wrap` ran
         self.registration = WriterRegistration(self.state, self._epochs, self.full_node_id,
@@ -205,8 +205,10 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         found, epochs = startup.open_sidecar(self.context.data_dir, self.kek, self.keystore,
                                              self.next_kek)
         self._sidecar_at_start = found
-        self._epochs.update(epochs)
-        self._durable_epochs.update(epochs)  # open_sidecar wrote them
+        with self._cond:  # like every change of the epochs (the write admission counts them)
+            self._epochs.update(epochs)
+            self._durable_epochs.update(epochs)  # open_sidecar wrote them
+            self._cond.notify_all()
         self._prepared = True
 
     def start(self, node: Any) -> None:

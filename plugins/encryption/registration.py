@@ -7,7 +7,9 @@ applied, and holds client writes back until they are (`admit_write`).
 
 It shares the encryption plugin's replicated state, epoch table and condition: every apply
 handler notifies the condition, and both the thread and `admit_write` wait on it (events, not
-sleeps). Nothing here logs a key or key bytes.
+sleeps). The condition is a `ChangeCondition`, which counts its notifications: a write
+admitted when no change was notified since the last admission passes at once (every client
+write of the node passes here). Nothing here logs a key or key bytes.
 """
 from __future__ import annotations
 
@@ -31,6 +33,28 @@ MAX_RETRY_DELAY = 2.0
 Propose = Callable[[bytes, float], Any]
 
 
+class ChangeCondition(threading.Condition):
+    """A condition variable that counts its notifications (`changes`).
+
+    The encryption plugin changes its state (the replicated state, this process's epochs) only
+    while holding it, and notifies it after every change; `changes` then tells a reader that
+    nothing changed since it last looked. Incremented with the lock held; read without it (an
+    int read is atomic), so a change still in progress is seen only once it is notified.
+    """
+
+    def __init__(self, lock=None):
+        super().__init__(lock)
+        self.changes = 0
+
+    def notify(self, n: int = 1) -> None:
+        self.changes += 1
+        super().notify(n)
+
+    def notify_all(self) -> None:
+        self.changes += 1
+        super().notify_all()
+
+
 class WriterRegistration:
     """The registration thread and the admission gate of one node (see the module docstring).
 
@@ -40,12 +64,14 @@ class WriterRegistration:
     """
 
     def __init__(self, state: EncryptionState, epochs: Mapping[int, int], full_id: int,
-                 cond: threading.Condition):
+                 cond: ChangeCondition):
         self._state = state
         self._epochs = epochs
         self._full_id = full_id
         self._node16 = node_id16(full_id)
         self._cond = cond
+        # `cond.changes` when a write was last admitted (-1: never).
+        self._admitted_at = -1
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -67,17 +93,18 @@ class WriterRegistration:
         """Waits up to `timeout` until this node's registry rows for its current epochs are
         applied for every key a client write could be sealed under; else raises `Unavailable`.
         """
-        # Every client write passes here: the usual case (rows applied) is answered without
-        # the condition's lock. The rows and epochs only change on the tick thread; reading
-        # them unlocked sees each field's value before or after a change, and a torn read can
-        # only report a row missing (then the locked wait below decides), never invent one.
-        if self._unregistered_key() is None:
+        # Every client write passes here: the usual case (nothing changed since the last
+        # admission) is answered by one comparison, without the condition's lock. The rows and
+        # epochs only change on the tick thread, under the condition, which counts every
+        # change it is notified of: equal counts mean the state that admitted the last write.
+        if self._admitted_at == self._cond.changes:
             return
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._cond:
             while True:
                 missing = self._unregistered_key()
                 if missing is None:
+                    self._admitted_at = self._cond.changes  # no change can run meanwhile
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping.is_set():

@@ -262,6 +262,40 @@ def test_admit_write_waits_for_own_registration(tmp_path, kek_file):
     assert outcome == [None]
 
 
+def test_an_admitted_node_is_checked_again_after_every_change(tmp_path, kek_file):
+    # Admission answers at once while nothing changed since the last one: any key change
+    # (a rotation, the raft cutover, a snapshot installed) must make it look again.
+    plugin, _, _ = encrypted_cluster(tmp_path, kek_file)
+    plugin.admit_write(0)
+    plugin.admit_write(0)
+    me = plugin.full_node_id
+    node_b = WriterRow(0, full_node_id("node-b"), 1)
+
+    def proposed_by_node_b(rotation):  # so the entry carries no row of this node
+        return dataclasses.replace(rotation, proposer=dataclasses.replace(
+            node_b, dek_id=rotation.proposer.dek_id))
+
+    apply(plugin, 5, proposed_by_node_b(rotation_command(plugin, PURPOSE_STORAGE)))
+    with pytest.raises(Unavailable, match="retry"):
+        plugin.admit_write(0)
+    apply(plugin, 6, RegisterCommand(WriterRow(plugin.state.active_storage_id, me, 1)))
+    plugin.admit_write(0)
+    apply(plugin, 7, proposed_by_node_b(cutover_command(plugin.view(), 2)))
+    plugin.admit_write(0)  # the raft key's row came with the bootstrap
+    apply(plugin, 8, proposed_by_node_b(rotation_command(plugin, 2)))
+    with pytest.raises(Unavailable, match="retry"):  # sealed under the new raft key now
+        plugin.admit_write(0)
+    unregistered = plugin.snapshot_state()
+    apply(plugin, 9, RegisterCommand(WriterRow(plugin.state.active_raft_id, me, 1)))
+    plugin.admit_write(0)
+    registered = plugin.snapshot_state()
+    plugin.restore_state(unregistered)  # a snapshot installed from a leader behind us
+    with pytest.raises(Unavailable, match="retry"):
+        plugin.admit_write(0)
+    plugin.restore_state(registered)
+    plugin.admit_write(0)
+
+
 def test_late_joiner_gets_keys_from_snapshot(tmp_path, kek_file):
     plugin, layer, store = encrypted_cluster(tmp_path, kek_file)
     layer.put(b"k", entry(b"value", 11))
