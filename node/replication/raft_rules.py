@@ -632,7 +632,10 @@ class RaftRulesSyncObj(SyncObj):
         self._read_inbox.append(on_done)
         notifier = getattr(self, '_SyncObj__pipeNotifier', None)
         if notifier is not None:
-            notifier.notify()  # wake the tick thread from its poll
+            try:
+                notifier.notify()  # wake the tick thread from its poll
+            except OSError:  # the pipe is full of wake-ups: the tick thread is due anyway
+                pass
 
     def transferLeadership(self, node=None, callback=None):
         # Conservative: rounds started while a transfer may be under way are not tried (a
