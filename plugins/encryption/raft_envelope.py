@@ -82,6 +82,10 @@ class RaftPayloadCodec:
         # Tick thread: the indexes of applied entries sealed under each raft key, above the
         # last snapshot (the retained log's users of a key; `log_users`).
         self._sealed_at: dict[int, list[int]] = {}
+        # Tick thread: (key id, its key as the keystore holds it, opener, raft AAD) of the key
+        # the last entry was sealed under. Checked against the keystore on every open (the
+        # same bytes object), so a key removed or installed again is never opened from here.
+        self._opening: Optional[tuple[int, bytes, envelope.Opener, bytes]] = None
         self._snapshot_index = 0
         # Leader only (tick thread): the log index of a marker appended or found unapplied in
         # this leadership, whose outcome is not applied yet.
@@ -180,16 +184,28 @@ class RaftPayloadCodec:
         if not cutover or index <= cutover:
             return payload
         try:
-            command = envelope.open_envelope(
-                lambda key_id: self.keystore.get_for(key_id, PURPOSE_RAFT), payload,
-                lambda header6: envelope.raft_aad(int.from_bytes(header6[2:6], "big")))
+            key_id = envelope.key_id_of(payload)
+            opening = self._opener_for(key_id)
+            command = opening[2].open(payload, opening[3])
         except envelope.EnvelopeError as error:
             COUNTERS.add("failure", "raft", type(error).__name__)
             raise ApplyHalt(f"entry {index} is above the raft envelope cutover {cutover} and "
                             f"does not open as a raft envelope: {type(error).__name__}") from None
-        self._sealed_at.setdefault(int.from_bytes(payload[2:6], "big"), []).append(index)
+        self._sealed_at.setdefault(key_id, []).append(index)
         COUNTERS.add("open", "raft")
         return command
+
+    def _opener_for(self, key_id: int) -> tuple[int, bytes, envelope.Opener, bytes]:
+        """The cached opening of raft key `key_id` (tick thread); raises `UnknownKeyId` when no
+        raft key with that id is loaded."""
+        dek = self.keystore.get_for(key_id, PURPOSE_RAFT)
+        if dek is None:
+            raise envelope.UnknownKeyId(f"no raft key with id {key_id} is loaded")
+        opening = self._opening
+        if opening is None or opening[0] != key_id or opening[1] is not dek:
+            opening = self._opening = (key_id, dek, envelope.Opener(dek, key_id),
+                                       envelope.raft_aad(key_id))
+        return opening
 
     def snapshot_taken(self, index: int) -> None:
         self._snapshot_index = max(self._snapshot_index, index)

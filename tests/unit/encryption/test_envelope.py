@@ -54,6 +54,7 @@ def test_cavp_known_answer_through_the_envelope(vector):
     assert sealed[18:-16] == vector["CT"]
     assert sealed[-16:] == vector["Tag"]
     assert open_envelope(vector["Key"], sealed, vector["AAD"]) == vector["PT"]
+    assert envelope.Opener(vector["Key"], key_id).open(sealed, vector["AAD"]) == vector["PT"]
 
 
 def test_golden_storage_envelope():
@@ -136,6 +137,25 @@ def test_a_sealer_makes_the_envelopes_seal_makes_and_checks_the_same_arguments()
         envelope.Sealer(DEK, 0)
     with pytest.raises(ValueError):
         sealer.seal(NONCE[:8], b"", b"")
+
+
+def test_an_opener_opens_what_open_envelope_opens_and_fails_where_it_fails():
+    opener = envelope.Opener(DEK, 9)
+    sealed = seal(DEK, 9, NONCE, b"payload" * 1000, raft_aad(9))
+    assert opener.open(sealed, raft_aad(9)) == open_envelope(DEK, sealed, raft_aad(9))
+    assert opener.open(bytearray(sealed), raft_aad(9)) == b"payload" * 1000
+    for tampered, aad in ((sealed[:-1] + bytes((sealed[-1] ^ 1,)), raft_aad(9)),
+                          (sealed[:10] + bytes((sealed[10] ^ 1,)) + sealed[11:], raft_aad(9)),
+                          (sealed, raft_aad(8)),
+                          (sealed, storage_aad(sealed[:6], 1, b"k", 3))):
+        with pytest.raises(AuthenticationFailed):
+            opener.open(tampered, aad)
+    with pytest.raises(AuthenticationFailed):
+        envelope.Opener(bytes(32), 9).open(sealed, raft_aad(9))
+    with pytest.raises(ValueError):
+        envelope.Opener(DEK[:16], 9)
+    with pytest.raises(ValueError):
+        envelope.Opener(DEK, 0)
 
 
 def test_seal_stored_is_seal_under_the_storage_aad_and_refuses_what_does_not_fit():

@@ -71,6 +71,16 @@ def test_seals_follow_a_raft_key_rotation(plugin):
     assert codec.open(7, first) == codec.open(8, second) == PUT
 
 
+def test_an_entry_under_a_key_no_longer_loaded_halts_even_after_one_opened(plugin):
+    codec = plugin.payload_codec()
+    apply(plugin, 5, cutover_command(plugin.view(), 2))
+    sealed = codec.seal(PUT, 0.1)
+    assert codec.open(6, sealed) == PUT
+    plugin.keystore.remove(2)  # the opening the codec keeps must not outlive the key
+    with pytest.raises(ApplyHalt, match="UnknownKeyId"):
+        codec.open(7, sealed)
+
+
 def test_a_new_leader_rearms_the_gate_from_its_unapplied_log(plugin):
     codec = plugin.payload_codec()
     marker_bytes = c.encode_command(cutover_command(plugin.view(), 2))
