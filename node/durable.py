@@ -32,7 +32,7 @@ import errno
 import json
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 FSYNC_ALWAYS = "always"
 FSYNC_NEVER = "never"
@@ -86,15 +86,20 @@ observe_fsync: Callable[[float], None] = _ignore
 
 
 def sync_file(fd: int, path: str, policy: str,
-              fdatasync: Callable[[int], None] = os.fdatasync) -> None:
-    """Makes what was written to `fd` durable (fdatasync) under the "always" policy."""
+              fdatasync: Callable[[int], None] = os.fdatasync,
+              size: Optional[int] = None) -> None:
+    """Makes what was written to `fd` durable (fdatasync) under the "always" policy.
+
+    `size` is how many bytes of the file hold data, for the power-loss test record, when the
+    file is longer (preallocated); by default its size.
+    """
     if policy != FSYNC_ALWAYS:
         return
     started = time.perf_counter()
     fdatasync(fd)
     observe_fsync(time.perf_counter() - started)
     if os.environ.get(RECORD_ENV):  # the fstat is for the test record only (a syscall per sync)
-        record_synced(path, os.fstat(fd).st_size)
+        record_synced(path, os.fstat(fd).st_size if size is None else size)
 
 
 def sync_dir(path: str, policy: str) -> None:

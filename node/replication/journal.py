@@ -20,6 +20,12 @@ Durability contract (policy "always"; "never" skips every fsync but still writes
   durable with one fdatasync: the caller (the adapter, on the tick thread) calls it before
   the leader counts its own copy and before a follower answers AppendEntries, so a burst of
   entries appended together costs one fdatasync (group commit).
+- The file is preallocated `PREALLOCATE_BYTES` at a time (posix_fallocate), so a group is
+  written into space the file already has: an fdatasync that does not also have to commit a
+  new file size took ~160 µs instead of ~260 µs on the development disk (ext4), and every
+  write waits for one on the leader and on a follower. The log ends at the first record
+  header that is all zeros with nothing but zeros after it (not damage, no warning); where
+  the file system cannot preallocate, records are appended as before.
 - Compaction (`deleteEntriesTo`, `clear`) writes the kept records to a new file, fsyncs it,
   renames it over the journal and fsyncs the directory: dropped records never stay on disk
   in the live file, and a crash leaves either the old or the new journal.
@@ -64,6 +70,7 @@ HEADER_SIZE = _HEAD.size + 4
 RECORD_OVERHEAD = HEADER_SIZE + 4
 DEFAULT_CACHE_BYTES = 16 * 1024 * 1024
 _COPY_CHUNK = 1024 * 1024
+PREALLOCATE_BYTES = 16 * 1024 * 1024
 
 JOURNAL_FIX = ("this member's log cannot be trusted: remove the member (sealkv member remove), "
                "empty its data directory and add it back so it copies the log from the leader")
@@ -164,7 +171,9 @@ class FileJournal(Journal):
         self._offsets = array.array("Q")
         self._terms = array.array("Q")
         self._first_idx = 0
-        self._written = 0          # bytes in the file
+        self._written = 0          # bytes of records in the file
+        self._allocated = 0        # bytes of the file (records, then preallocated zeros)
+        self._can_preallocate = True
         self._pending = bytearray()  # records added since the last sync, not yet written
         self._dirty = False        # written or truncated since the last fdatasync
         self._cache: list = []     # the most recent entries, for index _cache_lo onwards
@@ -190,7 +199,7 @@ class FileJournal(Journal):
         return fd
 
     def _scan(self, fd: int) -> None:
-        size = os.fstat(fd).st_size
+        size = self._allocated = os.fstat(fd).st_size
         with os.fdopen(os.dup(fd), "rb") as f:
             magic = f.read(len(MAGIC))
             if magic != MAGIC:
@@ -202,6 +211,8 @@ class FileJournal(Journal):
             expected = None
             while off < size:
                 head = f.read(HEADER_SIZE)
+                if not any(head) and _only_zeros(f, off + len(head), size):
+                    break  # preallocated space: the log ends here
                 if len(head) < HEADER_SIZE:
                     return self._cut_torn_tail(fd, off, size)
                 if _U32.unpack_from(head, _HEAD.size)[0] != crc32c(head[:_HEAD.size]):
@@ -239,7 +250,7 @@ class FileJournal(Journal):
             off = len(MAGIC)
         else:
             os.ftruncate(fd, off)
-        self._written = off
+        self._written = self._allocated = off
         durable.sync_file(fd, self.path, self.policy, self._fdatasync)
 
     # -- pysyncobj's journal interface ------------------------------------------------
@@ -275,7 +286,7 @@ class FileJournal(Journal):
             del self._pending[off - self._written:]
         else:
             os.ftruncate(self._fd, off)
-            self._written = off
+            self._written = self._allocated = off
             self._durable = min(self._durable, off)
             self._pending.clear()
             self._dirty = True
@@ -400,6 +411,8 @@ class FileJournal(Journal):
         """
         try:
             if self._pending:
+                if self._written + len(self._pending) > self._allocated:
+                    self._preallocate(self._written + len(self._pending))
                 try:
                     written = 0
                     view = memoryview(self._pending)
@@ -411,7 +424,8 @@ class FileJournal(Journal):
                 self._pending.clear()
                 self._dirty = True
             if self._dirty:
-                durable.sync_file(self._fd, self.path, self.policy, self._fdatasync)
+                durable.sync_file(self._fd, self.path, self.policy, self._fdatasync,
+                                  self._written)
                 self._dirty = False
             self._durable = self._written
         except OSError as exc:
@@ -420,6 +434,7 @@ class FileJournal(Journal):
             # Drop whatever part of the group reached the file: it is rewritten whole.
             if self._pending:
                 os.ftruncate(self._fd, self._written)
+                self._allocated = self._written
             self.failing = True
             self._on_disk_full(self.path)
             return False
@@ -427,6 +442,18 @@ class FileJournal(Journal):
         return True
 
     # -- internals --------------------------------------------------------------------
+
+    def _preallocate(self, end: int) -> None:
+        # Zeros the scan reads as "no record" up to the next PREALLOCATE_BYTES boundary past
+        # `end`; a file system that cannot (or has no room) leaves the file as it is and the
+        # group is appended (a full disk then fails the write, as without preallocation).
+        target = (end // PREALLOCATE_BYTES + 1) * PREALLOCATE_BYTES
+        if self._can_preallocate:
+            try:
+                os.posix_fallocate(self._fd, self._allocated, target - self._allocated)
+            except OSError as exc:
+                self._can_preallocate = durable.is_disk_full(exc)  # else: never again
+        self._allocated = max(end, os.fstat(self._fd).st_size)
 
     def _store_meta(self) -> None:
         self.meta.store(self._meta_values)
@@ -493,7 +520,7 @@ class FileJournal(Journal):
         self._offsets = array.array("Q", (o - shift for o in self._offsets[keep_from:]))
         self._terms = self._terms[keep_from:]
         self._first_idx += keep_from
-        self._written = self._durable = os.fstat(fd).st_size
+        self._written = self._durable = self._allocated = os.fstat(fd).st_size
         self._pending.clear()
         self._dirty = False
         if not self._offsets:

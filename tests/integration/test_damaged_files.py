@@ -67,9 +67,15 @@ def assert_one_line_refusal(node, since: int, path: str, code: int) -> str:
 
 
 def journal_offsets(raft_dir: str) -> list[int]:
+    return journal_layout(raft_dir)[0]
+
+
+def journal_layout(raft_dir: str) -> tuple[list[int], int]:
+    """The record offsets of a stopped node's journal and where its records end (the file is
+    preallocated beyond)."""
     journal = j.FileJournal(raft_dir)
     try:
-        return list(journal._offsets)
+        return list(journal._offsets), journal.size_bytes
     finally:
         journal._destroy()
 
@@ -113,10 +119,9 @@ def test_a_damaged_dump_halts_before_loading(stopped_node):
 def test_a_torn_journal_tail_is_cut_with_one_warning_and_the_node_serves(stopped_node):
     cluster, node, raft_dir = stopped_node
     path = os.path.join(raft_dir, j.JOURNAL_FILE)
-    size = os.path.getsize(path)
-    offsets = journal_offsets(raft_dir)
+    offsets, end = journal_layout(raft_dir)
     with open(path, "r+b") as f:
-        f.truncate(size - 5)
+        f.truncate(end - 5)
     since = restart(cluster, node)
     cluster.wait_leader()
     text = node.log()[since:]

@@ -93,9 +93,10 @@ def test_never_policy_writes_but_does_not_fdatasync(tmp_path):
 
 
 def test_torn_tail_is_truncated_with_one_warning(tmp_path, caplog):
-    filled(tmp_path, 5)._destroy()
+    journal = filled(tmp_path, 5)
+    size = journal.size_bytes  # where the records end (the file is preallocated beyond)
+    journal._destroy()
     path = tmp_path / j.JOURNAL_FILE
-    size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(size - 3)
     caplog.set_level(logging.WARNING)
@@ -310,3 +311,22 @@ def test_a_journal_cut_inside_its_magic_starts_empty(tmp_path):
     journal._destroy()
     assert (tmp_path / j.JOURNAL_FILE).read_bytes().startswith(j.MAGIC)
     assert open_journal(tmp_path)[0] == (b"first", 1, 1)
+
+
+def test_the_preallocated_space_is_no_record_and_no_damage(tmp_path, caplog):
+    journal = filled(tmp_path, 3)
+    end = journal.size_bytes
+    journal._destroy()
+    path = tmp_path / j.JOURNAL_FILE
+    assert path.stat().st_size >= j.PREALLOCATE_BYTES > end
+    assert path.read_bytes()[end:].count(0) == path.stat().st_size - end
+    caplog.set_level(logging.WARNING)
+    journal = open_journal(tmp_path)
+    assert len(journal) == 3 and journal.size_bytes == end
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    journal.add(b"next", 4, 2)  # written into the preallocated space, read back after it
+    assert journal.sync()
+    journal._destroy()
+    again = open_journal(tmp_path)
+    assert len(again) == 4 and again[-1] == (b"next", 4, 2)
+
