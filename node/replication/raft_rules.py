@@ -96,6 +96,13 @@ log = logging.getLogger(__name__)
 # ReadIndex: after a round (or a follower's request) went unanswered, reads use barrier
 # entries for this long before trying again (peers of an older sealkv never answer).
 READ_INDEX_FALLBACK_PERIOD = 5.0
+# The ReadIndex message types and the RaftRulesSyncObj method that receives each.
+_READ_INDEX_HANDLERS = {
+    'read_index_ping': '_receive_read_ping',
+    'read_index_pong': '_receive_read_pong',
+    'read_index_request': '_receive_read_request',
+    'read_index_response': '_receive_read_response',
+}
 
 # A journal entry as pysyncobj stores it: (command bytes, raft index, term).
 Entry = tuple
@@ -237,17 +244,8 @@ class RaftRulesSyncObj(SyncObj):
         elif kind == 'stale_term':
             self._receive_stale_term(message)
             return
-        elif kind == 'read_index_ping':
-            self._receive_read_ping(node, message)
-            return
-        elif kind == 'read_index_pong':
-            self._receive_read_pong(node, message)
-            return
-        elif kind == 'read_index_request':
-            self._receive_read_request(node, message)
-            return
-        elif kind == 'read_index_response':
-            self._receive_read_response(node, message)
+        elif kind in _READ_INDEX_HANDLERS:
+            getattr(self, _READ_INDEX_HANDLERS[kind])(node, message)
             return
         SyncObj._SyncObj__onMessageReceived(self, node, message)
 
@@ -681,15 +679,19 @@ class RaftRulesSyncObj(SyncObj):
             return
         expired = rounds.expired(now)
         if expired is not None:
-            self._read_fallback_until = now + READ_INDEX_FALLBACK_PERIOD
-            log.warning("a read-index round had no answer from a quorum of voters within "
-                        "%.1fs (%d of %d answered; peers of an older sealkv do not answer): "
-                        "linearizable reads use barrier entries for %.0fs",
-                        rounds.timeout, len(expired.acks), len(expired.voters),
-                        READ_INDEX_FALLBACK_PERIOD)
-            self._answer_reads(expired.waiters, None, ReadIndexFallback(
-                "the read-index round was not confirmed in time"))
+            self._unanswered(now, expired.waiters, (
+                f"a read-index round had no answer from a quorum of voters within "
+                f"{rounds.timeout:.1f}s ({len(expired.acks)} of {len(expired.voters)} "
+                f"answered; peers of an older sealkv do not answer)"))
         self._start_round(now)
+
+    def _unanswered(self, now: float, waiters, why: str) -> None:
+        """A round or a request went unanswered: its reads, and those of the next
+        `READ_INDEX_FALLBACK_PERIOD` seconds, use barrier entries."""
+        self._read_fallback_until = now + READ_INDEX_FALLBACK_PERIOD
+        log.warning("%s: linearizable reads use barrier entries for %.0fs", why,
+                    READ_INDEX_FALLBACK_PERIOD)
+        self._answer_reads(waiters, None, ReadIndexFallback(why))
 
     def _read_round_refusal(self, now: float) -> Optional[str]:
         """Why the leader cannot start a round now (reads then use a barrier entry), or None."""
@@ -753,12 +755,9 @@ class RaftRulesSyncObj(SyncObj):
             return
         expired = requests.expired(now)
         if expired is not None:
-            self._read_fallback_until = now + READ_INDEX_FALLBACK_PERIOD
-            log.warning("the leader did not answer a read-index request within %.1fs (a "
-                        "leader of an older sealkv does not): linearizable reads use barrier "
-                        "entries for %.0fs", requests.timeout, READ_INDEX_FALLBACK_PERIOD)
-            self._answer_reads(expired.waiters, None, ReadIndexFallback(
-                "the leader did not answer the read-index request in time"))
+            self._unanswered(now, expired.waiters, (
+                f"the leader did not answer a read-index request within "
+                f"{requests.timeout:.1f}s (a leader of an older sealkv does not)"))
         self._send_read_request(now, leader)
 
     def _send_read_request(self, now: float, leader) -> None:
