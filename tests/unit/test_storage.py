@@ -277,6 +277,36 @@ def test_data_bytes_are_kept_per_transaction_and_survive_reopening(tmp_path):
     again.close()
 
 
+def test_data_bytes_read_by_another_thread_while_the_writer_commits_is_a_number(lmdb_store):
+    # The fault campaign (seed 14) saw a gRPC thread's admission get None here: it read
+    # "a write is open" just before the writer committed, and "no read view" matched the
+    # then-closed transaction. A tiny switch interval makes that interleaving frequent.
+    import sys
+    import threading
+    import time
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    stop = time.monotonic() + 2.0
+    seen: list = []
+
+    def writer() -> None:
+        while time.monotonic() < stop and not seen:
+            lmdb_store.begin_write()
+            lmdb_store.commit()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        while time.monotonic() < stop and not seen:
+            value = lmdb_store.data_bytes()
+            if not isinstance(value, int):
+                seen.append(value)
+    finally:
+        thread.join()
+        sys.setswitchinterval(previous)
+    assert seen == []
+
+
 def test_data_survives_reopening(tmp_path):
     path = str(tmp_path / "db")
     s = LmdbStore(path, map_size=64 * 1024 * 1024)

@@ -491,7 +491,8 @@ class LmdbStore:
     def data_bytes(self) -> int:
         """Keys, values and per-record overhead in use: what the quota counts (as committed;
         inside the open write transaction, on its thread, as written so far)."""
-        if self._write is not None and getattr(self._local, "txn", None) is self._write:
+        write = self._write  # read once: the writer thread may commit meanwhile
+        if write is not None and getattr(self._local, "txn", None) is write:
             return self._bytes_txn
         return self._bytes_committed
 
