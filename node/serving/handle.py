@@ -75,9 +75,10 @@ class NodeHandle:
         self._node.require_leader()
 
     def confirm_leadership(self, timeout: float) -> int:
-        """Confirms leadership through a quorum (a committed barrier), not just local state.
+        """Confirms leadership through a quorum (a read index, or a barrier entry where that
+        falls back), not just local state, and waits until it is applied here.
 
-        Returns the barrier's index: every write acknowledged before the call is at or below it.
+        Returns that Raft index: every write acknowledged before the call is at or below it.
         """
         self.require_leader()
         index = self._node.adapter.barrier(timeout)

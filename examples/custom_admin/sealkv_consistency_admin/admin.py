@@ -11,8 +11,9 @@
    applied the target and all report the same applied index, or the wait runs out;
 3. compares the last round's digests (`sealkv_consistency_admin.check.compare`).
 
-It writes no key: the only log entry it causes is the leader's read barrier. Nothing is logged
-but the verdict and indexes.
+It writes no key and, as a linearizable read, no log entry (a read index; a barrier entry
+only where the node falls back, see the README's ReadIndex section). Nothing is logged but
+the verdict and indexes.
 `Cluster.Digest` is a core RPC, so the other members need not enable this plugin.
 """
 from __future__ import annotations
@@ -110,8 +111,8 @@ class ConsistencyAdminPlugin(AdminPlugin):
     def target_index(self, timeout: float) -> int:
         """Returns the leader's commit index now, as a linearizable read sees it.
 
-        That is the index of a quorum-confirmed barrier applied on the leader, which every
-        write acknowledged before this call precedes. (Raft's own commit index, in
+        That is the leader's applied index once a quorum confirmed its leadership (a read
+        index, applied), which every write acknowledged before this call precedes. (Raft's own commit index, in
         `Cluster.Status`, also counts pysyncobj's internal no-op entries, which never reach a
         state machine: `Cluster.Digest` could report it only after the next write.) On the
         leader the barrier is local; elsewhere it is a linearizable `KV.Get` on the leader,
