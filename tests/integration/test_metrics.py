@@ -69,12 +69,15 @@ def test_names_are_exposed_and_counters_move(node):
         for i in range(20):
             client.put(f"metrics/{i}".encode(), b"scraped-value-never-labelled")
         assert client.get(b"metrics/3").kv.value == b"scraped-value-never-labelled"
-    _, after, text = scrape(url)
     # The client batches (KV/Batch streams) or calls KV/Put: either way KV calls are counted.
+    # A stream is counted when the node has ended it, after the client closed its side.
     kv_ok = lambda samples: sum(v for (name, labels), v in samples.items()  # noqa: E731
                                 if name == "grpc_server_handled_total"
                                 and ("grpc_service", "sealkv.v1.KV") in labels
                                 and ("grpc_code", "OK") in labels)
+    wait_for(lambda: kv_ok(scrape(url)[1]) > kv_ok(before), 10,
+             "the closed KV stream counted as handled")
+    _, after, text = scrape(url)
     admin_ok = dict(grpc_service="sealkv.v1.EncryptionAdmin", grpc_method="BootstrapEncryption",
                     grpc_code="OK")
     assert value(after, "grpc_server_handled_total", **admin_ok) == 1
