@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from sealkv.node import errors
+from sealkv.node.cli.local import free_port  # noqa: F401 (tests import it from here)
 from sealkv.node.client import Client, health
 from sealkv.node.security import pki
 from sealkv.node.security.tls import client_kwargs
 
 PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):

@@ -102,11 +102,38 @@ def define_nodes(data_dir: str, count: int, base_port: Optional[int]) -> list[Lo
     return nodes
 
 
+# Ports handed out by this process, so that one cluster never gets the same port twice.
+_HANDED_OUT: set[int] = set()
+# Where to look below the kernel's ephemeral range (and above the well-known ports).
+_LOWEST_PORT = 10000
+
+
 def free_port() -> int:
-    """Returns a port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Returns a port that was free on 127.0.0.1 a moment ago, chosen below the kernel's
+    ephemeral range: a port from that range can be taken by any outgoing connection as its
+    source port while a node is down, and the node then cannot bind it when it restarts."""
+    top = _ephemeral_low()
+    for _ in range(200):
+        port = secrets.randbelow(top - _LOWEST_PORT) + _LOWEST_PORT if top > _LOWEST_PORT else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError("no free port on 127.0.0.1")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default where it is unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def write_secret(path: str, nbytes: int = 32) -> None:
