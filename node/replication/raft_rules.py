@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -203,6 +204,9 @@ class RaftRulesSyncObj(SyncObj):
         self.read_rounds = 0  # rounds confirmed as the leader (Status counts them)
         self._membership_change_index = 0
         self._transfer_started = float("-inf")
+        # Whether the start-up adopted the membership entries of the log (see
+        # `_adopt_log_configuration`); from then on applying one changes nothing.
+        self._log_configuration_adopted = False
         super().__init__(*args, **kwargs)
         conf = self._SyncObj__conf
         self._rounds.timeout = conf.raftMinTimeout
@@ -478,6 +482,14 @@ class RaftRulesSyncObj(SyncObj):
     # -- elections: PreVote and the leader lease (tick thread) --------------------------
 
     def _onTick(self, timeToWait=0.0):
+        if self._SyncObj__transport.ready and self._SyncObj__needLoadDumpFile:
+            # pysyncobj's start-up step (load the dump), taken here so that the log's
+            # configuration is in effect before the first message is handled.
+            dump = self._SyncObj__conf.fullDumpFile
+            if dump is not None and os.path.isfile(dump):
+                self._SyncObj__loadDumpFile(clearJournal=False)
+            self._SyncObj__needLoadDumpFile = False
+            self._adopt_log_configuration()
         if self._SyncObj__transport.ready and not self._SyncObj__needLoadDumpFile:
             self._election_tick()
             self._read_tick()
@@ -640,6 +652,35 @@ class RaftRulesSyncObj(SyncObj):
         # round is safe anyway, its answers count only in its term, but not worth the doubt).
         self._transfer_started = monotonic_time()
         SyncObj.transferLeadership(self, node, callback)
+
+    # -- membership (tick thread) ------------------------------------------------------
+
+    def _adopt_log_configuration(self) -> None:
+        """Puts the membership entries of the log after the dump in effect, at start-up.
+
+        A server uses the latest configuration in its log, committed or not (Raft thesis
+        §4.1). pysyncobj does so as entries are appended or received, but after a restart it
+        starts from the dump's members and applies a membership entry only once the commit
+        index passes it; the saved commit index may be up to a second old (the meta file is
+        written once a second) and a follower's may be older still. A member added in that
+        gap can then lead the cluster while the restarted node refuses its connections as
+        unknown: the node never hears a leader, and the cluster never reaches it.
+        """
+        for entry in self._SyncObj__getEntries(self._SyncObj__raftLastApplied + 1):
+            request = self._SyncObj__parseChangeClusterRequest(entry[0])
+            if request is not None:
+                self._SyncObj__doChangeCluster(request)
+        self._log_configuration_adopted = True
+
+    def _SyncObj__doApplyCommand(self, command):
+        # pysyncobj applies a membership entry again when it commits ("required only after
+        # node restarts"): the start-up adoption did that already, and every later entry
+        # took effect when appended or received. Applying it again would undo a later change
+        # of the log still uncommitted (add x, then remove x: the commit of the add re-adds x).
+        if (self._log_configuration_adopted
+                and self._SyncObj__parseChangeClusterRequest(command) is not None):
+            return None
+        return SyncObj._SyncObj__doApplyCommand(self, command)
 
     def _SyncObj__doChangeCluster(self, request, reverse=False):
         # Called as the change is appended (leader) or received (follower): no round starts

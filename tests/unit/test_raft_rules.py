@@ -110,7 +110,14 @@ class SentRecorder:
 @pytest.fixture
 def raft(tmp_path):
     """An un-ticked `_RaftObject` (real pysyncobj, real bound port, two silent partners)."""
-    me, leader, other = free_address(), free_address(), free_address()
+    obj = make_raft(tmp_path)
+    yield obj
+    obj.destroy()
+
+
+def make_raft(tmp_path, me=None):
+    """An un-ticked `_RaftObject` over the journal in `tmp_path` (as it is on disk)."""
+    me, leader, other = me or free_address(), free_address(), free_address()
     halt = HaltRecorder()
     adapter = ReplicationAdapter(StateMachine(MemoryStore()), raft_address=me,
                                  partners=[leader, other], data_dir=str(tmp_path),
@@ -124,8 +131,7 @@ def raft(tmp_path):
     obj._SyncObj__transport.send = sent
     obj.halt, obj.sent = halt, sent
     obj.leader, obj.other = TCPNode(leader), TCPNode(other)
-    yield obj
-    obj.destroy()
+    return obj
 
 
 def append(obj, prev, prev_term, entries, commit, term=2):
@@ -242,6 +248,51 @@ def test_membership_changes_are_reversed_only_for_removed_entries(raft):
     append(raft, 2, 1, [entry(3, 2)], commit=2, term=2)
     assert calls == [('add', False), ('add', True)]
     assert TCPNode(newcomer) not in raft.otherNodes
+
+
+def restart_with_log(tmp_path, *entries):
+    """A node restarted over a journal holding `entries` after the first no-op, with the
+    saved commit index still at 1 (the meta file is written once a second), ticked once."""
+    journal = FileJournal(str(tmp_path))
+    journal.add(bytes([_COMMAND_TYPE.NO_OP]), 1, 1)
+    for e in entries:
+        journal.add(*e)
+    journal._destroy()
+    obj = make_raft(tmp_path)
+    obj._onTick(0.0)
+    return obj
+
+
+def test_a_restart_puts_the_logs_latest_membership_in_effect_committed_or_not(tmp_path):
+    newcomer, gone = free_address(), free_address()
+    noop = (bytes([_COMMAND_TYPE.NO_OP]), 3, 1)
+    obj = restart_with_log(tmp_path, membership(2, 1, 'add', gone), noop,
+                           membership(4, 1, 'add', newcomer), membership(5, 1, 'rem', gone))
+    try:
+        assert obj.raftCommitIndex == 1
+        # The newcomer may lead already: without it, its connections would be refused.
+        assert TCPNode(newcomer) in obj.otherNodes
+        assert TCPNode(gone) not in obj.otherNodes
+        # Committing the entries changes nothing: the commit of `add gone` does not bring
+        # back the member the log removed after it.
+        append(obj, 5, 1, [], commit=3, term=1)
+        obj._onTick(0.0)
+        assert obj.raftLastApplied >= 3
+        assert TCPNode(gone) not in obj.otherNodes
+        assert TCPNode(newcomer) in obj.otherNodes
+    finally:
+        obj.destroy()
+
+
+def test_a_conflict_after_a_restart_still_reverses_an_adopted_membership_entry(tmp_path):
+    newcomer = free_address()
+    obj = restart_with_log(tmp_path, entry(2, 1), membership(3, 1, 'add', newcomer))
+    try:
+        assert TCPNode(newcomer) in obj.otherNodes
+        append(obj, 2, 1, [entry(3, 2)], commit=2, term=2)
+        assert TCPNode(newcomer) not in obj.otherNodes
+    finally:
+        obj.destroy()
 
 
 # -- the leader's view of a follower ----------------------------------------------------------
