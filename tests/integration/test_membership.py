@@ -129,3 +129,23 @@ def test_removing_the_leader_hands_over_first(cluster3):
     cluster3.kill(leader, signal.SIGTERM)
     with cluster3.client(new) as c:
         c.put(b"k", b"v")
+
+
+def test_a_member_added_just_before_a_crash_can_lead_the_restarted_node(cluster3):
+    """The fault suite's seed 2: a node killed right after a member was added restarts with a
+    saved commit index below the addition (the meta file is written once a second). The new
+    member then leads; the restarted node must let it in, because it uses the latest
+    membership of its log, committed or not."""
+    leader = cluster3.wait_leader()
+    victim = next(n for n in cluster3.nodes if n != leader)
+    n4 = cluster3.add_node("n4")
+    with cluster3.client(leader) as c:
+        c.member_add("n4", n4.raft, n4.grpc)
+    cluster3.kill(victim)
+    with cluster3.client(leader) as c:
+        wait_for(lambda: c.transfer_leadership("n4").leader == "n4", 20, "n4 to lead")
+    cluster3.start_node(victim)
+    assert cluster3.wait_leader() == "n4"
+    with cluster3.client(victim) as c:
+        c.put(b"k", b"v")
+        assert c.get(b"k").kv.value == b"v"
