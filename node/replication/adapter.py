@@ -781,11 +781,6 @@ class ReplicationAdapter:
         `Aborted` (the leader changed: retry), `Unavailable` (no leader known), `OutcomeUnknown`
         (confirmed, but not applied here by `deadline`, a monotonic time).
         """
-        ask = getattr(self._obj, "read_index", None)
-        if ask is None:  # a stand-in Raft object of a unit test
-            on_done(None, ReadIndexFallback("this Raft object has no ReadIndex"))
-            return
-
         def confirmed(index: Optional[int], error) -> None:  # tick thread
             if error is not None:
                 if isinstance(error, ReadIndexFallback):
@@ -800,7 +795,7 @@ class ReplicationAdapter:
                 index, next(self._read_seq), deadline,
                 lambda failure: on_done(None, failure) if failure else on_done(index, None)))
 
-        ask(confirmed)
+        self._obj.read_index(confirmed)
 
     def _expire_read_waits(self) -> None:
         # Tick thread: a read whose caller gave up no longer waits for its index here.
@@ -817,8 +812,6 @@ class ReplicationAdapter:
 
     def _read_point_once(self, timeout: float) -> int:
         """One linearizable read point: ReadIndex, or a barrier entry when it falls back."""
-        if getattr(self._obj, "read_index", None) is None:  # a unit test's stand-in
-            return self._barrier_once(timeout)
         deadline = time.monotonic() + timeout
         self._require_leader(deadline)
         done = threading.Event()

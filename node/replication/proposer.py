@@ -6,9 +6,9 @@ arrive while an entry is in flight wait and leave together, as one BATCH entry, 
 completes (group commit). An entry carries at most `max_commands` commands and about
 `max_bytes` bytes (a larger single command travels alone). A linearizable read asks the
 adapter for a read index (`read_index_async`: no log entry, concurrent reads share one
-confirmation round); when that falls back (see `read_index.ReadIndexFallback`), or with an
-adapter that offers no ReadIndex, reads waiting for a barrier share the next entry: with
-writes in it, it is their barrier; without, a BARRIER is proposed.
+confirmation round); when that falls back (see `read_index.ReadIndexFallback`), reads waiting
+for a barrier share the next entry: with writes in it, it is their barrier; without, a
+BARRIER is proposed.
 
 Threading contract: `submit`, `propose` and `barrier` are called from gRPC worker threads,
 never from the pysyncobj tick thread. A request that finds no entry in flight is proposed on
@@ -79,15 +79,14 @@ class Proposer:
     def __init__(self, adapter, *, max_commands: int = MAX_ENTRY_COMMANDS,
                  max_bytes: int = MAX_ENTRY_BYTES, max_in_flight: int = MAX_IN_FLIGHT,
                  lost_after: float = 10.0):
-        """`adapter` is the `ReplicationAdapter` (`propose_async`, `wait_leader`).
+        """`adapter` is the `ReplicationAdapter` (`propose_async`, `read_index_async`,
+        `wait_leader`).
 
         An entry whose callback has not come after `lost_after` seconds is taken as lost
         (pysyncobj can orphan callbacks): its requests time out on their own deadlines and
         new entries may leave.
         """
         self.adapter = adapter
-        # ReadIndex, when the adapter offers it (an optional capability; test doubles may not).
-        self._read_index = getattr(adapter, "read_index_async", None)
         self.max_commands = max_commands
         self.max_bytes = max_bytes
         self.max_in_flight = max_in_flight
@@ -128,11 +127,11 @@ class Proposer:
         a leader first (`adapter.wait_leader`).
         """
         request = _Request(command, on_done, deadline)
-        if command is None and self._read_index is not None:
+        if command is None:
             # A read point without an entry (ReadIndex): it never waits behind writes.
             request.state = "sent"
-            self._read_index(lambda index, error: self._read_done(request, index, error),
-                             deadline)
+            self.adapter.read_index_async(
+                lambda index, error: self._read_done(request, index, error), deadline)
             return request
         with self._lock:
             self._pending.append(request)

@@ -9,6 +9,7 @@ from sealkv.node.replication import adapter as adapter_module
 from sealkv.node.replication.adapter import ReplicationAdapter
 from sealkv.node.state.machine import StateMachine, WriteResult
 from sealkv.node.state.storage.memory import MemoryStore
+from tests.unit.test_read_barrier import ScriptedRaft
 
 WAIT = 10.0
 
@@ -71,6 +72,7 @@ def coalescer(tmp_path, monkeypatch):
     monkeypatch.setattr(adapter_module, "_BarrierGroup", Group)
     adapter = ReplicationAdapter(StateMachine(MemoryStore()), raft_address=None, partners=[],
                                  data_dir=str(tmp_path), secret=None)
+    adapter._obj = ScriptedRaft(adapter.sm, [])  # the leader; its ReadIndex falls back
     propose = GatedPropose()
     adapter.propose = propose
     with ThreadPoolExecutor(max_workers=8) as pool:

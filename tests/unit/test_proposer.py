@@ -6,6 +6,7 @@ import pytest
 
 from sealkv.node import errors
 from sealkv.node.replication.proposer import Proposer
+from sealkv.node.replication.read_index import ReadIndexFallback
 from sealkv.node.state import commands as cmd
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.memory import MemoryStore
@@ -15,6 +16,8 @@ class HeldAdapter:
     """Applies each proposed entry to a real state machine when the test releases it.
 
     For tests only: it stands in for the Raft member so a test decides when entries commit.
+    Its ReadIndex always falls back, as the real adapter's does when no confirmation round
+    can run (right after an election, say): every read waits for a barrier entry.
     """
 
     def __init__(self):
@@ -27,6 +30,9 @@ class HeldAdapter:
 
     def propose_async(self, payload, on_done, seal_timeout=0.0):
         self.entries.append((payload, on_done))
+
+    def read_index_async(self, on_done, deadline):
+        on_done(None, ReadIndexFallback("no entry of this leader's term is committed yet"))
 
     def wait_entries(self, n):
         """Waits until n entries were proposed (the proposer's thread sends the later ones)."""
@@ -93,6 +99,7 @@ def test_reads_share_the_next_entry_with_writes_or_get_a_barrier_of_their_own():
     assert {seen[0][0].revision for seen, _ in reads} == {2}
     alone, on_alone = collect()
     p.submit(None, on_alone, far())
+    adapter.wait_entries(3)  # a fallen-back read is proposed by the proposer's thread
     assert adapter.entries[2][0] == cmd.encode(cmd.Barrier())
     adapter.commit(2)
     assert alone[0][0].revision == 3
@@ -196,6 +203,7 @@ def test_unbatched_entries_carry_one_write_each_and_pipeline_instead():
     for i in range(5):
         p.submit(put(b"k%d" % i), lambda r, e: None, far())
     p.submit(None, reads[1], far())
+    adapter.wait_entries(6)  # a fallen-back read is proposed by the proposer's thread
     assert [e[0] for e in adapter.entries] == [put(b"k%d" % i) for i in range(5)] + [
         cmd.encode(cmd.Barrier())]  # all in flight at once, no BATCH entry
     for i in range(6):

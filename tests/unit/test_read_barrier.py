@@ -8,13 +8,16 @@ from pysyncobj import FAIL_REASON
 
 from sealkv.node import errors
 from sealkv.node.replication.adapter import ReplicationAdapter
+from sealkv.node.replication.read_index import ReadIndexFallback
 from sealkv.node.state.machine import StateMachine
 from sealkv.node.state.storage.memory import MemoryStore
 
 
 class ScriptedRaft:
     """Stands in for the SyncObj, for tests only: answers each proposal with the next
-    scripted failure reason, then applies it to the state machine for real."""
+    scripted failure reason, then applies it to the state machine for real. Its ReadIndex
+    always falls back, as the real one does when no confirmation round can run (right after
+    an election, say): every read point is a barrier entry."""
 
     def __init__(self, sm, failures, leader=True, delay=0.0):
         self.sm = sm
@@ -29,6 +32,9 @@ class ScriptedRaft:
 
     def _isLeader(self):
         return self.leader is not None  # the scripted node is the leader it knows
+
+    def read_index(self, on_done):
+        on_done(None, ReadIndexFallback("no entry of this leader's term is committed yet"))
 
     def apply_command(self, command, callback):
         self.proposals += 1
