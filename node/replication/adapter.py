@@ -61,23 +61,6 @@ safe_pickle.install()
 raft_journal.install()
 
 
-def _drain_wake_pipe(notifier, descr, event_mask) -> None:
-    # pysyncobj writes a byte to this pipe for every proposal to wake the tick thread, and
-    # drains it by reading until EAGAIN: a second read and a raised exception on the tick
-    # thread for every lone proposal. A short read means drained (the poll is level-triggered:
-    # a later byte wakes it again).
-    try:
-        while len(os.read(notifier._PipeNotifier__pipeR, 1024)) == 1024:
-            pass
-    except BlockingIOError:
-        pass
-    callback = notifier._PipeNotifier__callback
-    if callback is not None:
-        callback()
-
-
-PipeNotifier._PipeNotifier__onNewNotification = _drain_wake_pipe
-
 log = logging.getLogger(__name__)
 
 HALT_EXIT_CODE = 70
@@ -94,6 +77,33 @@ SWITCH_INTERVAL = 0.0005
 SEAL_WAIT = 5.0  # propose_async: the longest wait at a closed intake (raft envelope cutover)
 
 
+class _WakePipe(PipeNotifier):
+    """pysyncobj's wake-up pipe, drained with one read.
+
+    pysyncobj writes a byte to this pipe for every proposal to wake the tick thread, and
+    drains it by reading until EAGAIN: a second read and a raised exception on the tick
+    thread for every lone proposal. Here a short read means drained (the poll is
+    level-triggered: a later byte wakes it again). Only `_RaftObject` uses it.
+    """
+
+    def _PipeNotifier__onNewNotification(self, descr, event_mask) -> None:
+        try:
+            while len(os.read(self._PipeNotifier__pipeR, 1024)) == 1024:
+                pass
+        except BlockingIOError:
+            pass
+        callback = self._PipeNotifier__callback
+        if callback is not None:
+            callback()
+
+    @staticmethod
+    def retire(notifier: PipeNotifier, poller) -> None:
+        """Unregisters `notifier`'s pipe from `poller` and closes both of its ends."""
+        poller.unsubscribe(notifier._PipeNotifier__pipeR)
+        os.close(notifier._PipeNotifier__pipeR)
+        os.close(notifier._PipeNotifier__pipeW)
+
+
 class _RaftObject(RaftRulesSyncObj):
     """The SyncObj with one replicated method; everything else lives in the adapter.
 
@@ -107,11 +117,28 @@ class _RaftObject(RaftRulesSyncObj):
         self._coalescing = False
         self._send_pending = False
         self._peer_wire: Optional[peer_wire.PeerWire] = None
+        self._wake_pipe: Optional[_WakePipe] = None  # see _SyncObj__pipeNotifier
         adapter._obj = self  # the tick thread starts inside __init__ and may call back
         super().__init__(self_node, partners, conf)
         if adapter.codec.gates_appends:
             self._SyncObj__commandsQueue = _GatedQueue(self._SyncObj__commandsQueue, self,
                                                        adapter.codec)
+
+    # pysyncobj builds its wake-up pipe in SyncObj.__init__ (`self.__pipeNotifier =
+    # PipeNotifier(self._poller)`), before its tick thread starts. The assignment lands here:
+    # the pipe it built is unregistered and closed, and this object's own `_WakePipe` takes
+    # its place, before any thread can have written to the first one.
+
+    @property
+    def _SyncObj__pipeNotifier(self) -> Optional[PipeNotifier]:
+        return self._wake_pipe
+
+    @_SyncObj__pipeNotifier.setter
+    def _SyncObj__pipeNotifier(self, built: PipeNotifier) -> None:
+        if not isinstance(built, _WakePipe):
+            _WakePipe.retire(built, self._poller)
+            built = _WakePipe(self._poller)
+        self._wake_pipe = built
 
     @replicated
     def apply_command(self, command: bytes):

@@ -5,7 +5,7 @@ journal's fdatasync and whose transport's send both write into one event list, s
 see the order: a follower's answer only after the fdatasync of the entries it appended, a
 leader's AppendEntries sent before its own fdatasync of the group (they overlap) and its own
 count only after it, one fdatasync per group, and no answer, no count and no leadership on a
-full disk.
+full disk. Also: its wake-up pipe is drained with one read, without patching pysyncobj.
 """
 import errno
 import os
@@ -15,6 +15,7 @@ import time
 import pytest
 from pysyncobj import SyncObjConf
 from pysyncobj.node import TCPNode
+from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 
 from sealkv.node import durable
@@ -239,3 +240,19 @@ def test_a_record_damaged_under_a_running_node_halts_it(raft):
     raft._SyncObj__leaderCommitIndex = raft._SyncObj__raftCommitIndex = 5
     raft._onTick(0)
     assert len(raft.halts) == 1 and "changed on disk while running" in raft.halts[0]
+
+
+def test_proposals_wake_the_tick_thread_through_a_pipe_drained_by_one_read(raft, monkeypatch):
+    pipe = raft._SyncObj__pipeNotifier._PipeNotifier__pipeR
+    for i in range(3):
+        raft.apply_command(b"cmd%d" % i, callback=lambda result, reason: None)
+    reads = []
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: reads.append(fd) or real_read(fd, n))
+    raft._poller.poll(0)
+    monkeypatch.undo()
+    assert reads == [pipe]  # pysyncobj's own drain reads again, until EAGAIN
+    with pytest.raises(BlockingIOError):
+        os.read(pipe, 1)
+    # Only this object's pipe changed: pysyncobj's class keeps its own drain.
+    assert PipeNotifier._PipeNotifier__onNewNotification.__module__ == "pysyncobj.pipe_notifier"
