@@ -19,7 +19,8 @@ import os
 import pickle
 import time
 
-FORMATS = ("fernet", "gcm")
+from sealkv.node.replication.peer_wire import FORMATS
+
 WARMUP_ITERATIONS = 200
 HEADERS = ["message", "bytes (pickled)", "format", "frame bytes", "p50 µs", "p99 µs",
            "mean µs", "messages/s"]
