@@ -143,22 +143,18 @@ def _summed_errors(runs: list[dict]) -> dict:
 
 
 def run(base: Workload, *, repeats: int = DEFAULT_REPEATS, seconds: float = DEFAULT_SECONDS,
-        processes: int = 0, cluster_factory: Callable = None,
-        enable: Optional[dict] = None, together: bool = False,
+        processes: int = 0, together: bool = False,
         progress: Callable[[str], Optional[Callable]] = lambda label: None,
         log: Callable[[str], None] = lambda msg: None) -> tuple[list[dict], list[str]]:
     """Runs the side-by-side envelope rows; returns (rows, notes).
 
-    `cluster_factory()` returns a fresh started-on-enter cluster like `LocalNodeCluster`;
-    `enable[state](endpoint, files)` switches a fresh cluster to `state` (default: the
-    admin RPCs of `compare`). A state that cannot be enabled is skipped with a note.
+    Each state gets a fresh local cluster with the encryption plugin, switched to its state
+    by the admin RPCs of `compare`; a state that cannot be enabled is skipped with a note.
     `together`: each round loads every cluster at once instead of one after the other.
     """
     from sealkv.node.bench import compare
 
-    factory = cluster_factory or (lambda: compare.LocalNodeCluster(encryption=True))
-    enable = enable or {"storage": compare.enable_storage_envelope,
-                        "both": _enable_both}
+    enable = {"storage": compare.enable_storage_envelope, "both": _enable_both}
     C = base.clients
     put = dataclasses.replace(base, op="put", duration=seconds, warmup=min(base.warmup, WARMUP))
     one = dataclasses.replace(put, clients=1)
@@ -167,7 +163,7 @@ def run(base: Workload, *, repeats: int = DEFAULT_REPEATS, seconds: float = DEFA
         clusters = {}
         for state in STATES:
             log(f"sealkv: a fresh 3-node cluster for the side-by-side rows: {NAMES[state]}")
-            cluster = stack.enter_context(factory())
+            cluster = stack.enter_context(compare.LocalNodeCluster(encryption=True))
             if state in enable:
                 try:
                     enable[state](cluster.leader_endpoint(), files=cluster.files)
