@@ -30,7 +30,6 @@ import dataclasses
 import statistics
 from typing import Callable, Optional
 
-from sealkv.node.bench import async_load
 from sealkv.node.bench.workload import Workload, key_for
 
 STATES = ("off", "storage", "both")
@@ -152,7 +151,7 @@ def run(base: Workload, *, repeats: int = DEFAULT_REPEATS, seconds: float = DEFA
     by the admin RPCs of `compare`; a state that cannot be enabled is skipped with a note.
     `together`: each round loads every cluster at once instead of one after the other.
     """
-    from sealkv.node.bench import compare
+    from sealkv.node.bench import async_load, compare
 
     enable = {"storage": compare.enable_storage_envelope, "both": _enable_both}
     C = base.clients

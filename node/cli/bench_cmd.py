@@ -16,6 +16,7 @@ from typing import Iterator
 
 import click
 
+from sealkv.node.bench import side_by_side
 from sealkv.node.cli.main import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, Ctx, pass_ctx
 from sealkv.node.cli.output import emit, emit_json
 
@@ -186,10 +187,12 @@ def raft_cmd(c: Ctx, mode, **kw):
               help="Also run the same loads against a fresh 3-member etcd cluster (needs the "
               "etcd binary: apt-get install -y etcd-server) and give ratios to it.")
 @click.option("--raw", "with_raw", is_flag=True, help="Also run the raw Raft engine rows.")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--repeats", type=click.IntRange(min=1), default=side_by_side.DEFAULT_REPEATS,
+              show_default=True,
               help="Envelope rows: measured runs per envelope state, interleaved across the "
               "side-by-side clusters (each row is their median).")
-@click.option("--envelope-seconds", type=click.FloatRange(min=0.1), default=2.0,
+@click.option("--envelope-seconds", type=click.FloatRange(min=0.1),
+              default=side_by_side.DEFAULT_SECONDS,
               show_default=True, help="Envelope rows: measured seconds of each run.")
 @click.option("--envelope-only", is_flag=True,
               help="Run the envelope rows alone (their clusters, ratios and targets).")
