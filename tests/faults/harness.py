@@ -255,6 +255,8 @@ class Nemesis(Actor):
         super().__init__("nemesis", cluster, rng, stop, result)
         self.partitions = partitions
         self.extra_voter: Optional[str] = None
+        # A node whose addition or removal the cluster did not confirm (see `settle`).
+        self.unsettled: Optional[str] = None
         self.added = 0
 
     def kinds(self) -> list[str]:
@@ -330,6 +332,8 @@ class Nemesis(Actor):
         self.cluster.network.heal()
 
     def do_membership(self) -> bool:
+        self.settle()
+        name = None
         try:
             with self.cluster.client(*self.live(), timeout=5) as c:
                 if self.extra_voter is None:
@@ -345,8 +349,31 @@ class Nemesis(Actor):
                     self.cluster.nodes[name].retired = True
                     self.cluster.kill(name, signal.SIGTERM)
         except errors.SealkvError:
+            self.unsettled = name
             return False  # refused or unknown under faults: the checks at the end still apply
         return True
+
+    def settle(self) -> None:
+        """Settles an addition or removal the cluster refused or left unknown, as an operator
+        would: the node stays (the extra voter) if the leader's member list names it, and is
+        stopped for good otherwise. A node left running outside the membership hears no
+        leader, ever, and the end-of-run check that every live node names one would fail."""
+        name, self.unsettled = self.unsettled, None
+        if name is None:
+            return
+
+        def members():
+            leader = self.cluster.leader()
+            if leader is None:
+                return None
+            with self.cluster.client(leader, timeout=5) as c:
+                return {m.name for m in c.member_list().members}
+
+        if name in wait_for(members, 60, "the leader's member list"):
+            self.extra_voter = name
+        else:
+            self.cluster.nodes[name].retired = True
+            self.cluster.kill(name, signal.SIGTERM)
 
 
 def live_voters(cluster: Cluster) -> list[str]:
@@ -729,6 +756,7 @@ def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
                 result.problems.append(f"{actor.name} failed: {type(actor.error).__name__}: "
                                        f"{actor.error}")
         heal_everything(cluster)
+        nemesis.settle()
         check_every_node_serves(cluster, result)
         leader = cluster.wait_leader(timeout=60)
         final_reads(cluster, leader, recorder)
