@@ -1164,12 +1164,33 @@ class ReplicationAdapter:
         except OSError as exc:
             self._do_halt(f"{filename}: cannot read the dump ({exc.strerror})")
             raise
+        self._keep_entries_after_dump(previous, last)
         # pysyncobj now keeps no entry before `previous` (a snapshot installed from the leader
         # replaces the whole log): the codec forgets what it counted there (the retained log's
         # users of a raft key), as after a snapshot of our own.
         self.codec.snapshot_taken(previous[1])
         # pysyncobj compares these with its own TCPNode to drop itself: strings never match.
         return last, previous, cluster
+
+
+    def _keep_entries_after_dump(self, previous, last) -> None:
+        """Drops the journal entries the dump covers, up to `previous` (tick thread).
+
+        pysyncobj keeps the journal across a dump load only when it starts with the dump's
+        last two entries, as compaction leaves it, and otherwise replaces it with those two.
+        A node stopped after its dump was written and before the next tick dropped the
+        entries the dump covers starts with more in front: it would lose the entries after
+        the dump that it had acknowledged (a follower's may not be applied yet). This drops
+        only what that compaction would have dropped.
+        """
+        journal = self.journal
+        if journal is None or not len(journal):
+            return
+        pos = previous[1] - journal.first_index
+        if pos <= 0 or pos + 1 >= len(journal):
+            return
+        if journal[pos] == previous and journal[pos + 1] == last:
+            journal.deleteEntriesTo(pos)
 
 
 class _DumpNotRenamed(Exception):

@@ -256,3 +256,20 @@ def test_proposals_wake_the_tick_thread_through_a_pipe_drained_by_one_read(raft,
         os.read(pipe, 1)
     # Only this object's pipe changed: pysyncobj's class keeps its own drain.
     assert PipeNotifier._PipeNotifier__onNewNotification.__module__ == "pysyncobj.pipe_notifier"
+
+
+def test_a_dump_load_keeps_the_entries_after_the_dump_that_compaction_had_not_trimmed(raft):
+    # A node stopped after writing its dump at entry 8 and before the next tick dropped the
+    # entries it covers: its journal still starts at 1. pysyncobj keeps the journal across
+    # the load only when it starts with the dump's last two entries, else replaces it with
+    # them, and the acknowledged entries 9-11 (not applied yet) would be gone.
+    append(raft, 1, 0, [entry(i, 1) for i in range(2, 12)])
+    previous, last = raft._journal[6], raft._journal[7]
+    assert (previous[1], last[1]) == (7, 8)
+    raft._adapter._keep_entries_after_dump(previous, last)
+    journal = raft._journal
+    assert journal[0] == previous and journal[1] == last  # pysyncobj's check now holds
+    assert (journal.first_index, journal.last_index) == (7, 11)
+    on_disk = raft_journal.FileJournal(journal.directory)
+    assert [e[1] for e in on_disk[:]] == [7, 8, 9, 10, 11]
+    on_disk._destroy()
