@@ -3,7 +3,7 @@
 Every write of the node (unary handlers and batch streams alike) and every linearizable read
 goes through one `Proposer`. A lone request leaves at once, with no timer; requests that
 arrive while an entry is in flight wait and leave together, as one BATCH entry, when it
-completes (group commit). An entry carries at most `max_commands` commands and about
+completes (group commit); the writes of one batch message leave together (`flush`). An entry carries at most `max_commands` commands and about
 `max_bytes` bytes (a larger single command travels alone). A linearizable read asks the
 adapter for a read index (`read_index_async`: no log entry, concurrent reads share one
 confirmation round); when that falls back (see `read_index.ReadIndexFallback`), reads waiting
@@ -14,8 +14,11 @@ Threading contract: `submit`, `propose` and `barrier` are called from gRPC worke
 never from the pysyncobj tick thread. A request that finds no entry in flight is proposed on
 its own thread; the entries that form while one is in flight are proposed by the proposer's
 thread, woken by the tick thread's callback (so sealing and encoding never run on the tick
-thread). `on_done` callbacks run on the tick thread (or on a proposing thread when nothing
-could be submitted) and must be short: hand the result to another thread, never block.
+thread). When the tick thread is idle in its poll, the proposing thread also appends, sends
+and syncs the entry itself (`_RaftObject.submit`). `on_done` callbacks run on the tick
+thread, or on a proposing thread (nothing could be submitted, or it ran the tick's work for
+its entry and resolved earlier ones), and must be short: hand the result to another thread,
+never block, never take a lock the proposing thread may hold.
 """
 from __future__ import annotations
 
@@ -117,14 +120,17 @@ class Proposer:
 
     # -- submitting -------------------------------------------------------------------
 
-    def submit(self, command: Optional[bytes], on_done: OnDone, deadline: float) -> _Request:
+    def submit(self, command: Optional[bytes], on_done: OnDone, deadline: float,
+               send: bool = True) -> _Request:
         """Queues `command` (None: wait for the next entry, as a read barrier).
 
         `on_done(result, error)` is called exactly once unless the request is withdrawn:
         `result` is the command's apply result (for a barrier, a result whose `revision` is
         the entry's index), `error` the `SealkvError` that `ReplicationAdapter.propose` would
         raise. `deadline` (monotonic) is when the caller stops waiting. The caller waits for
-        a leader first (`adapter.wait_leader`).
+        a leader first (`adapter.wait_leader`). With `send=False` a write only joins the
+        queue: the caller submits the rest of its batch and then calls `flush`, so that the
+        batch leaves as one entry.
         """
         request = _Request(command, on_done, deadline)
         if command is None:
@@ -135,10 +141,18 @@ class Proposer:
             return request
         with self._lock:
             self._pending.append(request)
-            entry = self._take_locked()
+            entry = self._take_locked() if send else None
         if entry is not None:
             self._send(entry)
         return request
+
+    def flush(self) -> None:
+        """Proposes what `submit(..., send=False)` queued, unless an entry is in flight (then
+        it leaves when that entry completes)."""
+        with self._lock:
+            entry = self._take_locked()
+        if entry is not None:
+            self._send(entry)
 
     def _read_done(self, request: _Request, index: Optional[int], error) -> None:
         """A read index's answer (tick thread): answer the read, or, when ReadIndex falls

@@ -158,6 +158,7 @@ class _Stream:
         default = self.service.request_timeout
         barrier_reads: list[_Op] = []
         wake = False
+        writes = False
         for index, request in enumerate(requests):
             kind = request.WhichOneof("request")
             timeout = default if not request.timeout_ms else \
@@ -181,6 +182,7 @@ class _Stream:
                     raise refusal
                 if kind in _WRITES:
                     self._submit_write(op, timeout)
+                    writes = True
                 elif self.reads[kind][0](op.request):
                     barrier_reads.append(op)
                 else:
@@ -191,6 +193,8 @@ class _Stream:
         # answer wakes it soon enough, and a useless wake-up costs the GIL on the path.
         if wake:
             self.inbox.put(("wake",))
+        if writes:  # the message's writes leave as one entry, after every request was checked
+            self.proposer.flush()
         if barrier_reads:
             self._submit_barrier(barrier_reads)
 
@@ -200,7 +204,8 @@ class _Stream:
         self.proposer.wait_leader(op.deadline)
         inbox = self.inbox
         op.ticket = self.proposer.submit(
-            command, lambda result, error: inbox.put(("write", op, result, error)), op.deadline)
+            command, lambda result, error: inbox.put(("write", op, result, error)), op.deadline,
+            send=False)
 
     def _submit_barrier(self, reads: list[_Op]) -> None:
         try:

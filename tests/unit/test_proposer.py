@@ -63,6 +63,25 @@ def far():
     return time.monotonic() + 60
 
 
+def test_writes_queued_without_sending_leave_as_one_entry_at_flush():
+    # A batch message's writes: each joins the queue, the message's end sends them together
+    # (its first write does not leave alone and make the rest wait for its commit).
+    adapter = HeldAdapter()
+    p = Proposer(adapter)
+    seen = [collect() for _ in range(3)]
+    for i, (_, on_done) in enumerate(seen):
+        p.submit(put(b"m%d" % i), on_done, far(), send=False)
+    assert adapter.entries == []
+    p.flush()
+    assert len(adapter.entries) == 1
+    batch = cmd.decode(adapter.entries[0][0])
+    assert isinstance(batch, cmd.Batch) and len(batch.commands) == 3
+    adapter.commit(0)
+    assert [s[0][0].revision for s, _ in seen] == [1, 1, 1]
+    p.flush()  # nothing queued: nothing sent
+    assert len(adapter.entries) == 1
+
+
 def test_a_lone_write_leaves_at_once_and_later_ones_form_the_next_entry():
     adapter = HeldAdapter()
     p = Proposer(adapter)
