@@ -249,7 +249,8 @@ def test_proposals_wake_the_tick_thread_through_a_pipe_drained_by_one_read(raft,
     reads = []
     real_read = os.read
     monkeypatch.setattr(os, "read", lambda fd, n: reads.append(fd) or real_read(fd, n))
-    raft._poller.poll(0)
+    with raft._tick_lock:  # the poller waits without it, as the tick thread does
+        raft._poller.poll(0)
     monkeypatch.undo()
     assert reads == [pipe]  # pysyncobj's own drain reads again, until EAGAIN
     with pytest.raises(BlockingIOError):
