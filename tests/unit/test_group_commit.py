@@ -274,3 +274,33 @@ def test_a_dump_load_keeps_the_entries_after_the_dump_that_compaction_had_not_tr
     on_disk = raft_journal.FileJournal(journal.directory)
     assert [e[1] for e in on_disk[:]] == [7, 8, 9, 10, 11]
     on_disk._destroy()
+
+
+def test_a_proposal_is_taken_on_its_own_thread_while_the_tick_waits_in_its_poll(raft):
+    become_leader(raft)
+    last = raft._journal.last_index
+    for node in (raft.leader, raft.other):  # both followers caught up: no probing
+        acknowledge(raft, node, last)  # (a tick: a proposing thread may now take its own)
+    raft._SyncObj__connectedNodes.update({raft.leader, raft.other})  # the tick dropped them
+    pipe = raft._SyncObj__pipeNotifier._PipeNotifier__pipeR
+    with pytest.raises(BlockingIOError):
+        os.read(pipe, 1)
+    raft.events.clear()
+    answers = []
+    raft.submit(b"payload", lambda result, reason: answers.append(reason))
+    # Appended, sent to both followers and synced before submit returned; no tick ran and
+    # the tick thread was not woken.
+    assert raft._journal.last_index == last + 1
+    sends = [e[1] for e in raft.events if e[0] == "send" and e[2] == "append_entries"]
+    assert sorted(sends) == sorted([raft.leader.address, raft.other.address])
+    assert raft.events[-1] == "fdatasync"
+    with pytest.raises(BlockingIOError):
+        os.read(pipe, 1)
+    acknowledge(raft, raft.other, last + 1)
+    assert answers == [0]  # FAIL_REASON.SUCCESS: committed and applied
+    # While the tick thread holds its lock, a proposal goes pysyncobj's way: queued, and the
+    # tick thread woken through its pipe.
+    with raft._tick_lock:
+        raft.submit(b"second", lambda result, reason: None)
+        assert raft._journal.last_index == last + 1
+    assert os.read(pipe, 1)
