@@ -221,6 +221,26 @@ class Cluster:
 
         return wait_for(found, timeout, "a leader every live node agrees on")
 
+    def wait_applied_everywhere(self, timeout: float = 30.0) -> int:
+        """Waits until every live node has applied the leader's commit index; returns it.
+
+        An idle leader tells its followers a new commit index a few milliseconds after it
+        applied the entry (with its next AppendEntries), so a follower's applied index lags
+        the leader's briefly after every write: a test that compares applied indexes before
+        and after a step takes its "before" once this returned.
+        """
+        def settled():
+            leader = self.leader()
+            if leader is None:
+                return None
+            commit = self.status(leader).commit_index
+            live = [n.name for n in list(self.nodes.values()) if n.alive()]
+            if all(self.status(name).applied_index >= commit for name in live):
+                return commit
+            return None
+
+        return wait_for(settled, timeout, "every live node to apply the leader's commit index")
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         node = self.nodes[name]
         if node.alive():

@@ -304,10 +304,11 @@ class _RaftObject(RaftRulesSyncObj):
         if self._coalescing:
             self._send_pending = True
             return
-        # pysyncobj's tick applies newly committed entries and then sends AppendEntries
-        # (carrying the new commit index) before it reaches _checkCommandsToApply: commit the
-        # applied group and answer its callers first, so a waiting writer does not also wait
-        # for the leader to pickle, encrypt and send a message per follower.
+        # pysyncobj's tick applies newly committed entries and then, when its heartbeat (or
+        # a commit notice, see raft_rules) is due, sends AppendEntries before it reaches
+        # _checkCommandsToApply: commit the applied group and answer its callers first, so a
+        # waiting writer does not also wait for the leader to pickle, encrypt and send a
+        # message per follower.
         self._adapter._commit_applied()
         super()._SyncObj__sendAppendEntries()
 

@@ -25,9 +25,17 @@ Stock pysyncobj 0.3.17 departs from the Raft paper in ways that show up under lo
   leader (CheckQuorum: a leader steps down when it has not heard from a quorum within
   `leaderFallbackTimeout`, which sealkv sets to the maximum election timeout). A leadership
   transfer's election skips PreVote and carries `transfer`, which overrides that rule.
-- A follower answers every AppendEntries, also the empty one a leader sends right after each
-  commit only to carry the new commit index, so a lone write costs every follower a second
-  reply and the leader a second message to open and dispatch per follower. Here a follower
+- A leader sends every follower an AppendEntries right after each apply, only to carry the new
+  commit index (with `appendEntriesUseBatch=False`): a lone write costs the leader a second
+  message to pickle, seal and send per follower, and each follower one to open. Here the
+  leader sends no message only for that (etcd-io/raft's leader likewise lets the next
+  message carry the commit index): the next AppendEntries carries it, that of the next
+  proposal or, when none comes, one sent `COMMIT_NOTICE_DELAY` after the apply (the tick's
+  poll is cut short for it). Before a `read_index_response` to a follower or learner, and
+  before a leadership transfer's `timeout_now`, a leader that has not sent its commit index
+  yet sends it, so a follower's read and a new leader do not wait for the delay.
+- A follower answers every AppendEntries, also an empty one that only carries the commit
+  index. Here a follower
   leaves an empty AppendEntries unanswered when its answer would repeat, to the same leader
   in the same term, the success it sent less than `appendEntriesPeriod` ago (same next
   index): such a reply tells the leader nothing but that the follower is alive, which the
@@ -97,6 +105,11 @@ log = logging.getLogger(__name__)
 # ReadIndex: after a round (or a follower's request) went unanswered, reads use barrier
 # entries for this long before trying again (peers of an older sealkv never answer).
 READ_INDEX_FALLBACK_PERIOD = 5.0
+# An idle leader tells its followers a new commit index this long after applying it (a busy
+# one sooner, in the next proposal's AppendEntries). Short, so that idle followers apply
+# soon after the leader; long enough that the next write of a sequential client (about a
+# millisecond later) carries it.
+COMMIT_NOTICE_DELAY = 0.005
 # The ReadIndex message types and the RaftRulesSyncObj method that receives each.
 _READ_INDEX_HANDLERS = {
     'read_index_ping': '_receive_read_ping',
@@ -193,6 +206,9 @@ class RaftRulesSyncObj(SyncObj):
         self._pre_vote_won = False
         # Follower: the last success answered (leader node, term, next index, monotonic time).
         self._last_success: Optional[tuple] = None
+        # Leader: the commit index the last AppendEntries round carried (see
+        # `_owe_commit_notice`).
+        self._commit_sent = 0
         # ReadIndex (see read_index.py): reads handed over by other threads, the leader's
         # rounds, this node's requests to its leader, until when reads use barrier entries
         # instead, the log index of the last membership change, the last transfer's start.
@@ -214,6 +230,55 @@ class RaftRulesSyncObj(SyncObj):
 
     def _on_safety_violation(self, reason: str) -> None:
         raise NotImplementedError
+
+    # pysyncobj builds its poller in SyncObj.__init__ (`self._poller = createPoller(...)`)
+    # before anything subscribes to it; the assignment lands here and the tick polls through
+    # a `WakeByPoller` around it, which the leader uses to send a commit notice on time.
+
+    @property
+    def _poller(self) -> "WakeByPoller":
+        return self._wake_by_poller
+
+    @_poller.setter
+    def _poller(self, poller) -> None:
+        self._wake_by_poller = poller if isinstance(poller, WakeByPoller) \
+            else WakeByPoller(poller)
+
+    # -- leader: the commit index travels with the next AppendEntries (tick thread) -------
+
+    def _SyncObj__applyLogEntries(self):
+        # pysyncobj asks for an AppendEntries round at once after applying entries
+        # (appendEntriesUseBatch=False), only to carry the new commit index: a leader defers
+        # it instead. A follower's answer is pysyncobj's to ignore (only a leader sends).
+        send_now = SyncObj._SyncObj__applyLogEntries(self)
+        if send_now and self._SyncObj__raftState == _RAFT_STATE.LEADER:
+            self._owe_commit_notice()
+            return False
+        return send_now
+
+    def _owe_commit_notice(self) -> None:
+        """Has the next AppendEntries round start no later than `COMMIT_NOTICE_DELAY` from now,
+        when the followers have not been sent the commit index yet (tick thread).
+
+        A proposal taken meanwhile sends its AppendEntries at once, carrying the commit index;
+        otherwise pysyncobj's tick sends the round when `__newAppendEntriesTime` passes (its
+        heartbeat clock, brought forward here), and the poller wakes the tick for it.
+        """
+        if self._SyncObj__raftCommitIndex <= self._commit_sent:
+            return
+        due = monotonic_time() + COMMIT_NOTICE_DELAY
+        if due < self._SyncObj__newAppendEntriesTime:
+            self._SyncObj__newAppendEntriesTime = due
+        self._poller.wake_by = self._SyncObj__newAppendEntriesTime
+
+    def _send_owed_commit_index(self, index: int) -> None:
+        """Sends the AppendEntries round now when the last one carried a commit index below
+        `index` (a leader, on the tick thread, before a message that assumes the followers
+        learn `index` first: the connection to each peer keeps the order)."""
+        if (self._SyncObj__raftState == _RAFT_STATE.LEADER and index > self._commit_sent):
+            # The rules' sender itself, not an override that may hold the round back until
+            # its group is synced: the message that follows must not overtake it.
+            RaftRulesSyncObj._SyncObj__sendAppendEntries(self)
 
     # -- dispatch (tick thread) --------------------------------------------------------
 
@@ -395,6 +460,8 @@ class RaftRulesSyncObj(SyncObj):
         conf = self._SyncObj__conf
         now = monotonic_time()
         self._SyncObj__newAppendEntriesTime = now + conf.appendEntriesPeriod
+        self._commit_sent = self._SyncObj__raftCommitIndex
+        self._poller.wake_by = None
         journal = self._SyncObj__raftLog
         transport = self._SyncObj__transport
         next_index = self._SyncObj__raftNextIndex
@@ -651,6 +718,8 @@ class RaftRulesSyncObj(SyncObj):
         # Conservative: rounds started while a transfer may be under way are not tried (a
         # round is safe anyway, its answers count only in its term, but not worth the doubt).
         self._transfer_started = monotonic_time()
+        # The target then campaigns knowing the commit index of every entry it holds.
+        self._send_owed_commit_index(self._SyncObj__raftCommitIndex)
         SyncObj.transferLeadership(self, node, callback)
 
     # -- membership (tick thread) ------------------------------------------------------
@@ -769,7 +838,13 @@ class RaftRulesSyncObj(SyncObj):
             self._SyncObj__transport.send(node, ping)
 
     def _answer_reads(self, waiters, index: Optional[int], error) -> None:
-        """Answers local reads (callables) and followers' requests ((node, request id))."""
+        """Answers local reads (callables) and followers' requests ((node, request id)).
+
+        A follower waits until it has applied the index: it is sent the commit index first
+        if the leader still owes it (`_owe_commit_notice`), so its read does not wait for
+        the delayed round."""
+        if error is None and any(isinstance(waiter, tuple) for waiter in waiters):
+            self._send_owed_commit_index(index)
         for waiter in waiters:
             if not isinstance(waiter, tuple):
                 _tell(waiter, index, error)
@@ -872,6 +947,38 @@ class RaftRulesSyncObj(SyncObj):
                 "read not confirmed: the leader stepped down; a read changes nothing, retry"))
         if self._SyncObj__raftState != _RAFT_STATE.LEADER:
             self._send_read_request(monotonic_time(), self._SyncObj__raftLeader)
+
+
+class WakeByPoller:
+    """pysyncobj's poller, whose wait also ends at `wake_by` (a monotonic time, or None).
+
+    The tick thread ends each tick with `poll(autoTickPeriod)`; a leader that owes its
+    followers a commit index sets `wake_by` so that the tick that sends it runs on time.
+    A deadline that passed ends one wait at once and is then forgotten, so a node that no
+    longer leads never spins. Everything else is forwarded to `inner`.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.wake_by: Optional[float] = None
+
+    def subscribe(self, descr, callback, eventMask) -> None:
+        self.inner.subscribe(descr, callback, eventMask)
+
+    def unsubscribe(self, descr) -> None:
+        self.inner.unsubscribe(descr)
+
+    def poll(self, timeout: float) -> None:
+        wake_by = self.wake_by
+        if wake_by is not None:
+            left = wake_by - monotonic_time()
+            if left <= 0:
+                self.wake_by = None
+            timeout = max(0.0, min(timeout, left))
+        self.inner.poll(timeout)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def _address(node) -> str:

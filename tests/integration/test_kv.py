@@ -104,6 +104,8 @@ def test_one_mebibyte_value_round_trips(cluster3):
     (lambda c: c.get(b"k", consistency=7), "unknown consistency"),
 ])
 def test_bad_input_is_invalid_argument_and_changes_nothing(cluster3, call, message):
+    # Settled first: a follower applies the leader's last entry a few ms after the leader.
+    cluster3.wait_applied_everywhere()
     with cluster3.client() as c:
         before = c.status().applied_index
         with pytest.raises(errors.InvalidArgument, match=message):

@@ -1,9 +1,10 @@
 """The Raft rules sealkv enforces around pysyncobj: the follower's append rule and the
 leader's progress (next index) tracking, driven through a real, un-ticked Raft object."""
 import socket
+import time
 
 import pytest
-from pysyncobj import SyncObjConf
+from pysyncobj import FAIL_REASON, SyncObjConf
 from pysyncobj.journal import MemoryJournal
 from pysyncobj.node import TCPNode
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
@@ -115,8 +116,9 @@ def raft(tmp_path):
     obj.destroy()
 
 
-def make_raft(tmp_path, me=None):
-    """An un-ticked `_RaftObject` over the journal in `tmp_path` (as it is on disk)."""
+def make_raft(tmp_path, me=None, **settings):
+    """An un-ticked `_RaftObject` over the journal in `tmp_path` (as it is on disk);
+    `settings` are further `SyncObjConf` options."""
     me, leader, other = me or free_address(), free_address(), free_address()
     halt = HaltRecorder()
     adapter = ReplicationAdapter(StateMachine(MemoryStore()), raft_address=me,
@@ -124,7 +126,7 @@ def make_raft(tmp_path, me=None):
                                  secret="0123456789abcdef", halt=halt)
     journal = FileJournal(str(tmp_path))
     conf = SyncObjConf(autoTick=False, password=adapter.secret, bindAddress=me, useFork=False,
-                       dynamicMembershipChange=True, journalFile=journal)
+                       dynamicMembershipChange=True, journalFile=journal, **settings)
     obj = _RaftObject(adapter, me, [leader, other], conf, journal)
     adapter._obj = obj
     sent = SentRecorder()
@@ -361,6 +363,113 @@ def test_a_rejection_from_a_stock_follower_backs_off_as_pysyncobj_does(raft):
     raft._SyncObj__sendAppendEntries()
     reply(raft, 7, False)  # no 'rejected' key
     assert raft._SyncObj__raftNextIndex[follower] == 7
+
+
+# -- the leader's commit index travels with the next AppendEntries ------------------------------
+
+
+class PollRecorder:
+    """A poller that records each wait it is asked for, then waits; for tests only."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.waits = []
+
+    def poll(self, timeout):
+        self.waits.append(timeout)
+        self.inner.poll(timeout)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def leader(tmp_path):
+    """A leader at term 2 (its no-op at index 2) with both followers connected, sending each
+    proposal at once as sealkv does (appendEntriesUseBatch=False); its heartbeat period is
+    10 s, so that no heartbeat carries a commit index during a test."""
+    obj = make_raft(tmp_path, appendEntriesUseBatch=False, appendEntriesPeriod=10.0,
+                    raftMinTimeout=40.0, raftMaxTimeout=50.0, connectionTimeout=50.0)
+    # The silent partners count as connected and are never dialled (the transport would
+    # find nobody there and drop them from the connected nodes during a tick).
+    obj._SyncObj__transport._preventConnectNodes.update({obj.leader, obj.other})
+    lead(obj, 2)
+    obj._SyncObj__connectedNodes.add(obj.other)
+    obj._onTick(0.0)  # the first tick's start-up steps
+    obj.sent.sent.clear()
+    yield obj
+    obj.destroy()
+
+
+def appends_to(obj, address):
+    return [m for a, m in obj.sent.sent if a == address and m['type'] == 'append_entries']
+
+
+def commit_reaches_both(obj, index):
+    return all(any(m['commit_index'] >= index for m in appends_to(obj, node.address))
+               for node in (obj.leader, obj.other))
+
+
+def test_a_commit_alone_sends_nothing_the_next_proposal_or_an_idle_leader_soon_carries_it(
+        leader):
+    from sealkv.node.replication.raft_rules import COMMIT_NOTICE_DELAY
+    from sealkv.node.state import commands as cmd
+
+    reply(leader, 3, True)  # a follower holds the no-op: it commits
+    leader._onTick(0.0)
+    assert leader.raftCommitIndex == leader.raftLastApplied == 2
+    assert leader.sent.sent == []  # pysyncobj would send both followers commit_index 2 now
+    # The next proposal's AppendEntries carries it.
+    results = []
+    leader.apply_command(cmd.encode(cmd.Barrier()),
+                         callback=lambda result, reason: results.append(reason))
+    leader._onTick(0.0)
+    for node in (leader.leader, leader.other):
+        sent = appends_to(leader, node.address)
+        assert [(m['entries'][-1][1], m['commit_index']) for m in sent] == [(3, 2)]
+    assert leader._poller.wake_by is None  # nothing is owed any more
+    leader.sent.sent.clear()
+    reply(leader, 4, True)
+    leader._onTick(0.0)
+    assert results == [FAIL_REASON.SUCCESS] and leader.raftLastApplied == 3
+    assert leader.sent.sent == []
+    # Idle: the tick's wait ends by the delay, and the next tick sends the commit index.
+    polls = leader._poller.inner = PollRecorder(leader._poller.inner)
+    deadline = time.monotonic() + 5.0
+    while not commit_reaches_both(leader, 3) and time.monotonic() < deadline:
+        leader._onTick(1.0)  # the tick thread's usual wait, here 1 s
+    assert commit_reaches_both(leader, 3), leader.sent.sent
+    assert all(m['entries'] == [] for _, m in leader.sent.sent)
+    # Every wait before the tick that sent it ended by the delay; that tick's own wait (after
+    # the send) and later ones are as long as asked again.
+    *owed, after = polls.waits
+    assert owed and max(owed) <= COMMIT_NOTICE_DELAY and after == 1.0
+
+
+def test_a_follower_s_read_index_answer_follows_the_owed_commit_index(leader):
+    reply(leader, 3, True)
+    leader._onTick(0.0)  # commits 2: owed, not sent
+    leader._SyncObj__onMessageReceived(leader.other, {'type': 'read_index_request',
+                                                      'request_id': 7, 'term': 2})
+    seq = sent_of_type(leader, 'read_index_ping')[0][1]['seq']
+    leader._SyncObj__onMessageReceived(leader.leader, {'type': 'read_index_pong', 'term': 2,
+                                                       'seq': seq})
+    to_follower = [m for a, m in leader.sent.sent if a == leader.other.address
+                   and m['type'] in ('append_entries', 'read_index_response')]
+    assert [m['type'] for m in to_follower] == ['append_entries', 'read_index_response']
+    assert to_follower[0]['commit_index'] >= to_follower[1]['index'] == 2
+    assert leader._poller.wake_by is None
+
+
+def test_a_leadership_transfer_sends_the_owed_commit_index_before_timeout_now(leader):
+    reply(leader, 3, True)
+    leader._onTick(0.0)
+    answers = []
+    leader.transferLeadership(leader.leader, callback=lambda res, reason: answers.append(reason))
+    assert answers == [FAIL_REASON.SUCCESS]
+    to_target = [m for a, m in leader.sent.sent if a == leader.leader.address]
+    assert [m['type'] for m in to_target] == ['append_entries', 'timeout_now']
+    assert to_target[0]['commit_index'] == 2
 
 
 # -- elections: PreVote, the leader lease, stale terms -----------------------------------------
