@@ -31,7 +31,10 @@ Stock pysyncobj 0.3.17 departs from the Raft paper in ways that show up under lo
   leader sends no message only for that (etcd-io/raft's leader likewise lets the next
   message carry the commit index): the next AppendEntries carries it, that of the next
   proposal or, when none comes, one sent `COMMIT_NOTICE_DELAY` after the apply (the tick's
-  poll is cut short for it). Before a `read_index_response` to a follower or learner, and
+  poll is cut short for it). Only entries whose callers wait on the leader are deferred so:
+  when one a follower forwarded commits (its caller is answered once that follower applies
+  it), or the no-op of a new leader, the commit index goes out at once. Before a
+  `read_index_response` to a follower or learner, and
   before a leadership transfer's `timeout_now`, a leader that has not sent its commit index
   yet sends it, so a follower's read and a new leader do not wait for the delay.
 - A follower answers every AppendEntries, also an empty one that only carries the commit
@@ -249,12 +252,24 @@ class RaftRulesSyncObj(SyncObj):
     def _SyncObj__applyLogEntries(self):
         # pysyncobj asks for an AppendEntries round at once after applying entries
         # (appendEntriesUseBatch=False), only to carry the new commit index: a leader defers
-        # it instead. A follower's answer is pysyncobj's to ignore (only a leader sends).
+        # it instead, unless an entry's caller waits on another node. A follower's answer is
+        # pysyncobj's to ignore (only a leader sends).
+        leading = self._SyncObj__raftState == _RAFT_STATE.LEADER
+        elsewhere = leading and self._proposed_elsewhere()
         send_now = SyncObj._SyncObj__applyLogEntries(self)
-        if send_now and self._SyncObj__raftState == _RAFT_STATE.LEADER:
+        if send_now and leading and not elsewhere:
             self._owe_commit_notice()
             return False
         return send_now
+
+    def _proposed_elsewhere(self) -> bool:
+        """Whether an entry about to be applied has no caller waiting on this leader (tick
+        thread): a follower or learner forwarded it (its caller is answered once that node
+        applies it, so the commit index goes out at once, as pysyncobj sends it), or it is
+        an older term's entry or the leader's no-op, which every node should apply soon."""
+        waiting = self._SyncObj__commandsWaitingCommit
+        return any(index not in waiting for index in range(
+            self._SyncObj__raftLastApplied + 1, self._SyncObj__raftCommitIndex + 1))
 
     def _owe_commit_notice(self) -> None:
         """Has the next AppendEntries round start no later than `COMMIT_NOTICE_DELAY` from now,

@@ -161,10 +161,11 @@ def test_a_leader_answers_a_committed_write_before_it_sends_the_new_commit_index
     from sealkv.node.state import commands as cmd
 
     become_leader(raft)
+    raft._SyncObj__transport._preventConnectNodes.update({raft.leader, raft.other})
+    acknowledge(raft, raft.other, raft._journal.last_index)  # the no-op commits
     raft._adapter.sm.defer_commit = True  # as ReplicationAdapter.start sets it
     raft._adapter.propose_async(cmd.encode(cmd.Put(b"k", b"v")),
                                 lambda result, error: raft.events.append(("answered", error)))
-    raft._SyncObj__transport._preventConnectNodes.update({raft.leader, raft.other})
     raft._checkCommandsToApply()
     raft.events.clear()
     acknowledge(raft, raft.other, raft._journal.last_index)  # commits, applies, answers

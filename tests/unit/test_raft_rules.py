@@ -385,9 +385,9 @@ class PollRecorder:
 
 @pytest.fixture
 def leader(tmp_path):
-    """A leader at term 2 (its no-op at index 2) with both followers connected, sending each
-    proposal at once as sealkv does (appendEntriesUseBatch=False); its heartbeat period is
-    10 s, so that no heartbeat carries a commit index during a test."""
+    """A leader at term 2 whose no-op (index 2) is committed, with both followers connected,
+    sending each proposal at once as sealkv does (appendEntriesUseBatch=False); its heartbeat
+    period is 10 s, so that no heartbeat carries a commit index during a test."""
     obj = make_raft(tmp_path, appendEntriesUseBatch=False, appendEntriesPeriod=10.0,
                     raftMinTimeout=40.0, raftMaxTimeout=50.0, connectionTimeout=50.0)
     # The silent partners count as connected and are never dialled (the transport would
@@ -396,6 +396,12 @@ def leader(tmp_path):
     lead(obj, 2)
     obj._SyncObj__connectedNodes.add(obj.other)
     obj._onTick(0.0)  # the first tick's start-up steps
+    obj.sent.sent.clear()
+    reply(obj, 3, True)  # a follower holds the no-op: it commits
+    obj._onTick(0.0)
+    assert obj.raftLastApplied == 2
+    # No caller waits for the no-op on the leader: every node should apply it soon.
+    assert commit_reaches_both(obj, 2)
     obj.sent.sent.clear()
     yield obj
     obj.destroy()
@@ -410,35 +416,43 @@ def commit_reaches_both(obj, index):
                for node in (obj.leader, obj.other))
 
 
+def propose(obj, results):
+    """A local write (a barrier entry) taken and sent by one tick."""
+    from sealkv.node.state import commands as cmd
+
+    obj.apply_command(cmd.encode(cmd.Barrier()),
+                      callback=lambda result, reason: results.append(reason))
+    obj._onTick(0.0)
+
+
 def test_a_commit_alone_sends_nothing_the_next_proposal_or_an_idle_leader_soon_carries_it(
         leader):
     from sealkv.node.replication.raft_rules import COMMIT_NOTICE_DELAY
-    from sealkv.node.state import commands as cmd
 
-    reply(leader, 3, True)  # a follower holds the no-op: it commits
-    leader._onTick(0.0)
-    assert leader.raftCommitIndex == leader.raftLastApplied == 2
-    assert leader.sent.sent == []  # pysyncobj would send both followers commit_index 2 now
-    # The next proposal's AppendEntries carries it.
     results = []
-    leader.apply_command(cmd.encode(cmd.Barrier()),
-                         callback=lambda result, reason: results.append(reason))
+    propose(leader, results)  # index 3
+    reply(leader, 4, True)
+    leader.sent.sent.clear()
     leader._onTick(0.0)
+    assert results == [FAIL_REASON.SUCCESS] and leader.raftCommitIndex == 3
+    assert leader.sent.sent == []  # pysyncobj would send both followers commit_index 3 now
+    # The next proposal's AppendEntries carries it.
+    propose(leader, results)  # index 4
     for node in (leader.leader, leader.other):
         sent = appends_to(leader, node.address)
-        assert [(m['entries'][-1][1], m['commit_index']) for m in sent] == [(3, 2)]
+        assert [(m['entries'][-1][1], m['commit_index']) for m in sent] == [(4, 3)]
     assert leader._poller.wake_by is None  # nothing is owed any more
+    reply(leader, 5, True)
     leader.sent.sent.clear()
-    reply(leader, 4, True)
     leader._onTick(0.0)
-    assert results == [FAIL_REASON.SUCCESS] and leader.raftLastApplied == 3
+    assert results == [FAIL_REASON.SUCCESS] * 2 and leader.raftLastApplied == 4
     assert leader.sent.sent == []
     # Idle: the tick's wait ends by the delay, and the next tick sends the commit index.
     polls = leader._poller.inner = PollRecorder(leader._poller.inner)
     deadline = time.monotonic() + 5.0
-    while not commit_reaches_both(leader, 3) and time.monotonic() < deadline:
+    while not commit_reaches_both(leader, 4) and time.monotonic() < deadline:
         leader._onTick(1.0)  # the tick thread's usual wait, here 1 s
-    assert commit_reaches_both(leader, 3), leader.sent.sent
+    assert commit_reaches_both(leader, 4), leader.sent.sent
     assert all(m['entries'] == [] for _, m in leader.sent.sent)
     # Every wait before the tick that sent it ended by the delay; that tick's own wait (after
     # the send) and later ones are as long as asked again.
@@ -446,9 +460,28 @@ def test_a_commit_alone_sends_nothing_the_next_proposal_or_an_idle_leader_soon_c
     assert owed and max(owed) <= COMMIT_NOTICE_DELAY and after == 1.0
 
 
+def test_the_commit_of_a_write_a_follower_forwarded_goes_out_at_once(leader):
+    # The follower answers its caller once it applied the entry: it must hear the commit.
+    leader.apply_command(b"forwarded", callback=None)
+    command, _ = leader._SyncObj__commandsQueue.get_nowait()  # the bytes a follower sends
+    leader._SyncObj__onMessageReceived(leader.other, {'type': 'apply_command',
+                                                      'command': command, 'request_id': 9})
+    leader._onTick(0.0)
+    assert [m['log_idx'] for a, m in leader.sent.sent
+            if m['type'] == 'apply_command_response'] == [3]
+    reply(leader, 4, True)
+    leader.sent.sent.clear()
+    leader._onTick(0.0)
+    assert leader.raftLastApplied == 3
+    assert commit_reaches_both(leader, 3), leader.sent.sent
+
+
 def test_a_follower_s_read_index_answer_follows_the_owed_commit_index(leader):
-    reply(leader, 3, True)
-    leader._onTick(0.0)  # commits 2: owed, not sent
+    propose(leader, [])
+    reply(leader, 4, True)
+    leader.sent.sent.clear()
+    leader._onTick(0.0)  # commits 3: owed, not sent
+    assert leader.sent.sent == []
     leader._SyncObj__onMessageReceived(leader.other, {'type': 'read_index_request',
                                                       'request_id': 7, 'term': 2})
     seq = sent_of_type(leader, 'read_index_ping')[0][1]['seq']
@@ -457,19 +490,22 @@ def test_a_follower_s_read_index_answer_follows_the_owed_commit_index(leader):
     to_follower = [m for a, m in leader.sent.sent if a == leader.other.address
                    and m['type'] in ('append_entries', 'read_index_response')]
     assert [m['type'] for m in to_follower] == ['append_entries', 'read_index_response']
-    assert to_follower[0]['commit_index'] >= to_follower[1]['index'] == 2
+    assert to_follower[0]['commit_index'] >= to_follower[1]['index'] == 3
     assert leader._poller.wake_by is None
 
 
 def test_a_leadership_transfer_sends_the_owed_commit_index_before_timeout_now(leader):
-    reply(leader, 3, True)
-    leader._onTick(0.0)
+    propose(leader, [])
+    reply(leader, 4, True)
+    leader.sent.sent.clear()
+    leader._onTick(0.0)  # commits 3: owed, not sent
+    assert leader.sent.sent == []
     answers = []
     leader.transferLeadership(leader.leader, callback=lambda res, reason: answers.append(reason))
     assert answers == [FAIL_REASON.SUCCESS]
     to_target = [m for a, m in leader.sent.sent if a == leader.leader.address]
     assert [m['type'] for m in to_target] == ['append_entries', 'timeout_now']
-    assert to_target[0]['commit_index'] == 2
+    assert to_target[0]['commit_index'] == 3
 
 
 # -- elections: PreVote, the leader lease, stale terms -----------------------------------------
