@@ -49,7 +49,7 @@ from sealkv.node.replication.dump_file import (
 )
 from sealkv.node.replication.proposer import retry_barrier
 from sealkv.node.replication.read_index import ReadIndexFallback
-from sealkv.node.replication.raft_rules import RaftRulesSyncObj
+from sealkv.node.replication.raft_rules import RaftRulesSyncObj, WakeByPoller
 from sealkv.node.errors import ApplyHalt, where
 from sealkv.node.replication.membership import MemberRecord, MembershipSnapshot
 from sealkv.node.replication.payload_codec import IdentityCodec, PayloadCodec
@@ -143,7 +143,6 @@ class _RaftObject(RaftRulesSyncObj):
         # Held by the tick thread except while it waits in its poll, and by a thread that
         # takes a proposal itself (`submit`): pysyncobj's state has one user at a time.
         self._tick_lock = threading.Lock()
-        self._poller_built: Optional[PollPoller] = None  # see _poller
         self._ticked = False  # the first tick (dump load, journal adoption) is done
         self._apply_id: Optional[int] = None
         adapter._obj = self  # the tick thread starts inside __init__ and may call back
@@ -170,18 +169,18 @@ class _RaftObject(RaftRulesSyncObj):
 
     # pysyncobj builds its poller first thing in SyncObj.__init__ (`self._poller =
     # createPoller(...)`); the assignment lands here, and the poller's wait releases the tick
-    # lock (`_WaitUnlocked`).
+    # lock (`_WaitUnlocked`). The rules' `WakeByPoller` goes around it (raft_rules' `_poller`).
 
     @property
-    def _poller(self) -> Optional[PollPoller]:
-        return self._poller_built
+    def _poller(self) -> Optional[WakeByPoller]:
+        return RaftRulesSyncObj._poller.fget(self)
 
     @_poller.setter
     def _poller(self, built: PollPoller) -> None:
         if not isinstance(built, PollPoller):
             raise RuntimeError(f"unexpected pysyncobj poller {type(built).__name__}")
         built._PollPoller__poll = _WaitUnlocked(built._PollPoller__poll, self._tick_lock)
-        self._poller_built = built
+        RaftRulesSyncObj._poller.fset(self, built)
 
     @replicated
     def apply_command(self, command: bytes):

@@ -28,21 +28,20 @@ Stock pysyncobj 0.3.17 departs from the Raft paper in ways that show up under lo
 - A leader sends every follower an AppendEntries right after each apply, only to carry the new
   commit index (with `appendEntriesUseBatch=False`): a lone write costs the leader a second
   message to pickle, seal and send per follower, and each follower one to open. Here the
-  leader sends no message only for that (etcd-io/raft's leader likewise lets the next
-  message carry the commit index): the next AppendEntries carries it, that of the next
+  leader sends no message only for that: the next AppendEntries carries it, that of the next
   proposal or, when none comes, one sent `COMMIT_NOTICE_DELAY` after the apply (the tick's
   poll is cut short for it). Only entries whose callers wait on the leader are deferred so:
-  when one a follower forwarded commits (its caller is answered once that follower applies
-  it), or the no-op of a new leader, the commit index goes out at once. Before a
-  `read_index_response` to a follower or learner, and
-  before a leadership transfer's `timeout_now`, a leader that has not sent its commit index
-  yet sends it, so a follower's read and a new leader do not wait for the delay.
+  when an entry a follower forwarded commits (its caller is answered once that follower
+  applies it), or a new leader's no-op, the commit index goes out at once. Before a
+  `read_index_response` to a follower or learner, and before a leadership transfer's
+  `timeout_now`, a leader that still owes its commit index sends it, so a follower's read
+  and a new leader do not wait for the delay.
 - A follower answers every AppendEntries, also an empty one that only carries the commit
-  index. Here a follower
-  leaves an empty AppendEntries unanswered when its answer would repeat, to the same leader
-  in the same term, the success it sent less than `appendEntriesPeriod` ago (same next
-  index): such a reply tells the leader nothing but that the follower is alive, which the
-  next heartbeat's answer tells within two periods, far inside `leaderFallbackTimeout`.
+  index. Here a follower leaves an empty AppendEntries unanswered when its answer would
+  repeat, to the same leader in the same term, the success it sent less than
+  `appendEntriesPeriod` ago (same next index): such a reply tells the leader nothing but
+  that the follower is alive, which the next heartbeat's answer tells within two periods,
+  far inside `leaderFallbackTimeout`.
   Rejections, entries and the first answer to a new leader or term are always answered.
 - A node that ignores AppendEntries of a lower term never tells that leader; a node whose
   term rose (it lost an election) would be cut off until the leader fails. Here it answers
@@ -210,8 +209,9 @@ class RaftRulesSyncObj(SyncObj):
         # Follower: the last success answered (leader node, term, next index, monotonic time).
         self._last_success: Optional[tuple] = None
         # Leader: the commit index the last AppendEntries round carried (see
-        # `_owe_commit_notice`).
+        # `_owe_commit_notice`); the tick's poller (set in SyncObj.__init__, see `_poller`).
         self._commit_sent = 0
+        self._wake_by_poller: Optional[WakeByPoller] = None
         # ReadIndex (see read_index.py): reads handed over by other threads, the leader's
         # rounds, this node's requests to its leader, until when reads use barrier entries
         # instead, the log index of the last membership change, the last transfer's start.
@@ -239,7 +239,7 @@ class RaftRulesSyncObj(SyncObj):
     # a `WakeByPoller` around it, which the leader uses to send a commit notice on time.
 
     @property
-    def _poller(self) -> "WakeByPoller":
+    def _poller(self) -> Optional["WakeByPoller"]:
         return self._wake_by_poller
 
     @_poller.setter
