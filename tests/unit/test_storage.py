@@ -437,3 +437,18 @@ def test_wrapping_layers_are_found_by_their_declared_capability():
     outer_layer = StorageLayer(inner_layer)
     assert layers_of(outer_layer) == [outer_layer, inner_layer]
     assert base_store(outer_layer) is store and layers_of(store) == []
+
+
+def test_an_lmdb_eio_is_a_full_disk_only_when_the_disk_has_almost_no_room(tmp_path):
+    # LMDB reports a write that came up short as EIO. With room left on the disk that is a
+    # failing device: not StorageFull (the node halts rather than retry). The full-disk side
+    # runs on a real full tmpfs in tests/integration/test_disk_full_log.py.
+    import lmdb
+
+    from sealkv.node.state.storage.base import StorageFull
+
+    eio = lmdb.Error("mdb_txn_commit: Input/output error")
+    lmdb_module._raise_full(eio, str(tmp_path))  # room: nothing raised here
+    lmdb_module._raise_full(eio)  # no path to look at: never guessed full
+    with pytest.raises(StorageFull):
+        lmdb_module._raise_full(lmdb.Error("mdb_put: No space left on device"), str(tmp_path))

@@ -68,6 +68,8 @@ _SUFFIX_LEN = struct.Struct(">H")
 RECORD_OVERHEAD = 16
 META_DATA_BYTES = b"data_bytes"
 MIN_MAP_SIZE = 64 * 1024 * 1024
+# An LMDB write error of EIO on a disk with less room than this is a full disk (a short write).
+SHORT_WRITE_ROOM = 4 * 1024 * 1024
 
 
 def _decode(raw: bytes) -> Entry:
@@ -249,7 +251,7 @@ class LmdbStore:
             txn.commit()
         except lmdb.Error as exc:
             txn.abort()
-            _raise_full(exc)
+            _raise_full(exc, self.path)
             raise
         self._bytes_committed = total
 
@@ -361,7 +363,7 @@ class LmdbStore:
                         old = old[2 + len(suffix):]
                     txn.put(key[:SHORT_KEY] + _MARKER, b"", db=self._kv)
             except lmdb.Error as exc:
-                _raise_full(exc)
+                _raise_full(exc, self.path)
                 raise
             delta = len(record) - (len(old) if old is not None else -len(key) - RECORD_OVERHEAD)
             self._add_data_bytes(delta)
@@ -555,11 +557,20 @@ def boot_id() -> str:
         return ""
 
 
-def _raise_full(exc: lmdb.Error) -> None:
+def _raise_full(exc: lmdb.Error, path: Optional[str] = None) -> None:
     if isinstance(exc, lmdb.MapFullError):
         raise StorageFull(errno.ENOSPC, "the database map is full") from exc
     text = str(exc)
-    if "No space left" in text or "ENOSPC" in text or "Disk quota" in text:
+    full = "No space left" in text or "ENOSPC" in text or "Disk quota" in text
+    # LMDB reports a write that came up short as EIO: on a disk with (almost) no room left
+    # that is the disk filling up in the middle of the write, not a failing device.
+    if not full and path is not None and "Input/output error" in text:
+        try:
+            stat = os.statvfs(path)
+            full = stat.f_bavail * stat.f_frsize < SHORT_WRITE_ROOM
+        except OSError:
+            pass
+    if full:
         raise StorageFull(errno.ENOSPC, "no space left on the database's disk") from exc
 
 
