@@ -476,12 +476,17 @@ def test_the_commit_of_a_write_a_follower_forwarded_goes_out_at_once(leader):
     assert commit_reaches_both(leader, 3), leader.sent.sent
 
 
-def test_a_follower_s_read_index_answer_follows_the_owed_commit_index(leader):
+def commit_owed(leader) -> None:
+    """The leader commits entry 3 in a tick and owes its followers the commit index."""
     propose(leader, [])
     reply(leader, 4, True)
     leader.sent.sent.clear()
     leader._onTick(0.0)  # commits 3: owed, not sent
     assert leader.sent.sent == []
+
+
+def test_a_follower_s_read_index_answer_follows_the_owed_commit_index(leader):
+    commit_owed(leader)
     leader._SyncObj__onMessageReceived(leader.other, {'type': 'read_index_request',
                                                       'request_id': 7, 'term': 2})
     seq = sent_of_type(leader, 'read_index_ping')[0][1]['seq']
@@ -495,11 +500,7 @@ def test_a_follower_s_read_index_answer_follows_the_owed_commit_index(leader):
 
 
 def test_a_leadership_transfer_sends_the_owed_commit_index_before_timeout_now(leader):
-    propose(leader, [])
-    reply(leader, 4, True)
-    leader.sent.sent.clear()
-    leader._onTick(0.0)  # commits 3: owed, not sent
-    assert leader.sent.sent == []
+    commit_owed(leader)
     answers = []
     leader.transferLeadership(leader.leader, callback=lambda res, reason: answers.append(reason))
     assert answers == [FAIL_REASON.SUCCESS]
