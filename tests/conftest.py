@@ -28,6 +28,10 @@ def pytest_addoption(parser):
     group.addoption("--fault-duration", type=float, default=40.0,
                     help="seconds of faults per seed (default 40: time for the encryption "
                          "operator to get through both cutovers and retire a key under faults)")
+    group.addoption("--fault-disks", action="store_true", default=False,
+                    help="give each initial node a small loop-mounted ext4 disk and add the "
+                         "fill-disk fault (needs root; off by default: it still finds "
+                         "violations, see the README's Robustness section)")
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -8,7 +8,11 @@ call and return (`tests.faults.history`). Two threads act on the cluster meanwhi
 schedule drawn from the seed:
 
 - the nemesis injects one fault at a time: kill -9 and restart of the leader or a follower,
-  SIGSTOP/SIGCONT, the leader isolated, a minority/majority split, a voter added and removed;
+  SIGSTOP/SIGCONT, the leader isolated, a minority/majority split, a voter added and removed,
+  and with `use_disks` (`--fault-disks`) a full disk: each initial node's data directory is
+  then on a small loop-mounted ext4 filesystem of its own (`tests.faults.disks`), which the
+  nemesis fills to the last block under the leader or a follower, holds 1-3 s, frees, and
+  then disarms the NOSPACE alarm as an operator would;
 - the operator runs the encryption admin commands one at a time, as an operator would, while
   those faults come and go: bootstrap, the storage and raft-log envelope cutovers, data-key
   rotations (both purposes), online re-encryption, cluster-wide compaction, key retirement
@@ -51,6 +55,7 @@ from sealkv.v1 import encryption_admin_pb2 as enc_pb
 from sealkv.v1 import encryption_admin_pb2_grpc as enc_grpc
 from tests.cluster import Cluster, NodeProc, wait_for
 from tests.faults import lincheck
+from tests.faults.disks import DataDisks
 from tests.faults.history import Operation, save_history
 from tests.faults.netns import Network
 
@@ -101,6 +106,10 @@ class RunResult:
     problems: list[str] = field(default_factory=list)
     history_file: Optional[str] = None
     partitions: bool = False
+    # Whether the run was asked for the fill-disk fault (`use_disks`), and why the initial
+    # nodes run without disks of their own anyway ("" when they have them).
+    disks: bool = False
+    disks_skipped: str = ""
     timeline: list = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -123,6 +132,7 @@ class RunResult:
                 "faults": dict(self.faults), "refusals": dict(self.refusals),
                 "verdict": self.verdict, "problems": self.problems,
                 "history_file": self.history_file, "partitions": self.partitions,
+                "disks": self.disks, "disks_skipped": self.disks_skipped,
                 "timeline": sorted(self.timeline)}
 
 
@@ -250,10 +260,15 @@ class Actor(threading.Thread):
 class Nemesis(Actor):
     """Injects one fault at a time, on a schedule drawn from the seed."""
 
+    # How long the nemesis tries to disarm the NOSPACE alarm after freeing a disk (the
+    # cluster may be electing: a full leader steps down).
+    DISARM_DEADLINE = 60.0
+
     def __init__(self, cluster: Cluster, rng: random.Random, stop: threading.Event,
-                 result: RunResult, partitions: bool):
+                 result: RunResult, partitions: bool, disks: Optional[DataDisks] = None):
         super().__init__("nemesis", cluster, rng, stop, result)
         self.partitions = partitions
+        self.disks = disks
         self.extra_voter: Optional[str] = None
         # A node whose addition or removal the cluster did not confirm (see `settle`).
         self.unsettled: Optional[str] = None
@@ -264,6 +279,8 @@ class Nemesis(Actor):
                  "membership"]
         if self.partitions:
             kinds += ["partition-leader", "partition-split"]
+        if self.disks is not None:
+            kinds += ["fill-disk"]
         return kinds
 
     def run(self) -> None:
@@ -330,6 +347,20 @@ class Nemesis(Actor):
         self.cluster.network.partition(minority, set(names) - minority)
         self.stop.wait(self.rng.uniform(2.0, 5.0))
         self.cluster.network.heal()
+
+    def do_fill_disk(self) -> Optional[bool]:
+        """Fills the leader's or a follower's disk to the last block, holds, frees it, and
+        disarms the NOSPACE alarm as an operator would. Only the initial nodes have a disk
+        of their own: a node the nemesis added is never the victim."""
+        name = self.victim(self.rng.random() < 0.5)
+        if name is None or name not in self.disks.mounts:
+            return False  # no leader known, or the one picked has no disk to fill
+        try:
+            self.disks.fill(name)
+            self.hold()
+        finally:
+            self.disks.free(name)
+        disarm_alarms(self.cluster, self.DISARM_DEADLINE)
 
     def do_membership(self) -> bool:
         self.settle()
@@ -661,8 +692,29 @@ class Operator(Actor):
         return True
 
 
-def heal_everything(cluster: Cluster) -> None:
-    """Ends every fault: heal partitions, resume paused nodes, restart killed voters."""
+def disarm_alarms(cluster: Cluster, deadline: float) -> None:
+    """Disarms the NOSPACE alarm through any live voter until no live voter lists one (an
+    alarm raised just before the disarm may replicate after it), as an operator would once
+    the disk has room; raises AssertionError when the cluster does not clear it in time."""
+
+    def cleared() -> bool:
+        names = live_voters(cluster)
+        with cluster.client(*names, timeout=5) as c:
+            c.alarm_disarm()
+        for name in names:
+            with Client([cluster.nodes[name].grpc], timeout=5, **cluster.client_kwargs) as c:
+                if c.alarm_list(endpoint=cluster.nodes[name].grpc, follow_leader=False).alarms:
+                    return False
+        return True
+
+    wait_for(cleared, deadline, "the NOSPACE alarm to be disarmed", interval=0.5)
+
+
+def heal_everything(cluster: Cluster, disks: Optional[DataDisks] = None) -> None:
+    """Ends every fault: heal partitions, resume paused nodes, restart killed voters, free
+    filled disks (the alarm is disarmed once the cluster has a leader: `disarm_alarms`)."""
+    if disks is not None:
+        disks.free_all()
     if isinstance(cluster, NetnsCluster):
         cluster.network.heal()
     for name, node in cluster.nodes.items():
@@ -701,13 +753,17 @@ def converged(cluster: Cluster) -> bool:
 
 
 def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
-             use_netns: Optional[bool] = None) -> RunResult:
-    """Runs one seeded fault run; returns what it found (never raises for a finding)."""
+             use_netns: Optional[bool] = None, use_disks: bool = False) -> RunResult:
+    """Runs one seeded fault run; returns what it found (never raises for a finding).
+    `use_disks`: give each initial node a small disk of its own, for the fill-disk fault
+    (skipped, saying why in `disks_skipped`, where it cannot be mounted). Off by default:
+    see `--fault-disks` in tests/conftest.py."""
     rng = random.Random(seed)
     result = RunResult(seed)
     if use_netns is None:
         use_netns = Network.available()[0]
     result.partitions = use_netns
+    result.disks = use_disks
     keks = []
     for name in ("kek", "kek.next"):
         keks.append(os.path.join(base_dir, name))
@@ -721,17 +777,26 @@ def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
                   extra_args=["--kek-file", keks[0], "--next-kek-file", keks[1]])
     network = Network(rng) if use_netns else None
     cluster: Optional[Cluster] = None
+    disks: Optional[DataDisks] = None
     recorder = Recorder()
     stop = threading.Event()
     try:
         # Inside the try: a failure setting up hosts is a finding with its evidence too.
         cluster = NetnsCluster(base_dir, 3, network, **kwargs) if network \
             else Cluster(base_dir, 3, **kwargs)
+        if use_disks:
+            disks, result.disks_skipped = DataDisks.create(
+                base_dir, [n.name for n in cluster.initial])
+        else:
+            result.disks_skipped = "not asked for (--fault-disks)"
+        if disks is not None:
+            for node in cluster.initial:
+                node.data_dir = disks.data_dir(node.name)
         cluster.start(timeout=60)
         threads = [ClientThread(i, [n.grpc for n in cluster.initial], seed, recorder, stop,
                                 cluster.client_kwargs)
                    for i in range(clients)]
-        nemesis = Nemesis(cluster, rng, stop, result, use_netns)
+        nemesis = Nemesis(cluster, rng, stop, result, use_netns, disks)
         operator = Operator(cluster, random.Random(f"operator-{seed}"), stop, result, recorder,
                             base_dir)
         result.started = time.monotonic()
@@ -755,9 +820,11 @@ def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
             elif actor.error is not None:
                 result.problems.append(f"{actor.name} failed: {type(actor.error).__name__}: "
                                        f"{actor.error}")
-        heal_everything(cluster)
+        heal_everything(cluster, disks)
         nemesis.settle()
         check_every_node_serves(cluster, result)
+        if disks is not None:
+            disarm_alarms(cluster, Nemesis.DISARM_DEADLINE)
         leader = cluster.wait_leader(timeout=60)
         final_reads(cluster, leader, recorder)
         check_ledger(cluster, leader, recorder, result)
@@ -784,14 +851,20 @@ def run_seed(seed: int, base_dir: str, duration: float, clients: int = 4,
             network.close()
         for node in _nodes(cluster):
             result.problems.extend(log_problems(node.name, node.log()))
+        if disks is not None:
+            # The images (the nodes' data) stay beside the run's evidence when it failed.
+            stuck = disks.close(keep_images=bool(result.problems))
+            if stuck:
+                result.problems.append(f"could not unmount {stuck}")
         if result.problems:
             keep_evidence(seed, duration, cluster, recorder, result)
     return result
 
 
-def replay_command(seed: int, duration: float) -> str:
-    """The command that replays `seed`'s fault schedule."""
-    return f"pytest tests/faults -m faults --fault-seeds {seed} --fault-duration {duration:g}"
+def replay_command(seed: int, duration: float, disks: bool = False) -> str:
+    """The command that replays `seed`'s fault schedule (`disks`: with --fault-disks)."""
+    return (f"pytest tests/faults -m faults --fault-seeds {seed} --fault-duration {duration:g}"
+            + (" --fault-disks" if disks else ""))
 
 
 def _nodes(cluster: Optional[Cluster]) -> list:
@@ -810,7 +883,7 @@ def keep_evidence(seed: int, duration: float, cluster: Optional[Cluster], record
         for node in _nodes(cluster):
             f.write(f"--- {node.name} ---\n{node.log()}\n")
     print(f"seed {seed} failed; history and logs kept in {HISTORY_DIR}; replay: "
-          f"{replay_command(seed, duration)}")
+          f"{replay_command(seed, duration, result.disks)}")
 
 
 _TRACEBACK = "Traceback (most recent call last):"

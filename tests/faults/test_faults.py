@@ -27,11 +27,14 @@ def no_leftover_namespaces():
 def test_fault_run_keeps_every_promise(fault_seed, tmp_path, request):
     duration = request.config.getoption("fault_duration")
     available, why = Network.available()
-    result = run_seed(fault_seed, str(tmp_path), duration, use_netns=available)
+    result = run_seed(fault_seed, str(tmp_path), duration, use_netns=available,
+                      use_disks=request.config.getoption("fault_disks"))
     conftest.FAULT_RESULTS.append(result)
     if not available:
         print(f"partitions skipped: {why}")
-    replay = replay_command(fault_seed, duration)
+    if request.config.getoption("fault_disks") and result.disks_skipped:
+        print(f"fill-disk skipped: {result.disks_skipped}")
+    replay = replay_command(fault_seed, duration, result.disks)
     assert not result.problems, (
         f"seed {fault_seed} broke a promise:\n  " + "\n  ".join(result.problems)
         + f"\nhistory: {result.history_file}\nreplay: {replay}")

@@ -109,3 +109,16 @@ def test_the_summary_counts_every_kind_done_and_refused_with_its_reasons(tmp_pat
                         "RetireDEK: key N is still used by N stored values")
     kept = json.loads((tmp_path / "kept" / "summary.json").read_text())
     assert kept[1]["timeline"][0][2] == "kill-leader" and kept[0]["faults"]["retire-dek"] == 1
+
+
+def test_every_nemesis_fault_kind_has_its_own_step():
+    """Each kind the nemesis draws runs a `do_KIND` of its own (a kind whose step went missing
+    would fail every run that draws it, or run another kind's step under its name)."""
+    nemesis = harness.Nemesis.__new__(harness.Nemesis)
+    nemesis.partitions, nemesis.disks = True, object()
+    kinds = nemesis.kinds()
+    assert {"fill-disk", "membership", "partition-split"} <= set(kinds)
+    steps = [getattr(harness.Nemesis, "do_" + k.replace("-", "_")) for k in kinds]
+    assert len({s.__code__ for s in steps}) == len(kinds)
+    nemesis.partitions, nemesis.disks = False, None
+    assert "fill-disk" not in nemesis.kinds() and "partition-split" not in nemesis.kinds()
