@@ -732,6 +732,8 @@ class ReplicationAdapter:
         self._on_disk_full(getattr(self.sm.base, "path", "the database"))
         try:
             self.sm.rollback()
+        except StorageFull:  # a plugin's file (the encryption sidecar): written at the retry
+            pass
         except ApplyHalt as exc:  # the reloaded plugin state could not be persisted
             self._do_halt(str(exc))
         if self._committed_raft_index is None:

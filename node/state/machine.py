@@ -219,7 +219,9 @@ class StateMachine:
         Called on the applying thread after `apply` returns, before the next entry, without
         the state lock (a reader is never blocked behind an fsync). Cheap when nothing is due.
         When a plugin cannot persist, the open transaction is aborted as for a failed apply
-        (nothing of the group is kept) and `ApplyHalt` is raised: the node halts.
+        (nothing of the group is kept) and `ApplyHalt` is raised: the node halts; a plugin
+        that found its disk full raises `StorageFull`, which the adapter treats as a database
+        that found it full (the group is applied again once there is room).
         """
         for persister in self._persisters:
             try:
@@ -228,7 +230,7 @@ class StateMachine:
                 with self.lock:
                     self.base.abort()
                     self._pending_index = self.applied_index
-                if isinstance(exc, ApplyHalt):
+                if isinstance(exc, (ApplyHalt, StorageFull)):
                     raise
                 raise ApplyHalt(f"cannot persist what apply decided: {type(exc).__name__} "
                                 f"at {where(exc)}") from exc

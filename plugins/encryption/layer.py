@@ -16,6 +16,7 @@ Nothing here logs a key, a value or key bytes.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hmac
 import os
 import signal
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
 from sealkv.node.errors import ApplyHalt, IntegrityError
 from sealkv.node.replication.membership import MemberRecord
-from sealkv.node.state.storage.base import Entry, Storage
+from sealkv.node.state.storage.base import Entry, Storage, StorageFull
 from sealkv.plugins.api import (
     PluginContext, RestoredState, StartupRefused, StorageLayerPlugin,
 )
@@ -433,6 +434,11 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
             try:
                 write_sidecar(self.context.data_dir, sidecar)
             except (OSError, SidecarError) as error:
+                if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    # A full disk: nothing of the group is kept and it is applied again
+                    # once there is room (the adapter's NOSPACE stall), as for the database.
+                    raise StorageFull(error.errno, f"cannot write the encryption sidecar: "
+                                                   f"{error.strerror}") from error
                 raise ApplyHalt(f"cannot write the encryption sidecar: {error}") from error
             with self._cond:
                 self._durable_epochs = {key_id: key.local_epoch

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import subprocess
 import threading
 from typing import Optional
 
 import pytest
 
 from sealkv.node.errors import IntegrityError, Unavailable
-from sealkv.node.state.storage.base import VALUE_CLEARTEXT, VALUE_ENCRYPTED, Entry
+from sealkv.node.state.storage.base import VALUE_CLEARTEXT, VALUE_ENCRYPTED, Entry, StorageFull
 from sealkv.node.state.storage.lmdb_store import LmdbStore
 from sealkv.node.errors import ApplyHalt
 from sealkv.plugins.api import PluginContext, StartupRefused
@@ -354,6 +356,36 @@ def test_a_failed_sidecar_write_halts_and_stays_due(tmp_path, kek_file):
     plugin.persist_applied()  # still due: written now
     assert set(read_sidecar(plugin.context.data_dir).keys) == {1, 2}
     plugin.nonce_factory(1)
+
+
+def test_a_sidecar_write_on_a_full_disk_is_storage_full_and_stays_due(tmp_path, kek_file):
+    # A full disk is no reason to halt: the adapter applies the group again once there is
+    # room (its NOSPACE stall). A real full file system: a 64 KiB tmpfs under the sidecar.
+    plugin = make_plugin(tmp_path, kek_file)
+    apply(plugin, 3, bootstrap_command(plugin, ["node-a"]), persist=False)
+    directory = sidecar_dir(plugin.context.data_dir)
+    os.makedirs(directory, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs",
+                           directory], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"needs root and tmpfs to fill a disk: {done.stderr.strip()}")
+    try:
+        ballast = os.open(os.path.join(directory, "ballast"), os.O_WRONLY | os.O_CREAT, 0o600)
+        with pytest.raises(OSError) as full:
+            while True:
+                os.write(ballast, bytes(4096))
+        os.close(ballast)
+        assert full.value.errno == errno.ENOSPC
+        with pytest.raises(StorageFull, match="cannot write the encryption sidecar"):
+            plugin.persist_applied()
+        with pytest.raises(EncryptionUnavailableError):
+            plugin.nonce_factory(1)  # no epoch is used before it is durable
+        os.unlink(os.path.join(directory, "ballast"))
+        plugin.persist_applied()  # still due: written now
+        assert set(read_sidecar(plugin.context.data_dir).keys) == {1, 2}
+        plugin.nonce_factory(1)
+    finally:
+        subprocess.run(["umount", "-l", directory], check=False)
 
 
 def test_malformed_commands_halt(tmp_path, kek_file):
