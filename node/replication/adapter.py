@@ -654,7 +654,10 @@ class ReplicationAdapter:
         index = self._obj.raftLastApplied + 1
         self._applying_index = index
         if self._stalled:
-            if time.monotonic() < self._stalled_until:
+            # Applying resumes only with the first entry after the last commit: the retry
+            # time can pass in the middle of a tick's apply loop, and applying a later entry
+            # after skipping an earlier one would commit a database without that entry.
+            if time.monotonic() < self._stalled_until or index != self._committed_raft_index + 1:
                 return _STALLED
             self._stalled = False
         started = time.perf_counter()

@@ -309,3 +309,24 @@ def test_a_proposal_is_taken_on_its_own_thread_while_the_tick_waits_in_its_poll(
         raft.submit(b"second", lambda result, reason: None)
         assert raft._journal.last_index == last + 1
     assert os.read(pipe, 1)
+
+
+def test_a_stalled_apply_resumes_only_at_the_first_entry_after_the_last_commit(raft):
+    # A database that found its disk full stalls applying; pysyncobj's apply loop then goes
+    # on through the tick's committed entries, each answered "stalled", and the tick rewinds
+    # to the last commit. If the retry time passes in the middle of that loop, a later entry
+    # must not apply: the database would commit without the entries skipped before it.
+    from sealkv.node.replication.adapter import _STALLED
+    from sealkv.node.state import commands as cmd
+
+    adapter = raft._adapter
+    last = raft.raftLastApplied
+    adapter._committed_raft_index = last
+    adapter._stalled, adapter._stalled_until = True, time.monotonic() - 1  # retry is due
+    raft._SyncObj__raftLastApplied = last + 1  # this tick's loop skipped entry last + 1
+    assert adapter._apply(cmd.encode(cmd.Put(b"k2", b"v"))) is _STALLED  # entry last + 2
+    assert adapter._stalled
+    raft._SyncObj__raftLastApplied = last  # the tick's rewind to the last commit
+    assert adapter._apply(cmd.encode(cmd.Put(b"k1", b"v"))) is not _STALLED  # last + 1
+    assert not adapter._stalled
+    assert adapter.sm.base.get(b"k1") is not None and adapter.sm.base.get(b"k2") is None
