@@ -12,6 +12,7 @@ Nothing here logs a key or key bytes.
 from __future__ import annotations
 
 import dataclasses
+import errno
 from typing import Any, Iterable, Mapping, Optional
 
 from sealkv.node.replication.membership import MemberRecord, member_raft_id
@@ -101,7 +102,14 @@ def open_sidecar(data_dir: str, kek: KEKProvider, keystore: KeyStore,
         sidecar.keys[key_id] = dataclasses.replace(key, local_epoch=epoch)
         epochs[key_id] = epoch
     if sidecar.keys:
-        write_sidecar(data_dir, sidecar)
+        try:
+            write_sidecar(data_dir, sidecar)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise StartupRefused(f"cannot write {path} (the nonce epochs of this start): "
+                                 f"{error.strerror}: free space on the data directory's "
+                                 "disk, then start the node again") from None
     return found, epochs
 
 

@@ -388,6 +388,32 @@ def test_a_sidecar_write_on_a_full_disk_is_storage_full_and_stays_due(tmp_path, 
         subprocess.run(["umount", "-l", directory], check=False)
 
 
+def test_a_start_on_a_full_disk_is_refused_with_the_fix(tmp_path, kek_file):
+    # prepare_start bumps every nonce epoch in the sidecar before anything is served; on a
+    # full disk that is a start-up refusal naming the fix, not a traceback. A real full disk:
+    # the data directory on a 256 KiB tmpfs.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs",
+                           str(disk)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"needs root and tmpfs to fill a disk: {done.stderr.strip()}")
+    try:
+        plugin = make_plugin(disk, kek_file)
+        apply(plugin, 3, bootstrap_command(plugin, ["node-a"]))  # the sidecar holds keys
+        ballast = os.open(str(disk / "ballast"), os.O_WRONLY | os.O_CREAT, 0o600)
+        with pytest.raises(OSError):
+            while True:
+                os.write(ballast, bytes(4096))
+        os.close(ballast)
+        with pytest.raises(StartupRefused, match="No space left on device: free space"):
+            make_plugin(disk, kek_file)
+        os.unlink(str(disk / "ballast"))
+        make_plugin(disk, kek_file)  # room again: it starts
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 def test_malformed_commands_halt(tmp_path, kek_file):
     plugin = make_plugin(tmp_path, kek_file)
     handlers = plugin.command_handlers()
