@@ -156,6 +156,9 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         # anywhere (one reference).
         self.kek = kek
         self.next_kek = next_kek
+        # The KEKs a rewrap applied in this process replaced, oldest first: a group rolled
+        # back after a failed commit (a full disk) can take the key table back under one.
+        self._replaced_keks: list[KEKProvider] = []
         self.full_node_id = full_node_id(context.raft_id)
         self.node_id16 = node_id16(self.full_node_id)
         self._epochs: dict[int, int] = {}
@@ -384,7 +387,22 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
             if held is None or not hmac.compare_digest(held, dek):
                 raise ApplyHalt(f"the rewrapped {PURPOSE_NAMES[purpose]} key {key_id} is not "
                                 "the key this node holds")
+        if target is not self.kek:
+            self._replaced_keks.append(self.kek)
         self.kek = target
+
+    def _kek_to_restore(self, restored: EncryptionState) -> KEKProvider:
+        """The KEK of a restored key table: the staged next KEK when it holds a rewrap this
+        node had not applied; one a rewrap of this process replaced when it is older than
+        the current table (a group rolled back after a failed commit: the database reloads
+        the state before the rewrap); else the current KEK."""
+        if self._replaced_keks and restored.kek_generation < self.state.kek_generation:
+            if not restored.kek_check:  # never rewrapped: the KEK this process started with
+                return self._replaced_keks[0]
+            for kek in self._replaced_keks:
+                if opens_check(kek, restored.kek_check):
+                    return kek
+        return self._kek_for(restored.kek_check, "the snapshot", restored.kek_generation)
 
     def _kek_for(self, check: bytes, where: str, generation: int) -> KEKProvider:
         """Returns which of this node's KEKs made `check` (the current one for an empty check,
@@ -475,8 +493,7 @@ class EncryptionLayerPlugin(StorageLayerPlugin):
         except StateDecodeError as error:
             raise ApplyHalt(str(error)) from error
         with self._cond:
-            # The staged next KEK when the snapshot holds a rewrap this node had not applied.
-            self.kek = self._kek_for(restored.kek_check, "the snapshot", restored.kek_generation)
+            self.kek = self._kek_to_restore(restored)
             for field in dataclasses.fields(EncryptionState):
                 setattr(self.state, field.name, getattr(restored, field.name))
             for key_id, key in sorted(restored.keys.items()):

@@ -159,6 +159,26 @@ def test_rewrap_switches_the_kek_and_rewrites_the_sidecar(tmp_path, keks):
         plugin.rewrap_command(plugin.view().state)
 
 
+def test_a_rollback_past_a_rewrap_restores_the_table_under_the_kek_it_replaced(tmp_path,
+                                                                              keks):
+    # A full disk fails the database commit of a group holding a rewrap: the adapter rolls
+    # back, and the state machine reloads the plugin's state from before the rewrap (never
+    # rewrapped: no check blob) while this process already switched to the new KEK.
+    old, new = keks
+    plugin, _ = bootstrapped(tmp_path, old, new)
+    before = plugin.snapshot_state()
+    held = {key_id: plugin.keystore.get(key_id) for key_id in (1, 2, 3)}
+    apply(plugin, 5, plugin.rewrap_command(plugin.view().state))
+    assert plugin.kek is plugin.next_kek
+    plugin.restore_state(before)  # the rollback's reload
+    state = plugin.view().state
+    assert state.kek_generation == 0
+    assert {key_id: plugin.kek.unwrap(state.keys[key_id].wrapped) for key_id in held} == held
+    # The retry applies the rewrap again.
+    assert apply(plugin, 5, plugin.rewrap_command(state)).outcome is Outcome.APPLIED
+    assert plugin.kek is plugin.next_kek and plugin.view().state.kek_generation == 1
+
+
 def test_restart_after_rewrap_with_each_kek(tmp_path, keks):
     old, new = keks
     plugin, _ = bootstrapped(tmp_path, old, new)
