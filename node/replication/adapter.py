@@ -49,7 +49,7 @@ from sealkv.node.replication.dump_file import (
 )
 from sealkv.node.replication.proposer import retry_barrier
 from sealkv.node.replication.read_index import ReadIndexFallback
-from sealkv.node.replication.raft_rules import RaftRulesSyncObj, WakeByPoller
+from sealkv.node.replication.raft_rules import TELL_FOLLOWERS, RaftRulesSyncObj, WakeByPoller
 from sealkv.node.errors import ApplyHalt, where
 from sealkv.node.replication.membership import MemberRecord, MembershipSnapshot
 from sealkv.node.replication.payload_codec import IdentityCodec, PayloadCodec
@@ -807,6 +807,9 @@ class ReplicationAdapter:
             else:
                 self._when_committed(lambda: resolve(result, reason))
 
+        # The blocking path is the admin's and the plugins' (key changes, cutovers): the
+        # followers hear the commit at once, not with the next write (see raft_rules).
+        setattr(on_result, TELL_FOLLOWERS, True)
         self._obj.apply_command(payload, callback=on_result)
         if not done.wait(max(0.0, deadline - time.monotonic())):
             self.stats.proposals_failed += 1

@@ -112,6 +112,8 @@ READ_INDEX_FALLBACK_PERIOD = 5.0
 # soon after the leader; long enough that the next write of a sequential client (about a
 # millisecond later) carries it.
 COMMIT_NOTICE_DELAY = 0.005
+# A proposal callback with this attribute set has its entry's commit index sent at once.
+TELL_FOLLOWERS = "tell_followers"
 # The ReadIndex message types and the RaftRulesSyncObj method that receives each.
 _READ_INDEX_HANDLERS = {
     'read_index_ping': '_receive_read_ping',
@@ -266,10 +268,18 @@ class RaftRulesSyncObj(SyncObj):
         """Whether an entry about to be applied has no caller waiting on this leader (tick
         thread): a follower or learner forwarded it (its caller is answered once that node
         applies it, so the commit index goes out at once, as pysyncobj sends it), or it is
-        an older term's entry or the leader's no-op, which every node should apply soon."""
+        an older term's entry or the leader's no-op, which every node should apply soon; or
+        its caller asked for every node to hear of it at once (a callback marked
+        `TELL_FOLLOWERS`: an operator's act, such as a KEK rewrap, that the operator may
+        follow up on every member right after it is answered)."""
         waiting = self._SyncObj__commandsWaitingCommit
-        return any(index not in waiting for index in range(
-            self._SyncObj__raftLastApplied + 1, self._SyncObj__raftCommitIndex + 1))
+        for index in range(self._SyncObj__raftLastApplied + 1,
+                           self._SyncObj__raftCommitIndex + 1):
+            callers = waiting.get(index)
+            if not callers or any(getattr(callback, TELL_FOLLOWERS, False)
+                                  for _, callback in callers):
+                return True
+        return False
 
     def _owe_commit_notice(self) -> None:
         """Has the next AppendEntries round start no later than `COMMIT_NOTICE_DELAY` from now,

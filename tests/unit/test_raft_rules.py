@@ -476,6 +476,25 @@ def test_the_commit_of_a_write_a_follower_forwarded_goes_out_at_once(leader):
     assert commit_reaches_both(leader, 3), leader.sent.sent
 
 
+def test_the_commit_of_an_entry_whose_caller_tells_followers_goes_out_at_once(leader):
+    # An operator's act (the adapter's blocking propose marks its callback): every member
+    # applies it right away, so the operator can act on each member once it is answered.
+    from sealkv.node.replication.raft_rules import TELL_FOLLOWERS
+    from sealkv.node.state import commands as cmd
+
+    def callback(result, reason):
+        pass
+
+    setattr(callback, TELL_FOLLOWERS, True)
+    leader.apply_command(cmd.encode(cmd.Barrier()), callback=callback)
+    leader._onTick(0.0)  # index 3 taken and sent
+    reply(leader, 4, True)
+    leader.sent.sent.clear()
+    leader._onTick(0.0)
+    assert leader.raftLastApplied == 3
+    assert commit_reaches_both(leader, 3), leader.sent.sent
+
+
 def commit_owed(leader) -> None:
     """The leader commits entry 3 in a tick and owes its followers the commit index."""
     propose(leader, [])
