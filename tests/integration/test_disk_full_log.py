@@ -17,6 +17,7 @@ import pytest
 
 from sealkv.node import errors
 from tests.cluster import wait_for
+from tests.small_disk import small_tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +26,8 @@ VALUE = 64 * 1024
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs",
-                           str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"needs root and tmpfs to mount a small disk: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_tmpfs(tmp_path / "disk", "6m") as mount:
+        yield mount
 
 
 def test_a_full_journal_disk_holds_back_and_resumes_without_losing_a_write(make_cluster,

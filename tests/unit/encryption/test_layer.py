@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
-import subprocess
 import threading
 from typing import Optional
 
@@ -27,6 +25,7 @@ from sealkv.plugins.encryption.purpose import PURPOSE_STORAGE
 from sealkv.plugins.encryption.nonce import full_node_id
 from sealkv.plugins.encryption.sidecar import read_sidecar, sidecar_dir
 from sealkv.plugins.encryption.storage import EncryptionUnavailableError
+from tests.small_disk import fill, small_tmpfs
 
 
 class DictStore:
@@ -363,55 +362,30 @@ def test_a_sidecar_write_on_a_full_disk_is_storage_full_and_stays_due(tmp_path, 
     # room (its NOSPACE stall). A real full file system: a 64 KiB tmpfs under the sidecar.
     plugin = make_plugin(tmp_path, kek_file)
     apply(plugin, 3, bootstrap_command(plugin, ["node-a"]), persist=False)
-    directory = sidecar_dir(plugin.context.data_dir)
-    os.makedirs(directory, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs",
-                           directory], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"needs root and tmpfs to fill a disk: {done.stderr.strip()}")
-    try:
-        ballast = os.open(os.path.join(directory, "ballast"), os.O_WRONLY | os.O_CREAT, 0o600)
-        with pytest.raises(OSError) as full:
-            while True:
-                os.write(ballast, bytes(4096))
-        os.close(ballast)
-        assert full.value.errno == errno.ENOSPC
+    with small_tmpfs(sidecar_dir(plugin.context.data_dir), "64k") as directory:
+        ballast = fill(directory)
         with pytest.raises(StorageFull, match="cannot write the encryption sidecar"):
             plugin.persist_applied()
         with pytest.raises(EncryptionUnavailableError):
             plugin.nonce_factory(1)  # no epoch is used before it is durable
-        os.unlink(os.path.join(directory, "ballast"))
+        os.unlink(ballast)
         plugin.persist_applied()  # still due: written now
         assert set(read_sidecar(plugin.context.data_dir).keys) == {1, 2}
         plugin.nonce_factory(1)
-    finally:
-        subprocess.run(["umount", "-l", directory], check=False)
 
 
 def test_a_start_on_a_full_disk_is_refused_with_the_fix(tmp_path, kek_file):
     # prepare_start bumps every nonce epoch in the sidecar before anything is served; on a
     # full disk that is a start-up refusal naming the fix, not a traceback. A real full disk:
     # the data directory on a 256 KiB tmpfs.
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs",
-                           str(disk)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"needs root and tmpfs to fill a disk: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
         plugin = make_plugin(disk, kek_file)
         apply(plugin, 3, bootstrap_command(plugin, ["node-a"]))  # the sidecar holds keys
-        ballast = os.open(str(disk / "ballast"), os.O_WRONLY | os.O_CREAT, 0o600)
-        with pytest.raises(OSError):
-            while True:
-                os.write(ballast, bytes(4096))
-        os.close(ballast)
+        ballast = fill(disk)
         with pytest.raises(StartupRefused, match="No space left on device: free space"):
             make_plugin(disk, kek_file)
-        os.unlink(str(disk / "ballast"))
+        os.unlink(ballast)
         make_plugin(disk, kek_file)  # room again: it starts
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_malformed_commands_halt(tmp_path, kek_file):
